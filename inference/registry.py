@@ -1,0 +1,91 @@
+"""The model registry: which models exist, how they run, where, and what they cost.
+
+One table for the whole platform: /v1/models lists it, admission prices from it, the
+scheduler routes by its pool, and engines load its checkpoints. Checkpoint locations are
+settings (a real deployment points them at real weights); everything else is data here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from django.conf import settings
+
+from portal.errors import SluiceError
+
+
+class ModelNotFound(SluiceError):
+    code = "model_not_found"
+    http_status = 404
+    default_message = "The model does not exist."
+
+
+@dataclass(frozen=True)
+class ModelVariant:
+    """A way of serving a model: full precision, or a quantized copy for low tiers."""
+
+    name: str
+    checkpoint: Path
+    quantization: str | None = None
+    cu_discount: float = 1.0  # multiplier on the model's CU factor
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    id: str
+    kind: str  # "text" | "video"
+    engine: str  # "vllm" | "transformers" | "diffusers"
+    pool: str  # the Celery queue of the GPU pool that serves it
+    cu_factor: float
+    context_length: int | None = None
+    created: int = 1_793_491_200  # 2026-11-01, the release of the tiny models
+    owned_by: str = "sluice"
+    variants: dict[str, ModelVariant] = field(default_factory=dict)
+
+    def variant(self, name: str) -> ModelVariant:
+        return self.variants.get(name) or self.variants["full"]
+
+
+def _registry() -> dict[str, ModelSpec]:
+    code_path = Path(settings.SLUICE_CODE_MODEL_PATH)
+    video_path = Path(settings.SLUICE_VIDEO_MODEL_PATH)
+    specs = [
+        ModelSpec(
+            id="sluice-code-tiny",
+            kind="text",
+            engine="vllm",
+            pool="text-batch",
+            cu_factor=1.0,
+            context_length=1024,
+            variants={
+                "full": ModelVariant(name="full", checkpoint=code_path),
+                "quantized": ModelVariant(
+                    name="quantized",
+                    checkpoint=code_path,
+                    quantization="int8",
+                    cu_discount=0.5,
+                ),
+            },
+        ),
+        ModelSpec(
+            id="sluice-video-tiny",
+            kind="video",
+            engine="diffusers",
+            pool="video-hbm",
+            cu_factor=1.0,
+            variants={"full": ModelVariant(name="full", checkpoint=video_path)},
+        ),
+    ]
+    return {spec.id: spec for spec in specs}
+
+
+def model_list() -> list[ModelSpec]:
+    return list(_registry().values())
+
+
+def model_get(model_id: str) -> ModelSpec:
+    spec = _registry().get(model_id)
+    if spec is None:
+        raise ModelNotFound(f"The model {model_id!r} does not exist.", param="model")
+    return spec

@@ -1,0 +1,129 @@
+"""Tenancy: tiers, tenants, memberships and API keys. Fields and constraints only."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+
+class Tier(models.Model):
+    """A price plan. Limits live here as data so operators edit them in the admin."""
+
+    slug = models.SlugField(max_length=32, unique=True)
+    name = models.CharField(max_length=64)
+    # None means unlimited (enterprise contracts are set per tenant).
+    monthly_budget_cu = models.BigIntegerField(null=True, blank=True)
+    cu_per_minute = models.PositiveIntegerField()
+    max_concurrent_jobs = models.PositiveIntegerField()
+    # Higher runs first. Celery/Redis priorities are derived from it by the scheduler.
+    queue_priority = models.PositiveSmallIntegerField()
+    text_variant = models.CharField(
+        max_length=16,
+        choices=[("quantized", "quantized"), ("full", "full precision")],
+        default="full",
+    )
+    # Model ids this tier may call; an empty list means every model in the registry.
+    allowed_models = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        ordering = ["queue_priority"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def allows_model(self, model_id: str) -> bool:
+        return not self.allowed_models or model_id in self.allowed_models
+
+
+class Tenant(models.Model):
+    class Status(models.TextChoices):
+        ACTIVE = "active"
+        SUSPENDED = "suspended"
+
+    name = models.CharField(max_length=120)
+    slug = models.SlugField(max_length=64, unique=True)
+    tier = models.ForeignKey(Tier, on_delete=models.PROTECT, related_name="tenants")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def is_suspended(self) -> bool:
+        return self.status == self.Status.SUSPENDED
+
+
+class Role(models.TextChoices):
+    OWNER = "owner"
+    ADMIN = "admin"
+    MEMBER = "member"
+    VIEWER = "viewer"
+
+
+# What each role may do on the dashboard. One table, read by portal.services' checks.
+ROLE_RANK = {Role.VIEWER: 0, Role.MEMBER: 1, Role.ADMIN: 2, Role.OWNER: 3}
+
+
+class Membership(models.Model):
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships"
+    )
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.MEMBER)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "user"], name="membership_unique_user"),
+        ]
+        ordering = ["tenant__name", "user__username"]
+
+    def __str__(self) -> str:
+        return f"{self.user} @ {self.tenant} ({self.role})"
+
+    def has_role_at_least(self, role: str) -> bool:
+        return ROLE_RANK[Role(self.role)] >= ROLE_RANK[Role(role)]
+
+
+class ApiKey(models.Model):
+    """`sk-<prefix><secret>`: the prefix finds the row, only an HMAC of the secret is stored."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="api_keys")
+    name = models.CharField(max_length=120)
+    prefix = models.CharField(max_length=16, unique=True)
+    secret_digest = models.CharField(max_length=64)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    # Optional monthly CU cap for this key on top of the tenant's budget.
+    cu_cap = models.BigIntegerField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} (sk-{self.prefix}…)"
+
+    @property
+    def masked(self) -> str:
+        return f"sk-{self.prefix}…"
+
+    @property
+    def is_revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    def is_expired(self, now=None) -> bool:
+        return self.expires_at is not None and self.expires_at <= (now or timezone.now())
+
+    @property
+    def is_usable(self) -> bool:
+        return not self.is_revoked and not self.is_expired()

@@ -1,0 +1,52 @@
+"""Reads. Every selector that returns tenant data takes the tenant (or the user) it is for."""
+
+from __future__ import annotations
+
+from django.db.models import QuerySet
+
+from portal.errors import NotFound
+from portal.models import ApiKey, Membership, Tenant
+
+
+def memberships_for_user(*, user) -> QuerySet[Membership]:
+    return Membership.objects.filter(user=user).select_related("tenant", "tenant__tier")
+
+
+def membership_get_for_user(*, user, tenant_slug: str) -> Membership:
+    """The caller's membership in a tenant; a tenant they are not in is NotFound, like a missing one."""
+    if not user.is_authenticated:
+        raise NotFound()
+    membership = (
+        Membership.objects.filter(user=user, tenant__slug=tenant_slug)
+        .select_related("tenant", "tenant__tier")
+        .first()
+    )
+    if membership is None:
+        raise NotFound()
+    return membership
+
+
+def api_keys_for_tenant(*, tenant: Tenant) -> QuerySet[ApiKey]:
+    return ApiKey.objects.filter(tenant=tenant).select_related("created_by")
+
+
+def api_key_get_for_tenant(*, tenant: Tenant, key_id: int) -> ApiKey:
+    key = ApiKey.objects.filter(tenant=tenant, pk=key_id).first()
+    if key is None:
+        raise NotFound()
+    return key
+
+
+def members_for_tenant(*, tenant: Tenant) -> QuerySet[Membership]:
+    return Membership.objects.filter(tenant=tenant).select_related("user").order_by(
+        "user__username"
+    )
+
+
+def membership_get_for_tenant(*, tenant: Tenant, membership_id: int) -> Membership:
+    membership = (
+        Membership.objects.filter(tenant=tenant, pk=membership_id).select_related("user").first()
+    )
+    if membership is None:
+        raise NotFound()
+    return membership

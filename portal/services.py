@@ -1,0 +1,234 @@
+"""Writes for tenancy: tenants, memberships and API keys."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.tokens import default_token_generator
+from django.db import IntegrityError, transaction
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.encoding import force_bytes
+from django.utils.http import urlsafe_base64_encode
+from django.utils.text import slugify
+
+from portal.errors import InvalidApiKey, InvalidParameter, PermissionDenied, TenantSuspended
+from portal.keys import key_material_generate, key_material_parse, secret_digest, secret_matches
+from portal.models import ApiKey, Membership, Role, Tenant, Tier
+
+logger = logging.getLogger(__name__)
+User = get_user_model()
+
+# Compared against when a prefix is unknown, so that path costs the same as a wrong secret.
+_UNKNOWN_KEY_DIGEST = "0" * 64
+
+
+def tenant_create(*, name: str, tier: Tier, owner=None, slug: str | None = None) -> Tenant:
+    slug = slug or slugify(name)[:64]
+    if not slug:
+        raise InvalidParameter("A tenant needs a name with letters or digits.", param="name")
+    with transaction.atomic():
+        try:
+            tenant = Tenant.objects.create(name=name, slug=slug, tier=tier)
+        except IntegrityError as exc:
+            raise InvalidParameter(f"The slug {slug!r} is taken.", param="slug") from exc
+        if owner is not None:
+            Membership.objects.create(user=owner, tenant=tenant, role=Role.OWNER)
+    return tenant
+
+
+# --- API keys -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    api_key: ApiKey
+    full_key: str  # shown to the caller exactly once, never stored
+
+
+def api_key_issue(
+    *,
+    tenant: Tenant,
+    name: str,
+    created_by=None,
+    expires_at: datetime | None = None,
+    cu_cap: int | None = None,
+) -> IssuedKey:
+    name = name.strip()
+    if not name:
+        raise InvalidParameter("Give the key a name.", param="name")
+    if expires_at is not None and expires_at <= timezone.now():
+        raise InvalidParameter("The expiry must be in the future.", param="expires_at")
+    if cu_cap is not None and cu_cap <= 0:
+        raise InvalidParameter("The CU cap must be positive.", param="cu_cap")
+    material = key_material_generate()
+    api_key = ApiKey.objects.create(
+        tenant=tenant,
+        name=name[:120],
+        prefix=material.prefix,
+        secret_digest=secret_digest(material.secret),
+        created_by=created_by,
+        expires_at=expires_at,
+        cu_cap=cu_cap,
+    )
+    logger.info("api key issued tenant=%s key=%s", tenant.slug, api_key.masked)
+    return IssuedKey(api_key=api_key, full_key=material.full_key)
+
+
+def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
+    # Conditional update: revoking twice keeps the first revocation time.
+    ApiKey.objects.filter(pk=api_key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+    api_key.refresh_from_db(fields=["revoked_at"])
+    logger.info("api key revoked tenant=%s key=%s", api_key.tenant_id, api_key.masked)
+    return api_key
+
+
+def api_key_authenticate(*, raw_key: str) -> ApiKey:
+    """Resolve a presented key to its ApiKey, or raise the same InvalidApiKey for every cause."""
+    material = key_material_parse(raw_key.strip())
+    if material is None:
+        raise InvalidApiKey()
+    api_key = (
+        ApiKey.objects.select_related("tenant", "tenant__tier")
+        .filter(prefix=material.prefix)
+        .first()
+    )
+    matches = secret_matches(
+        material.secret, api_key.secret_digest if api_key else _UNKNOWN_KEY_DIGEST
+    )
+    if api_key is None or not matches or not api_key.is_usable:
+        raise InvalidApiKey()
+    if api_key.tenant.is_suspended:
+        raise TenantSuspended()
+    _api_key_touch(api_key=api_key)
+    return api_key
+
+
+def _api_key_touch(*, api_key: ApiKey) -> None:
+    now = timezone.now()
+    stale_before = now - timedelta(seconds=settings.API_KEY_LAST_USED_RESOLUTION_S)
+    if api_key.last_used_at is None or api_key.last_used_at < stale_before:
+        ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
+        api_key.last_used_at = now
+
+
+# --- role checks ------------------------------------------------------------------------------
+
+
+def require_role(*, membership: Membership, role: str) -> None:
+    if not membership.has_role_at_least(role):
+        raise PermissionDenied()
+
+
+def api_key_revoke_as(*, actor: Membership, api_key: ApiKey) -> ApiKey:
+    """Admins revoke any key of their tenant; members only the keys they created."""
+    if not (
+        actor.has_role_at_least(Role.ADMIN)
+        or (actor.has_role_at_least(Role.MEMBER) and api_key.created_by_id == actor.user_id)
+    ):
+        raise PermissionDenied()
+    return api_key_revoke(api_key=api_key)
+
+
+# --- memberships ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Invitation:
+    membership: Membership
+    # A one-time link to choose a password, for a person who had no account yet.
+    set_password_path: str | None
+
+
+def _check_role_grant(*, actor: Membership, role: str) -> None:
+    require_role(membership=actor, role=Role.ADMIN)
+    if role not in Role.values:
+        raise InvalidParameter(f"Unknown role {role!r}.", param="role")
+    if role == Role.OWNER and actor.role != Role.OWNER:
+        raise PermissionDenied("Only an owner can make someone an owner.")
+
+
+def membership_invite(*, actor: Membership, email: str, role: str) -> Invitation:
+    _check_role_grant(actor=actor, role=role)
+    email = User.objects.normalize_email(email.strip())
+    if "@" not in email:
+        raise InvalidParameter("Enter an email address.", param="email")
+    with transaction.atomic():
+        user = User.objects.filter(email__iexact=email).first()
+        set_password_path = None
+        if user is None:
+            user = User.objects.create_user(username=email.lower(), email=email)
+            user.set_unusable_password()
+            user.save(update_fields=["password"])
+            set_password_path = reverse(
+                "password_reset_confirm",
+                kwargs={
+                    "uidb64": urlsafe_base64_encode(force_bytes(user.pk)),
+                    "token": default_token_generator.make_token(user),
+                },
+            )
+        membership, created = Membership.objects.get_or_create(
+            user=user, tenant=actor.tenant, defaults={"role": role}
+        )
+        if not created:
+            raise InvalidParameter(f"{email} is already a member.", param="email")
+    return Invitation(membership=membership, set_password_path=set_password_path)
+
+
+def _owners_left_after(*, membership: Membership) -> int:
+    return (
+        Membership.objects.filter(tenant_id=membership.tenant_id, role=Role.OWNER)
+        .exclude(pk=membership.pk)
+        .count()
+    )
+
+
+def membership_role_change(*, actor: Membership, membership: Membership, role: str) -> Membership:
+    _check_role_grant(actor=actor, role=role)
+    if membership.role == Role.OWNER and actor.role != Role.OWNER:
+        raise PermissionDenied("Only an owner can change an owner's role.")
+    with transaction.atomic():
+        # Lock the tenant's owner rows so two demotions cannot both leave zero owners.
+        list(
+            Membership.objects.select_for_update()
+            .filter(tenant_id=membership.tenant_id, role=Role.OWNER)
+            .order_by("pk")
+        )
+        if membership.role == Role.OWNER and role != Role.OWNER:
+            if _owners_left_after(membership=membership) == 0:
+                raise InvalidParameter("A tenant needs at least one owner.", param="role")
+        membership.role = role
+        membership.save(update_fields=["role"])
+    return membership
+
+
+def membership_remove(*, actor: Membership, membership: Membership) -> None:
+    require_role(membership=actor, role=Role.ADMIN)
+    if membership.role == Role.OWNER and actor.role != Role.OWNER:
+        raise PermissionDenied("Only an owner can remove an owner.")
+    with transaction.atomic():
+        list(
+            Membership.objects.select_for_update()
+            .filter(tenant_id=membership.tenant_id, role=Role.OWNER)
+            .order_by("pk")
+        )
+        if membership.role == Role.OWNER and _owners_left_after(membership=membership) == 0:
+            raise InvalidParameter("A tenant needs at least one owner.", param="membership")
+        membership.delete()
+
+
+def tenant_suspend(*, tenant: Tenant) -> None:
+    Tenant.objects.filter(pk=tenant.pk).update(status=Tenant.Status.SUSPENDED)
+
+
+def tenant_unsuspend(*, tenant: Tenant) -> None:
+    Tenant.objects.filter(pk=tenant.pk).update(status=Tenant.Status.ACTIVE)
+
+
+def tenant_ensure_active(*, tenant: Tenant) -> None:
+    if tenant.is_suspended:
+        raise TenantSuspended()

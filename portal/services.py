@@ -198,9 +198,9 @@ def membership_role_change(*, actor: Membership, membership: Membership, role: s
             .filter(tenant_id=membership.tenant_id, role=Role.OWNER)
             .order_by("pk")
         )
-        if membership.role == Role.OWNER and role != Role.OWNER:
-            if _owners_left_after(membership=membership) == 0:
-                raise InvalidParameter("A tenant needs at least one owner.", param="role")
+        demoting_owner = membership.role == Role.OWNER and role != Role.OWNER
+        if demoting_owner and _owners_left_after(membership=membership) == 0:
+            raise InvalidParameter("A tenant needs at least one owner.", param="role")
         membership.role = role
         membership.save(update_fields=["role"])
     return membership

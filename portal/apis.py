@@ -1,0 +1,87 @@
+"""Tenancy-level API endpoints: model listing and health probes."""
+
+from __future__ import annotations
+
+from django.db import connection
+from django.http import JsonResponse
+from drf_spectacular.utils import extend_schema, inline_serializer
+from rest_framework import serializers
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from inference.registry import ModelNotFound, ModelSpec, model_get, model_list
+from portal.redis import redis_client
+
+
+class ModelOutputSerializer(serializers.Serializer):
+    id = serializers.CharField()
+    object = serializers.SerializerMethodField()
+    created = serializers.IntegerField()
+    owned_by = serializers.CharField()
+    kind = serializers.CharField()
+    context_length = serializers.IntegerField(allow_null=True)
+
+    def get_object(self, spec: ModelSpec) -> str:
+        return "model"
+
+
+def _models_for(request) -> list[ModelSpec]:
+    tier = request.user.tenant.tier
+    return [spec for spec in model_list() if tier.allows_model(spec.id)]
+
+
+class ModelListApi(APIView):
+    @extend_schema(
+        operation_id="models_list",
+        responses=inline_serializer(
+            "ModelList",
+            {"object": serializers.CharField(), "data": ModelOutputSerializer(many=True)},
+        ),
+    )
+    def get(self, request):
+        data = ModelOutputSerializer(_models_for(request), many=True).data
+        return Response({"object": "list", "data": data})
+
+
+class ModelDetailApi(APIView):
+    @extend_schema(operation_id="models_retrieve", responses=ModelOutputSerializer)
+    def get(self, request, model_id: str):
+        spec = model_get(model_id)
+        if not request.user.tenant.tier.allows_model(spec.id):
+            # Not visible to this tier: the same 404 as a missing model.
+            raise ModelNotFound(f"The model {model_id!r} does not exist.", param="model")
+        return Response(ModelOutputSerializer(spec).data)
+
+
+def healthz(request):
+    """Liveness: the process serves requests. Touches no dependency."""
+    return JsonResponse({"status": "ok"})
+
+
+def _check_database() -> str:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+        cursor.fetchone()
+    return "ok"
+
+
+def _check_redis() -> str:
+    from django.conf import settings
+
+    redis_client(socket_timeout=settings.READINESS_TIMEOUT_S).ping()
+    return "ok"
+
+
+def readyz(request):
+    """Readiness: the database and Redis answer. 503 names whichever did not."""
+    checks: dict[str, str] = {}
+    for name, check in (("database", _check_database), ("redis", _check_redis)):
+        try:
+            checks[name] = check()
+        except Exception as exc:  # any failure of a dependency means "not ready"
+            checks[name] = f"error: {exc.__class__.__name__}"
+    ready = all(value == "ok" for value in checks.values())
+    return JsonResponse(
+        {"status": "ok" if ready else "unavailable", "checks": checks},
+        status=200 if ready else 503,
+    )

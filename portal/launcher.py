@@ -1,0 +1,146 @@
+"""`make run`: one supervisor process for the whole platform on one machine.
+
+It picks a Redis (the configured one if it answers, else an embedded redis-server), migrates,
+seeds the demo, starts the ASGI server and one Celery worker per queue, prints the three
+lines a script can read, and on Ctrl-C / SIGTERM stops every process it started.
+Each child runs in its own process group so the whole tree under it (prefork children,
+engine processes) is signalled together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from portal.embedded_redis import EmbeddedRedis, embedded_redis_start, redis_answers
+
+STOP_GRACE_S = 15.0
+
+
+@dataclass
+class Supervisor:
+    children: dict[str, subprocess.Popen] = field(default_factory=dict)
+    embedded_redis: EmbeddedRedis | None = None
+    stopping: bool = False
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        self.children[name] = subprocess.Popen(argv, env=env, start_new_session=True)
+
+    def _signal_groups(self, sig: int) -> None:
+        for child in self.children.values():
+            if child.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.pid, sig)
+
+    def stop(self) -> None:
+        self._signal_groups(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for child in self.children.values():
+            remaining = max(0.1, deadline - time.monotonic())
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=remaining)
+        # Anything left in a child's group (including orphaned grandchildren) is killed.
+        for child in self.children.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+        if self.embedded_redis is not None:
+            self.embedded_redis.stop()
+
+    def first_exited(self) -> tuple[str, int] | None:
+        for name, child in self.children.items():
+            code = child.poll()
+            if code is not None:
+                return name, code
+        return None
+
+
+def _wait_for_http(url: str, supervisor: Supervisor, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        exited = supervisor.first_exited()
+        if exited:
+            raise RuntimeError(f"{exited[0]} exited with code {exited[1]} during start-up")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - loopback
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout_s:.0f} s")
+
+
+def run_platform(*, host: str, port: int, var_dir: Path, queues: list[str], configured_redis_url: str) -> int:
+    from django.core.management import call_command
+
+    from portal.demo import demo_seed
+
+    supervisor = Supervisor()
+
+    def request_stop(signum, frame):
+        supervisor.stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    try:
+        if redis_answers(configured_redis_url):
+            redis_url = configured_redis_url
+            print(f"Redis: {redis_url} (configured)", flush=True)
+        else:
+            supervisor.embedded_redis = embedded_redis_start(
+                data_dir=var_dir / "redis", new_session=True
+            )
+            redis_url = supervisor.embedded_redis.url
+            print(f"Redis: {redis_url} (embedded; {configured_redis_url} did not answer)", flush=True)
+
+        call_command("migrate", interactive=False, verbosity=0)
+        credentials = demo_seed()
+
+        env = dict(os.environ, REDIS_URL=redis_url, PYTHONUNBUFFERED="1")
+        env.setdefault("SLUICE_DEBUG", "true")
+        supervisor.spawn(
+            "web",
+            [sys.executable, "-m", "uvicorn", "portal.asgi:application", "--host", host,
+             "--port", str(port), "--log-level", "warning", "--no-access-log"],
+            env,
+        )
+        for queue in queues:
+            supervisor.spawn(
+                f"worker:{queue}",
+                [sys.executable, "-m", "celery", "-A", "portal", "--quiet", "worker", "-Q", queue,
+                 "-n", f"{queue}@%h", "--concurrency", "1", "--loglevel", "WARNING"],
+                env,
+            )
+        _wait_for_http(f"http://{host}:{port}/healthz", supervisor, timeout_s=60)
+
+        print(f"Dashboard: http://{host}:{port}/", flush=True)
+        print(f"Admin login: {credentials.username} / {credentials.password}", flush=True)
+        print(f"Demo API key: {credentials.keys_by_tier['pro']}", flush=True)
+        for tier_slug, key in credentials.keys_by_tier.items():
+            if tier_slug != "pro":
+                print(f"Other demo keys: {tier_slug}={key}", flush=True)
+        print("Press Ctrl-C to stop.", flush=True)
+
+        while not supervisor.stopping:
+            exited = supervisor.first_exited()
+            if exited:
+                print(f"{exited[0]} exited with code {exited[1]}; stopping.", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        return 0
+    except RuntimeError as exc:
+        print(f"make run failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        print("Stopping…", flush=True)
+        supervisor.stop()
+        print("Stopped.", flush=True)

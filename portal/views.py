@@ -1,0 +1,192 @@
+"""The tenant dashboard: thin views that resolve the caller's membership and call a service."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from functools import wraps
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.http import Http404, HttpResponse
+from django.shortcuts import redirect, render
+from django.utils import timezone
+from django.views.decorators.http import require_POST
+
+from portal import selectors, services
+from portal.errors import InvalidParameter, NotFound, PermissionDenied, json_error
+from portal.forms import ApiKeyCreateForm, MemberInviteForm, MemberUpdateForm
+from portal.models import Membership, Role
+
+
+def tenant_page(view):
+    """Resolve /t/<slug>/ to the caller's membership (404 for non-members) and map domain errors."""
+
+    @login_required
+    @wraps(view)
+    def wrapper(request, tenant_slug: str, *args, **kwargs):
+        try:
+            membership = selectors.membership_get_for_user(user=request.user, tenant_slug=tenant_slug)
+            request.membership = membership
+            request.session["current_tenant"] = tenant_slug
+            return view(request, membership, *args, **kwargs)
+        except NotFound as exc:
+            raise Http404 from exc
+        except PermissionDenied as exc:
+            raise DjangoPermissionDenied(exc.message) from exc
+
+    return wrapper
+
+
+def tenant_context(request) -> dict:
+    """Template context: the caller's tenants for the switcher, and the current membership."""
+    user = getattr(request, "user", None)
+    if user is None or not user.is_authenticated:
+        return {}
+    return {
+        "user_memberships": selectors.memberships_for_user(user=user),
+        "current_membership": getattr(request, "membership", None),
+        "roles": Role,
+    }
+
+
+@login_required
+def dashboard_home(request):
+    memberships = list(selectors.memberships_for_user(user=request.user))
+    if not memberships:
+        return render(request, "portal/no_tenant.html")
+    slugs = [m.tenant.slug for m in memberships]
+    current = request.session.get("current_tenant")
+    return redirect("tenant-overview", tenant_slug=current if current in slugs else slugs[0])
+
+
+@tenant_page
+def tenant_overview(request, membership: Membership):
+    tenant = membership.tenant
+    context = {
+        "tenant": tenant,
+        "tier": tenant.tier,
+        "active_keys": selectors.api_keys_for_tenant(tenant=tenant).filter(revoked_at__isnull=True).count(),
+        "member_count": selectors.members_for_tenant(tenant=tenant).count(),
+    }
+    return render(request, "portal/overview.html", context)
+
+
+@tenant_page
+def api_keys_page(request, membership: Membership):
+    tenant = membership.tenant
+    form = ApiKeyCreateForm(request.POST or None)
+    issued = None
+    if request.method == "POST":
+        services.require_role(membership=membership, role=Role.MEMBER)
+        if form.is_valid():
+            days = form.cleaned_data["expires_in_days"]
+            try:
+                issued = services.api_key_issue(
+                    tenant=tenant,
+                    name=form.cleaned_data["name"],
+                    created_by=request.user,
+                    expires_at=timezone.now() + timedelta(days=days) if days else None,
+                    cu_cap=form.cleaned_data["cu_cap"],
+                )
+                form = ApiKeyCreateForm()
+            except InvalidParameter as exc:
+                form.add_error(None, exc.message)
+    context = {
+        "tenant": tenant,
+        "keys": selectors.api_keys_for_tenant(tenant=tenant),
+        "form": form,
+        "issued": issued,
+        "can_create": membership.has_role_at_least(Role.MEMBER),
+        "can_revoke_any": membership.has_role_at_least(Role.ADMIN),
+    }
+    response = render(request, "portal/api_keys.html", context)
+    if issued is not None:
+        # The full key is in this page only: keep it out of every cache.
+        response["Cache-Control"] = "no-store"
+    return response
+
+
+@require_POST
+@tenant_page
+def api_key_revoke_view(request, membership: Membership, key_id: int):
+    api_key = selectors.api_key_get_for_tenant(tenant=membership.tenant, key_id=key_id)
+    services.api_key_revoke_as(actor=membership, api_key=api_key)
+    messages.success(request, f"Revoked {api_key.name} ({api_key.masked}).")
+    return redirect("tenant-keys", tenant_slug=membership.tenant.slug)
+
+
+@tenant_page
+def members_page(request, membership: Membership):
+    tenant = membership.tenant
+    form = MemberInviteForm(request.POST or None)
+    invitation = None
+    if request.method == "POST":
+        services.require_role(membership=membership, role=Role.ADMIN)
+        if form.is_valid():
+            try:
+                invitation = services.membership_invite(
+                    actor=membership,
+                    email=form.cleaned_data["email"],
+                    role=form.cleaned_data["role"],
+                )
+                messages.success(request, f"Added {invitation.membership.user.email}.")
+                form = MemberInviteForm()
+            except InvalidParameter as exc:
+                form.add_error(exc.param if exc.param in form.fields else None, exc.message)
+    context = {
+        "tenant": tenant,
+        "members": selectors.members_for_tenant(tenant=tenant),
+        "form": form,
+        "invitation": invitation,
+        "set_password_url": (
+            request.build_absolute_uri(invitation.set_password_path)
+            if invitation and invitation.set_password_path
+            else None
+        ),
+        "can_manage": membership.has_role_at_least(Role.ADMIN),
+    }
+    response = render(request, "portal/members.html", context)
+    if invitation is not None:
+        response["Cache-Control"] = "no-store"
+    return response
+
+
+@require_POST
+@tenant_page
+def member_update_view(request, membership: Membership, membership_id: int):
+    target = selectors.membership_get_for_tenant(tenant=membership.tenant, membership_id=membership_id)
+    form = MemberUpdateForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, "Choose an action and a role.")
+        return redirect("tenant-members", tenant_slug=membership.tenant.slug)
+    try:
+        if form.cleaned_data["action"] == "remove":
+            services.membership_remove(actor=membership, membership=target)
+            messages.success(request, f"Removed {target.user}.")
+        else:
+            services.membership_role_change(
+                actor=membership, membership=target, role=form.cleaned_data["role"]
+            )
+            messages.success(request, f"{target.user} is now {target.role}.")
+    except InvalidParameter as exc:
+        messages.error(request, exc.message)
+    return redirect("tenant-members", tenant_slug=membership.tenant.slug)
+
+
+def _wants_json(request) -> bool:
+    return request.path.startswith("/v1/")
+
+
+def not_found(request, exception=None):
+    if _wants_json(request):
+        return json_error(NotFound())
+    return render(request, "404.html", status=404)
+
+
+def server_error(request):
+    if _wants_json(request):
+        from portal.errors import SluiceError
+
+        return json_error(SluiceError())
+    return HttpResponse("Server error", status=500, content_type="text/plain")

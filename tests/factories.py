@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import importlib
+
+import factory
+from django.contrib.auth import get_user_model
+
+from portal.models import Membership, Role, Tenant, Tier
+from portal.services import api_key_issue
+
+_seed_migration = importlib.import_module("portal.migrations.0002_seed_tiers")
+
+
+def tier(slug: str) -> Tier:
+    """The seeded tier; re-seeded when a transactional test flushed the table."""
+    spec = next(t for t in _seed_migration.TIERS if t["slug"] == slug)
+    found, _ = Tier.objects.get_or_create(slug=slug, defaults=spec)
+    return found
+
+
+class UserFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = get_user_model()
+        django_get_or_create = ("username",)
+        skip_postgeneration_save = True
+
+    username = factory.Sequence(lambda n: f"user{n}")
+    email = factory.LazyAttribute(lambda u: f"{u.username}@example.com")
+    password = factory.django.Password("correct horse battery staple")
+
+
+class TenantFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Tenant
+
+    name = factory.Sequence(lambda n: f"Tenant {n}")
+    slug = factory.Sequence(lambda n: f"tenant-{n}")
+    tier = factory.LazyFunction(lambda: tier("pro"))
+
+
+class MembershipFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Membership
+
+    user = factory.SubFactory(UserFactory)
+    tenant = factory.SubFactory(TenantFactory)
+    role = Role.MEMBER
+
+
+def api_key_for(tenant: Tenant, *, name: str = "test key", **kwargs) -> str:
+    return api_key_issue(tenant=tenant, name=name, **kwargs).full_key

@@ -1,0 +1,56 @@
+import pytest
+
+from portal.models import Tenant
+from tests.factories import TenantFactory, api_key_for, tier
+
+pytestmark = pytest.mark.django_db
+
+
+def test_models_lists_what_the_tier_allows(cast, api):
+    pro = api.bearer(cast.owner_key).get("/v1/models").json()
+    assert pro["object"] == "list"
+    assert {m["id"] for m in pro["data"]} == {"sluice-code-tiny", "sluice-video-tiny"}
+    assert all(m["object"] == "model" and m["owned_by"] == "sluice" for m in pro["data"])
+
+    free_tenant = TenantFactory(tier=tier("free"))
+    free = api.bearer(api_key_for(free_tenant)).get("/v1/models").json()
+    assert [m["id"] for m in free["data"]] == ["sluice-code-tiny"]
+
+
+def test_model_detail_hides_models_outside_the_tier(api, db):
+    free_key = api_key_for(TenantFactory(tier=tier("free")))
+    assert api.bearer(free_key).get("/v1/models/sluice-code-tiny").status_code == 200
+    hidden = api.get("/v1/models/sluice-video-tiny")
+    missing = api.get("/v1/models/no-such-model")
+    assert hidden.status_code == missing.status_code == 404
+    assert hidden.json()["error"]["code"] == missing.json()["error"]["code"] == "model_not_found"
+    assert hidden.json()["error"]["param"] == "model"
+
+
+def test_unknown_api_path_is_json_404(cast, api):
+    response = api.bearer(cast.owner_key).get("/v1/nope")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+
+
+def test_wrong_method_keeps_the_error_shape(cast, api):
+    response = api.bearer(cast.owner_key).delete("/v1/models")
+    assert response.status_code == 405
+    assert set(response.json()["error"]) == {"type", "code", "message", "param"}
+
+
+def test_openapi_schema_is_served(cast, api):
+    response = api.bearer(cast.owner_key).get("/v1/openapi.json")
+    assert response.status_code == 200
+    assert "/v1/models" in response.json()["paths"]
+
+
+def test_tiers_are_seeded_with_design_limits(db):
+    free, pro, enterprise = tier("free"), tier("pro"), tier("enterprise")
+    assert (free.monthly_budget_cu, free.cu_per_minute, free.max_concurrent_jobs) == (1000, 50, 1)
+    assert (pro.monthly_budget_cu, pro.cu_per_minute, pro.max_concurrent_jobs) == (100_000, 2000, 8)
+    assert (enterprise.monthly_budget_cu, enterprise.cu_per_minute) == (None, 20_000)
+    assert enterprise.max_concurrent_jobs == 64
+    assert free.queue_priority < pro.queue_priority < enterprise.queue_priority
+    assert free.text_variant == "quantized" and pro.text_variant == "full"
+    assert Tenant.objects.count() == 0

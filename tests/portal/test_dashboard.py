@@ -1,0 +1,192 @@
+import re
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.test import Client
+
+from portal.models import ApiKey, Membership, Role
+from tests.factories import api_key_for
+
+pytestmark = pytest.mark.django_db
+
+PAGES = ["/t/acme/", "/t/acme/keys/", "/t/acme/members/"]
+
+
+def login(client: Client, membership: Membership) -> Client:
+    client.force_login(membership.user)
+    return client
+
+
+def test_pages_require_login(client, cast):
+    for page in PAGES:
+        response = client.get(page)
+        assert response.status_code == 302 and "/accounts/login/" in response["Location"]
+
+
+@pytest.mark.parametrize("role", ["owner", "admin", "member", "viewer"])
+def test_every_role_can_view_every_page(client, cast, role):
+    login(client, getattr(cast, role))
+    for page in PAGES:
+        assert client.get(page).status_code == 200, page
+
+
+def test_outsider_gets_404_on_every_page_and_action(client, cast):
+    login(client, cast.outsider)
+    key = ApiKey.objects.filter(tenant=cast.tenant).first()
+    for page in PAGES:
+        assert client.get(page).status_code == 404, page
+    assert client.post("/t/acme/keys/", {"name": "x"}).status_code == 404
+    assert client.post(f"/t/acme/keys/{key.pk}/revoke/").status_code == 404
+    assert client.post(f"/t/acme/members/{cast.owner.pk}/", {"action": "remove"}).status_code == 404
+    # Through the outsider's own tenant, the other tenant's objects do not exist either.
+    assert client.post(f"/t/globex/keys/{key.pk}/revoke/").status_code == 404
+    assert client.post(
+        f"/t/globex/members/{cast.owner.pk}/", {"action": "change_role", "role": "viewer"}
+    ).status_code == 404
+    key.refresh_from_db()
+    assert key.revoked_at is None
+    assert Membership.objects.get(pk=cast.owner.pk).role == Role.OWNER
+
+
+def test_member_creates_a_key_shown_exactly_once(client, cast):
+    login(client, cast.member)
+    response = client.post("/t/acme/keys/", {"name": "laptop"})
+    assert response.status_code == 200
+    assert response["Cache-Control"] == "no-store"
+    full_key = re.search(r'value="(sk-[A-Za-z0-9]+)"', response.content.decode()).group(1)
+    created = ApiKey.objects.get(tenant=cast.tenant, name="laptop")
+    assert created.created_by == cast.member.user
+    assert full_key.startswith(f"sk-{created.prefix}")
+    assert full_key not in client.get("/t/acme/keys/").content.decode()
+    # The key works against the API.
+    assert Client().get("/v1/models", HTTP_AUTHORIZATION=f"Bearer {full_key}").status_code == 200
+
+
+def test_viewer_cannot_create_or_revoke_keys(client, cast):
+    login(client, cast.viewer)
+    assert client.post("/t/acme/keys/", {"name": "sneaky"}).status_code == 403
+    assert not ApiKey.objects.filter(name="sneaky").exists()
+    key = ApiKey.objects.filter(tenant=cast.tenant).first()
+    assert client.post(f"/t/acme/keys/{key.pk}/revoke/").status_code == 403
+    key.refresh_from_db()
+    assert key.revoked_at is None
+
+
+def test_member_revokes_only_own_keys_admin_revokes_any(client, cast):
+    login(client, cast.member)
+    client.post("/t/acme/keys/", {"name": "mine"})
+    mine = ApiKey.objects.get(name="mine")
+    someone_elses = ApiKey.objects.filter(tenant=cast.tenant).exclude(pk=mine.pk).first()
+    assert client.post(f"/t/acme/keys/{someone_elses.pk}/revoke/").status_code == 403
+    assert client.post(f"/t/acme/keys/{mine.pk}/revoke/").status_code == 302
+    mine.refresh_from_db()
+    assert mine.revoked_at is not None
+
+    admin_client = login(Client(), cast.admin)
+    assert admin_client.post(f"/t/acme/keys/{someone_elses.pk}/revoke/").status_code == 302
+    someone_elses.refresh_from_db()
+    assert someone_elses.revoked_at is not None
+    assert Client().get("/v1/models", HTTP_AUTHORIZATION=f"Bearer {cast.owner_key}").status_code == 401
+
+
+def test_key_revoke_is_post_only(client, cast):
+    login(client, cast.owner)
+    key = ApiKey.objects.filter(tenant=cast.tenant).first()
+    assert client.get(f"/t/acme/keys/{key.pk}/revoke/").status_code == 405
+
+
+@pytest.mark.parametrize("role", ["member", "viewer"])
+def test_members_and_viewers_cannot_manage_members(client, cast, role):
+    login(client, getattr(cast, role))
+    response = client.post(
+        f"/t/acme/members/{cast.viewer.pk}/", {"action": "change_role", "role": "admin"}
+    )
+    assert response.status_code == 403
+    assert Membership.objects.get(pk=cast.viewer.pk).role == Role.VIEWER
+    assert client.post("/t/acme/members/", {"email": "new@example.com", "role": "member"}).status_code == 403
+
+
+def test_admin_invites_a_new_person_who_sets_a_password(client, cast):
+    login(client, cast.admin)
+    response = client.post("/t/acme/members/", {"email": "newbie@example.com", "role": "member"})
+    assert response.status_code == 200
+    link = re.search(r'value="(http://testserver/accounts/set-password/[^"]+)"', response.content.decode())
+    assert link, "a set-password link is shown once"
+    new_user = get_user_model().objects.get(email="newbie@example.com")
+    assert not new_user.has_usable_password()
+    assert Membership.objects.get(user=new_user, tenant=cast.tenant).role == Role.MEMBER
+
+    anonymous = Client()
+    form_page = anonymous.get(link.group(1), follow=True)
+    assert form_page.status_code == 200
+    post_url = form_page.redirect_chain[-1][0] if form_page.redirect_chain else link.group(1)
+    done = anonymous.post(post_url, {"new_password1": "A-long-pass-phrase-9", "new_password2": "A-long-pass-phrase-9"})
+    assert done.status_code == 302
+    assert anonymous.login(username="newbie@example.com", password="A-long-pass-phrase-9")
+
+
+def test_admin_invites_an_existing_user_without_a_link(client, cast):
+    login(client, cast.admin)
+    response = client.post("/t/acme/members/", {"email": cast.outsider.user.email, "role": "viewer"})
+    assert response.status_code == 200
+    assert "set-password" not in response.content.decode()
+    assert Membership.objects.get(user=cast.outsider.user, tenant=cast.tenant).role == Role.VIEWER
+
+
+def test_only_owners_grant_or_touch_ownership(client, cast):
+    login(client, cast.admin)
+    assert client.post(
+        f"/t/acme/members/{cast.member.pk}/", {"action": "change_role", "role": "owner"}
+    ).status_code == 403
+    assert client.post(
+        f"/t/acme/members/{cast.owner.pk}/", {"action": "change_role", "role": "viewer"}
+    ).status_code == 403
+    assert client.post(
+        f"/t/acme/members/{cast.viewer.pk}/", {"action": "change_role", "role": "member"}
+    ).status_code == 302
+    assert Membership.objects.get(pk=cast.viewer.pk).role == Role.MEMBER
+    assert Membership.objects.get(pk=cast.member.pk).role == Role.MEMBER
+    assert Membership.objects.get(pk=cast.owner.pk).role == Role.OWNER
+
+    owner_client = login(Client(), cast.owner)
+    assert owner_client.post(
+        f"/t/acme/members/{cast.admin.pk}/", {"action": "change_role", "role": "owner"}
+    ).status_code == 302
+    assert Membership.objects.get(pk=cast.admin.pk).role == Role.OWNER
+
+
+def test_the_last_owner_cannot_be_demoted_or_removed(client, cast):
+    login(client, cast.owner)
+    client.post(f"/t/acme/members/{cast.owner.pk}/", {"action": "change_role", "role": "admin"})
+    client.post(f"/t/acme/members/{cast.owner.pk}/", {"action": "remove"})
+    assert Membership.objects.get(pk=cast.owner.pk).role == Role.OWNER
+
+
+def test_forms_require_csrf(cast):
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(cast.owner.user)
+    assert browser.post("/t/acme/keys/", {"name": "no-token"}).status_code == 403
+    assert not ApiKey.objects.filter(name="no-token").exists()
+    page = browser.get("/t/acme/keys/")
+    token = page.cookies["csrftoken"].value
+    response = browser.post("/t/acme/keys/", {"name": "with-token", "csrfmiddlewaretoken": token})
+    assert response.status_code == 200
+    assert ApiKey.objects.filter(name="with-token").exists()
+
+
+def test_tenant_switcher_lists_only_own_tenants(client, cast):
+    Membership.objects.create(user=cast.member.user, tenant=cast.outsider_tenant, role=Role.VIEWER)
+    login(client, cast.member)
+    html = client.get("/t/acme/").content.decode()
+    assert 'value="acme"' in html and 'value="globex"' in html
+    viewer_html = login(Client(), cast.viewer).get("/t/acme/").content.decode()
+    assert 'value="globex"' not in viewer_html
+    # Home remembers the last tenant visited.
+    client.get("/t/globex/")
+    assert client.get("/")["Location"] == "/t/globex/"
+
+
+def test_api_key_of_one_tenant_never_lists_anothers(cast, api):
+    api_key_for(cast.outsider_tenant, name="globex-secret-name")
+    browser = login(Client(), cast.owner)
+    assert "globex-secret-name" not in browser.get("/t/acme/keys/").content.decode()

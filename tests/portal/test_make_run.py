@@ -1,0 +1,106 @@
+"""`make run`'s supervisor, started as a real subprocess on a fresh SQLite file."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from portal.embedded_redis import free_port
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _platform_env(tmp_path: Path, redis_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "SLUICE_DEBUG"}}
+    env.update(SLUICE_VAR_DIR=str(tmp_path / "var"), REDIS_URL=redis_url, PYTHONUNBUFFERED="1")
+    return env
+
+
+class Output:
+    """Collects the launcher's stdout in a thread so the pipe never fills."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._pump, args=(process,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, process):
+        for line in process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, pattern: str, timeout_s: float) -> re.Match:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                match = re.search(pattern, line)
+                if match:
+                    return match
+            time.sleep(0.1)
+        raise AssertionError(f"no line matching {pattern!r} in:\n" + "\n".join(self.lines))
+
+
+@pytest.mark.parametrize("redis_kind", ["embedded", "configured"])
+def test_make_run_serves_the_demo_and_stops_every_child(tmp_path, redis_kind):
+    port = free_port()
+    # "embedded": REDIS_URL points at a port nobody listens on, so the launcher starts its own.
+    redis_url = os.environ["REDIS_URL"] if redis_kind == "configured" else f"redis://127.0.0.1:{free_port()}/0"
+    process = subprocess.Popen(
+        [sys.executable, "manage.py", "runplatform", "--port", str(port)],
+        cwd=REPO,
+        env=_platform_env(tmp_path, redis_url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output = Output(process)
+    try:
+        dashboard = output.wait_for(r"^Dashboard: (http://\S+)$", timeout_s=90).group(1)
+        login = output.wait_for(r"^Admin login: (\S+) / (\S+)$", timeout_s=5)
+        key = output.wait_for(r"^Demo API key: (sk-\S+)$", timeout_s=5).group(1)
+        assert dashboard == f"http://127.0.0.1:{port}/"
+        if redis_kind == "embedded":
+            output.wait_for(r"^Redis: .* \(embedded;", timeout_s=1)
+
+        assert httpx.get(f"{dashboard}healthz").json() == {"status": "ok"}
+        ready = httpx.get(f"{dashboard}readyz")
+        assert ready.status_code == 200, ready.text
+        models = httpx.get(f"{dashboard}v1/models", headers={"Authorization": f"Bearer {key}"})
+        assert models.status_code == 200
+        assert "sluice-code-tiny" in {m["id"] for m in models.json()["data"]}
+
+        # The printed admin can log in to the dashboard and owns the pro demo tenant.
+        with httpx.Client(base_url=dashboard, follow_redirects=True) as browser:
+            page = browser.get("accounts/login/")
+            token = browser.cookies["csrftoken"]
+            landed = browser.post(
+                "accounts/login/",
+                data={"username": login.group(1), "password": login.group(2), "csrfmiddlewaretoken": token},
+                headers={"Referer": f"{dashboard}accounts/login/"},
+            )
+            assert page.status_code == 200 and landed.status_code == 200
+            assert "Demo Pro" in browser.get("t/demo-pro/").text
+
+        children = psutil.Process(process.pid).children(recursive=True)
+        names = " ".join(" ".join(child.cmdline()) for child in children)
+        assert "uvicorn" in names and "celery" in names
+        if redis_kind == "embedded":
+            assert "redis-server" in names
+    finally:
+        children = psutil.Process(process.pid).children(recursive=True) if process.poll() is None else []
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    assert process.returncode == 0
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"left running: {[p.pid for p in alive]}"
+    assert output.lines[-1] == "Stopped."

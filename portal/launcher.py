@@ -104,6 +104,10 @@ def run_platform(*, host: str, port: int, var_dir: Path, queues: list[str], conf
 
         call_command("migrate", interactive=False, verbosity=0)
         credentials = demo_seed()
+        # So README examples work as pasted: curl -H "Authorization: Bearer $(cat var/demo_api_key)"
+        key_file = var_dir / "demo_api_key"
+        key_file.touch(mode=0o600)
+        key_file.write_text(credentials.keys_by_tier["pro"] + "\n")
 
         env = dict(os.environ, REDIS_URL=redis_url, PYTHONUNBUFFERED="1")
         env.setdefault("SLUICE_DEBUG", "true")

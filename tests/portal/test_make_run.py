@@ -69,6 +69,7 @@ def test_make_run_serves_the_demo_and_stops_every_child(tmp_path, redis_kind):
         login = output.wait_for(r"^Admin login: (\S+) / (\S+)$", timeout_s=5)
         key = output.wait_for(r"^Demo API key: (sk-\S+)$", timeout_s=5).group(1)
         assert dashboard == f"http://127.0.0.1:{port}/"
+        assert (tmp_path / "var" / "demo_api_key").read_text().strip() == key
         if redis_kind == "embedded":
             output.wait_for(r"^Redis: .* \(embedded;", timeout_s=1)
 

@@ -29,3 +29,6 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) var
+
+bench-admission: $(STAMP)
+	$(PY) -m bench.admission

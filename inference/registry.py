@@ -32,6 +32,18 @@ class ModelVariant:
 
 
 @dataclass(frozen=True)
+class VideoSpec:
+    """What a video model generates, and the reference its CU price is quoted at."""
+
+    fps: int
+    reference_steps: int
+    default_steps: int
+    max_steps: int
+    max_seconds: float
+    sizes: tuple[str, ...]  # "WxH" values the model accepts
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     id: str
     kind: str  # "text" | "video"
@@ -42,6 +54,7 @@ class ModelSpec:
     created: int = 1_793_491_200  # 2026-11-01, the release of the tiny models
     owned_by: str = "sluice"
     variants: dict[str, ModelVariant] = field(default_factory=dict)
+    video: VideoSpec | None = None
 
     def variant(self, name: str) -> ModelVariant:
         return self.variants.get(name) or self.variants["full"]
@@ -75,6 +88,14 @@ def _registry() -> dict[str, ModelSpec]:
             pool="video-hbm",
             cu_factor=1.0,
             variants={"full": ModelVariant(name="full", checkpoint=video_path)},
+            video=VideoSpec(
+                fps=8,
+                reference_steps=20,
+                default_steps=20,
+                max_steps=50,
+                max_seconds=10.0,
+                sizes=("64x64", "128x128", "256x256", "1280x720", "720x1280"),
+            ),
         ),
     ]
     return {spec.id: spec for spec in specs}
@@ -89,3 +110,10 @@ def model_get(model_id: str) -> ModelSpec:
     if spec is None:
         raise ModelNotFound(f"The model {model_id!r} does not exist.", param="model")
     return spec
+
+
+def variant_for_tier(spec: ModelSpec, tier) -> ModelVariant:
+    """Text models serve low tiers from their quantized variant when the tier says so."""
+    if spec.kind == "text":
+        return spec.variant(tier.text_variant)
+    return spec.variant("full")

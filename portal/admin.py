@@ -8,7 +8,7 @@ from portal.models import ApiKey, Membership, Tenant, Tier
 class TierAdmin(admin.ModelAdmin):
     list_display = (
         "slug", "name", "monthly_budget_cu", "cu_per_minute", "max_concurrent_jobs",
-        "queue_priority", "text_variant",
+        "queue_priority", "text_variant", "burst_cu", "fail_open",
     )
 
 
@@ -55,7 +55,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
     list_filter = ("tenant",)
     search_fields = ("name", "prefix", "tenant__name")
     fields = ("tenant", "name", "masked", "created_by", "created_at", "last_used_at",
-              "expires_at", "revoked_at", "cu_cap")
+              "expires_at", "revoked_at", "cu_cap", "cu_per_minute")
     readonly_fields = ("tenant", "masked", "created_by", "created_at", "last_used_at", "revoked_at")
     actions = ["revoke"]
 

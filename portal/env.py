@@ -67,3 +67,18 @@ def env_database(name: str, default: str) -> dict:
         return _env.db_url(name, default=default)
     except Exception as exc:  # django-environ raises several types for a bad URL
         raise ImproperlyConfigured(f"{name} is not a valid database URL: {exc}") from exc
+
+
+def env_dict_int(name: str, default: dict[str, int]) -> dict[str, int]:
+    """`a=1,b=2` -> {"a": 1, "b": 2}; entries given override the defaults."""
+    raw = _env.str(name, default="")
+    result = dict(default)
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ImproperlyConfigured(f"{name}: {item!r} is not key=integer")
+        try:
+            result[key.strip()] = int(value)
+        except ValueError as exc:
+            raise ImproperlyConfigured(f"{name}: {item!r} is not key=integer") from exc
+    return result

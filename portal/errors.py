@@ -118,12 +118,6 @@ class UnsupportedMediaType(SluiceError):
     default_message = "Send the request body as application/json."
 
 
-class ServiceUnavailable(SluiceError):
-    code = "system_overloaded"
-    http_status = 503
-    default_message = "The service is temporarily unavailable. Retry later."
-
-
 def _first_error(detail, path: str = "") -> tuple[str | None, str]:
     """Flatten a DRF ValidationError detail into (param path, first message)."""
     if isinstance(detail, Mapping):

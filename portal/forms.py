@@ -9,6 +9,9 @@ class ApiKeyCreateForm(forms.Form):
         required=False, min_value=1, max_value=3650, label="Expires after (days, optional)"
     )
     cu_cap = forms.IntegerField(required=False, min_value=1, label="Monthly CU cap (optional)")
+    cu_per_minute = forms.IntegerField(
+        required=False, min_value=1, label="CU per minute limit (optional)"
+    )
 
 
 class MemberInviteForm(forms.Form):

@@ -118,12 +118,12 @@ def run_platform(*, host: str, port: int, var_dir: Path, queues: list[str], conf
             env,
         )
         for queue in queues:
-            supervisor.spawn(
-                f"worker:{queue}",
-                [sys.executable, "-m", "celery", "-A", "portal", "--quiet", "worker", "-Q", queue,
-                 "-n", f"{queue}@%h", "--concurrency", "1", "--loglevel", "WARNING"],
-                env,
-            )
+            argv = [sys.executable, "-m", "celery", "-A", "portal", "--quiet", "worker", "-Q", queue,
+                    "-n", f"{queue}@%h", "--concurrency", "1", "--loglevel", "WARNING"]
+            if queue == queues[0]:
+                # One machine: the first worker also runs the periodic tasks (celery beat).
+                argv += ["--beat", "--schedule", str(var_dir / "celerybeat-schedule")]
+            supervisor.spawn(f"worker:{queue}", argv, env)
         _wait_for_http(f"http://{host}:{port}/healthz", supervisor, timeout_s=60)
 
         print(f"Dashboard: http://{host}:{port}/", flush=True)

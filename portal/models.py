@@ -25,6 +25,10 @@ class Tier(models.Model):
     )
     # Model ids this tier may call; an empty list means every model in the registry.
     allowed_models = models.JSONField(default=list, blank=True)
+    # Token-bucket depth for the CU/minute limit; None means one minute's worth.
+    burst_cu = models.PositiveIntegerField(null=True, blank=True)
+    # When Redis is unreachable: False refuses work (503), True admits it and reconciles later.
+    fail_open = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["queue_priority"]
@@ -46,6 +50,12 @@ class Tenant(models.Model):
     tier = models.ForeignKey(Tier, on_delete=models.PROTECT, related_name="tenants")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
     created_at = models.DateTimeField(default=timezone.now)
+    # Per-tenant overrides of the tier's limits (contracts); None means "the tier's value".
+    monthly_budget_cu_override = models.BigIntegerField(null=True, blank=True)
+    unlimited_budget = models.BooleanField(default=False)
+    cu_per_minute_override = models.PositiveIntegerField(null=True, blank=True)
+    burst_cu_override = models.PositiveIntegerField(null=True, blank=True)
+    max_concurrent_jobs_override = models.PositiveIntegerField(null=True, blank=True)
 
     class Meta:
         ordering = ["name"]
@@ -106,6 +116,8 @@ class ApiKey(models.Model):
     revoked_at = models.DateTimeField(null=True, blank=True)
     # Optional monthly CU cap for this key on top of the tenant's budget.
     cu_cap = models.BigIntegerField(null=True, blank=True)
+    # Optional CU/minute limit for this key on top of the tenant's (burst: one minute's worth).
+    cu_per_minute = models.PositiveIntegerField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]

@@ -57,6 +57,7 @@ def api_key_issue(
     created_by=None,
     expires_at: datetime | None = None,
     cu_cap: int | None = None,
+    cu_per_minute: int | None = None,
 ) -> IssuedKey:
     name = name.strip()
     if not name:
@@ -65,6 +66,8 @@ def api_key_issue(
         raise InvalidParameter("The expiry must be in the future.", param="expires_at")
     if cu_cap is not None and cu_cap <= 0:
         raise InvalidParameter("The CU cap must be positive.", param="cu_cap")
+    if cu_per_minute is not None and cu_per_minute <= 0:
+        raise InvalidParameter("The CU/minute limit must be positive.", param="cu_per_minute")
     material = key_material_generate()
     api_key = ApiKey.objects.create(
         tenant=tenant,
@@ -74,6 +77,7 @@ def api_key_issue(
         created_by=created_by,
         expires_at=expires_at,
         cu_cap=cu_cap,
+        cu_per_minute=cu_per_minute,
     )
     logger.info("api key issued tenant=%s key=%s", tenant.slug, api_key.masked)
     return IssuedKey(api_key=api_key, full_key=material.full_key)

@@ -12,6 +12,7 @@ from pathlib import Path
 from portal.env import (
     env_bool,
     env_database,
+    env_dict_int,
     env_float,
     env_int,
     env_list,
@@ -69,6 +70,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "portal.middleware.RequestIdMiddleware",
+    "quotas.middleware.RateLimitHeadersMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -109,6 +111,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "init_command", "PRAGMA journal_mode=WAL; PRAGMA busy_timeout=5000;"
     )
     DATABASES["default"]["OPTIONS"].setdefault("transaction_mode", "IMMEDIATE")
+    # A file, not memory, so tests that fork worker processes share the test database.
+    DATABASES["default"].setdefault("TEST", {"NAME": str(VAR_DIR / "test-sluice.sqlite3")})
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -212,3 +216,16 @@ SLUICE_CODE_MODEL_PATH = env_str(
 SLUICE_VIDEO_MODEL_PATH = env_str(
     "SLUICE_VIDEO_MODEL_PATH", str(BASE_DIR / "inference" / "artifacts" / "sluice-video-tiny")
 )
+
+# GPU pools: capacity of each pool's weighted semaphore (CU in flight at once) and how long an
+# admitted reservation may hold it before it counts as orphaned (its worker died).
+SLUICE_POOL_CAPACITY_CU = env_dict_int("SLUICE_POOL_CAPACITY_CU", {"text-batch": 200, "video-hbm": 2000})
+SLUICE_POOL_LEASE_S = env_dict_int("SLUICE_POOL_LEASE_S", {"text-batch": 300, "video-hbm": 3600})
+SLUICE_POOL_RETRY_AFTER_S = env_int("SLUICE_POOL_RETRY_AFTER_S", 2, minimum=1)
+# Budget alert thresholds, percent of the period's budget (dashboard banner, webhook event).
+SLUICE_BUDGET_ALERT_PCT = env_int("SLUICE_BUDGET_ALERT_PCT", 80, minimum=1)
+
+CELERY_BEAT_SCHEDULE = {
+    "reservations-expire": {"task": "quotas.reservations_expire", "schedule": 30.0},
+    "reservations-sync": {"task": "quotas.reservations_sync", "schedule": 10.0},
+}

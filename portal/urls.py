@@ -4,10 +4,13 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularRedocView
 
 from portal import apis, views
+from quotas import apis as quota_apis
 
 api_v1 = [
     path("models", apis.ModelListApi.as_view(), name="api-models"),
     path("models/<str:model_id>", apis.ModelDetailApi.as_view(), name="api-model-detail"),
+    path("quotes", quota_apis.QuoteApi.as_view(), name="api-quotes"),
+    path("usage", quota_apis.UsageApi.as_view(), name="api-usage"),
     path("openapi.json", SpectacularJSONAPIView.as_view(), name="api-schema"),
 ]
 

@@ -17,6 +17,7 @@ from portal import selectors, services
 from portal.errors import InvalidParameter, NotFound, PermissionDenied, json_error
 from portal.forms import ApiKeyCreateForm, MemberInviteForm, MemberUpdateForm
 from portal.models import Membership, Role
+from quotas.services import budget_status
 
 
 def tenant_page(view):
@@ -68,6 +69,7 @@ def tenant_overview(request, membership: Membership):
         "tier": tenant.tier,
         "active_keys": selectors.api_keys_for_tenant(tenant=tenant).filter(revoked_at__isnull=True).count(),
         "member_count": selectors.members_for_tenant(tenant=tenant).count(),
+        "budget": budget_status(tenant=tenant),
     }
     return render(request, "portal/overview.html", context)
 
@@ -88,6 +90,7 @@ def api_keys_page(request, membership: Membership):
                     created_by=request.user,
                     expires_at=timezone.now() + timedelta(days=days) if days else None,
                     cu_cap=form.cleaned_data["cu_cap"],
+                    cu_per_minute=form.cleaned_data["cu_per_minute"],
                 )
                 form = ApiKeyCreateForm()
             except InvalidParameter as exc:

@@ -49,3 +49,22 @@ class MembershipFactory(factory.django.DjangoModelFactory):
 
 def api_key_for(tenant: Tenant, *, name: str = "test key", **kwargs) -> str:
     return api_key_issue(tenant=tenant, name=name, **kwargs).full_key
+
+
+def api_key_obj(tenant: Tenant, **kwargs):
+    from portal.models import ApiKey
+
+    full_key = api_key_for(tenant, **kwargs)
+    return ApiKey.objects.select_related("tenant__tier").get(prefix=full_key[3:15])
+
+
+def tenant_with_limits(*, tier_slug: str = "pro", **overrides) -> Tenant:
+    """A tenant whose limits are overridden (budget in CU, rate in CU/min, burst, concurrency)."""
+    fields = {
+        "monthly_budget_cu_override": overrides.pop("budget_cu", None),
+        "cu_per_minute_override": overrides.pop("rate_cu", None),
+        "burst_cu_override": overrides.pop("burst_cu", None),
+        "max_concurrent_jobs_override": overrides.pop("max_jobs", None),
+    }
+    assert not overrides, overrides
+    return TenantFactory(tier=tier(tier_slug), **{k: v for k, v in fields.items() if v is not None})

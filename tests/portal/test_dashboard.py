@@ -190,3 +190,19 @@ def test_api_key_of_one_tenant_never_lists_anothers(cast, api):
     api_key_for(cast.outsider_tenant, name="globex-secret-name")
     browser = login(Client(), cast.owner)
     assert "globex-secret-name" not in browser.get("/t/acme/keys/").content.decode()
+
+
+def test_overview_shows_budget_use_and_the_80_percent_banner(client, cast):
+    from portal.models import ApiKey
+    from quotas.ledger import reservation_open
+
+    cast.tenant.monthly_budget_cu_override = 10
+    cast.tenant.save(update_fields=["monthly_budget_cu_override"])
+    login(client, cast.viewer)
+    html = client.get("/t/acme/").content.decode()
+    assert "0.0% used" in html and "alert at" not in html
+    api_key = ApiKey.objects.select_related("tenant__tier").get(prefix=cast.owner_key[3:15])
+    reservation_open(api_key=api_key, model_id="sluice-code-tiny", pool="text-batch",
+                     cost_mcu=8500, mode="sync")
+    html = client.get("/t/acme/").content.decode()
+    assert "85.0% used" in html and "alert at 80%" in html

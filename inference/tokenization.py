@@ -1,0 +1,28 @@
+"""Counting tokens with each model's own tokenizer (loaded once per process, offline)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from inference.registry import ModelSpec
+
+
+@functools.cache
+def _tokenizer(checkpoint: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+
+
+def tokenizer_for(spec: ModelSpec, variant: str = "full"):
+    return _tokenizer(str(Path(spec.variant(variant).checkpoint)))
+
+
+def render_chat(spec: ModelSpec, messages: list[dict]) -> str:
+    """The prompt text a chat request becomes, through the model's chat template."""
+    return tokenizer_for(spec).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def count_tokens(spec: ModelSpec, text: str) -> int:
+    return len(tokenizer_for(spec)(text, add_special_tokens=False)["input_ids"])

@@ -1,0 +1,134 @@
+"""The one admission decision: a single atomic Redis step (quotas/lua/admit.lua).
+
+Checks together the period budget (and the key's cap), the tenant's and the key's CU/minute
+token buckets, the tenant's concurrent-job cap and the pool's weighted semaphore, then
+admits (budget reserved, pool capacity held), queues (async work: budget reserved, waiting
+for capacity) or rejects with DESIGN.md's error.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import redis
+
+from quotas.cost import mcu_to_cu
+from quotas.errors import InsufficientQuota, RateLimitExceeded, SystemOverloaded
+from quotas.limits import CounterKeys, QuotaLimits, pool_capacity_mcu, pool_lease_s
+from quotas.scripts import lua_script
+
+ADMITTED = "admitted"
+QUEUED = "queued"
+RESERVATION_TTL_S = 40 * 86_400  # outlives any period; the marker is deleted on release
+
+
+class CountersMissing(Exception):
+    """Redis has no counters for this tenant and period: rebuild them from the ledger."""
+
+
+@dataclass(frozen=True)
+class RateState:
+    limit_cu: int
+    remaining_mcu: int
+    reset_ms: int
+
+
+@dataclass(frozen=True)
+class AdmissionTicket:
+    reservation_id: str
+    outcome: str  # ADMITTED | QUEUED
+    cost_mcu: int
+    budget_used_mcu: int
+    rate: RateState | None
+
+
+def admission_decide(
+    *,
+    client: redis.Redis,
+    keys: CounterKeys,
+    limits: QuotaLimits,
+    cost_mcu: int,
+    mode: str,
+    reservation_id: str,
+    retry_after_s: int,
+) -> AdmissionTicket:
+    """Run admit.lua and translate its verdict; raises the error a rejection maps to."""
+    result = lua_script(client, "admit")(
+        keys=[
+            keys.budget, keys.key_used, keys.tenant_tat, keys.key_tat, keys.in_flight,
+            keys.pool_hash, keys.pool_zset, keys.pool_sum,
+            f"q:r:{reservation_id}",
+        ],
+        args=[
+            cost_mcu,
+            -1 if limits.budget_mcu is None else limits.budget_mcu,
+            -1 if limits.key_cap_mcu is None else limits.key_cap_mcu,
+            limits.tenant_rate_mcu,
+            limits.tenant_burst_mcu,
+            limits.key_rate_mcu or -1,
+            limits.key_burst_mcu or 0,
+            limits.max_concurrent_jobs,
+            pool_capacity_mcu(keys.pool),
+            mode,
+            pool_lease_s(keys.pool) * 1000,
+            RESERVATION_TTL_S,
+            reservation_id,
+            keys.pool,
+            retry_after_s * 1000,
+        ],
+    )
+    outcome = result[0].decode() if isinstance(result[0], bytes) else result[0]
+    retry_after_ms, used_mcu, remaining_mcu, reset_ms = (int(v) for v in result[1:5])
+    if outcome == "miss":
+        raise CountersMissing()
+    rate = RateState(limit_cu=limits.tenant_rate_cu, remaining_mcu=remaining_mcu, reset_ms=reset_ms)
+    if outcome in (ADMITTED, QUEUED):
+        return AdmissionTicket(
+            reservation_id=reservation_id,
+            outcome=outcome,
+            cost_mcu=cost_mcu,
+            budget_used_mcu=used_mcu,
+            rate=rate,
+        )
+    raise _rejection(outcome, limits=limits, cost_mcu=cost_mcu, used_mcu=used_mcu,
+                     retry_after_ms=retry_after_ms)
+
+
+def _rejection(outcome: str, *, limits: QuotaLimits, cost_mcu: int, used_mcu: int,
+               retry_after_ms: int) -> Exception:
+    cost = mcu_to_cu(cost_mcu)
+    retry_after_s = max(1, math.ceil(retry_after_ms / 1000))
+    if outcome == "insufficient_quota":
+        return InsufficientQuota(
+            f"This request needs {cost} CU; {mcu_to_cu(used_mcu)} of your "
+            f"{mcu_to_cu(limits.budget_mcu or 0)} CU budget for this period is used or reserved."
+        )
+    if outcome == "key_cap":
+        return InsufficientQuota(
+            f"This request needs {cost} CU, more than is left under this API key's CU cap."
+        )
+    if outcome == "too_large":
+        return RateLimitExceeded(
+            f"This request needs {cost} CU, more than your CU-per-minute burst allows at once. "
+            "Ask for fewer tokens, frames or steps."
+        )
+    if outcome == "rate_tenant":
+        return RateLimitExceeded(
+            f"Rate limit reached: {limits.tenant_rate_cu} CU per minute. Retry in {retry_after_s} s.",
+            retry_after_s=retry_after_s,
+        )
+    if outcome == "rate_key":
+        return RateLimitExceeded(
+            f"Rate limit reached for this API key: {mcu_to_cu(limits.key_rate_mcu or 0)} CU per minute. "
+            f"Retry in {retry_after_s} s.",
+            retry_after_s=retry_after_s,
+        )
+    if outcome == "concurrency":
+        return RateLimitExceeded(
+            f"Too many concurrent jobs: your tier allows {limits.max_concurrent_jobs}.",
+            retry_after_s=retry_after_s,
+        )
+    if outcome == "pool":
+        return SystemOverloaded(retry_after_s=retry_after_s)
+    raise ValueError(f"unknown admission outcome {outcome!r}")

@@ -1,0 +1,364 @@
+"""Reservations and the ledger: reserve before work, settle after, refund the rest.
+
+The database is the source of truth. Every change is written there first (conditional
+updates make settlement idempotent), then mirrored into Redis' hot counters. When Redis is
+down, the mirror step is marked pending (`redis_synced=False`) and replayed by a periodic
+task; when Redis lost its data, counters are rebuilt from the ledger on the next miss.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import redis
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Sum
+from django.utils import timezone
+
+from portal.models import ApiKey
+from portal.redis import redis_client
+from quotas.admission import (
+    ADMITTED,
+    RESERVATION_TTL_S,
+    AdmissionTicket,
+    CountersMissing,
+    admission_decide,
+)
+from quotas.errors import SystemOverloaded
+from quotas.limits import (
+    CounterKeys,
+    QuotaLimits,
+    counter_ttl_s,
+    key_used_counter,
+    period_of,
+    pool_capacity_mcu,
+    pool_lease_s,
+    quota_limits_for,
+    reservation_marker,
+)
+from quotas.models import BudgetAlert, LedgerEntry, Reservation
+from quotas.scripts import lua_script
+
+logger = logging.getLogger(__name__)
+
+# A queued reservation may wait this long for pool capacity before the reaper releases it.
+QUEUE_ALLOWANCE_S = 24 * 3600
+
+
+def reservation_id_new() -> str:
+    # Time-ordered so ids sort by creation, random tail so they never collide.
+    return f"res_{int(time.time() * 1000):011x}{secrets.token_hex(6)}"
+
+
+@dataclass(frozen=True)
+class Opened:
+    reservation: Reservation
+    ticket: AdmissionTicket
+
+
+def _keys_for(reservation: Reservation) -> CounterKeys:
+    return CounterKeys(
+        tenant_id=reservation.tenant_id,
+        api_key_id=reservation.api_key_id or 0,
+        period=reservation.period,
+        pool=reservation.pool,
+    )
+
+
+def reservation_open(
+    *,
+    api_key: ApiKey,
+    model_id: str,
+    pool: str,
+    cost_mcu: int,
+    mode: str,
+    limits: QuotaLimits | None = None,
+) -> Opened:
+    """Admit (or queue, for mode="async") a request costing `cost_mcu`; raises the rejection."""
+    limits = limits or quota_limits_for(tenant=api_key.tenant, api_key=api_key)
+    now = timezone.now()
+    period = period_of(now)
+    keys = CounterKeys(tenant_id=api_key.tenant_id, api_key_id=api_key.pk, period=period, pool=pool)
+    reservation_id = reservation_id_new()
+    client = redis_client()
+    counted = True
+    try:
+        try:
+            ticket = _decide(client, keys, limits, cost_mcu, mode, reservation_id)
+        except CountersMissing:
+            counters_rebuild(tenant_id=api_key.tenant_id, period=period, api_key_id=api_key.pk)
+            ticket = _decide(client, keys, limits, cost_mcu, mode, reservation_id)
+    except (redis.RedisError, CountersMissing) as exc:
+        if not limits.fail_open:
+            logger.warning("admission unavailable: %s", exc.__class__.__name__)
+            raise SystemOverloaded(
+                "Admission control is unavailable right now. Retry later.", retry_after_s=5
+            ) from exc
+        # This tier fails open: admit now, count it in Redis when Redis is back.
+        counted = False
+        ticket = AdmissionTicket(reservation_id=reservation_id, outcome=ADMITTED,
+                                 cost_mcu=cost_mcu, budget_used_mcu=0, rate=None)
+
+    lease_s = pool_lease_s(pool) if ticket.outcome == ADMITTED else QUEUE_ALLOWANCE_S
+    try:
+        with transaction.atomic():
+            reservation = Reservation.objects.create(
+                id=reservation_id,
+                tenant_id=api_key.tenant_id,
+                api_key=api_key,
+                model=model_id,
+                pool=pool,
+                period=period,
+                reserved_mcu=cost_mcu,
+                state=ticket.outcome,
+                expires_at=now + timedelta(seconds=lease_s),
+                redis_synced=counted,
+            )
+            LedgerEntry.objects.create(
+                tenant_id=api_key.tenant_id, api_key=api_key, reservation=reservation,
+                kind=LedgerEntry.Kind.RESERVE, mcu=cost_mcu, period=period, model=model_id,
+            )
+    except Exception:
+        if counted:  # the database refused it: give the Redis reservation back
+            _release_in_redis(client, keys, reservation_id, refund_mcu=cost_mcu)
+        raise
+    if counted:
+        budget_alert_check(tenant_id=api_key.tenant_id, period=period, limits=limits,
+                           used_mcu=ticket.budget_used_mcu)
+    return Opened(reservation=reservation, ticket=ticket)
+
+
+def _decide(client, keys, limits, cost_mcu, mode, reservation_id) -> AdmissionTicket:
+    return admission_decide(
+        client=client, keys=keys, limits=limits, cost_mcu=cost_mcu, mode=mode,
+        reservation_id=reservation_id, retry_after_s=settings.SLUICE_POOL_RETRY_AFTER_S,
+    )
+
+
+def _release_in_redis(client, keys: CounterKeys, reservation_id: str, *, refund_mcu: int) -> int:
+    return lua_script(client, "settle")(
+        keys=[reservation_marker(reservation_id), keys.budget, keys.key_used, keys.in_flight,
+              keys.pool_hash, keys.pool_zset, keys.pool_sum],
+        args=[reservation_id, refund_mcu],
+    )
+
+
+def reservation_settle(
+    *, reservation_id: str, actual_mcu: int, final_state: str = Reservation.State.SETTLED
+) -> bool:
+    """Charge `actual_mcu` (at most the reservation) and refund the rest. Idempotent:
+    a second call for the same reservation changes nothing and returns False."""
+    reservation = Reservation.objects.get(pk=reservation_id)
+    charge = max(0, min(actual_mcu, reservation.reserved_mcu))
+    if actual_mcu > reservation.reserved_mcu:
+        logger.warning("usage above reservation %s: %s > %s mCU, charging the reservation",
+                       reservation_id, actual_mcu, reservation.reserved_mcu)
+    refund = reservation.reserved_mcu - charge
+    now = timezone.now()
+    with transaction.atomic():
+        claimed = Reservation.objects.filter(
+            pk=reservation_id, state__in=Reservation.ACTIVE_STATES
+        ).update(state=final_state, settled_mcu=charge, settled_at=now)
+        if claimed != 1:
+            return False
+        common = {"tenant_id": reservation.tenant_id, "api_key_id": reservation.api_key_id,
+                  "reservation": reservation, "period": reservation.period,
+                  "model": reservation.model}
+        LedgerEntry.objects.create(kind=LedgerEntry.Kind.SETTLE, mcu=charge, **common)
+        if refund:
+            LedgerEntry.objects.create(kind=LedgerEntry.Kind.REFUND, mcu=refund, **common)
+    reservation.state, reservation.settled_mcu = final_state, charge
+    _mirror_settlement(reservation)
+    return True
+
+
+def reservation_release(*, reservation_id: str) -> bool:
+    """Refund a reservation in full (the work failed, was rejected or never ran)."""
+    return reservation_settle(reservation_id=reservation_id, actual_mcu=0)
+
+
+def _mirror_settlement(reservation: Reservation) -> None:
+    if not reservation.redis_synced:
+        return  # Redis never counted it; the sync task accounts for the net charge
+    try:
+        _release_in_redis(
+            redis_client(), _keys_for(reservation), reservation.id,
+            refund_mcu=reservation.reserved_mcu - reservation.settled_mcu,
+        )
+    except redis.RedisError:
+        logger.warning("settlement of %s queued until Redis is back", reservation.id)
+        Reservation.objects.filter(pk=reservation.pk).update(redis_synced=False)
+
+
+def reservation_acquire(*, reservation_id: str) -> bool:
+    """Give a queued reservation its pool slot if the pool and the tenant's cap allow it now."""
+    reservation = Reservation.objects.select_related("tenant__tier", "api_key").get(pk=reservation_id)
+    if reservation.state == Reservation.State.ADMITTED:
+        return True
+    if reservation.state != Reservation.State.QUEUED:
+        return False
+    limits = quota_limits_for(tenant=reservation.tenant, api_key=reservation.api_key)
+    keys = _keys_for(reservation)
+    result = lua_script(redis_client(), "acquire")(
+        keys=[keys.in_flight, keys.pool_hash, keys.pool_zset, keys.pool_sum,
+              reservation_marker(reservation_id)],
+        args=[reservation_id, limits.max_concurrent_jobs, pool_capacity_mcu(reservation.pool),
+              pool_lease_s(reservation.pool) * 1000],
+    )
+    if (result.decode() if isinstance(result, bytes) else result) != ADMITTED:
+        return False
+    Reservation.objects.filter(pk=reservation_id, state=Reservation.State.QUEUED).update(
+        state=Reservation.State.ADMITTED,
+        expires_at=timezone.now() + timedelta(seconds=pool_lease_s(reservation.pool)),
+    )
+    return True
+
+
+def reservation_extend(*, reservation_id: str, seconds: int) -> None:
+    """A worker still on the job pushes its lease out (heartbeat), in the DB and in Redis."""
+    reservation = Reservation.objects.get(pk=reservation_id)
+    until = timezone.now() + timedelta(seconds=seconds)
+    Reservation.objects.filter(pk=reservation_id, state__in=Reservation.ACTIVE_STATES).update(
+        expires_at=until
+    )
+    keys = _keys_for(reservation)
+    until_ms = int(until.timestamp() * 1000)
+    pipe = redis_client().pipeline()
+    pipe.zadd(keys.in_flight, {reservation_id: until_ms}, xx=True)
+    pipe.zadd(keys.pool_zset, {reservation_id: until_ms}, xx=True)
+    pipe.execute()
+
+
+# --- recovery ---------------------------------------------------------------------------------
+
+
+def budget_used_from_ledger(*, tenant_id: int, period: str) -> tuple[int, dict[int | None, int]]:
+    """(budget used by the tenant, used per API key) = reserve - refund + adjust."""
+    sign = {LedgerEntry.Kind.RESERVE: 1, LedgerEntry.Kind.REFUND: -1, LedgerEntry.Kind.ADJUST: 1}
+    rows = (
+        LedgerEntry.objects.filter(tenant_id=tenant_id, period=period, kind__in=list(sign))
+        .values("api_key_id", "kind")
+        .annotate(total=Sum("mcu"))
+    )
+    total = 0
+    by_key: dict[int | None, int] = {}
+    for row in rows:
+        amount = sign[row["kind"]] * row["total"]
+        total += amount
+        by_key[row["api_key_id"]] = by_key.get(row["api_key_id"], 0) + amount
+    return total, by_key
+
+
+def counters_rebuild(*, tenant_id: int, period: str, api_key_id: int | None = None) -> bool:
+    """Restore a tenant's hot counters from the ledger. True if this call applied them."""
+    used, by_key = budget_used_from_ledger(tenant_id=tenant_id, period=period)
+    if api_key_id is not None:
+        by_key.setdefault(api_key_id, 0)
+    now = timezone.now()
+    reservations = []
+    for reservation in Reservation.objects.filter(
+        tenant_id=tenant_id, period=period, state__in=Reservation.ACTIVE_STATES
+    ):
+        keys = _keys_for(reservation)
+        reservations.append({
+            "key": reservation_marker(reservation.id),
+            "state": reservation.state,
+            "cost": reservation.reserved_mcu,
+            "pool": reservation.pool,
+            "in_flight_key": keys.in_flight,
+            "pool_hash": keys.pool_hash,
+            "pool_zset": keys.pool_zset,
+            "pool_sum": keys.pool_sum,
+            "lease_until_ms": int(reservation.expires_at.timestamp() * 1000),
+        })
+    payload = {
+        "budget_used": used,
+        "ttl_s": counter_ttl_s(period, now),
+        "key_counters": {key_used_counter(key_id, period): value for key_id, value in by_key.items()},
+        "reservations": reservations,
+    }
+    budget_key = CounterKeys(tenant_id=tenant_id, api_key_id=0, period=period, pool="").budget
+    applied = bool(lua_script(redis_client(), "rebuild")(keys=[budget_key], args=[json.dumps(payload)]))
+    if applied:
+        logger.info("rebuilt counters of tenant %s for %s from the ledger", tenant_id, period)
+    return applied
+
+
+def reservations_expire(*, now: datetime | None = None) -> int:
+    """Release reservations whose lease ran out (their worker died): a full refund."""
+    now = now or timezone.now()
+    expired_ids = list(
+        Reservation.objects.filter(state__in=Reservation.ACTIVE_STATES, expires_at__lt=now)
+        .values_list("id", flat=True)[:500]
+    )
+    released = 0
+    for reservation_id in expired_ids:
+        released += reservation_settle(
+            reservation_id=reservation_id, actual_mcu=0, final_state=Reservation.State.EXPIRED
+        )
+    return released
+
+
+def reservations_sync() -> int:
+    """Replay into Redis what happened while it was unreachable. Safe to run repeatedly."""
+    client = redis_client()
+    synced = 0
+    for reservation in Reservation.objects.filter(redis_synced=False)[:500]:
+        keys = _keys_for(reservation)
+        active = reservation.state in Reservation.ACTIVE_STATES
+        marker = reservation_marker(reservation.id)
+        try:
+            if client.exists(marker):
+                if active:
+                    pass  # counted and still running: nothing to replay
+                else:
+                    _release_in_redis(client, keys, reservation.id,
+                                      refund_mcu=reservation.reserved_mcu - reservation.settled_mcu)
+            else:
+                # Never counted (admitted while Redis was down): add what it holds or cost.
+                amount = reservation.reserved_mcu if active else reservation.settled_mcu
+                lua_script(client, "adopt")(
+                    keys=[keys.budget, keys.key_used, marker],
+                    args=[amount, "marker" if active else "", reservation.reserved_mcu,
+                          reservation.pool, RESERVATION_TTL_S],
+                )
+        except redis.RedisError:
+            break
+        Reservation.objects.filter(pk=reservation.pk).update(redis_synced=True)
+        synced += 1
+    return synced
+
+
+# --- alerts and status ---------------------------------------------------------------------------
+
+
+def budget_alert_check(*, tenant_id: int, period: str, limits: QuotaLimits, used_mcu: int) -> None:
+    if not limits.budget_mcu:
+        return
+    threshold = settings.SLUICE_BUDGET_ALERT_PCT
+    if used_mcu * 100 < limits.budget_mcu * threshold:
+        return
+    _, created = BudgetAlert.objects.get_or_create(
+        tenant_id=tenant_id, period=period, threshold_pct=threshold,
+        defaults={"used_mcu": used_mcu, "limit_mcu": limits.budget_mcu},
+    )
+    if created:
+        logger.info("tenant %s passed %s%% of its %s budget", tenant_id, threshold, period)
+
+
+def ledger_adjust(*, tenant_id: int, mcu: int, note: str, api_key_id: int | None = None) -> LedgerEntry:
+    """An operator's correction (credit with a negative amount). Counters follow via rebuild."""
+    period = period_of(timezone.now())
+    entry = LedgerEntry.objects.create(tenant_id=tenant_id, api_key_id=api_key_id,
+                                       kind=LedgerEntry.Kind.ADJUST, mcu=mcu, period=period,
+                                       note=note[:200])
+    client = redis_client()
+    budget_key = CounterKeys(tenant_id=tenant_id, api_key_id=0, period=period, pool="").budget
+    client.delete(budget_key)  # next admission rebuilds it from the ledger, adjustment included
+    return entry

@@ -1,0 +1,152 @@
+"""Who may spend how much how fast: limits resolved from tier, tenant and key, and the
+Redis key names of the hot counters that enforce them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from django.conf import settings
+
+from portal.models import ApiKey, Tenant
+from quotas.cost import cu_to_mcu
+
+
+@dataclass(frozen=True)
+class QuotaLimits:
+    budget_mcu: int | None  # None: unlimited
+    tenant_rate_mcu: int  # per minute
+    tenant_burst_mcu: int
+    key_cap_mcu: int | None
+    key_rate_mcu: int | None
+    key_burst_mcu: int | None
+    max_concurrent_jobs: int
+    fail_open: bool
+
+    @property
+    def tenant_rate_cu(self) -> int:
+        return self.tenant_rate_mcu // 1000
+
+
+def quota_limits_for(*, tenant: Tenant, api_key: ApiKey | None = None) -> QuotaLimits:
+    """Tier defaults, overridden per tenant (contracts) and narrowed per key."""
+    tier = tenant.tier
+    if tenant.unlimited_budget:
+        budget_cu = None
+    elif tenant.monthly_budget_cu_override is not None:
+        budget_cu = tenant.monthly_budget_cu_override
+    else:
+        budget_cu = tier.monthly_budget_cu
+    rate_cu = tenant.cu_per_minute_override or tier.cu_per_minute
+    burst_cu = tenant.burst_cu_override or tier.burst_cu or rate_cu
+    return QuotaLimits(
+        budget_mcu=None if budget_cu is None else cu_to_mcu(budget_cu),
+        tenant_rate_mcu=cu_to_mcu(rate_cu),
+        tenant_burst_mcu=cu_to_mcu(burst_cu),
+        key_cap_mcu=cu_to_mcu(api_key.cu_cap) if api_key and api_key.cu_cap else None,
+        key_rate_mcu=cu_to_mcu(api_key.cu_per_minute) if api_key and api_key.cu_per_minute else None,
+        key_burst_mcu=cu_to_mcu(api_key.cu_per_minute) if api_key and api_key.cu_per_minute else None,
+        max_concurrent_jobs=tenant.max_concurrent_jobs_override or tier.max_concurrent_jobs,
+        fail_open=tier.fail_open,
+    )
+
+
+def pool_capacity_mcu(pool: str) -> int:
+    return cu_to_mcu(settings.SLUICE_POOL_CAPACITY_CU.get(pool, 0))
+
+
+def pool_lease_s(pool: str) -> int:
+    return settings.SLUICE_POOL_LEASE_S.get(pool, 600)
+
+
+# --- periods --------------------------------------------------------------------------------
+
+
+def period_of(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m")
+
+
+def period_bounds(period: str) -> tuple[datetime, datetime]:
+    start = datetime.strptime(period, "%Y-%m").replace(tzinfo=UTC)
+    end = (start + timedelta(days=32)).replace(day=1)
+    return start, end
+
+
+def counter_ttl_s(period: str, now: datetime) -> int:
+    """Counters outlive their period by a day, then Redis drops them."""
+    _, end = period_bounds(period)
+    return max(60, int((end - now).total_seconds()) + 86_400)
+
+
+# --- Redis key names --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CounterKeys:
+    tenant_id: int
+    api_key_id: int
+    period: str
+    pool: str
+
+    @property
+    def budget(self) -> str:
+        return f"q:b:{self.tenant_id}:{self.period}"
+
+    @property
+    def key_used(self) -> str:
+        return key_used_counter(self.api_key_id, self.period)
+
+    @property
+    def tenant_tat(self) -> str:
+        return f"q:rt:{self.tenant_id}"
+
+    @property
+    def key_tat(self) -> str:
+        return f"q:rk:{self.api_key_id}"
+
+    @property
+    def in_flight(self) -> str:
+        return f"q:c:{self.tenant_id}"
+
+    @property
+    def pool_hash(self) -> str:
+        return f"q:ph:{self.pool}"
+
+    @property
+    def pool_zset(self) -> str:
+        return f"q:pz:{self.pool}"
+
+    @property
+    def pool_sum(self) -> str:
+        return f"q:ps:{self.pool}"
+
+
+def key_used_counter(api_key_id: int | None, period: str) -> str:
+    return f"q:k:{api_key_id or 0}:{period}"
+
+
+def reservation_marker(reservation_id: str) -> str:
+    return f"q:r:{reservation_id}"
+
+
+def rate_limit_headers(*, api_key: ApiKey, client) -> dict[str, str]:
+    """The x-ratelimit-*-cu headers from the tenant's token bucket (one GET, no writes)."""
+    import math
+    import time
+
+    import redis
+
+    limits = quota_limits_for(tenant=api_key.tenant)
+    headers = {"x-ratelimit-limit-cu": str(limits.tenant_rate_cu)}
+    try:
+        stored = client.get(f"q:rt:{api_key.tenant_id}")
+    except redis.RedisError:
+        return headers
+    now_ms = time.time() * 1000
+    interval = 60_000 / limits.tenant_rate_mcu
+    tat = max(float(stored) if stored is not None else now_ms, now_ms)
+    remaining_mcu = math.floor((now_ms + limits.tenant_burst_mcu * interval - tat) / interval)
+    remaining_mcu = max(0, min(remaining_mcu, limits.tenant_burst_mcu))
+    headers["x-ratelimit-remaining-cu"] = str(remaining_mcu // 1000)
+    headers["x-ratelimit-reset-cu"] = str(math.ceil((tat - now_ms) / 1000))
+    return headers

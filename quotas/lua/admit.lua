@@ -1,0 +1,122 @@
+-- One admission decision, atomically: budget, per-key cap, tenant and key CU/minute
+-- (GCRA token buckets), the tenant's concurrent-job cap and the pool's weighted semaphore.
+-- Nothing is written unless the request is admitted or queued.
+--
+-- KEYS: 1 budget used (mCU)   2 key used (mCU)     3 tenant TAT   4 key TAT
+--       5 tenant in-flight zset (id -> lease expiry ms)
+--       6 pool hash (id -> mCU)  7 pool zset (id -> lease expiry ms)  8 pool sum (mCU)
+--       9 reservation hash
+-- ARGV: 1 cost  2 budget limit (-1 none)  3 key cap (-1 none)
+--       4 tenant rate (mCU/min)  5 tenant burst (mCU)  6 key rate (-1 none)  7 key burst
+--       8 concurrent-job cap  9 pool capacity (mCU)  10 mode "sync"|"async"
+--       11 lease ms  12 reservation ttl s  13 reservation id  14 pool name
+--       15 pool retry-after hint ms
+-- Returns {outcome, retry_after_ms, budget_used, tenant_remaining_mcu, tenant_reset_ms}
+
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+
+local cost = tonumber(ARGV[1])
+local budget_limit = tonumber(ARGV[2])
+local key_cap = tonumber(ARGV[3])
+local tenant_rate = tonumber(ARGV[4])
+local tenant_burst = tonumber(ARGV[5])
+local key_rate = tonumber(ARGV[6])
+local key_burst = tonumber(ARGV[7])
+local conc_limit = tonumber(ARGV[8])
+local pool_capacity = tonumber(ARGV[9])
+local mode = ARGV[10]
+local lease_ms = tonumber(ARGV[11])
+local reservation_ttl = tonumber(ARGV[12])
+local reservation_id = ARGV[13]
+
+-- GCRA: a bucket of `burst` mCU refilled at `rate` mCU per minute, stored as the
+-- theoretical arrival time (TAT) of the next unit.
+local function gcra(tat_key, rate, burst)
+  local interval = 60000.0 / rate
+  local tolerance = burst * interval
+  local tat = tonumber(redis.call('GET', tat_key) or now)
+  if tat < now then tat = now end
+  local new_tat = tat + cost * interval
+  local allow_at = new_tat - tolerance
+  return allow_at <= now, math.ceil(allow_at - now), tat, new_tat, interval, tolerance
+end
+
+-- What the rate-limit headers report: whole mCU left in the bucket, ms until it is full.
+local function bucket_state(tat, interval, tolerance)
+  local remaining = math.floor((now + tolerance - tat) / interval)
+  if remaining < 0 then remaining = 0 end
+  return remaining, math.ceil(tat - now)
+end
+
+-- Counters missing means Redis lost them: the caller rebuilds them from the ledger.
+local used = redis.call('GET', KEYS[1])
+local key_used = redis.call('GET', KEYS[2])
+if not used or not key_used then return {'miss', 0, 0, 0, 0} end
+used = tonumber(used)
+key_used = tonumber(key_used)
+
+local t_ok, t_retry, t_tat, t_new_tat, t_interval, t_tolerance = gcra(KEYS[3], tenant_rate, tenant_burst)
+local t_remaining, t_reset = bucket_state(t_tat, t_interval, t_tolerance)
+
+if budget_limit >= 0 and used + cost > budget_limit then
+  return {'insufficient_quota', 0, used, t_remaining, t_reset}
+end
+if key_cap >= 0 and key_used + cost > key_cap then
+  return {'key_cap', 0, used, t_remaining, t_reset}
+end
+if cost > tenant_burst then return {'too_large', 0, used, t_remaining, t_reset} end
+if not t_ok then return {'rate_tenant', t_retry, used, t_remaining, t_reset} end
+
+local k_ok, k_new_tat = true, nil
+if key_rate > 0 then
+  if cost > key_burst then return {'too_large', 0, used, t_remaining, t_reset} end
+  local k_retry, k_tat
+  k_ok, k_retry, k_tat, k_new_tat = gcra(KEYS[4], key_rate, key_burst)
+  if not k_ok then return {'rate_key', k_retry, used, t_remaining, t_reset} end
+end
+
+-- Leases that ran out belong to dead workers: they no longer hold capacity.
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+local expired = redis.call('ZRANGEBYSCORE', KEYS[7], '-inf', now)
+for _, id in ipairs(expired) do
+  local held = redis.call('HGET', KEYS[6], id)
+  if held then
+    redis.call('HDEL', KEYS[6], id)
+    redis.call('DECRBY', KEYS[8], held)
+  end
+  redis.call('ZREM', KEYS[7], id)
+end
+
+local in_flight = redis.call('ZCARD', KEYS[5])
+local pool_used = tonumber(redis.call('GET', KEYS[8]) or '0')
+local fits_concurrency = in_flight < conc_limit
+-- A job larger than the whole pool may still run alone.
+local fits_pool = pool_used + cost <= pool_capacity or pool_used == 0
+local admit = fits_concurrency and fits_pool
+
+if not admit and mode ~= 'async' then
+  if not fits_concurrency then return {'concurrency', 1000, used, t_remaining, t_reset} end
+  return {'pool', tonumber(ARGV[15]), used, t_remaining, t_reset}
+end
+
+-- Admitted or queued: reserve the budget and spend the rate tokens.
+redis.call('SET', KEYS[3], t_new_tat, 'PX', math.ceil(t_new_tat - now) + 1000)
+if k_new_tat then
+  redis.call('SET', KEYS[4], k_new_tat, 'PX', math.ceil(k_new_tat - now) + 1000)
+end
+used = redis.call('INCRBY', KEYS[1], cost)
+redis.call('INCRBY', KEYS[2], cost)
+
+local outcome = 'queued'
+if admit then
+  outcome = 'admitted'
+  redis.call('ZADD', KEYS[5], now + lease_ms, reservation_id)
+  redis.call('HSET', KEYS[6], reservation_id, cost)
+  redis.call('ZADD', KEYS[7], now + lease_ms, reservation_id)
+  redis.call('INCRBY', KEYS[8], cost)
+end
+redis.call('HSET', KEYS[9], 'state', outcome, 'cost', cost, 'pool', ARGV[14])
+redis.call('EXPIRE', KEYS[9], reservation_ttl)
+t_remaining, t_reset = bucket_state(t_new_tat, t_interval, t_tolerance)
+return {outcome, 0, used, t_remaining, t_reset}

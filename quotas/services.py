@@ -1,0 +1,70 @@
+"""Quotes and budget status: what a request would cost, and where a tenant stands."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+from django.utils import timezone
+
+from inference.registry import ModelSpec, ModelVariant, model_get, variant_for_tier
+from inference.requests import text_request_parse, video_request_parse
+from portal.errors import InvalidParameter
+from portal.models import Tenant
+from portal.redis import redis_client
+from quotas.cost import CostEstimate, text_cost, video_cost
+from quotas.ledger import budget_used_from_ledger
+from quotas.limits import CounterKeys, period_of, quota_limits_for
+from quotas.models import BudgetAlert
+
+
+@dataclass(frozen=True)
+class Quote:
+    spec: ModelSpec
+    variant: ModelVariant
+    estimate: CostEstimate
+
+
+def quote_build(*, tenant: Tenant, payload: dict) -> Quote:
+    """Price a chat/completion or video payload exactly as admission will, without running it."""
+    if not isinstance(payload.get("model"), str):
+        raise InvalidParameter("model: This field is required.", param="model")
+    kind = model_get(payload["model"]).kind
+    if kind == "text":
+        request = text_request_parse(payload=payload, tier=tenant.tier)
+        variant = variant_for_tier(request.spec, tenant.tier)
+        estimate = text_cost(spec=request.spec, variant=variant,
+                             prompt_tokens=request.prompt_tokens, completion_tokens=request.max_tokens)
+        return Quote(spec=request.spec, variant=variant, estimate=estimate)
+    request = video_request_parse(payload=payload, tier=tenant.tier)
+    estimate = video_cost(spec=request.spec, width=request.width, height=request.height,
+                          frames=request.frames, steps=request.steps)
+    return Quote(spec=request.spec, variant=request.spec.variant("full"), estimate=estimate)
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    period: str
+    limit_mcu: int | None
+    used_mcu: int  # settled charges plus open reservations
+    alert_pct: int | None = None  # the highest soft-limit threshold passed this period
+
+    @property
+    def used_pct(self) -> float | None:
+        if not self.limit_mcu:
+            return None
+        return round(100 * self.used_mcu / self.limit_mcu, 1)
+
+
+def budget_status(*, tenant: Tenant, now=None) -> BudgetStatus:
+    period = period_of(now or timezone.now())
+    limits = quota_limits_for(tenant=tenant)
+    budget_key = CounterKeys(tenant_id=tenant.pk, api_key_id=0, period=period, pool="").budget
+    try:
+        hot = redis_client().get(budget_key)
+    except redis.RedisError:
+        hot = None
+    used = int(hot) if hot is not None else budget_used_from_ledger(tenant_id=tenant.pk, period=period)[0]
+    alert = BudgetAlert.objects.filter(tenant=tenant, period=period).order_by("-threshold_pct").first()
+    return BudgetStatus(period=period, limit_mcu=limits.budget_mcu, used_mcu=used,
+                        alert_pct=alert.threshold_pct if alert else None)

@@ -1,0 +1,382 @@
+"""Reservations against the real Redis and database: the whole admission + ledger path."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+import pytest
+from django.db import connections
+from django.utils import timezone
+
+from portal.redis import redis_client
+from quotas.errors import InsufficientQuota, RateLimitExceeded, SystemOverloaded
+from quotas.ledger import (
+    budget_used_from_ledger,
+    reservation_acquire,
+    reservation_open,
+    reservation_release,
+    reservation_settle,
+    reservations_expire,
+    reservations_sync,
+)
+from quotas.limits import CounterKeys, period_of
+from quotas.models import BudgetAlert, LedgerEntry, Reservation
+from tests.factories import api_key_obj, tenant_with_limits
+
+POOL = "text-batch"
+
+
+def counter(tenant_id: int) -> int:
+    key = CounterKeys(tenant_id=tenant_id, api_key_id=0, period=period_of(timezone.now()), pool="").budget
+    value = redis_client().get(key)
+    return None if value is None else int(value)
+
+
+def ledger_used(tenant_id: int) -> int:
+    return budget_used_from_ledger(tenant_id=tenant_id, period=period_of(timezone.now()))[0]
+
+
+def open_cu(api_key, cu: float, mode: str = "sync"):
+    return reservation_open(api_key=api_key, model_id="sluice-code-tiny", pool=POOL,
+                            cost_mcu=int(cu * 1000), mode=mode)
+
+
+# --- the race --------------------------------------------------------------------------------
+
+
+def _try_reserve(api_key_id: int) -> bool:
+    from portal.models import ApiKey
+
+    api_key = ApiKey.objects.select_related("tenant__tier").get(pk=api_key_id)
+    try:
+        open_cu(api_key, 10)
+        return True
+    except InsufficientQuota:
+        return False
+    finally:
+        connections.close_all()
+
+
+def _process_worker(api_key_id: int, attempts: int, results) -> None:
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results.put(sum(pool.map(_try_reserve, [api_key_id] * attempts)))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_200_concurrent_reservations_admit_exactly_what_the_budget_fits():
+    fits = 37  # budget 370 CU, each reservation 10 CU
+    tenant = tenant_with_limits(budget_cu=370, rate_cu=10_000_000, max_jobs=10_000)
+    api_key = api_key_obj(tenant)
+
+    # 100 from threads in this process ...
+    with ThreadPoolExecutor(max_workers=25) as pool:
+        from_threads = sum(pool.map(_try_reserve, [api_key.pk] * 100))
+    # ... and 100 from 4 forked processes at once.
+    connections.close_all()
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    processes = [context.Process(target=_process_worker, args=(api_key.pk, 25, results))
+                 for _ in range(4)]
+    for process in processes:
+        process.start()
+    from_processes = sum(results.get(timeout=120) for _ in processes)
+    for process in processes:
+        process.join(timeout=30)
+        assert process.exitcode == 0
+
+    assert from_threads + from_processes == fits
+    assert Reservation.objects.filter(tenant=tenant).count() == fits
+    assert LedgerEntry.objects.filter(tenant=tenant, kind="reserve").count() == fits
+    assert counter(tenant.pk) == ledger_used(tenant.pk) == fits * 10_000
+
+
+# --- settlement ------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_settle_charges_actual_refunds_the_rest_and_is_idempotent():
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    opened = open_cu(api_key, 5)
+    assert counter(api_key.tenant_id) == 5000
+    assert reservation_settle(reservation_id=opened.reservation.id, actual_mcu=1234) is True
+    assert reservation_settle(reservation_id=opened.reservation.id, actual_mcu=1234) is False
+    assert reservation_settle(reservation_id=opened.reservation.id, actual_mcu=4000) is False
+    entries = dict(LedgerEntry.objects.filter(reservation=opened.reservation).values_list("kind", "mcu"))
+    assert entries == {"reserve": 5000, "settle": 1234, "refund": 3766}
+    assert counter(api_key.tenant_id) == ledger_used(api_key.tenant_id) == 1234
+    reservation = Reservation.objects.get(pk=opened.reservation.id)
+    assert (reservation.state, reservation.settled_mcu) == ("settled", 1234)
+
+
+@pytest.mark.django_db
+def test_usage_above_the_reservation_is_capped_at_the_reservation():
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    opened = open_cu(api_key, 1)
+    reservation_settle(reservation_id=opened.reservation.id, actual_mcu=5000)
+    assert counter(api_key.tenant_id) == ledger_used(api_key.tenant_id) == 1000
+
+
+@pytest.mark.django_db
+def test_failure_refunds_in_full_and_cancel_refunds_the_unused_part():
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    failed = open_cu(api_key, 7)
+    cancelled = open_cu(api_key, 8)
+    reservation_release(reservation_id=failed.reservation.id)
+    reservation_settle(reservation_id=cancelled.reservation.id, actual_mcu=2500)
+    assert counter(api_key.tenant_id) == ledger_used(api_key.tenant_id) == 2500
+    assert LedgerEntry.objects.get(reservation=failed.reservation, kind="refund").mcu == 7000
+    assert LedgerEntry.objects.get(reservation=failed.reservation, kind="settle").mcu == 0
+
+
+@pytest.mark.django_db
+def test_budget_exhaustion_is_429_insufficient_quota_and_writes_nothing():
+    api_key = api_key_obj(tenant_with_limits(budget_cu=10))
+    open_cu(api_key, 9)
+    with pytest.raises(InsufficientQuota) as exc:
+        open_cu(api_key, 2)
+    assert exc.value.http_status == 429 and exc.value.code == "insufficient_quota"
+    assert counter(api_key.tenant_id) == 9000
+    assert Reservation.objects.filter(tenant_id=api_key.tenant_id).count() == 1
+
+
+@pytest.mark.django_db
+def test_key_cap_limits_one_key_not_the_tenant():
+    tenant = tenant_with_limits(budget_cu=100)
+    capped = api_key_obj(tenant, cu_cap=3)
+    other = api_key_obj(tenant)
+    open_cu(capped, 2)
+    with pytest.raises(InsufficientQuota):
+        open_cu(capped, 2)
+    open_cu(other, 20)
+    assert counter(tenant.pk) == 22_000
+
+
+@pytest.mark.django_db
+def test_worker_crash_expired_reservation_is_reclaimed():
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100, max_jobs=1))
+    opened = open_cu(api_key, 6)
+    # The worker died: nobody settles. The reaper releases it once the lease is over.
+    assert reservations_expire() == 0
+    assert reservations_expire(now=timezone.now() + timedelta(seconds=301)) == 1
+    reservation = Reservation.objects.get(pk=opened.reservation.id)
+    assert reservation.state == "expired" and reservation.settled_mcu == 0
+    assert counter(api_key.tenant_id) == ledger_used(api_key.tenant_id) == 0
+    # Its concurrency slot is free again (max_jobs=1).
+    open_cu(api_key, 1)
+    # A late settlement from the "dead" worker changes nothing.
+    assert reservation_settle(reservation_id=opened.reservation.id, actual_mcu=6000) is False
+
+
+@pytest.mark.django_db
+def test_budget_alert_raised_once_at_80_percent():
+    api_key = api_key_obj(tenant_with_limits(budget_cu=10))
+    open_cu(api_key, 7)
+    assert not BudgetAlert.objects.exists()
+    open_cu(api_key, 1)
+    open_cu(api_key, 1)
+    alert = BudgetAlert.objects.get(tenant_id=api_key.tenant_id)
+    assert (alert.threshold_pct, alert.used_mcu, alert.limit_mcu) == (80, 8000, 10_000)
+
+
+# --- token buckets ---------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_tenant_bucket_allows_a_burst_then_refills():
+    # 60 CU/min = 1 CU/s, bucket of 3 CU.
+    api_key = api_key_obj(tenant_with_limits(budget_cu=1000, rate_cu=60, burst_cu=3))
+    for _ in range(3):
+        open_cu(api_key, 1)
+    with pytest.raises(RateLimitExceeded) as exc:
+        open_cu(api_key, 1)
+    assert exc.value.headers["Retry-After"] == "1"
+    time.sleep(1.05)
+    open_cu(api_key, 1)
+    with pytest.raises(RateLimitExceeded):
+        open_cu(api_key, 1)
+    # Rejections spent nothing.
+    assert counter(api_key.tenant_id) == 4000
+
+
+@pytest.mark.django_db
+def test_retry_after_is_right_to_the_second():
+    # 6 CU/min: one CU every 10 s. A 2-CU request after spending the 3-CU burst must wait 10 s
+    # (for one CU to refill to make room for 2 in a bucket of 3... i.e. the second CU).
+    api_key = api_key_obj(tenant_with_limits(budget_cu=1000, rate_cu=6, burst_cu=3))
+    open_cu(api_key, 2)
+    started = time.monotonic()
+    with pytest.raises(RateLimitExceeded) as exc:
+        open_cu(api_key, 2)
+    elapsed = time.monotonic() - started
+    assert int(exc.value.headers["Retry-After"]) == math.ceil(10 - elapsed)
+
+
+@pytest.mark.django_db
+def test_key_bucket_is_separate_from_the_tenant_bucket():
+    tenant = tenant_with_limits(budget_cu=1000, rate_cu=600, burst_cu=10, max_jobs=100)
+    slow_key = api_key_obj(tenant, cu_per_minute=2)  # 2 CU/min, bucket of 2 CU
+    other_key = api_key_obj(tenant)
+    open_cu(slow_key, 1)
+    open_cu(slow_key, 1)
+    with pytest.raises(RateLimitExceeded) as exc:
+        open_cu(slow_key, 1)
+    assert exc.value.headers["Retry-After"] == "30"
+    assert "this API key" in exc.value.message
+    for _ in range(8):  # the tenant's bucket still has 8 CU for other keys
+        open_cu(other_key, 1)
+    with pytest.raises(RateLimitExceeded) as exc:
+        open_cu(other_key, 1)
+    assert "this API key" not in exc.value.message
+
+
+@pytest.mark.django_db
+def test_request_bigger_than_the_burst_is_refused_without_retry_after():
+    api_key = api_key_obj(tenant_with_limits(budget_cu=1000, rate_cu=60, burst_cu=5))
+    with pytest.raises(RateLimitExceeded) as exc:
+        open_cu(api_key, 6)
+    assert "Retry-After" not in exc.value.headers
+
+
+# --- pool saturation and concurrency ---------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_pool_saturation_queues_async_and_rejects_sync(settings):
+    settings.SLUICE_POOL_CAPACITY_CU = {POOL: 2}
+    settings.SLUICE_POOL_RETRY_AFTER_S = 3
+    api_key = api_key_obj(tenant_with_limits(budget_cu=1000))
+    first = open_cu(api_key, 1)
+    open_cu(api_key, 1)
+    with pytest.raises(SystemOverloaded) as exc:
+        open_cu(api_key, 1)
+    assert exc.value.http_status == 503 and exc.value.headers["Retry-After"] == "3"
+    queued = open_cu(api_key, 1, mode="async")
+    assert queued.ticket.outcome == "queued" and queued.reservation.state == "queued"
+    assert counter(api_key.tenant_id) == 3000  # a queued job holds its budget
+    assert reservation_acquire(reservation_id=queued.reservation.id) is False
+    reservation_settle(reservation_id=first.reservation.id, actual_mcu=1000)  # frees capacity
+    assert reservation_acquire(reservation_id=queued.reservation.id) is True
+    assert Reservation.objects.get(pk=queued.reservation.id).state == "admitted"
+    with pytest.raises(SystemOverloaded):
+        open_cu(api_key, 1)
+
+
+@pytest.mark.django_db
+def test_pool_capacity_is_shared_across_tenants(settings):
+    settings.SLUICE_POOL_CAPACITY_CU = {POOL: 2}
+    busy = api_key_obj(tenant_with_limits(budget_cu=1000))
+    other = api_key_obj(tenant_with_limits(budget_cu=1000))
+    open_cu(busy, 2)
+    with pytest.raises(SystemOverloaded):
+        open_cu(other, 1)
+
+
+@pytest.mark.django_db
+def test_job_larger_than_the_pool_runs_alone(settings):
+    settings.SLUICE_POOL_CAPACITY_CU = {POOL: 2}
+    api_key = api_key_obj(tenant_with_limits(budget_cu=1000))
+    big = open_cu(api_key, 5)
+    with pytest.raises(SystemOverloaded):
+        open_cu(api_key, 1)
+    reservation_settle(reservation_id=big.reservation.id, actual_mcu=5000)
+    open_cu(api_key, 1)
+
+
+@pytest.mark.django_db
+def test_concurrent_job_cap(settings):
+    api_key = api_key_obj(tenant_with_limits(budget_cu=1000, max_jobs=1))
+    first = open_cu(api_key, 1)
+    with pytest.raises(RateLimitExceeded) as exc:
+        open_cu(api_key, 1)
+    assert "concurrent jobs" in exc.value.message
+    queued = open_cu(api_key, 1, mode="async")
+    assert queued.ticket.outcome == "queued"
+    reservation_release(reservation_id=first.reservation.id)
+    assert reservation_acquire(reservation_id=queued.reservation.id) is True
+
+
+# --- Redis losing its data, or going away ----------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_counters_rebuilt_from_ledger_after_redis_loses_everything(settings):
+    api_key = api_key_obj(tenant_with_limits(budget_cu=20))
+    settled = open_cu(api_key, 6)
+    reservation_settle(reservation_id=settled.reservation.id, actual_mcu=4000)
+    running = open_cu(api_key, 10)
+    assert counter(api_key.tenant_id) == 14_000
+
+    redis_client().flushdb()  # the test's Redis database: same effect as FLUSHALL on ours
+
+    # No budget was gained: 6 CU are left (4 settled + 10 still reserved).
+    with pytest.raises(InsufficientQuota):
+        open_cu(api_key, 7)
+    assert counter(api_key.tenant_id) == ledger_used(api_key.tenant_id) == 14_000
+    open_cu(api_key, 6)
+    # The reservation that was running before the flush still refunds correctly.
+    reservation_settle(reservation_id=running.reservation.id, actual_mcu=1000)
+    assert counter(api_key.tenant_id) == ledger_used(api_key.tenant_id) == 11_000
+
+
+@pytest.mark.django_db
+def test_rebuild_management_command(capsys):
+    from django.core.management import call_command
+
+    api_key = api_key_obj(tenant_with_limits(budget_cu=20))
+    open_cu(api_key, 3)
+    redis_client().set(CounterKeys(tenant_id=api_key.tenant_id, api_key_id=0,
+                                   period=period_of(timezone.now()), pool="").budget, 0)
+    call_command("rebuild_counters", "--tenant", api_key.tenant.slug)
+    assert counter(api_key.tenant_id) == 3000
+
+
+@pytest.mark.django_db
+def test_redis_unreachable_fails_closed_by_default(settings):
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"
+    with pytest.raises(SystemOverloaded) as exc:
+        open_cu(api_key, 1)
+    assert exc.value.http_status == 503 and "Retry-After" in exc.value.headers
+    assert not Reservation.objects.exists()
+
+
+@pytest.mark.django_db
+def test_fail_open_tier_admits_and_reconciles_when_redis_returns(settings):
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    open_cu(api_key, 2)  # counters exist
+    tier = api_key.tenant.tier
+    tier.fail_open = True
+    tier.save(update_fields=["fail_open"])
+    healthy_url = settings.REDIS_URL
+
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"
+    running = open_cu(api_key, 5)
+    done = open_cu(api_key, 3)
+    reservation_settle(reservation_id=done.reservation.id, actual_mcu=1000)
+    assert Reservation.objects.filter(redis_synced=False).count() == 2
+
+    settings.REDIS_URL = healthy_url
+    assert counter(api_key.tenant_id) == 2000  # Redis has not seen them yet
+    assert reservations_sync() == 2
+    assert counter(api_key.tenant_id) == ledger_used(api_key.tenant_id) == 8000
+    reservation_settle(reservation_id=running.reservation.id, actual_mcu=5000)
+    assert counter(api_key.tenant_id) == ledger_used(api_key.tenant_id) == 8000
+
+
+@pytest.mark.django_db
+def test_settlement_while_redis_is_down_is_replayed(settings):
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    opened = open_cu(api_key, 5)
+    healthy_url = settings.REDIS_URL
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"
+    reservation_settle(reservation_id=opened.reservation.id, actual_mcu=2000)
+    assert Reservation.objects.get(pk=opened.reservation.id).redis_synced is False
+    settings.REDIS_URL = healthy_url
+    assert counter(api_key.tenant_id) == 5000  # not yet refunded in Redis
+    assert reservations_sync() == 1
+    assert reservations_sync() == 0
+    assert counter(api_key.tenant_id) == ledger_used(api_key.tenant_id) == 2000

@@ -1,0 +1,88 @@
+"""The Lua scripts on their own, against the real Redis (STYLE rule 11)."""
+
+import json
+
+import pytest
+
+from portal.redis import redis_client
+from quotas.scripts import lua_script
+
+ADMIT_KEYS = ["b", "k", "rt", "rk", "c", "ph", "pz", "ps", "r:1"]
+
+
+def admit(client, *, cost=1000, budget=10_000, key_cap=-1, rate=60_000, burst=60_000,
+          key_rate=-1, key_burst=0, max_jobs=10, capacity=100_000, mode="sync", rid="1"):
+    keys = [f"t:{name}" for name in ADMIT_KEYS[:-1]] + [f"t:r:{rid}"]
+    outcome, *rest = lua_script(client, "admit")(
+        keys=keys,
+        args=[cost, budget, key_cap, rate, burst, key_rate, key_burst, max_jobs, capacity, mode,
+              60_000, 3600, rid, "pool", 2000],
+    )
+    return outcome.decode(), [int(v) for v in rest]
+
+
+@pytest.fixture
+def client():
+    return redis_client()
+
+
+def test_admit_reports_a_miss_when_counters_are_absent_and_writes_nothing(client):
+    assert admit(client)[0] == "miss"
+    assert client.keys("t:*") == []
+
+
+def test_admit_writes_only_on_admission(client):
+    client.mset({"t:b": 9500, "t:k": 0})
+    outcome, (retry, used, remaining, reset) = admit(client, cost=1000)
+    assert outcome == "insufficient_quota" and used == 9500
+    assert sorted(client.keys("t:*")) == [b"t:b", b"t:k"]  # no bucket, no marker, no slot
+    outcome, (_, used, remaining, reset) = admit(client, cost=500)
+    assert outcome == "admitted" and used == 10_000
+    assert remaining == 59_500 and reset == 500  # 500 mCU at 1 mCU/ms to refill
+    assert client.hgetall("t:r:1") == {b"state": b"admitted", b"cost": b"500", b"pool": b"pool"}
+    assert int(client.get("t:ps")) == 500 and client.zcard("t:c") == 1
+
+
+def test_admit_queues_async_work_without_taking_a_slot(client):
+    client.mset({"t:b": 0, "t:k": 0})
+    assert admit(client, max_jobs=1, rid="1")[0] == "admitted"
+    assert admit(client, max_jobs=1, rid="2")[0] == "concurrency"
+    assert admit(client, max_jobs=1, rid="2", mode="async")[0] == "queued"
+    assert client.zcard("t:c") == 1 and int(client.get("t:b")) == 2000
+
+
+def test_settle_is_idempotent_and_never_creates_a_counter(client):
+    client.mset({"t:b": 0, "t:k": 0})
+    admit(client, cost=3000)
+    settle_keys = ["t:r:1", "t:b", "t:k", "t:c", "t:ph", "t:pz", "t:ps"]
+    assert lua_script(client, "settle")(keys=settle_keys, args=["1", 2000]) == 1
+    assert lua_script(client, "settle")(keys=settle_keys, args=["1", 2000]) == 0
+    assert int(client.get("t:b")) == 1000 and int(client.get("t:ps")) == 0
+    client.delete("t:b")
+    admit_again = lua_script(client, "settle")(keys=["t:r:x", "t:b", "t:k", "t:c", "t:ph", "t:pz", "t:ps"],
+                                               args=["x", 500])
+    assert admit_again == 0 and client.get("t:b") is None
+
+
+def test_acquire_moves_queued_work_onto_the_pool(client):
+    client.mset({"t:b": 0, "t:k": 0})
+    admit(client, cost=1000, capacity=1000, rid="1")
+    admit(client, cost=1000, capacity=1000, rid="2", mode="async")
+    acquire_keys = ["t:c", "t:ph", "t:pz", "t:ps", "t:r:2"]
+    assert lua_script(client, "acquire")(keys=acquire_keys, args=["2", 10, 1000, 60_000]) == b"wait"
+    lua_script(client, "settle")(keys=["t:r:1", "t:b", "t:k", "t:c", "t:ph", "t:pz", "t:ps"], args=["1", 0])
+    assert lua_script(client, "acquire")(keys=acquire_keys, args=["2", 10, 1000, 60_000]) == b"admitted"
+    assert lua_script(client, "acquire")(keys=acquire_keys, args=["2", 10, 1000, 60_000]) == b"admitted"
+    assert lua_script(client, "acquire")(keys=["t:c", "t:ph", "t:pz", "t:ps", "t:r:none"],
+                                         args=["none", 10, 1000, 60_000]) == b"gone"
+
+
+def test_rebuild_applies_once(client):
+    payload = {"budget_used": 4000, "ttl_s": 600, "key_counters": {"t:k": 1000}, "reservations": [
+        {"key": "q:r:abc", "state": "admitted", "cost": 1000, "pool": "p", "in_flight_key": "t:c",
+         "pool_hash": "t:ph", "pool_zset": "t:pz", "pool_sum": "t:ps", "lease_until_ms": 9_999_999_999_999},
+    ]}
+    assert lua_script(client, "rebuild")(keys=["t:b"], args=[json.dumps(payload)]) == 1
+    assert lua_script(client, "rebuild")(keys=["t:b"], args=[json.dumps(payload)]) == 0
+    assert int(client.get("t:b")) == 4000 and int(client.get("t:ps")) == 1000
+    assert client.hget("q:r:abc", "state") == b"admitted" and client.zscore("t:c", "abc")

@@ -21,6 +21,7 @@ import time
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 # The benchmark's pool never saturates: every decision runs all four checks and admits.
 os.environ["SLUICE_POOL_CAPACITY_CU"] = "bench=1000000000000"
+os.environ["SLUICE_POOL_SLOTS"] = "bench=1000000000000"
 
 DURATION_S = float(os.environ.get("BENCH_DURATION_S", "3"))
 CONCURRENCIES = [1, 8, 64]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import redis
 from django.conf import settings
+from redis.commands.core import Script
 
 
 @functools.cache
@@ -21,3 +23,25 @@ def _client_for(url: str, socket_timeout: float | None) -> redis.Redis:
 def redis_client(*, socket_timeout: float | None = 5.0) -> redis.Redis:
     # Keyed by URL so tests that point REDIS_URL elsewhere get a fresh pool.
     return _client_for(settings.REDIS_URL, socket_timeout)
+
+
+# --- Lua scripts ------------------------------------------------------------------------------
+# Every hot-path counter and queue step is one Lua script kept as a file (`<app>/lua/*.lua`),
+# registered once per client (EVALSHA, reloaded on NOSCRIPT).
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+_registered: dict[tuple[int, str, str], Script] = {}
+
+
+@functools.cache
+def lua_source(package: str, name: str) -> str:
+    return (REPO_DIR / package / "lua" / f"{name}.lua").read_text()
+
+
+def lua_script(client: redis.Redis, name: str, *, package: str = "quotas") -> Script:
+    """The script `<package>/lua/<name>.lua`, registered on `client`."""
+    key = (id(client), package, name)
+    script = _registered.get(key)
+    if script is None:
+        script = _registered[key] = client.register_script(lua_source(package, name))
+    return script

@@ -1,3 +1,5 @@
 """Websocket routes of every app, gathered in one list for portal.asgi."""
 
-websocket_urlpatterns: list = []
+from inference.routing import websocket_urlpatterns as inference_routes
+
+websocket_urlpatterns: list = [*inference_routes]

@@ -221,6 +221,8 @@ SLUICE_VIDEO_MODEL_PATH = env_str(
 # admitted reservation may hold it before it counts as orphaned (its worker died).
 SLUICE_POOL_CAPACITY_CU = env_dict_int("SLUICE_POOL_CAPACITY_CU", {"text-batch": 200, "video-hbm": 2000})
 SLUICE_POOL_LEASE_S = env_dict_int("SLUICE_POOL_LEASE_S", {"text-batch": 300, "video-hbm": 3600})
+# Jobs each pool runs at once (its workers' slots); queued work waits in the scheduler beyond.
+SLUICE_POOL_SLOTS = env_dict_int("SLUICE_POOL_SLOTS", {"text-batch": 32, "video-hbm": 1})
 SLUICE_POOL_RETRY_AFTER_S = env_int("SLUICE_POOL_RETRY_AFTER_S", 2, minimum=1)
 # Budget alert thresholds, percent of the period's budget (dashboard banner, webhook event).
 SLUICE_BUDGET_ALERT_PCT = env_int("SLUICE_BUDGET_ALERT_PCT", 80, minimum=1)
@@ -229,3 +231,13 @@ CELERY_BEAT_SCHEDULE = {
     "reservations-expire": {"task": "quotas.reservations_expire", "schedule": 30.0},
     "reservations-sync": {"task": "quotas.reservations_sync", "schedule": 10.0},
 }
+
+# Jobs: a worker refreshes its job's heartbeat every few seconds; a running job whose
+# heartbeat is older than this is treated as lost and redelivered, up to the attempts cap.
+SLUICE_JOB_HEARTBEAT_TTL_S = env_int("SLUICE_JOB_HEARTBEAT_TTL_S", 15, minimum=2)
+SLUICE_JOB_MAX_ATTEMPTS = env_int("SLUICE_JOB_MAX_ATTEMPTS", 3, minimum=1)
+CELERY_BEAT_SCHEDULE.update({
+    "jobs-reap": {"task": "inference.jobs_reap", "schedule": 5.0},
+    "scheduler-tick": {"task": "inference.scheduler_tick", "schedule": 2.0},
+    "idempotency-purge": {"task": "inference.idempotency_purge", "schedule": 3600.0},
+})

@@ -3,6 +3,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularRedocView
 
+from inference import apis as inference_apis
 from portal import apis, views
 from quotas import apis as quota_apis
 
@@ -11,6 +12,10 @@ api_v1 = [
     path("models/<str:model_id>", apis.ModelDetailApi.as_view(), name="api-model-detail"),
     path("quotes", quota_apis.QuoteApi.as_view(), name="api-quotes"),
     path("usage", quota_apis.UsageApi.as_view(), name="api-usage"),
+    path("jobs", inference_apis.JobListApi.as_view(), name="api-jobs"),
+    path("jobs/<str:job_id>", inference_apis.JobDetailApi.as_view(), name="api-job"),
+    path("jobs/<str:job_id>/cancel", inference_apis.JobCancelApi.as_view(), name="api-job-cancel"),
+    path("jobs/<str:job_id>/events", inference_apis.job_events_sse, name="api-job-events"),
     path("openapi.json", SpectacularJSONAPIView.as_view(), name="api-schema"),
 ]
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import redis
 
+from portal.redis import lua_script
 from quotas.cost import mcu_to_cu
 from quotas.errors import InsufficientQuota, RateLimitExceeded, SystemOverloaded
-from quotas.limits import CounterKeys, QuotaLimits, pool_capacity_mcu, pool_lease_s
-from quotas.scripts import lua_script
+from quotas.limits import CounterKeys, QuotaLimits, pool_capacity_mcu, pool_lease_s, pool_slots
 
 ADMITTED = "admitted"
 QUEUED = "queued"
@@ -76,6 +76,7 @@ def admission_decide(
             reservation_id,
             keys.pool,
             retry_after_s * 1000,
+            pool_slots(keys.pool),
         ],
     )
     outcome = result[0].decode() if isinstance(result[0], bytes) else result[0]

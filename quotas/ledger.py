@@ -22,7 +22,7 @@ from django.db.models import Sum
 from django.utils import timezone
 
 from portal.models import ApiKey
-from portal.redis import redis_client
+from portal.redis import lua_script, redis_client
 from quotas.admission import (
     ADMITTED,
     RESERVATION_TTL_S,
@@ -39,11 +39,11 @@ from quotas.limits import (
     period_of,
     pool_capacity_mcu,
     pool_lease_s,
+    pool_slots,
     quota_limits_for,
     reservation_marker,
 )
 from quotas.models import BudgetAlert, LedgerEntry, Reservation
-from quotas.scripts import lua_script
 
 logger = logging.getLogger(__name__)
 
@@ -196,28 +196,30 @@ def _mirror_settlement(reservation: Reservation) -> None:
         Reservation.objects.filter(pk=reservation.pk).update(redis_synced=False)
 
 
-def reservation_acquire(*, reservation_id: str) -> bool:
-    """Give a queued reservation its pool slot if the pool and the tenant's cap allow it now."""
+def reservation_acquire(*, reservation_id: str) -> str:
+    """Give a queued reservation its pool slot if the pool and the tenant's cap allow it now.
+    Returns "admitted", "wait_tenant" (its tenant is at its job cap), "wait_pool" or "gone"."""
     reservation = Reservation.objects.select_related("tenant__tier", "api_key").get(pk=reservation_id)
     if reservation.state == Reservation.State.ADMITTED:
-        return True
+        return ADMITTED
     if reservation.state != Reservation.State.QUEUED:
-        return False
+        return "gone"
     limits = quota_limits_for(tenant=reservation.tenant, api_key=reservation.api_key)
     keys = _keys_for(reservation)
     result = lua_script(redis_client(), "acquire")(
         keys=[keys.in_flight, keys.pool_hash, keys.pool_zset, keys.pool_sum,
               reservation_marker(reservation_id)],
         args=[reservation_id, limits.max_concurrent_jobs, pool_capacity_mcu(reservation.pool),
-              pool_lease_s(reservation.pool) * 1000],
+              pool_lease_s(reservation.pool) * 1000, pool_slots(reservation.pool)],
     )
-    if (result.decode() if isinstance(result, bytes) else result) != ADMITTED:
-        return False
+    outcome = result.decode() if isinstance(result, bytes) else result
+    if outcome != ADMITTED:
+        return outcome
     Reservation.objects.filter(pk=reservation_id, state=Reservation.State.QUEUED).update(
         state=Reservation.State.ADMITTED,
         expires_at=timezone.now() + timedelta(seconds=pool_lease_s(reservation.pool)),
     )
-    return True
+    return ADMITTED
 
 
 def reservation_extend(*, reservation_id: str, seconds: int) -> None:

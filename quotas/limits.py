@@ -55,6 +55,11 @@ def pool_capacity_mcu(pool: str) -> int:
     return cu_to_mcu(settings.SLUICE_POOL_CAPACITY_CU.get(pool, 0))
 
 
+def pool_slots(pool: str) -> int:
+    """Jobs a pool runs at once (worker processes x engine batch), whatever their CU."""
+    return settings.SLUICE_POOL_SLOTS.get(pool, 1_000_000)
+
+
 def pool_lease_s(pool: str) -> int:
     return settings.SLUICE_POOL_LEASE_S.get(pool, 600)
 

@@ -2,8 +2,9 @@
 -- when both are free. Used by the scheduler when it hands queued work to a worker.
 --
 -- KEYS: 1 tenant in-flight zset  2 pool hash  3 pool zset  4 pool sum  5 reservation hash
--- ARGV: 1 reservation id  2 concurrent-job cap  3 pool capacity  4 lease ms
--- Returns 'admitted', 'wait', or the reservation's other state ('gone' if unknown).
+-- ARGV: 1 reservation id  2 concurrent-job cap  3 pool capacity  4 lease ms  5 pool job slots
+-- Returns 'admitted'; 'wait_tenant' (the tenant is at its job cap: others may go first);
+-- 'wait_pool' (the pool is full: nobody goes); or the reservation's other state ('gone').
 
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
@@ -26,8 +27,9 @@ for _, other in ipairs(expired) do
 end
 
 local pool_used = tonumber(redis.call('GET', KEYS[4]) or '0')
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 'wait' end
-if pool_used + cost > tonumber(ARGV[3]) and pool_used > 0 then return 'wait' end
+if pool_used + cost > tonumber(ARGV[3]) and pool_used > 0 then return 'wait_pool' end
+if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[5]) then return 'wait_pool' end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 'wait_tenant' end
 
 local lease_until = now + tonumber(ARGV[4])
 redis.call('ZADD', KEYS[1], lease_until, id)

@@ -10,7 +10,7 @@
 --       4 tenant rate (mCU/min)  5 tenant burst (mCU)  6 key rate (-1 none)  7 key burst
 --       8 concurrent-job cap  9 pool capacity (mCU)  10 mode "sync"|"async"
 --       11 lease ms  12 reservation ttl s  13 reservation id  14 pool name
---       15 pool retry-after hint ms
+--       15 pool retry-after hint ms  16 pool job slots (jobs in flight at once)
 -- Returns {outcome, retry_after_ms, budget_used, tenant_remaining_mcu, tenant_reset_ms}
 
 local time = redis.call('TIME')
@@ -92,7 +92,8 @@ local in_flight = redis.call('ZCARD', KEYS[5])
 local pool_used = tonumber(redis.call('GET', KEYS[8]) or '0')
 local fits_concurrency = in_flight < conc_limit
 -- A job larger than the whole pool may still run alone.
-local fits_pool = pool_used + cost <= pool_capacity or pool_used == 0
+local fits_pool = (pool_used + cost <= pool_capacity or pool_used == 0)
+  and redis.call('ZCARD', KEYS[7]) < tonumber(ARGV[16])
 local admit = fits_concurrency and fits_pool
 
 if not admit and mode ~= 'async' then

@@ -257,9 +257,9 @@ def test_pool_saturation_queues_async_and_rejects_sync(settings):
     queued = open_cu(api_key, 1, mode="async")
     assert queued.ticket.outcome == "queued" and queued.reservation.state == "queued"
     assert counter(api_key.tenant_id) == 3000  # a queued job holds its budget
-    assert reservation_acquire(reservation_id=queued.reservation.id) is False
+    assert reservation_acquire(reservation_id=queued.reservation.id) == "wait_pool"
     reservation_settle(reservation_id=first.reservation.id, actual_mcu=1000)  # frees capacity
-    assert reservation_acquire(reservation_id=queued.reservation.id) is True
+    assert reservation_acquire(reservation_id=queued.reservation.id) == "admitted"
     assert Reservation.objects.get(pk=queued.reservation.id).state == "admitted"
     with pytest.raises(SystemOverloaded):
         open_cu(api_key, 1)
@@ -296,7 +296,7 @@ def test_concurrent_job_cap(settings):
     queued = open_cu(api_key, 1, mode="async")
     assert queued.ticket.outcome == "queued"
     reservation_release(reservation_id=first.reservation.id)
-    assert reservation_acquire(reservation_id=queued.reservation.id) is True
+    assert reservation_acquire(reservation_id=queued.reservation.id) == "admitted"
 
 
 # --- Redis losing its data, or going away ----------------------------------------------------

@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from portal.redis import redis_client
-from quotas.scripts import lua_script
+from portal.redis import lua_script, redis_client
 
 ADMIT_KEYS = ["b", "k", "rt", "rk", "c", "ph", "pz", "ps", "r:1"]
 
@@ -16,7 +15,7 @@ def admit(client, *, cost=1000, budget=10_000, key_cap=-1, rate=60_000, burst=60
     outcome, *rest = lua_script(client, "admit")(
         keys=keys,
         args=[cost, budget, key_cap, rate, burst, key_rate, key_burst, max_jobs, capacity, mode,
-              60_000, 3600, rid, "pool", 2000],
+              60_000, 3600, rid, "pool", 2000, 1000],
     )
     return outcome.decode(), [int(v) for v in rest]
 
@@ -69,12 +68,12 @@ def test_acquire_moves_queued_work_onto_the_pool(client):
     admit(client, cost=1000, capacity=1000, rid="1")
     admit(client, cost=1000, capacity=1000, rid="2", mode="async")
     acquire_keys = ["t:c", "t:ph", "t:pz", "t:ps", "t:r:2"]
-    assert lua_script(client, "acquire")(keys=acquire_keys, args=["2", 10, 1000, 60_000]) == b"wait"
+    assert lua_script(client, "acquire")(keys=acquire_keys, args=["2", 10, 1000, 60_000, 10]) == b"wait_pool"
     lua_script(client, "settle")(keys=["t:r:1", "t:b", "t:k", "t:c", "t:ph", "t:pz", "t:ps"], args=["1", 0])
-    assert lua_script(client, "acquire")(keys=acquire_keys, args=["2", 10, 1000, 60_000]) == b"admitted"
-    assert lua_script(client, "acquire")(keys=acquire_keys, args=["2", 10, 1000, 60_000]) == b"admitted"
+    assert lua_script(client, "acquire")(keys=acquire_keys, args=["2", 10, 1000, 60_000, 10]) == b"admitted"
+    assert lua_script(client, "acquire")(keys=acquire_keys, args=["2", 10, 1000, 60_000, 10]) == b"admitted"
     assert lua_script(client, "acquire")(keys=["t:c", "t:ph", "t:pz", "t:ps", "t:r:none"],
-                                         args=["none", 10, 1000, 60_000]) == b"gone"
+                                         args=["none", 10, 1000, 60_000, 10]) == b"gone"
 
 
 def test_rebuild_applies_once(client):

@@ -1,0 +1,158 @@
+"""Job endpoints: list, retrieve, cancel, and follow (SSE)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from asgiref.sync import sync_to_async
+from django.http import StreamingHttpResponse
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from inference.events import events_follow
+from inference.models import Job
+from inference.scheduler import scheduler_position
+from inference.selectors import job_get_for_tenant, jobs_for_tenant
+from inference.services import job_cancel
+from portal.authentication import bearer_token
+from portal.errors import InvalidApiKey, SluiceError, json_error
+from portal.models import Membership
+from portal.services import api_key_authenticate
+
+SSE_KEEPALIVE_S = 15
+
+
+def _epoch(moment) -> int | None:
+    return int(moment.timestamp()) if moment else None
+
+
+def job_queue_info(job: Job) -> dict | None:
+    if job.status != Job.Status.QUEUED:
+        return None
+    position = scheduler_position(job_id=job.pk, pool=job.pool, priority=job.priority)
+    if position is None:
+        return {"position": 0, "eta_seconds": None}  # admitted, about to start
+    return {"position": position.position, "eta_seconds": position.eta_s}
+
+
+class JobOutputSerializer(serializers.Serializer):
+    def to_representation(self, job: Job) -> dict:
+        return {
+            "id": job.pk,
+            "object": "job",
+            "kind": job.kind,
+            "model": job.model,
+            "variant": job.variant,
+            "status": job.status,
+            "priority": job.priority,
+            "pool": job.pool,
+            "queue": job_queue_info(job),
+            "progress": round(job.progress, 1),
+            "attempts": job.attempts,
+            "estimated_cu": job.estimated_mcu / 1000,
+            "actual_cu": None if job.actual_mcu is None else job.actual_mcu / 1000,
+            "created_at": _epoch(job.queued_at),
+            "started_at": _epoch(job.started_at),
+            "first_output_at": _epoch(job.first_output_at),
+            "finished_at": _epoch(job.finished_at),
+            "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
+            "result": job.result or None,
+            "usage": job.usage or None,
+        }
+
+
+class JobListApi(APIView):
+    class Input(serializers.Serializer):
+        kind = serializers.ChoiceField(choices=Job.Kind.choices, required=False)
+        status = serializers.ChoiceField(choices=Job.Status.choices, required=False)
+        after = serializers.CharField(required=False, max_length=40)
+        limit = serializers.IntegerField(required=False, min_value=1, max_value=100, default=20)
+
+    @extend_schema(operation_id="jobs_list", parameters=[Input], responses=JobOutputSerializer(many=True))
+    def get(self, request):
+        params = self.Input(data=request.query_params)
+        params.is_valid(raise_exception=True)
+        jobs = jobs_for_tenant(tenant=request.user.tenant, **params.validated_data)
+        return Response({
+            "object": "list",
+            "data": JobOutputSerializer(jobs, many=True).data,
+            "has_more": len(jobs) == params.validated_data["limit"],
+            "last_id": jobs[-1].pk if jobs else None,
+        })
+
+
+class JobDetailApi(APIView):
+    @extend_schema(operation_id="jobs_retrieve", responses=JobOutputSerializer)
+    def get(self, request, job_id: str):
+        job = job_get_for_tenant(tenant=request.user.tenant, job_id=job_id)
+        return Response(JobOutputSerializer(job).data)
+
+    @extend_schema(operation_id="jobs_cancel_delete", responses=JobOutputSerializer)
+    def delete(self, request, job_id: str):
+        job = job_cancel(job=job_get_for_tenant(tenant=request.user.tenant, job_id=job_id))
+        return Response(JobOutputSerializer(job).data)
+
+
+class JobCancelApi(APIView):
+    @extend_schema(operation_id="jobs_cancel", request=None, responses=JobOutputSerializer)
+    def post(self, request, job_id: str):
+        job = job_cancel(job=job_get_for_tenant(tenant=request.user.tenant, job_id=job_id))
+        return Response(JobOutputSerializer(job).data)
+
+
+# --- following a job -------------------------------------------------------------------------
+
+
+def job_for_caller(*, authorization: str, user, job_id: str) -> Job:
+    """The job if the caller may see it: by API key (its tenant), or by dashboard session
+    (a tenant the user belongs to). Raises the same NotFound otherwise."""
+    from portal.errors import NotFound
+
+    token = bearer_token(authorization or "")
+    if token is not None:
+        api_key = api_key_authenticate(raw_key=token)
+        return job_get_for_tenant(tenant=api_key.tenant, job_id=job_id)
+    if user is not None and user.is_authenticated:
+        job = Job.objects.filter(pk=job_id).first()
+        if job and Membership.objects.filter(user=user, tenant_id=job.tenant_id).exists():
+            return job
+        raise NotFound(f"No job {job_id!r}.", param="id")
+    raise InvalidApiKey("You didn't provide an API key. Send it as 'Authorization: Bearer sk-...'.")
+
+
+def _after_seq(raw: str | None) -> int:
+    try:
+        return max(0, int(raw or 0))
+    except ValueError:
+        return 0
+
+
+async def job_events_sse(request, job_id: str):
+    """GET /v1/jobs/{id}/events: the job's events as Server-Sent Events, resumable with
+    Last-Event-ID (or ?after=<seq>). Ends after the terminal event."""
+    user = await request.auser()
+    try:
+        job = await sync_to_async(job_for_caller)(
+            authorization=request.headers.get("Authorization", ""), user=user, job_id=job_id
+        )
+    except SluiceError as error:
+        return json_error(error)
+    after = _after_seq(request.headers.get("Last-Event-ID") or request.GET.get("after"))
+
+    async def is_finished() -> bool:
+        status = await Job.objects.filter(pk=job.pk).values_list("status", flat=True).afirst()
+        return status in Job.TERMINAL
+
+    async def stream():
+        yield ": connected\n\n"
+        async for event in events_follow(job_id=job.pk, after_seq=after,
+                                         block_ms=SSE_KEEPALIVE_S * 1000, is_finished=is_finished):
+            yield ": keep-alive\n\n" if event is None else event.as_sse()
+            await asyncio.sleep(0)
+
+    response = StreamingHttpResponse(stream(), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    return response

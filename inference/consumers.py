@@ -1,0 +1,52 @@
+"""ws /ws/jobs/{id}/: the same events as SSE, over a websocket (API key or session)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from asgiref.sync import sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+
+from inference.apis import job_for_caller
+from inference.events import events_follow
+from portal.errors import SluiceError
+
+CLOSE_NOT_FOUND = 4404
+CLOSE_UNAUTHORIZED = 4401
+
+
+class JobEventsConsumer(AsyncJsonWebsocketConsumer):
+    async def connect(self):
+        headers = {name.decode().lower(): value.decode() for name, value in self.scope["headers"]}
+        job_id = self.scope["url_route"]["kwargs"]["job_id"]
+        try:
+            self.job = await sync_to_async(job_for_caller)(
+                authorization=headers.get("authorization", ""), user=self.scope.get("user"),
+                job_id=job_id,
+            )
+        except SluiceError as error:
+            # Accept then close with a code, so browsers can tell "not yours" from a network error.
+            await self.accept()
+            await self.close(code=CLOSE_UNAUTHORIZED if error.http_status == 401 else CLOSE_NOT_FOUND)
+            return
+        await self.accept()
+        query = dict(part.split("=", 1) for part in self.scope["query_string"].decode().split("&") if "=" in part)
+        try:
+            after = max(0, int(query.get("after", 0)))
+        except ValueError:
+            after = 0
+        self.follower = asyncio.create_task(self._follow(after))
+
+    async def _follow(self, after: int) -> None:
+        async for event in events_follow(job_id=self.job.pk, after_seq=after, block_ms=15_000):
+            if event is not None:
+                await self.send_json(event.as_dict())
+        await self.close()
+
+    async def disconnect(self, code):
+        follower = getattr(self, "follower", None)
+        if follower is not None:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower

@@ -1,0 +1,35 @@
+"""The one interface every engine implements."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class StopRequested(Exception):
+    """Raised inside an engine's step callback when the job was cancelled."""
+
+
+@dataclass
+class RunContext:
+    """What an engine may do while it runs a job: report, stream, and check for a stop."""
+
+    job_id: str
+    params: dict
+    variant: str
+    emit_progress: Callable[[float, dict], None]
+    emit_output: Callable[[dict], None]
+    should_stop: Callable[[], bool]
+
+
+@dataclass
+class RunResult:
+    actual_mcu: int
+    result: dict = field(default_factory=dict)
+    usage: dict = field(default_factory=dict)
+    stopped: bool = False  # True when the run ended early on request (cancel)
+
+
+class Engine(Protocol):
+    def run(self, context: RunContext) -> RunResult: ...

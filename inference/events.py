@@ -1,0 +1,109 @@
+"""The one module that publishes what a client can see of a job, in order, resumably.
+
+Each job has a Redis stream `ev:<job id>` whose entry ids are `0-<seq>`: SSE and websocket
+clients tail it with XREAD (no gaps, resumable from any seq via Last-Event-ID), and the
+stream outlives the job for a day so late followers still get the whole story. Status
+changes are also broadcast to the tenant's Channels group for live job lists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import redis
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from portal.redis import lua_script, redis_client
+
+logger = logging.getLogger(__name__)
+
+STREAM_TTL_S = 24 * 3600
+STREAM_MAXLEN = 20_000
+TERMINAL_EVENTS = frozenset({"job.completed", "job.failed", "job.cancelled"})
+STATUS_EVENTS = frozenset({"job.queued", "job.started"}) | TERMINAL_EVENTS
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    seq: int
+    type: str
+    data: dict
+
+    def as_sse(self) -> str:
+        return f"id: {self.seq}\nevent: {self.type}\ndata: {json.dumps(self.data)}\n\n"
+
+    def as_dict(self) -> dict:
+        return {"seq": self.seq, "type": self.type, "data": self.data}
+
+
+def stream_key(job_id: str) -> str:
+    return f"ev:{job_id}"
+
+
+def tenant_group(tenant_id: int) -> str:
+    return f"tenant.{tenant_id}.jobs"
+
+
+def event_publish(*, job_id: str, tenant_id: int, event_type: str, data: dict) -> int:
+    """Append an event to the job's stream; status changes also go to the tenant's group."""
+    payload = {"job_id": job_id, **data}
+    seq = lua_script(redis_client(), "publish", package="inference")(
+        keys=[stream_key(job_id), f"{stream_key(job_id)}:seq"],
+        args=[event_type, json.dumps(payload), STREAM_TTL_S, STREAM_MAXLEN],
+    )
+    if event_type in STATUS_EVENTS:
+        try:
+            async_to_sync(get_channel_layer().group_send)(
+                tenant_group(tenant_id), {"type": "job.status", "event": event_type, "data": payload}
+            )
+        except Exception:  # a missed live-list refresh must never fail the job
+            logger.warning("group broadcast of %s for %s failed", event_type, job_id)
+    return int(seq)
+
+
+def _decode(entry_id: bytes, fields: dict) -> JobEvent:
+    return JobEvent(
+        seq=int(fields[b"seq"]),
+        type=fields[b"type"].decode(),
+        data=json.loads(fields[b"data"]),
+    )
+
+
+def events_read(*, job_id: str, after_seq: int = 0) -> list[JobEvent]:
+    entries = redis_client().xrange(stream_key(job_id), min=f"0-{after_seq + 1}", max="+")
+    return [_decode(entry_id, fields) for entry_id, fields in entries]
+
+
+async def events_follow(*, job_id: str, after_seq: int = 0, block_ms: int = 15_000,
+                        is_finished=None) -> AsyncIterator[JobEvent | None]:
+    """Yield the job's events after `after_seq` as they land; None on each idle timeout
+    (so callers can send keep-alives). Ends after the terminal event."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(settings.REDIS_URL)
+    last = f"0-{after_seq}"
+    try:
+        while True:
+            try:
+                batches = await client.xread({stream_key(job_id): last}, block=block_ms, count=500)
+            except redis.RedisError:
+                logger.warning("event stream of %s unavailable", job_id)
+                return
+            if not batches:
+                if is_finished is not None and await is_finished():
+                    return  # the job ended and its stream expired or was never written
+                yield None
+                continue
+            for entry_id, fields in batches[0][1]:
+                last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                event = _decode(entry_id, fields)
+                yield event
+                if event.type in TERMINAL_EVENTS:
+                    return
+    finally:
+        await client.aclose()

@@ -1,0 +1,17 @@
+-- Weighted fair queuing on CU: a job's finish tag is where its tenant's virtual time will
+-- be once it has run. A tenant that floods the pool pushes only its own tags forward, so a
+-- light tenant arriving later lands near the front (start = the pool's virtual time).
+--
+-- KEYS: 1 queue zset (job id -> finish tag)  2 tenant's last finish tag  3 pool virtual time
+--       4 set of priorities in use
+-- ARGV: 1 job id  2 cost (mCU)  3 weight  4 priority
+-- Returns the finish tag.
+
+local pool_vtime = tonumber(redis.call('GET', KEYS[3]) or '0')
+local last_finish = tonumber(redis.call('GET', KEYS[2]) or '0')
+local start = math.max(pool_vtime, last_finish)
+local finish = start + tonumber(ARGV[2]) / tonumber(ARGV[3])
+redis.call('SET', KEYS[2], finish, 'EX', 86400)
+redis.call('ZADD', KEYS[1], finish, ARGV[1])
+redis.call('SADD', KEYS[4], ARGV[4])
+return tostring(finish)

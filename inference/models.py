@@ -1,0 +1,94 @@
+"""Jobs: every generation, text or video, is a Job with a strict state machine."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.utils import timezone
+from ulid import ULID
+
+from portal.models import ApiKey, Tenant
+
+
+def job_id_new() -> str:
+    return f"job_{str(ULID()).lower()}"
+
+
+class Job(models.Model):
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+        REJECTED = "rejected"  # refused at admission; kept for the record of the attempt
+
+    class Kind(models.TextChoices):
+        TEXT = "text"
+        VIDEO = "video"
+
+    TERMINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.REJECTED)
+    # Legal moves. RUNNING -> QUEUED is the redelivery after a worker was lost.
+    TRANSITIONS = {
+        Status.QUEUED: (Status.RUNNING, Status.CANCELLED, Status.FAILED),
+        Status.RUNNING: (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.QUEUED),
+    }
+
+    id = models.CharField(primary_key=True, max_length=40, default=job_id_new, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="jobs")
+    api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    model = models.CharField(max_length=64)
+    variant = models.CharField(max_length=16, default="full")
+    params = models.JSONField(default=dict)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    priority = models.PositiveSmallIntegerField()
+    pool = models.CharField(max_length=64)
+    reservation = models.OneToOneField(
+        "quotas.Reservation", null=True, blank=True, on_delete=models.SET_NULL, related_name="job"
+    )
+    estimated_mcu = models.BigIntegerField()
+    actual_mcu = models.BigIntegerField(null=True, blank=True)
+    progress = models.FloatField(default=0.0)  # 0-100
+    attempts = models.PositiveSmallIntegerField(default=0)
+    queued_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    first_output_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    error_code = models.CharField(max_length=64, blank=True)
+    error_message = models.CharField(max_length=500, blank=True)
+    # Where the output lives: {"text": ...} for completions, {"video": path, "thumbnail": path}.
+    result = models.JSONField(default=dict, blank=True)
+    usage = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-queued_at"]
+        indexes = [
+            models.Index(fields=["tenant", "-queued_at"], name="job_tenant_recent"),
+            models.Index(fields=["status", "started_at"], name="job_status_started"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.id} {self.kind} {self.status}"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in self.TERMINAL
+
+
+class IdempotencyKey(models.Model):
+    """`Idempotency-Key` of a creating POST, scoped per tenant and kept for 24 h."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    key = models.CharField(max_length=255)
+    request_hash = models.CharField(max_length=64)
+    job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "key"], name="idempotency_key_per_tenant")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id}:{self.key}"

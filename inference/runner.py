@@ -1,0 +1,83 @@
+"""What a GPU worker does with one job: claim it, keep its heartbeat, run the engine with
+progress/output/stop hooks, then finish, cancel or fail it through the job services."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from django.conf import settings
+
+from inference.engines import engine_for
+from inference.engines.base import RunContext
+from inference.registry import model_get
+from inference.services import (
+    job_cancel_requested,
+    job_cancelled,
+    job_claim,
+    job_fail,
+    job_heartbeat,
+    job_output,
+    job_progress,
+    job_succeed,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class _Heartbeat:
+    """Refreshes the job's heartbeat from a thread, so a long engine step never looks lost."""
+
+    def __init__(self, job_id: str):
+        self._job_id = job_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name=f"hb-{job_id}")
+
+    def _beat(self) -> None:
+        interval = max(1.0, settings.SLUICE_JOB_HEARTBEAT_TTL_S / 3)
+        while not self._stop.wait(interval):
+            try:
+                job_heartbeat(job_id=self._job_id)
+            except Exception:  # Redis hiccup: the next beat retries
+                logger.warning("heartbeat of %s failed", self._job_id)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def job_run(*, job_id: str, attempt: int) -> str:
+    job = job_claim(job_id=job_id, attempt=attempt)
+    if job is None:
+        return "skipped"  # cancelled, finished, or a stale redelivery
+    spec = model_get(job.model)
+    first_output = [True]
+
+    def emit_output(data: dict) -> None:
+        job_output(job=job, data=data, first=first_output[0])
+        first_output[0] = False
+
+    context = RunContext(
+        job_id=job.pk,
+        params=job.params,
+        variant=job.variant,
+        emit_progress=lambda progress, data: job_progress(job=job, progress=progress, data=data),
+        emit_output=emit_output,
+        should_stop=lambda: job_cancel_requested(job_id=job.pk),
+    )
+    with _Heartbeat(job.pk):
+        try:
+            outcome = engine_for(spec).run(context)
+        except Exception as exc:
+            logger.exception("engine failed on %s", job.pk)
+            job_fail(job=job, code="engine_error", message=f"{exc.__class__.__name__}: {exc}")
+            return "failed"
+    if outcome.stopped:
+        job_cancelled(job=job, actual_mcu=outcome.actual_mcu, usage=outcome.usage, result=outcome.result)
+        return "cancelled"
+    job_succeed(job=job, actual_mcu=outcome.actual_mcu, result=outcome.result, usage=outcome.usage)
+    return "succeeded"

@@ -1,0 +1,255 @@
+"""The job lifecycle: submit, start, finish, fail, cancel, recover. Every state change is a
+conditional update (the row is claimed only if it is still in the expected state), then
+the ledger is settled and the event published."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from inference.errors import IdempotencyConflict, JobNotCancellable
+from inference.events import event_publish
+from inference.models import IdempotencyKey, Job
+from inference.registry import ModelSpec, ModelVariant
+from inference.scheduler import (
+    scheduler_dispatch,
+    scheduler_enqueue,
+    scheduler_record_run_time,
+    scheduler_remove,
+)
+from portal.models import ApiKey
+from portal.redis import redis_client
+from quotas.admission import ADMITTED
+from quotas.cost import CostEstimate
+from quotas.ledger import reservation_open, reservation_release, reservation_settle
+
+logger = logging.getLogger(__name__)
+
+IDEMPOTENCY_TTL = timedelta(hours=24)
+HEARTBEAT_KEY = "s:hb:{job_id}"
+CANCEL_KEY = "s:cancel:{job_id}"
+
+
+def request_fingerprint(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _idempotent_job(*, api_key: ApiKey, idempotency_key: str, fingerprint: str) -> Job | None:
+    record = (
+        IdempotencyKey.objects.filter(tenant_id=api_key.tenant_id, key=idempotency_key)
+        .select_related("job")
+        .first()
+    )
+    if record is None:
+        return None
+    if record.created_at < timezone.now() - IDEMPOTENCY_TTL:
+        record.delete()  # expired: the key may be reused
+        return None
+    if record.request_hash != fingerprint:
+        raise IdempotencyConflict(param="Idempotency-Key")
+    return record.job
+
+
+@dataclass(frozen=True)
+class Submission:
+    job: Job
+    replayed: bool  # True when an Idempotency-Key returned an earlier job
+
+
+def job_submit(
+    *,
+    api_key: ApiKey,
+    spec: ModelSpec,
+    variant: ModelVariant,
+    params: dict,
+    estimate: CostEstimate,
+    mode: str,
+    idempotency_key: str | None = None,
+    request_body: dict | None = None,
+) -> Submission:
+    """Admit (reserve CU) and queue a job. mode="sync": saturation is a 503 now;
+    mode="async": the job waits in the scheduler for capacity."""
+    fingerprint = request_fingerprint(request_body if request_body is not None else params)
+    if idempotency_key:
+        earlier = _idempotent_job(api_key=api_key, idempotency_key=idempotency_key,
+                                  fingerprint=fingerprint)
+        if earlier is not None:
+            return Submission(job=earlier, replayed=True)
+
+    opened = reservation_open(api_key=api_key, model_id=spec.id, pool=spec.pool,
+                              cost_mcu=estimate.mcu, mode=mode)
+    tenant = api_key.tenant
+    try:
+        with transaction.atomic():
+            job = Job.objects.create(
+                tenant=tenant, api_key=api_key, kind=spec.kind, model=spec.id,
+                variant=variant.name, params=params, priority=tenant.tier.queue_priority,
+                pool=spec.pool, reservation=opened.reservation, estimated_mcu=estimate.mcu,
+            )
+            if idempotency_key:
+                IdempotencyKey.objects.create(tenant=tenant, key=idempotency_key,
+                                              request_hash=fingerprint, job=job)
+    except IntegrityError:
+        # Two requests with one Idempotency-Key raced; the other one won.
+        reservation_release(reservation_id=opened.reservation.id)
+        earlier = _idempotent_job(api_key=api_key, idempotency_key=idempotency_key,
+                                  fingerprint=fingerprint)
+        if earlier is None:
+            raise
+        return Submission(job=earlier, replayed=True)
+
+    event_publish(job_id=job.id, tenant_id=tenant.pk, event_type="job.queued",
+                  data={"status": job.status, "estimated_cu": estimate.cu})
+    if opened.ticket.outcome == ADMITTED:
+        _start(job.id)
+    else:
+        scheduler_enqueue(job_id=job.id, pool=job.pool, priority=job.priority,
+                          tenant_id=tenant.pk, cost_mcu=estimate.mcu)
+        scheduler_dispatch(pool=job.pool, start_job=_start)
+    return Submission(job=job, replayed=False)
+
+
+def _start(job_id: str) -> None:
+    """Send an admitted job to its pool's Celery queue, for its next attempt."""
+    from inference.tasks import run_job
+
+    job = Job.objects.only("pool", "attempts").get(pk=job_id)
+    run_job.apply_async(args=[job_id, job.attempts + 1], queue=job.pool)
+
+
+def pool_dispatch(*, pool: str) -> int:
+    return scheduler_dispatch(pool=pool, start_job=_start)
+
+
+def job_claim(*, job_id: str, attempt: int) -> Job | None:
+    """The worker takes the job for `attempt`; a stale or duplicate delivery gets None."""
+    now = timezone.now()
+    claimed = Job.objects.filter(pk=job_id, status=Job.Status.QUEUED, attempts=attempt - 1).update(
+        status=Job.Status.RUNNING, attempts=attempt, started_at=now
+    )
+    if claimed != 1:
+        return None
+    job_heartbeat(job_id=job_id)
+    job = Job.objects.select_related("tenant").get(pk=job_id)
+    event_publish(job_id=job_id, tenant_id=job.tenant_id, event_type="job.started",
+                  data={"status": job.status, "attempt": attempt})
+    return job
+
+
+def job_heartbeat(*, job_id: str) -> None:
+    redis_client().set(HEARTBEAT_KEY.format(job_id=job_id), 1, ex=settings.SLUICE_JOB_HEARTBEAT_TTL_S)
+
+
+def job_cancel_requested(*, job_id: str) -> bool:
+    return bool(redis_client().exists(CANCEL_KEY.format(job_id=job_id)))
+
+
+def job_progress(*, job: Job, progress: float, data: dict) -> None:
+    Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(progress=progress)
+    event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type="job.progress",
+                  data={"progress": progress, **data})
+
+
+def job_output(*, job: Job, data: dict, first: bool = False) -> None:
+    """Streamed output (tokens). The first one stamps time-to-first-output."""
+    if first:
+        Job.objects.filter(pk=job.pk, first_output_at__isnull=True).update(first_output_at=timezone.now())
+    event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type="job.output", data=data)
+
+
+def _finish(job: Job, *, status: str, actual_mcu: int, fields: dict, event_type: str,
+            event_data: dict) -> bool:
+    now = timezone.now()
+    claimed = Job.objects.filter(pk=job.pk, status__in=[Job.Status.QUEUED, Job.Status.RUNNING]).update(
+        status=status, finished_at=now, actual_mcu=actual_mcu, **fields
+    )
+    if claimed != 1:
+        return False
+    if job.reservation_id:
+        reservation_settle(reservation_id=job.reservation_id, actual_mcu=actual_mcu)
+    if job.started_at:
+        scheduler_record_run_time(pool=job.pool, seconds=(now - job.started_at).total_seconds())
+    redis_client().delete(HEARTBEAT_KEY.format(job_id=job.pk), CANCEL_KEY.format(job_id=job.pk))
+    event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type=event_type,
+                  data={"status": status, "actual_cu": actual_mcu / 1000, **event_data})
+    pool_dispatch(pool=job.pool)  # its capacity is free: the next queued job may start
+    return True
+
+
+def job_succeed(*, job: Job, actual_mcu: int, result: dict, usage: dict) -> bool:
+    return _finish(job, status=Job.Status.SUCCEEDED, actual_mcu=actual_mcu,
+                   fields={"result": result, "usage": usage, "progress": 100.0},
+                   event_type="job.completed", event_data={"result": result, "usage": usage})
+
+
+def job_fail(*, job: Job, code: str, message: str, actual_mcu: int = 0) -> bool:
+    """Final failure: charge what was used (usually nothing), refund the rest."""
+    return _finish(job, status=Job.Status.FAILED, actual_mcu=actual_mcu,
+                   fields={"error_code": code, "error_message": message[:500]},
+                   event_type="job.failed", event_data={"error": {"code": code, "message": message}})
+
+
+def job_cancelled(*, job: Job, actual_mcu: int, usage: dict | None = None,
+                  result: dict | None = None) -> bool:
+    """The worker stopped a running job on request: charge what it produced."""
+    return _finish(job, status=Job.Status.CANCELLED, actual_mcu=actual_mcu,
+                   fields={"usage": usage or {}, "result": result or {}},
+                   event_type="job.cancelled", event_data={"usage": usage or {}})
+
+
+def job_cancel(*, job: Job) -> Job:
+    """Queued: it never starts and is refunded in full. Running: the worker stops it at its
+    next token or step and settles what it used."""
+    if job.is_terminal:
+        raise JobNotCancellable(f"The job is already {job.status}.")
+    Job.objects.filter(pk=job.pk, cancel_requested_at__isnull=True).update(
+        cancel_requested_at=timezone.now()
+    )
+    if job.status == Job.Status.QUEUED:
+        scheduler_remove(job_id=job.pk, pool=job.pool, priority=job.priority)
+        if _finish(job, status=Job.Status.CANCELLED, actual_mcu=0, fields={},
+                   event_type="job.cancelled", event_data={}):
+            job.refresh_from_db()
+            return job
+        job.refresh_from_db()  # it started meanwhile: cancel it as a running job
+    if job.status == Job.Status.RUNNING:
+        redis_client().set(CANCEL_KEY.format(job_id=job.pk), 1, ex=3600)
+    return job
+
+
+def job_recover_lost(*, job: Job) -> str:
+    """A running job whose worker stopped heartbeating: redeliver it, or after the last
+    attempt fail it with worker_lost (a full refund)."""
+    if job.attempts >= settings.SLUICE_JOB_MAX_ATTEMPTS:
+        job_fail(job=job, code="worker_lost",
+                 message=f"The worker running this job was lost {job.attempts} times.")
+        return "failed"
+    requeued = Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING, attempts=job.attempts).update(
+        status=Job.Status.QUEUED, started_at=None, progress=0.0
+    )
+    if requeued != 1:
+        return "moved"
+    event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type="job.queued",
+                  data={"status": "queued", "reason": "worker_lost", "attempt": job.attempts})
+    _start(job.pk)  # it still holds its reservation's pool slot
+    return "requeued"
+
+
+def jobs_reap() -> dict[str, int]:
+    """Find running jobs whose heartbeat expired and recover each."""
+    client = redis_client()
+    grace = timezone.now() - timedelta(seconds=settings.SLUICE_JOB_HEARTBEAT_TTL_S)
+    outcomes: dict[str, int] = {}
+    for job in Job.objects.filter(status=Job.Status.RUNNING, started_at__lt=grace)[:200]:
+        if client.exists(HEARTBEAT_KEY.format(job_id=job.pk)):
+            continue
+        outcome = job_recover_lost(job=job)
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    return outcomes

@@ -1,0 +1,33 @@
+"""Celery tasks: ids in, services do the work. Redelivery is normal (job_claim checks)."""
+
+from celery import shared_task
+from django.utils import timezone
+
+from inference.models import IdempotencyKey
+from inference.runner import job_run
+from inference.scheduler import scheduler_pools
+from inference.services import IDEMPOTENCY_TTL, jobs_reap, pool_dispatch
+
+
+@shared_task(name="inference.run_job", acks_late=True, reject_on_worker_lost=False, ignore_result=True)
+def run_job(job_id: str, attempt: int) -> str:
+    return job_run(job_id=job_id, attempt=attempt)
+
+
+@shared_task(name="inference.scheduler_tick", ignore_result=True)
+def scheduler_tick() -> int:
+    """Safety net: dispatch every pool (finishing jobs also dispatch, so this rarely acts)."""
+    return sum(pool_dispatch(pool=pool) for pool in scheduler_pools())
+
+
+@shared_task(name="inference.jobs_reap", ignore_result=True)
+def jobs_reap_task() -> dict:
+    return jobs_reap()
+
+
+@shared_task(name="inference.idempotency_purge", ignore_result=True)
+def idempotency_purge() -> int:
+    deleted, _ = IdempotencyKey.objects.filter(created_at__lt=timezone.now() - IDEMPOTENCY_TTL).delete()
+    return deleted
+
+

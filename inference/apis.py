@@ -156,3 +156,103 @@ async def job_events_sse(request, job_id: str):
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
     return response
+
+
+# --- videos (OpenAI's Videos API shape) ------------------------------------------------------
+
+_VIDEO_STATUS = {
+    Job.Status.QUEUED: "queued",
+    Job.Status.RUNNING: "in_progress",
+    Job.Status.SUCCEEDED: "completed",
+    Job.Status.FAILED: "failed",
+    Job.Status.CANCELLED: "cancelled",
+    Job.Status.REJECTED: "failed",
+}
+
+
+def video_representation(job: Job) -> dict:
+    params = job.params
+    return {
+        "id": job.pk,
+        "object": "video",
+        "model": job.model,
+        "status": _VIDEO_STATUS[job.status],
+        "progress": int(job.progress),
+        "prompt": params.get("prompt"),
+        "seconds": f"{params.get('seconds', 0):g}",
+        "size": f"{params.get('width')}x{params.get('height')}",
+        "num_inference_steps": params.get("steps"),
+        "frames": params.get("frames"),
+        "created_at": _epoch(job.queued_at),
+        "completed_at": _epoch(job.finished_at) if job.status == Job.Status.SUCCEEDED else None,
+        "queue": job_queue_info(job),
+        "estimated_cu": job.estimated_mcu / 1000,
+        "actual_cu": None if job.actual_mcu is None else job.actual_mcu / 1000,
+        "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
+    }
+
+
+class VideoListApi(APIView):
+    from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+
+    # The openai SDK posts videos as multipart/form-data.
+    parser_classes = [JSONParser, MultiPartParser, FormParser]
+
+    @extend_schema(operation_id="videos_create", request=None)
+    def post(self, request):
+        from inference.requests import video_request_parse
+        from inference.services import job_submit
+        from quotas.cost import video_cost
+
+        payload = {key: request.data.get(key) for key in request.data}
+        video = video_request_parse(payload=payload, tier=request.user.tenant.tier)
+        estimate = video_cost(spec=video.spec, width=video.width, height=video.height,
+                              frames=video.frames, steps=video.steps)
+        submission = job_submit(
+            api_key=request.auth, spec=video.spec, variant=video.spec.variant("full"),
+            params=video.job_params(), estimate=estimate, mode="async",
+            idempotency_key=request.headers.get("Idempotency-Key"), request_body=payload,
+        )
+        return Response(video_representation(submission.job), status=200 if submission.replayed else 201,
+                        headers={"x-cu-estimate": str(estimate.cu)})
+
+    @extend_schema(operation_id="videos_list")
+    def get(self, request):
+        params = JobListApi.Input(data=request.query_params)
+        params.is_valid(raise_exception=True)
+        filters = {k: v for k, v in params.validated_data.items() if k != "kind"}
+        jobs = jobs_for_tenant(tenant=request.user.tenant, kind=Job.Kind.VIDEO, **filters)
+        return Response({"object": "list", "data": [video_representation(job) for job in jobs],
+                         "has_more": len(jobs) == params.validated_data["limit"],
+                         "last_id": jobs[-1].pk if jobs else None})
+
+
+class VideoDetailApi(APIView):
+    @extend_schema(operation_id="videos_retrieve")
+    def get(self, request, job_id: str):
+        job = job_get_for_tenant(tenant=request.user.tenant, job_id=job_id, kind=Job.Kind.VIDEO)
+        return Response(video_representation(job))
+
+    @extend_schema(operation_id="videos_cancel")
+    def delete(self, request, job_id: str):
+        job = job_get_for_tenant(tenant=request.user.tenant, job_id=job_id, kind=Job.Kind.VIDEO)
+        return Response(video_representation(job_cancel(job=job)))
+
+
+class VideoContentApi(APIView):
+    @extend_schema(operation_id="videos_content")
+    def get(self, request, job_id: str):
+        from inference.media import ranged_file_response
+        from portal.errors import NotFound
+
+        job = job_get_for_tenant(tenant=request.user.tenant, job_id=job_id, kind=Job.Kind.VIDEO)
+        variant = request.query_params.get("variant", "video")
+        if variant not in ("video", "thumbnail"):
+            from portal.errors import InvalidParameter
+
+            raise InvalidParameter("variant must be video or thumbnail.", param="variant")
+        path = (job.result or {}).get(variant)
+        if job.status != Job.Status.SUCCEEDED or not path:
+            raise NotFound("The video is not ready.", param="id")
+        content_type = "video/mp4" if variant == "video" else "image/jpeg"
+        return ranged_file_response(request, path=path, content_type=content_type)

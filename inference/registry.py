@@ -40,7 +40,13 @@ class VideoSpec:
     default_steps: int
     max_steps: int
     max_seconds: float
-    sizes: tuple[str, ...]  # "WxH" values the model accepts
+    sizes: tuple[str, ...]  # "WxH" values the model accepts (multiples of 16 for Wan)
+    # Wan's VAE compresses time 4x: clips have 4k+1 frames.
+    frame_step: int = 4
+
+    def frames_for(self, seconds: float) -> int:
+        wanted = max(1, round(seconds * self.fps))
+        return self.frame_step * max(0, round((wanted - 1) / self.frame_step)) + 1
 
 
 @dataclass(frozen=True)

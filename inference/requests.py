@@ -96,6 +96,8 @@ class VideoInput(serializers.Serializer):
     seconds = serializers.FloatField(required=False, min_value=0.1)
     size = serializers.RegexField(r"^\d{1,5}x\d{1,5}$", required=False)
     num_inference_steps = serializers.IntegerField(required=False, min_value=1)
+    negative_prompt = serializers.CharField(required=False, allow_blank=True, max_length=4000)
+    seed = serializers.IntegerField(required=False, min_value=0, max_value=2**32 - 1)
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,14 @@ class VideoRequest:
     height: int
     frames: int
     steps: int
+    seconds: float
+    negative_prompt: str = ""
+    seed: int | None = None
+
+    def job_params(self) -> dict:
+        return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "width": self.width,
+                "height": self.height, "frames": self.frames, "steps": self.steps,
+                "seconds": self.seconds, "seed": self.seed}
 
 
 def video_request_parse(*, payload: dict, tier: Tier) -> VideoRequest:
@@ -126,4 +136,5 @@ def video_request_parse(*, payload: dict, tier: Tier) -> VideoRequest:
                                param="num_inference_steps")
     width, height = (int(part) for part in size.split("x"))
     return VideoRequest(spec=spec, prompt=data["prompt"], width=width, height=height,
-                        frames=max(1, round(seconds * video.fps)), steps=steps)
+                        frames=video.frames_for(seconds), steps=steps, seconds=seconds,
+                        negative_prompt=data.get("negative_prompt", ""), seed=data.get("seed"))

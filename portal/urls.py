@@ -16,6 +16,9 @@ api_v1 = [
     path("jobs/<str:job_id>", inference_apis.JobDetailApi.as_view(), name="api-job"),
     path("jobs/<str:job_id>/cancel", inference_apis.JobCancelApi.as_view(), name="api-job-cancel"),
     path("jobs/<str:job_id>/events", inference_apis.job_events_sse, name="api-job-events"),
+    path("videos", inference_apis.VideoListApi.as_view(), name="api-videos"),
+    path("videos/<str:job_id>", inference_apis.VideoDetailApi.as_view(), name="api-video"),
+    path("videos/<str:job_id>/content", inference_apis.VideoContentApi.as_view(), name="api-video-content"),
     path("openapi.json", SpectacularJSONAPIView.as_view(), name="api-schema"),
 ]
 

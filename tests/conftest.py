@@ -18,8 +18,12 @@ from tests.factories import MembershipFactory, TenantFactory, UserFactory, api_k
 
 @pytest.fixture(autouse=True)
 def clean_redis():
+    """Empty the test Redis database, except kombu's queue bindings: this process declared
+    them once and would not declare them again, so Celery messages would be dropped."""
     client = redis_client()
-    client.flushdb()
+    doomed = [key for key in client.scan_iter(count=1000) if not key.startswith(b"_kombu.binding.")]
+    for start in range(0, len(doomed), 500):
+        client.delete(*doomed[start:start + 500])
     yield client
 
 
@@ -75,3 +79,76 @@ def api():
 def fast_password_hashing(settings):
     # PBKDF2's deliberate slowness is for production; tests create many users.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+def database_url_for_subprocesses() -> str:
+    """The test database as a DATABASE_URL, for workers started as subprocesses."""
+    from django.db import connection
+
+    params = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{params['NAME']}"
+    user = params.get("USER") or "postgres"
+    return f"postgres://{user}@{params.get('HOST') or '127.0.0.1'}:{params.get('PORT') or 5432}/{params['NAME']}"
+
+
+class WorkerProcess:
+    """A real Celery worker subprocess (prefork, one child) on one queue."""
+
+    def __init__(self, queue: str, extra_env: dict[str, str] | None = None):
+        import os
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        env = dict(os.environ, DATABASE_URL=database_url_for_subprocesses(), PYTHONUNBUFFERED="1",
+                   SLUICE_JOB_HEARTBEAT_TTL_S="2", **(extra_env or {}))
+        self.log_path = Path(env["SLUICE_VAR_DIR"]) / f"worker-{queue}-{os.getpid()}-{id(self)}.log"
+        self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "portal", "worker", "-Q", queue, "-n",
+             f"test-{queue}-{id(self)}@%h", "--concurrency", "1", "--loglevel", "INFO",
+             "--without-gossip", "--without-mingle", "--without-heartbeat"],
+            cwd=Path(__file__).resolve().parents[1], env=env, stdout=self.log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def kill(self) -> None:
+        import os
+        import signal
+
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        import os
+        import signal
+        import subprocess
+
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(timeout=15)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                self.kill()
+        self.log.close()
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+
+@pytest.fixture
+def start_worker():
+    workers: list[WorkerProcess] = []
+
+    def start(queue: str, **extra_env) -> WorkerProcess:
+        worker = WorkerProcess(queue, extra_env)
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()

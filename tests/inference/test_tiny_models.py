@@ -163,7 +163,7 @@ def test_video_artifact_loads_offline_and_generates_with_a_callback_per_step(tmp
     )
     assert steps_seen == [(0, 3), (1, 3), (2, 3)]
     assert frames.shape == (9, 32, 32, 3)
-    assert 0.0 <= frames.min() and frames.max() <= 1.0
+    assert frames.min() >= 0.0 and frames.max() <= 1.0
     mp4 = video_model.write_mp4(frames, tmp_path / "clip.mp4")
     assert build_video.probe_mp4_frames(mp4) == 9
 

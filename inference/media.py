@@ -1,0 +1,45 @@
+"""Serving stored outputs with HTTP Range support, so a browser <video> can seek."""
+
+from __future__ import annotations
+
+import re
+
+from django.core.files.storage import default_storage
+from django.http import FileResponse, HttpResponse
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def ranged_file_response(request, *, path: str, content_type: str) -> HttpResponse:
+    size = default_storage.size(path)
+    header = request.headers.get("Range", "")
+    match = _RANGE.match(header.strip()) if header else None
+    if header and (match is None or match.group(1) == match.group(2) == ""):
+        return _unsatisfiable(size)
+    if match is None:
+        response = FileResponse(default_storage.open(path, "rb"), content_type=content_type)
+        response["Accept-Ranges"] = "bytes"
+        response["Content-Length"] = str(size)
+        return response
+    start_text, end_text = match.groups()
+    if start_text == "":  # suffix range: the last N bytes
+        start, end = max(0, size - int(end_text)), size - 1
+    else:
+        start = int(start_text)
+        end = min(int(end_text), size - 1) if end_text else size - 1
+    if start >= size or start > end:
+        return _unsatisfiable(size)
+    with default_storage.open(path, "rb") as handle:
+        handle.seek(start)
+        body = handle.read(end - start + 1)
+    response = HttpResponse(body, status=206, content_type=content_type)
+    response["Content-Range"] = f"bytes {start}-{end}/{size}"
+    response["Accept-Ranges"] = "bytes"
+    response["Content-Length"] = str(len(body))
+    return response
+
+
+def _unsatisfiable(size: int) -> HttpResponse:
+    response = HttpResponse(status=416)
+    response["Content-Range"] = f"bytes */{size}"
+    return response

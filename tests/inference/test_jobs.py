@@ -1,0 +1,194 @@
+"""The job spine without a worker: submit, idempotency, state machine, scheduling order,
+cancellation, recovery. (Real workers run in test_worker.py.)"""
+
+from __future__ import annotations
+
+import pytest
+from django.utils import timezone
+
+from inference.models import Job
+from inference.registry import model_get
+from inference.runner import job_run
+from inference.scheduler import scheduler_dispatch, scheduler_enqueue
+from inference.services import (
+    job_cancel,
+    job_claim,
+    job_fail,
+    job_recover_lost,
+    job_submit,
+    job_succeed,
+    jobs_reap,
+    pool_dispatch,
+)
+from quotas.cost import CostEstimate
+from quotas.ledger import budget_used_from_ledger
+from quotas.limits import period_of
+from quotas.models import LedgerEntry
+from tests.factories import api_key_obj, tenant_with_limits
+
+pytestmark = pytest.mark.django_db
+VIDEO = model_get("sluice-video-tiny")
+PARAMS = {"prompt": "a red square", "width": 64, "height": 64, "frames": 5, "steps": 2, "seconds": 0.5}
+
+
+def submit(api_key, *, cu=1.0, mode="async", key=None, body=None):
+    return job_submit(api_key=api_key, spec=VIDEO, variant=VIDEO.variant("full"), params=PARAMS,
+                      estimate=CostEstimate(mcu=int(cu * 1000)), mode=mode, idempotency_key=key,
+                      request_body=body)
+
+
+def used(tenant_id):
+    return budget_used_from_ledger(tenant_id=tenant_id, period=period_of(timezone.now()))[0]
+
+
+def test_submit_reserves_and_sends_the_job_to_its_pool(sent_tasks):
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    job = submit(api_key, cu=3).job
+    assert job.status == "queued" and job.pool == "video-hbm" and job.estimated_mcu == 3000
+    assert job.reservation.reserved_mcu == 3000 and used(api_key.tenant_id) == 3000
+    assert sent_tasks == [(job.pk, 1, "video-hbm")]
+    assert job.pk.startswith("job_") and len(job.pk) == 30
+
+
+def test_idempotency_key_returns_the_same_job_or_409(sent_tasks):
+    from inference.errors import IdempotencyConflict
+
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    first = submit(api_key, key="k-1", body={"prompt": "a"})
+    again = submit(api_key, key="k-1", body={"prompt": "a"})
+    assert again.replayed and again.job.pk == first.job.pk
+    assert Job.objects.count() == 1 and used(api_key.tenant_id) == 1000  # charged once
+    with pytest.raises(IdempotencyConflict) as exc:
+        submit(api_key, key="k-1", body={"prompt": "b"})
+    assert exc.value.http_status == 409
+    # Keys are per tenant: another tenant may use the same key.
+    other = api_key_obj(tenant_with_limits(budget_cu=100))
+    assert submit(other, key="k-1", body={"prompt": "a"}).job.pk != first.job.pk
+
+
+def test_state_machine_refuses_illegal_moves(sent_tasks):
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    job = submit(api_key).job
+    assert job_claim(job_id=job.pk, attempt=2) is None  # not the attempt that was sent
+    claimed = job_claim(job_id=job.pk, attempt=1)
+    assert claimed.status == "running" and claimed.attempts == 1
+    assert job_claim(job_id=job.pk, attempt=1) is None  # a duplicate delivery
+    assert job_succeed(job=claimed, actual_mcu=500, result={"video": "x"}, usage={}) is True
+    assert job_succeed(job=claimed, actual_mcu=900, result={}, usage={}) is False
+    assert job_fail(job=claimed, code="late", message="no") is False
+    claimed.refresh_from_db()
+    assert claimed.status == "succeeded" and claimed.actual_mcu == 500
+    from inference.errors import JobNotCancellable
+
+    with pytest.raises(JobNotCancellable):
+        job_cancel(job=claimed)
+    assert used(api_key.tenant_id) == 500
+    assert LedgerEntry.objects.filter(reservation=claimed.reservation, kind="settle").count() == 1
+
+
+def test_cancel_queued_job_never_starts_and_is_refunded(settings, sent_tasks):
+    settings.SLUICE_POOL_SLOTS = {"video-hbm": 1}
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    running = submit(api_key).job
+    waiting = submit(api_key, cu=5).job
+    assert [job_id for job_id, *_ in sent_tasks] == [running.pk]  # the pool has one slot
+    job_cancel(job=waiting)
+    waiting.refresh_from_db()
+    assert waiting.status == "cancelled" and waiting.actual_mcu == 0
+    assert used(api_key.tenant_id) == 1000
+    # When the running job ends, the cancelled one is not dispatched.
+    job_succeed(job=job_claim(job_id=running.pk, attempt=1), actual_mcu=1000, result={}, usage={})
+    assert [job_id for job_id, *_ in sent_tasks] == [running.pk]
+    # A late delivery of the cancelled job does nothing.
+    assert job_run(job_id=waiting.pk, attempt=1) == "skipped"
+
+
+def test_cancel_running_job_raises_the_stop_flag(sent_tasks):
+    from inference.services import job_cancel_requested
+
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    job = job_claim(job_id=submit(api_key).job.pk, attempt=1)
+    assert not job_cancel_requested(job_id=job.pk)
+    job_cancel(job=job)
+    assert job_cancel_requested(job_id=job.pk)
+    job.refresh_from_db()
+    assert job.status == "running" and job.cancel_requested_at is not None
+
+
+def test_priority_first_then_fair_share_across_tenants(settings, sent_tasks):
+    """One slot; a free-tier flood, a pro flood and a light pro tenant: pro before free, and
+    the light tenant is not starved behind the pro flood."""
+    settings.SLUICE_POOL_SLOTS = {"video-hbm": 1}
+    blocker_key = api_key_obj(tenant_with_limits(budget_cu=10_000, max_jobs=100))
+    blocker = submit(blocker_key).job  # holds the only slot
+    free_key = api_key_obj(tenant_with_limits(tier_slug="free", budget_cu=10_000, max_jobs=100))
+    heavy_key = api_key_obj(tenant_with_limits(budget_cu=10_000, max_jobs=100, rate_cu=100_000))
+    light_key = api_key_obj(tenant_with_limits(budget_cu=10_000, max_jobs=100))
+    free_jobs = [submit(free_key).job.pk for _ in range(3)]
+    heavy_jobs = [submit(heavy_key).job.pk for _ in range(6)]
+    light_jobs = [submit(light_key).job.pk for _ in range(2)]
+
+    order = []
+    current = blocker
+    for _ in range(11):
+        job_succeed(job=job_claim(job_id=current.pk, attempt=1), actual_mcu=1000, result={}, usage={})
+        current = Job.objects.get(pk=sent_tasks[-1][0])
+        order.append(current.pk)
+    # Pro (priority 5) before free (priority 1); within pro, the light tenant's two jobs
+    # are interleaved near the front rather than after all six heavy ones.
+    assert order[-3:] == free_jobs
+    pro_order = order[:8]
+    assert pro_order.index(light_jobs[0]) <= 1 and pro_order.index(light_jobs[1]) <= 3
+    assert [j for j in pro_order if j in heavy_jobs] == heavy_jobs
+
+
+def test_tenant_at_its_job_cap_does_not_block_others(settings, sent_tasks):
+    settings.SLUICE_POOL_SLOTS = {"video-hbm": 3}
+    capped_key = api_key_obj(tenant_with_limits(budget_cu=1000, max_jobs=1))
+    other_key = api_key_obj(tenant_with_limits(budget_cu=1000, max_jobs=5))
+    first = submit(capped_key).job
+    second = submit(capped_key).job  # waits: its tenant runs one already
+    third = submit(other_key).job
+    assert [job_id for job_id, *_ in sent_tasks] == [first.pk, third.pk]
+    second.refresh_from_db()
+    assert second.status == "queued"
+
+
+def test_queue_position_and_eta(settings, sent_tasks):
+    from inference.apis import job_queue_info
+    from inference.scheduler import scheduler_record_run_time
+
+    settings.SLUICE_POOL_SLOTS = {"video-hbm": 1}
+    api_key = api_key_obj(tenant_with_limits(budget_cu=1000, max_jobs=10))
+    submit(api_key)
+    scheduler_record_run_time(pool="video-hbm", seconds=10)
+    waiting = [submit(api_key).job for _ in range(3)]
+    assert [job_queue_info(job)["position"] for job in waiting] == [0, 1, 2]
+    assert job_queue_info(waiting[2])["eta_seconds"] == 30.0
+
+
+def test_reaper_redelivers_lost_jobs_then_fails_them_with_a_refund(settings, sent_tasks):
+    from portal.redis import redis_client
+
+    settings.SLUICE_JOB_MAX_ATTEMPTS = 2
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    job = submit(api_key, cu=4).job
+    job = job_claim(job_id=job.pk, attempt=1)
+    assert jobs_reap() == {}  # heartbeat alive
+    redis_client().delete(f"s:hb:{job.pk}")
+    Job.objects.filter(pk=job.pk).update(started_at=timezone.now() - timezone.timedelta(seconds=60))
+    assert jobs_reap() == {"requeued": 1}
+    assert sent_tasks[-1] == (job.pk, 2, "video-hbm")
+    job = job_claim(job_id=job.pk, attempt=2)
+    assert job_claim(job_id=job.pk, attempt=1) is None  # the old message stays dead
+    job.refresh_from_db()
+    assert job_recover_lost(job=job) == "failed"
+    job.refresh_from_db()
+    assert (job.status, job.error_code) == ("failed", "worker_lost")
+    assert used(api_key.tenant_id) == 0
+
+
+def test_dispatch_is_a_noop_when_nothing_waits(sent_tasks):
+    assert pool_dispatch(pool="video-hbm") == 0
+    assert scheduler_dispatch(pool="nowhere", start_job=lambda job_id: None) == 0
+    assert scheduler_enqueue(job_id="job_x", pool="p", priority=1, tenant_id=1, cost_mcu=10) == 10.0

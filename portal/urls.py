@@ -3,6 +3,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularRedocView
 
+from inference import webhook_apis, webhook_views
 from portal import apis, views
 from quotas import apis as quota_apis
 
@@ -11,6 +12,23 @@ api_v1 = [
     path("models/<str:model_id>", apis.ModelDetailApi.as_view(), name="api-model-detail"),
     path("quotes", quota_apis.QuoteApi.as_view(), name="api-quotes"),
     path("usage", quota_apis.UsageApi.as_view(), name="api-usage"),
+    path("webhooks", webhook_apis.WebhookListApi.as_view(), name="api-webhooks"),
+    path(
+        "webhooks/deliveries/<str:delivery_id>/redeliver",
+        webhook_apis.WebhookRedeliverApi.as_view(),
+        name="api-webhook-redeliver",
+    ),
+    path("webhooks/<str:endpoint_id>", webhook_apis.WebhookDetailApi.as_view(), name="api-webhook"),
+    path(
+        "webhooks/<str:endpoint_id>/rotate_secret",
+        webhook_apis.WebhookRotateSecretApi.as_view(),
+        name="api-webhook-rotate-secret",
+    ),
+    path(
+        "webhooks/<str:endpoint_id>/deliveries",
+        webhook_apis.WebhookDeliveryListApi.as_view(),
+        name="api-webhook-deliveries",
+    ),
     path("openapi.json", SpectacularJSONAPIView.as_view(), name="api-schema"),
 ]
 
@@ -40,6 +58,27 @@ urlpatterns = [
         "t/<slug:tenant_slug>/members/<int:membership_id>/",
         views.member_update_view,
         name="tenant-member-update",
+    ),
+    path("t/<slug:tenant_slug>/webhooks/", webhook_views.webhooks_page, name="tenant-webhooks"),
+    path(
+        "t/<slug:tenant_slug>/webhooks/<str:endpoint_id>/",
+        webhook_views.webhook_deliveries_page,
+        name="tenant-webhook-deliveries",
+    ),
+    path(
+        "t/<slug:tenant_slug>/webhooks/<str:endpoint_id>/rotate-secret/",
+        webhook_views.webhook_secret_rotate_view,
+        name="tenant-webhook-rotate",
+    ),
+    path(
+        "t/<slug:tenant_slug>/webhooks/<str:endpoint_id>/<str:action>/",
+        webhook_views.webhook_endpoint_action_view,
+        name="tenant-webhook-action",
+    ),
+    path(
+        "t/<slug:tenant_slug>/webhook-deliveries/<str:delivery_id>/redeliver/",
+        webhook_views.webhook_redeliver_view,
+        name="tenant-webhook-redeliver",
     ),
 ]
 

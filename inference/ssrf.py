@@ -46,8 +46,6 @@ class UnresolvableHost(Exception):
 
 
 def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    if address.ipv4_mapped is not None:
-        return address.ipv4_mapped
     if address.sixtofour is not None:
         return address.sixtofour
     if address.teredo is not None:
@@ -60,6 +58,10 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | No
 def address_refusal(address: IPAddress) -> str | None:
     """Why Sluice must not connect to this address, or None when it is a public one."""
     if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            # ::ffff:a.b.c.d is a.b.c.d on a dual-stack socket: judge that address alone.
+            reason = address_refusal(address.ipv4_mapped)
+            return f"{address} carries {reason}" if reason else None
         embedded = _embedded_ipv4(address)
         if embedded is not None and (reason := address_refusal(embedded)):
             return f"{address} carries {reason}"

@@ -388,13 +388,13 @@ def webhook_deliveries_dispatch(*, now: datetime | None = None, limit: int = 500
 
 def webhook_delivery_redeliver(*, delivery: WebhookDelivery) -> WebhookDelivery:
     """Send a delivery's event again, as a new delivery with its own attempts and schedule."""
-    endpoint = delivery.endpoint
-    if not endpoint.enabled:
+    # Read again: the endpoint may have been disabled since the delivery was loaded.
+    if not WebhookEndpoint.objects.filter(pk=delivery.endpoint_id, enabled=True).exists():
         raise InvalidParameter("Enable the endpoint before redelivering to it.", param="endpoint")
     now = timezone.now()
     with transaction.atomic():
         again = WebhookDelivery.objects.create(
-            endpoint=endpoint, event_id=delivery.event_id, redelivery_of=delivery,
+            endpoint_id=delivery.endpoint_id, event_id=delivery.event_id, redelivery_of=delivery,
             next_attempt_at=now + _claim_lease(), created_at=now, updated_at=now,
         )
         _enqueue_attempt(delivery_id=again.id, attempt=1)

@@ -203,6 +203,8 @@ LOGGING = {
         # Django's default config gives "django" its own console handler; one handler is enough.
         "django": {"handlers": ["console"], "level": "INFO", "propagate": False},
         "django.db.backends": {"level": "WARNING"},
+        # httpx logs every request URL at INFO; webhook URLs are customers' and may carry tokens.
+        "httpx": {"level": "WARNING"},
     },
 }
 

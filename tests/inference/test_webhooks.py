@@ -24,6 +24,9 @@ from inference.webhooks import (
     webhook_event_publish,
 )
 from portal.errors import InvalidParameter
+from quotas.ledger import budget_alert_check
+from quotas.limits import quota_limits_for
+from tests.factories import tenant_with_limits
 from tests.inference.conftest import Reply
 
 pytestmark = pytest.mark.django_db
@@ -351,3 +354,27 @@ def test_the_secret_never_reaches_the_logs(cast, receiver, caplog):
         assert secret.removeprefix("whsec_") not in caplog.text
     assert endpoint.secret not in str(endpoint) and endpoint.secret not in repr(endpoint)
     assert delivery.id in caplog.text  # the log does talk about the delivery
+
+
+def test_a_budget_alert_is_published_once_per_period(cast, receiver, settings):
+    settings.SLUICE_BUDGET_ALERT_PCT = 80
+    tenant = tenant_with_limits(budget_cu=100)
+    endpoint = webhook_endpoint_create(tenant=tenant, url=receiver.url,
+                                       event_types=["budget.threshold_reached"])
+    limits = quota_limits_for(tenant=tenant)
+    for used_mcu in (79_000, 85_000, 90_000):  # below, passing, already passed
+        budget_alert_check(tenant_id=tenant.pk, period="2030-01", limits=limits, used_mcu=used_mcu)
+
+    (event,) = WebhookEvent.objects.filter(tenant=tenant)
+    assert event.type == "budget.threshold_reached"
+    assert event.payload["data"] == {"period": "2030-01", "threshold_pct": 80,
+                                     "used_cu": 85.0, "limit_cu": 100.0}
+    assert only_delivery(event).endpoint_id == endpoint.id
+
+
+def test_receiver_urls_stay_out_of_the_logs(cast, receiver, caplog):
+    caplog.set_level(logging.INFO)
+    url = receiver.url + "?token=customer-secret"
+    webhook_endpoint_create(tenant=cast.tenant, url=url)
+    assert attempt_next(only_delivery(publish(cast.tenant))).status == Status.SUCCEEDED
+    assert "customer-secret" not in caplog.text

@@ -26,6 +26,8 @@ STREAM_TTL_S = 24 * 3600
 STREAM_MAXLEN = 20_000
 TERMINAL_EVENTS = frozenset({"job.completed", "job.failed", "job.cancelled"})
 STATUS_EVENTS = frozenset({"job.queued", "job.started"}) | TERMINAL_EVENTS
+# job.progress also goes out as a webhook (to endpoints that opted in), at most this often.
+PROGRESS_WEBHOOK_INTERVAL_S = 5
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,25 @@ def event_publish(*, job_id: str, tenant_id: int, event_type: str, data: dict) -
             )
         except Exception:  # a missed live-list refresh must never fail the job
             logger.warning("group broadcast of %s for %s failed", event_type, job_id)
+    if event_type in STATUS_EVENTS or (event_type == "job.progress" and _progress_webhook_due(job_id)):
+        _webhook(tenant_id=tenant_id, event_type=event_type,
+                 data={"id": job_id, "object": "job", "seq": int(seq), **data})
     return int(seq)
+
+
+def _progress_webhook_due(job_id: str) -> bool:
+    return bool(redis_client().set(f"ev:{job_id}:whp", 1, nx=True, ex=PROGRESS_WEBHOOK_INTERVAL_S))
+
+
+def _webhook(*, tenant_id: int, event_type: str, data: dict) -> None:
+    from inference.webhooks import webhook_event_publish
+    from portal.models import Tenant
+
+    try:
+        tenant = Tenant.objects.only("id", "slug").get(pk=tenant_id)
+        webhook_event_publish(tenant=tenant, event_type=event_type, data=data)
+    except Exception:  # delivery is retried by webhooks; recording must never fail the job
+        logger.exception("could not record webhook %s for %s", event_type, data.get("id"))
 
 
 def _decode(entry_id: bytes, fields: dict) -> JobEvent:

@@ -92,3 +92,12 @@ class IdempotencyKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.tenant_id}:{self.key}"
+
+
+# Webhook models live in their own module; re-exported here for Django's model registry.
+from inference.webhook_models import (  # noqa: E402, F401
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookEvent,
+)

@@ -31,3 +31,8 @@ def idempotency_purge() -> int:
     return deleted
 
 
+# Webhook delivery tasks live in inference/webhook_tasks.py; importing registers them.
+from inference.webhook_tasks import (  # noqa: E402, F401
+    webhook_deliver_task,
+    webhook_deliveries_dispatch_task,
+)

@@ -62,6 +62,20 @@ def env_list(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in raw.split(",") if item.strip()]
 
 
+def env_float_list(name: str, default: list[float], *, minimum: float | None = None) -> list[float]:
+    """`5,300,1800` -> [5.0, 300.0, 1800.0]."""
+    values = []
+    for item in env_list(name, [str(value) for value in default]):
+        try:
+            value = float(item)
+        except ValueError as exc:
+            raise ImproperlyConfigured(f"{name}: {item!r} is not a number") from exc
+        if minimum is not None and value < minimum:
+            raise ImproperlyConfigured(f"{name}: {value} is below its minimum {minimum}")
+        values.append(value)
+    return values
+
+
 def env_database(name: str, default: str) -> dict:
     try:
         return _env.db_url(name, default=default)

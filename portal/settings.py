@@ -14,6 +14,7 @@ from portal.env import (
     env_database,
     env_dict_int,
     env_float,
+    env_float_list,
     env_int,
     env_list,
     env_str,
@@ -168,7 +169,7 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_ALWAYS_EAGER = False
-SLUICE_WORKER_QUEUES = env_list("SLUICE_WORKER_QUEUES", ["default", "video-hbm"])
+SLUICE_WORKER_QUEUES = env_list("SLUICE_WORKER_QUEUES", ["default", "webhooks", "video-hbm"])
 
 CHANNEL_LAYERS = {
     "default": {
@@ -202,6 +203,8 @@ LOGGING = {
         # Django's default config gives "django" its own console handler; one handler is enough.
         "django": {"handlers": ["console"], "level": "INFO", "propagate": False},
         "django.db.backends": {"level": "WARNING"},
+        # httpx logs every request URL at INFO; webhook URLs are customers' and may carry tokens.
+        "httpx": {"level": "WARNING"},
     },
 }
 
@@ -227,9 +230,36 @@ SLUICE_POOL_RETRY_AFTER_S = env_int("SLUICE_POOL_RETRY_AFTER_S", 2, minimum=1)
 # Budget alert thresholds, percent of the period's budget (dashboard banner, webhook event).
 SLUICE_BUDGET_ALERT_PCT = env_int("SLUICE_BUDGET_ALERT_PCT", 80, minimum=1)
 
+# Webhooks (inference/webhooks.py). Delivery is short work on its own `webhooks` queue.
+SLUICE_WEBHOOK_TIMEOUT_S = env_float("SLUICE_WEBHOOK_TIMEOUT_S", 10.0, minimum=0.01)
+# Seconds before retry 1, 2, ...: Svix's schedule, about a day in all. Each delay gets +-jitter.
+SLUICE_WEBHOOK_RETRY_SCHEDULE_S = env_float_list(
+    "SLUICE_WEBHOOK_RETRY_SCHEDULE_S", [5, 300, 1800, 7200, 18000, 36000, 50400], minimum=0
+)
+SLUICE_WEBHOOK_RETRY_JITTER = env_float("SLUICE_WEBHOOK_RETRY_JITTER", 0.2, minimum=0)
+# Deliveries in a row that give up before the endpoint is disabled (0: never).
+SLUICE_WEBHOOK_DISABLE_AFTER_FAILURES = env_int(
+    "SLUICE_WEBHOOK_DISABLE_AFTER_FAILURES", 5, minimum=0
+)
+# Development only: deliver to loopback/private/link-local addresses.
+SLUICE_WEBHOOK_ALLOW_PRIVATE = env_bool("SLUICE_WEBHOOK_ALLOW_PRIVATE", False)
+# Exact `host:port` pairs exempt from the address check (an internal receiver you trust).
+SLUICE_WEBHOOK_ALLOWED_HOSTS = env_list("SLUICE_WEBHOOK_ALLOWED_HOSTS", [])
+SLUICE_WEBHOOK_MAX_REDIRECTS = env_int("SLUICE_WEBHOOK_MAX_REDIRECTS", 3, minimum=0)
+SLUICE_WEBHOOK_RESPONSE_MAX_BYTES = env_int("SLUICE_WEBHOOK_RESPONSE_MAX_BYTES", 1024, minimum=0)
+# After a rotation the old secret keeps signing (a second signature) for this long.
+SLUICE_WEBHOOK_SECRET_OVERLAP_S = env_int("SLUICE_WEBHOOK_SECRET_OVERLAP_S", 86400, minimum=0)
+# How often the sweeper hands due retries to the webhooks queue.
+SLUICE_WEBHOOK_SWEEP_S = env_float("SLUICE_WEBHOOK_SWEEP_S", 5.0, minimum=0.1)
+
 CELERY_BEAT_SCHEDULE = {
     "reservations-expire": {"task": "quotas.reservations_expire", "schedule": 30.0},
     "reservations-sync": {"task": "quotas.reservations_sync", "schedule": 10.0},
+    "webhook-deliveries-dispatch": {
+        "task": "inference.webhook_deliveries_dispatch",
+        "schedule": SLUICE_WEBHOOK_SWEEP_S,
+        "options": {"queue": "webhooks"},
+    },
 }
 
 # Jobs: a worker refreshes its job's heartbeat every few seconds; a running job whose

@@ -4,6 +4,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularRedocView
 
 from inference import apis as inference_apis
+from inference import webhook_apis, webhook_views
 from portal import apis, views
 from quotas import apis as quota_apis
 
@@ -19,6 +20,23 @@ api_v1 = [
     path("videos", inference_apis.VideoListApi.as_view(), name="api-videos"),
     path("videos/<str:job_id>", inference_apis.VideoDetailApi.as_view(), name="api-video"),
     path("videos/<str:job_id>/content", inference_apis.VideoContentApi.as_view(), name="api-video-content"),
+    path("webhooks", webhook_apis.WebhookListApi.as_view(), name="api-webhooks"),
+    path(
+        "webhooks/deliveries/<str:delivery_id>/redeliver",
+        webhook_apis.WebhookRedeliverApi.as_view(),
+        name="api-webhook-redeliver",
+    ),
+    path("webhooks/<str:endpoint_id>", webhook_apis.WebhookDetailApi.as_view(), name="api-webhook"),
+    path(
+        "webhooks/<str:endpoint_id>/rotate_secret",
+        webhook_apis.WebhookRotateSecretApi.as_view(),
+        name="api-webhook-rotate-secret",
+    ),
+    path(
+        "webhooks/<str:endpoint_id>/deliveries",
+        webhook_apis.WebhookDeliveryListApi.as_view(),
+        name="api-webhook-deliveries",
+    ),
     path("openapi.json", SpectacularJSONAPIView.as_view(), name="api-schema"),
 ]
 
@@ -48,6 +66,27 @@ urlpatterns = [
         "t/<slug:tenant_slug>/members/<int:membership_id>/",
         views.member_update_view,
         name="tenant-member-update",
+    ),
+    path("t/<slug:tenant_slug>/webhooks/", webhook_views.webhooks_page, name="tenant-webhooks"),
+    path(
+        "t/<slug:tenant_slug>/webhooks/<str:endpoint_id>/",
+        webhook_views.webhook_deliveries_page,
+        name="tenant-webhook-deliveries",
+    ),
+    path(
+        "t/<slug:tenant_slug>/webhooks/<str:endpoint_id>/rotate-secret/",
+        webhook_views.webhook_secret_rotate_view,
+        name="tenant-webhook-rotate",
+    ),
+    path(
+        "t/<slug:tenant_slug>/webhooks/<str:endpoint_id>/<str:action>/",
+        webhook_views.webhook_endpoint_action_view,
+        name="tenant-webhook-action",
+    ),
+    path(
+        "t/<slug:tenant_slug>/webhook-deliveries/<str:delivery_id>/redeliver/",
+        webhook_views.webhook_redeliver_view,
+        name="tenant-webhook-redeliver",
     ),
 ]
 

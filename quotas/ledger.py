@@ -21,7 +21,8 @@ from django.db import transaction
 from django.db.models import Sum
 from django.utils import timezone
 
-from portal.models import ApiKey
+from inference.webhooks import webhook_event_publish
+from portal.models import ApiKey, Tenant
 from portal.redis import lua_script, redis_client
 from quotas.admission import (
     ADMITTED,
@@ -30,6 +31,7 @@ from quotas.admission import (
     CountersMissing,
     admission_decide,
 )
+from quotas.cost import mcu_to_cu
 from quotas.errors import SystemOverloaded
 from quotas.limits import (
     CounterKeys,
@@ -352,6 +354,22 @@ def budget_alert_check(*, tenant_id: int, period: str, limits: QuotaLimits, used
     )
     if created:
         logger.info("tenant %s passed %s%% of its %s budget", tenant_id, threshold, period)
+        _budget_alert_publish(tenant_id=tenant_id, period=period, threshold_pct=threshold,
+                              used_mcu=used_mcu, limit_mcu=limits.budget_mcu)
+
+
+def _budget_alert_publish(*, tenant_id: int, period: str, threshold_pct: int, used_mcu: int,
+                          limit_mcu: int) -> None:
+    try:
+        webhook_event_publish(
+            tenant=Tenant.objects.get(pk=tenant_id),
+            event_type="budget.threshold_reached",
+            data={"period": period, "threshold_pct": threshold_pct,
+                  "used_cu": mcu_to_cu(used_mcu), "limit_cu": mcu_to_cu(limit_mcu)},
+        )
+    except Exception:
+        # The reservation is already committed; a webhook problem must not fail the request.
+        logger.exception("could not publish the budget alert webhook for tenant %s", tenant_id)
 
 
 def ledger_adjust(*, tenant_id: int, mcu: int, note: str, api_key_id: int | None = None) -> LedgerEntry:

@@ -6,6 +6,7 @@ who owns another tenant and must get 404 for everything of the first.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import pytest
@@ -117,10 +118,8 @@ class WorkerProcess:
         import os
         import signal
 
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.process.wait(timeout=10)
 
     def stop(self) -> None:

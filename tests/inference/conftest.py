@@ -1,4 +1,102 @@
+"""Fixtures for the webhook tests: a real HTTP receiver on 127.0.0.1 and fast retry settings."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import pytest
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: bytes = b"ok"
+    delay_s: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class Receiver:
+    """Answers POSTs with scripted replies (then 200 "ok") and records what it received."""
+
+    def __init__(self) -> None:
+        self.requests: list[Received] = []
+        self.replies: deque[Reply] = deque()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's naming)
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                receiver.requests.append(Received(self.path, dict(self.headers.items()), body))
+                reply = receiver.replies.popleft() if receiver.replies else Reply()
+                time.sleep(reply.delay_s)
+                try:
+                    self.send_response(reply.status)
+                    for name, value in reply.headers.items():
+                        self.send_header(name, value)
+                    self.send_header("Content-Length", str(len(reply.body)))
+                    self.end_headers()
+                    self.wfile.write(reply.body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up waiting (timeout tests)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks"
+
+    def script(self, *replies: Reply) -> None:
+        self.replies.extend(replies)
+
+    def __enter__(self) -> Receiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def webhook_settings(settings):
+    """Short, deterministic retries; private addresses allowed so the local receiver counts."""
+    settings.SLUICE_WEBHOOK_ALLOW_PRIVATE = True
+    settings.SLUICE_WEBHOOK_ALLOWED_HOSTS = []
+    settings.SLUICE_WEBHOOK_RETRY_SCHEDULE_S = [0.01, 0.02]
+    settings.SLUICE_WEBHOOK_RETRY_JITTER = 0.0
+    settings.SLUICE_WEBHOOK_TIMEOUT_S = 2.0
+    settings.SLUICE_WEBHOOK_DISABLE_AFTER_FAILURES = 3
+    return settings
+
+
+@pytest.fixture
+def receiver(webhook_settings):
+    with Receiver() as running:
+        yield running
+
+
+@pytest.fixture
+def second_receiver(webhook_settings):
+    with Receiver() as running:
+        yield running
 
 
 @pytest.fixture(autouse=True)

@@ -43,9 +43,10 @@ def test_video_quote_prices_without_reserving(cast, api):
     )
     assert response.status_code == 200, response.json()
     body = response.json()
-    assert body["object"] == "quote" and body["estimated_cu"] == 100.0
-    assert response["x-cu-estimate"] == "100.0"
-    assert body["breakdown"]["frames"] == 48 and body["breakdown"]["steps"] == 40
+    # 6 s at 8 fps is 48 frames, rounded to Wan's 4k+1 = 49: 500 CU/min x 49/8/60 min x 2 (steps).
+    assert body["object"] == "quote" and body["estimated_cu"] == 102.084
+    assert response["x-cu-estimate"] == "102.084"
+    assert body["breakdown"]["frames"] == 49 and body["breakdown"]["steps"] == 40
     assert not Reservation.objects.exists()
 
 

@@ -1,0 +1,402 @@
+"""Webhooks: endpoints, publishing events, and at-least-once signed delivery.
+
+Flow: `webhook_event_publish` records an event and one WebhookDelivery per subscribed endpoint,
+and enqueues attempt 1 on the `webhooks` queue when the transaction commits. The task calls
+`webhook_delivery_attempt`, which claims the attempt with a conditional update, POSTs the signed
+body through the SSRF guard and records the outcome. A failed attempt schedules the next one in
+the database (`next_attempt_at`, from SLUICE_WEBHOOK_RETRY_SCHEDULE_S with jitter); the periodic
+`webhook_deliveries_dispatch` hands due ones back to the queue. Retries live in the database, not
+in Celery countdowns, because the schedule spans a day and a Redis broker redelivers long-ETA
+messages unreliably; it also means a lost message or a killed worker is retried, never forgotten.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import random
+import secrets
+from datetime import UTC, datetime, timedelta
+
+from django.conf import settings
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+from standardwebhooks import Webhook
+
+from inference.ssrf import GuardedResponse, UnsafeUrl, guarded_post, url_check_for_registration
+from inference.webhook_models import (
+    DEFAULT_EVENT_TYPES,
+    WEBHOOK_EVENT_TYPES,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookEvent,
+)
+from portal.errors import InvalidParameter
+from portal.models import Tenant
+
+logger = logging.getLogger(__name__)
+
+SECRET_PREFIX = "whsec_"  # noqa: S105 (the format marker, not a secret)
+_SECRET_BYTES = 32  # Standard Webhooks: 24 to 64 random bytes
+_MAX_ENDPOINTS_PER_TENANT = 20
+
+
+# --- secrets and signing ---------------------------------------------------------------------
+
+
+def webhook_secret_generate() -> str:
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(_SECRET_BYTES)).decode("ascii")
+
+
+def _signing_secrets(endpoint: WebhookEndpoint, now: datetime) -> list[str]:
+    active = [endpoint.secret]
+    if (
+        endpoint.previous_secret
+        and endpoint.previous_secret_expires_at
+        and endpoint.previous_secret_expires_at > now
+    ):
+        active.append(endpoint.previous_secret)
+    return active
+
+
+def webhook_headers_sign(
+    *, endpoint: WebhookEndpoint, message_id: str, body: str, now: datetime
+) -> dict[str, str]:
+    """The three Standard Webhooks headers; one `v1,` signature per active secret."""
+    signatures = [
+        Webhook(secret).sign(msg_id=message_id, timestamp=now, data=body)
+        for secret in _signing_secrets(endpoint, now)
+    ]
+    return {
+        "webhook-id": message_id,
+        "webhook-timestamp": str(int(now.timestamp())),
+        "webhook-signature": " ".join(signatures),
+    }
+
+
+# --- endpoints -------------------------------------------------------------------------------
+
+
+def _clean_url(url: str) -> str:
+    url = (url or "").strip()
+    if not url:
+        raise InvalidParameter("url: This field is required.", param="url")
+    if len(url) > 2000:
+        raise InvalidParameter("url: at most 2000 characters.", param="url")
+    try:
+        url_check_for_registration(url)
+    except UnsafeUrl as exc:
+        raise InvalidParameter(f"url: {exc.reason}.", param="url") from exc
+    return url
+
+
+def _clean_event_types(event_types: list[str] | None) -> list[str]:
+    if event_types is None:
+        return list(DEFAULT_EVENT_TYPES)
+    if not isinstance(event_types, list | tuple) or not event_types:
+        raise InvalidParameter("event_types: subscribe to at least one event.", param="event_types")
+    unknown = sorted({name for name in event_types if name not in WEBHOOK_EVENT_TYPES})
+    if unknown:
+        raise InvalidParameter(
+            f"event_types: unknown {', '.join(map(str, unknown))}; choose from "
+            f"{', '.join(WEBHOOK_EVENT_TYPES)}.",
+            param="event_types",
+        )
+    # Stored in the canonical order, without duplicates.
+    return [name for name in WEBHOOK_EVENT_TYPES if name in event_types]
+
+
+def webhook_endpoint_create(
+    *,
+    tenant: Tenant,
+    url: str,
+    event_types: list[str] | None = None,
+    description: str = "",
+    enabled: bool = True,
+) -> WebhookEndpoint:
+    """A new endpoint with a fresh secret. `endpoint.secret` is for this response only."""
+    url = _clean_url(url)
+    event_types = _clean_event_types(event_types)
+    if WebhookEndpoint.objects.filter(tenant=tenant).count() >= _MAX_ENDPOINTS_PER_TENANT:
+        raise InvalidParameter(
+            f"A tenant has at most {_MAX_ENDPOINTS_PER_TENANT} webhook endpoints.", param="url"
+        )
+    endpoint = WebhookEndpoint.objects.create(
+        tenant=tenant,
+        url=url,
+        event_types=event_types,
+        description=description.strip()[:200],
+        enabled=enabled,
+        secret=webhook_secret_generate(),
+    )
+    logger.info("webhook endpoint created tenant=%s endpoint=%s", tenant.slug, endpoint.id)
+    return endpoint
+
+
+def webhook_endpoint_update(
+    *,
+    endpoint: WebhookEndpoint,
+    url: str | None = None,
+    event_types: list[str] | None = None,
+    description: str | None = None,
+    enabled: bool | None = None,
+) -> WebhookEndpoint:
+    """Change what was given. Enabling again clears an automatic disable and its failure run."""
+    changed = ["updated_at"]
+    if url is not None:
+        endpoint.url = _clean_url(url)
+        changed.append("url")
+    if event_types is not None:
+        endpoint.event_types = _clean_event_types(event_types)
+        changed.append("event_types")
+    if description is not None:
+        endpoint.description = description.strip()[:200]
+        changed.append("description")
+    if enabled is not None and enabled != endpoint.enabled:
+        endpoint.enabled = enabled
+        changed.append("enabled")
+        if enabled:
+            endpoint.disabled_reason = ""
+            endpoint.disabled_at = None
+            endpoint.consecutive_failures = 0
+            changed += ["disabled_reason", "disabled_at", "consecutive_failures"]
+    endpoint.updated_at = timezone.now()
+    endpoint.save(update_fields=changed)
+    logger.info("webhook endpoint updated endpoint=%s fields=%s", endpoint.id, ",".join(changed))
+    return endpoint
+
+
+def webhook_endpoint_delete(*, endpoint: WebhookEndpoint) -> None:
+    # Its deliveries go with it; a queued attempt then finds no row and does nothing.
+    logger.info("webhook endpoint deleted endpoint=%s", endpoint.id)
+    endpoint.delete()
+
+
+def webhook_endpoint_secret_rotate(*, endpoint: WebhookEndpoint) -> WebhookEndpoint:
+    """A new secret; the old one keeps signing for SLUICE_WEBHOOK_SECRET_OVERLAP_S."""
+    now = timezone.now()
+    overlap = settings.SLUICE_WEBHOOK_SECRET_OVERLAP_S
+    endpoint.previous_secret = endpoint.secret if overlap else ""
+    endpoint.previous_secret_expires_at = now + timedelta(seconds=overlap) if overlap else None
+    endpoint.secret = webhook_secret_generate()
+    endpoint.updated_at = now
+    endpoint.save(
+        update_fields=["secret", "previous_secret", "previous_secret_expires_at", "updated_at"]
+    )
+    logger.info("webhook secret rotated endpoint=%s", endpoint.id)
+    return endpoint
+
+
+# --- publishing ------------------------------------------------------------------------------
+
+
+def _enqueue_attempt(*, delivery_id: str, attempt: int) -> None:
+    from inference.webhook_tasks import webhook_deliver_task  # the task module imports this one
+
+    webhook_deliver_task.delay_on_commit(delivery_id, attempt)
+
+
+def _claim_lease() -> timedelta:
+    # Long enough for one attempt with all its hops; after it, the sweeper assumes the worker died.
+    hops = settings.SLUICE_WEBHOOK_MAX_REDIRECTS + 1
+    return timedelta(seconds=settings.SLUICE_WEBHOOK_TIMEOUT_S * hops + 30)
+
+
+def _iso_utc(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def webhook_event_publish(*, tenant: Tenant, event_type: str, data: dict) -> WebhookEvent | None:
+    """Record `event_type` with `data` for `tenant` and deliver it to every enabled endpoint that
+    subscribes to it, once this transaction commits. None when no endpoint wants it (nothing is
+    stored then). `data` must be JSON-serialisable (datetimes, Decimals and UUIDs are turned into
+    strings here, so what is stored is exactly what is sent)."""
+    if event_type not in WEBHOOK_EVENT_TYPES:
+        raise InvalidParameter(f"Unknown webhook event type {event_type!r}.", param="event_type")
+    endpoints = [
+        endpoint
+        for endpoint in WebhookEndpoint.objects.filter(tenant=tenant, enabled=True).only(
+            "id", "event_types"
+        )
+        if endpoint.subscribes_to(event_type)
+    ]
+    if not endpoints:
+        return None
+    now = timezone.now()
+    payload = json.loads(json.dumps(
+        {"type": event_type, "timestamp": _iso_utc(now), "data": data}, cls=DjangoJSONEncoder
+    ))
+    with transaction.atomic():
+        event = WebhookEvent.objects.create(
+            tenant=tenant, type=event_type, payload=payload, created_at=now
+        )
+        deliveries = WebhookDelivery.objects.bulk_create(
+            WebhookDelivery(endpoint=endpoint, event=event, next_attempt_at=now + _claim_lease(),
+                            created_at=now, updated_at=now)
+            for endpoint in endpoints
+        )
+        for delivery in deliveries:
+            _enqueue_attempt(delivery_id=delivery.id, attempt=1)
+    logger.info("webhook event %s %s tenant=%s deliveries=%d", event.id, event_type, tenant.slug,
+                len(deliveries))
+    return event
+
+
+# --- delivery --------------------------------------------------------------------------------
+
+
+def retry_delay(*, attempt: int) -> timedelta | None:
+    """How long after failed attempt number `attempt` the next one is due; None: give up."""
+    schedule = settings.SLUICE_WEBHOOK_RETRY_SCHEDULE_S
+    if attempt > len(schedule):
+        return None
+    jitter = settings.SLUICE_WEBHOOK_RETRY_JITTER
+    # Jitter spreads the retries of many deliveries that failed together (an endpoint's outage).
+    factor = random.uniform(1 - jitter, 1 + jitter) if jitter else 1.0  # noqa: S311 (not crypto)
+    return timedelta(seconds=max(0.0, schedule[attempt - 1] * factor))
+
+
+def webhook_body_serialize(event: WebhookEvent) -> str:
+    return json.dumps(event.payload, separators=(",", ":"), ensure_ascii=False)
+
+
+def webhook_delivery_attempt(*, delivery_id: str, attempt: int) -> WebhookDelivery | None:
+    """Make attempt number `attempt` of a delivery (the task's body). A missing delivery, one that
+    is settled, or an attempt number another worker already took is a no-op (returns None): queue
+    redelivery and the sweeper's re-dispatch are both normal."""
+    delivery = (
+        WebhookDelivery.objects.select_related("endpoint", "event", "endpoint__tenant")
+        .filter(pk=delivery_id)
+        .first()
+    )
+    if delivery is None or not delivery.is_live or delivery.attempts != attempt - 1:
+        return None
+    now = timezone.now()
+    endpoint = delivery.endpoint
+    if not endpoint.enabled:
+        WebhookDelivery.objects.filter(pk=delivery.pk, status__in=WebhookDelivery.LIVE_STATUSES,
+                                       attempts=attempt - 1).update(
+            status=WebhookDelivery.Status.GIVING_UP, next_attempt_at=None,
+            last_error="endpoint disabled", updated_at=now,
+        )
+        return None
+    claimed = WebhookDelivery.objects.filter(
+        pk=delivery.pk, status__in=WebhookDelivery.LIVE_STATUSES, attempts=attempt - 1
+    ).update(attempts=attempt, next_attempt_at=now + _claim_lease(), updated_at=now)
+    if claimed != 1:
+        return None
+
+    body = webhook_body_serialize(delivery.event)
+    headers = webhook_headers_sign(endpoint=endpoint, message_id=delivery.event_id, body=body,
+                                   now=now)
+    headers.update({"Content-Type": "application/json", "User-Agent": "Sluice-Webhooks/1"})
+    response = guarded_post(
+        endpoint.url,
+        content=body.encode(),
+        headers=headers,
+        timeout_s=settings.SLUICE_WEBHOOK_TIMEOUT_S,
+        max_redirects=settings.SLUICE_WEBHOOK_MAX_REDIRECTS,
+        max_body_bytes=settings.SLUICE_WEBHOOK_RESPONSE_MAX_BYTES,
+    )
+    return _attempt_record(delivery=delivery, attempt=attempt, started_at=now, response=response)
+
+
+def _attempt_record(*, delivery: WebhookDelivery, attempt: int, started_at: datetime,
+                    response: GuardedResponse) -> WebhookDelivery:
+    succeeded = response.status_code is not None and 200 <= response.status_code < 300
+    error = response.error or ("" if succeeded else f"HTTP {response.status_code}")
+    snippet = response.body_snippet.decode("utf-8", errors="replace")
+    now = timezone.now()
+    if succeeded:
+        status, next_attempt_at = WebhookDelivery.Status.SUCCEEDED, None
+    else:
+        delay = retry_delay(attempt=attempt)
+        status = WebhookDelivery.Status.FAILED if delay is not None else (
+            WebhookDelivery.Status.GIVING_UP)
+        next_attempt_at = now + delay if delay is not None else None
+    with transaction.atomic():
+        WebhookAttempt.objects.create(
+            delivery=delivery, number=attempt, attempted_at=started_at, url=response.url[:2000],
+            status_code=response.status_code, latency_ms=response.latency_ms,
+            response_snippet=snippet, error=error[:300],
+        )
+        WebhookDelivery.objects.filter(pk=delivery.pk, attempts=attempt).update(
+            status=status, next_attempt_at=next_attempt_at, last_status_code=response.status_code,
+            last_latency_ms=response.latency_ms, last_response_snippet=snippet,
+            last_error=error[:300], updated_at=now,
+        )
+    logger.info("webhook delivery %s attempt %d endpoint=%s -> %s", delivery.id, attempt,
+                delivery.endpoint_id, status if not error else f"{status} ({error})")
+    if succeeded:
+        # Reset the failure run, writing only when there is one to reset.
+        WebhookEndpoint.objects.filter(pk=delivery.endpoint_id, consecutive_failures__gt=0).update(
+            consecutive_failures=0
+        )
+    elif status == WebhookDelivery.Status.GIVING_UP:
+        _endpoint_failure_count(endpoint_id=delivery.endpoint_id, last_error=error)
+    delivery.refresh_from_db()
+    return delivery
+
+
+def _endpoint_failure_count(*, endpoint_id: str, last_error: str) -> None:
+    """One more delivery gave up; after a run of them the endpoint is switched off, once."""
+    WebhookEndpoint.objects.filter(pk=endpoint_id).update(
+        consecutive_failures=F("consecutive_failures") + 1
+    )
+    threshold = settings.SLUICE_WEBHOOK_DISABLE_AFTER_FAILURES
+    if not threshold:
+        return
+    now = timezone.now()
+    reason = (f"Disabled automatically after {threshold} deliveries in a row failed "
+              f"(last error: {last_error})")[:300]
+    disabled = WebhookEndpoint.objects.filter(
+        pk=endpoint_id, enabled=True, consecutive_failures__gte=threshold
+    ).update(enabled=False, disabled_reason=reason, disabled_at=now, updated_at=now)
+    if disabled == 1:
+        logger.warning("webhook endpoint %s disabled: %s", endpoint_id, reason)
+
+
+def webhook_deliveries_dispatch(*, now: datetime | None = None, limit: int = 500) -> int:
+    """Hand every delivery whose next attempt is due to the queue (the periodic sweeper).
+
+    Each row is claimed by pushing its due time one lease ahead with a conditional update, so two
+    sweepers never dispatch the same attempt; if its message is lost or its worker dies, the row
+    comes due again after the lease."""
+    now = now or timezone.now()
+    due = list(
+        WebhookDelivery.objects.filter(
+            status__in=WebhookDelivery.LIVE_STATUSES, next_attempt_at__lte=now
+        )
+        .order_by("next_attempt_at")
+        .values_list("pk", "attempts", "next_attempt_at")[:limit]
+    )
+    dispatched = 0
+    for delivery_id, attempts, due_at in due:
+        claimed = WebhookDelivery.objects.filter(
+            pk=delivery_id, attempts=attempts, next_attempt_at=due_at,
+            status__in=WebhookDelivery.LIVE_STATUSES,
+        ).update(next_attempt_at=now + _claim_lease())
+        if claimed == 1:
+            _enqueue_attempt(delivery_id=delivery_id, attempt=attempts + 1)
+            dispatched += 1
+    return dispatched
+
+
+def webhook_delivery_redeliver(*, delivery: WebhookDelivery) -> WebhookDelivery:
+    """Send a delivery's event again, as a new delivery with its own attempts and schedule."""
+    # Read again: the endpoint may have been disabled since the delivery was loaded.
+    if not WebhookEndpoint.objects.filter(pk=delivery.endpoint_id, enabled=True).exists():
+        raise InvalidParameter("Enable the endpoint before redelivering to it.", param="endpoint")
+    now = timezone.now()
+    with transaction.atomic():
+        again = WebhookDelivery.objects.create(
+            endpoint_id=delivery.endpoint_id, event_id=delivery.event_id, redelivery_of=delivery,
+            next_attempt_at=now + _claim_lease(), created_at=now, updated_at=now,
+        )
+        _enqueue_attempt(delivery_id=again.id, attempt=1)
+    logger.info("webhook delivery %s redelivered as %s", delivery.id, again.id)
+    return again

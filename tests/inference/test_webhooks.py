@@ -1,0 +1,380 @@
+"""Publishing, signing, retries, giving up and auto-disable, against a real local receiver."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from datetime import timedelta
+
+import pytest
+from django.core.serializers.json import DjangoJSONEncoder
+from django.utils import timezone
+from standardwebhooks import Webhook, WebhookVerificationError
+
+from inference.webhook_models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent
+from inference.webhooks import (
+    retry_delay,
+    webhook_deliveries_dispatch,
+    webhook_delivery_attempt,
+    webhook_delivery_redeliver,
+    webhook_endpoint_create,
+    webhook_endpoint_secret_rotate,
+    webhook_endpoint_update,
+    webhook_event_publish,
+)
+from portal.errors import InvalidParameter
+from quotas.ledger import budget_alert_check
+from quotas.limits import quota_limits_for
+from tests.factories import tenant_with_limits
+from tests.inference.conftest import Reply
+
+pytestmark = pytest.mark.django_db
+
+Status = WebhookDelivery.Status
+
+
+def publish(tenant, event_type="job.completed", **data) -> WebhookEvent | None:
+    return webhook_event_publish(tenant=tenant, event_type=event_type,
+                                 data=data or {"id": "job_1", "status": "succeeded"})
+
+
+def only_delivery(event: WebhookEvent) -> WebhookDelivery:
+    (delivery,) = event.deliveries.all()
+    return delivery
+
+
+def attempt_next(delivery: WebhookDelivery) -> WebhookDelivery | None:
+    delivery.refresh_from_db()
+    return webhook_delivery_attempt(delivery_id=delivery.id, attempt=delivery.attempts + 1)
+
+
+def drive(delivery: WebhookDelivery) -> list[str]:
+    """What a worker plus the dispatcher would do, without waiting for the schedule."""
+    statuses = []
+    delivery.refresh_from_db()
+    while delivery.is_live:
+        delivery = attempt_next(delivery)
+        statuses.append(delivery.status)
+    return statuses
+
+
+def queued_messages(redis_client) -> list[dict]:
+    return [json.loads(raw) for raw in redis_client.lrange("webhooks", 0, -1)]
+
+
+# --- publishing ----------------------------------------------------------------------------
+
+
+def test_publish_delivers_only_to_enabled_subscribed_endpoints_of_the_tenant(cast, receiver):
+    everything = webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)
+    progress_only = webhook_endpoint_create(tenant=cast.tenant, url=receiver.url,
+                                            event_types=["job.progress"])
+    webhook_endpoint_create(tenant=cast.tenant, url=receiver.url, enabled=False)
+    webhook_endpoint_create(tenant=cast.outsider_tenant, url=receiver.url,
+                            event_types=["job.completed", "job.progress"])
+
+    completed = publish(cast.tenant)
+    assert [d.endpoint_id for d in completed.deliveries.all()] == [everything.id]
+    progress = publish(cast.tenant, "job.progress", id="job_1", progress=0.5)
+    assert [d.endpoint_id for d in progress.deliveries.all()] == [progress_only.id]
+    assert "job.progress" not in everything.event_types  # opt-in only
+    # Nobody listens: nothing is stored.
+    assert publish(cast.tenant, "moderation.case_opened") is not None  # `everything` listens
+    assert webhook_event_publish(tenant=cast.tenant, event_type="job.queued", data={}) is not None
+    WebhookEndpoint.objects.filter(tenant=cast.tenant).update(enabled=False)
+    before = WebhookEvent.objects.count()
+    assert publish(cast.tenant) is None
+    assert WebhookEvent.objects.count() == before
+    with pytest.raises(InvalidParameter):
+        publish(cast.tenant, "job.exploded")
+
+
+def test_event_payload_is_stored_as_sent(cast, receiver):
+    webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)
+    when = timezone.now()
+    event = publish(cast.tenant, finished_at=when, id="job_1")
+    assert event.id.startswith("msg_")
+    assert event.payload["type"] == "job.completed"
+    assert event.payload["timestamp"].endswith("Z")
+    # Datetimes become DjangoJSONEncoder's ISO 8601 strings before storing, as they are sent.
+    assert event.payload["data"] == {"finished_at": DjangoJSONEncoder().default(when),
+                                     "id": "job_1"}
+
+
+def test_publish_enqueues_one_message_per_delivery_on_commit(cast, receiver, clean_redis,
+                                                             django_capture_on_commit_callbacks):
+    webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)
+    webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        event = publish(cast.tenant)
+        assert clean_redis.llen("webhooks") == 0  # nothing leaves before the commit
+    assert len(callbacks) == 2
+    messages = queued_messages(clean_redis)
+    assert {m["headers"]["task"] for m in messages} == {"inference.webhook_deliver"}
+    sent = {tuple(json.loads(base64.b64decode(m["body"]))[0]) for m in messages}
+    assert sent == {(d.id, 1) for d in event.deliveries.all()}
+
+
+# --- signing and delivery ------------------------------------------------------------------
+
+
+def test_delivery_is_signed_per_standard_webhooks(cast, receiver):
+    endpoint = webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)
+    assert endpoint.secret.startswith("whsec_")
+    assert 24 <= len(base64.b64decode(endpoint.secret.removeprefix("whsec_"))) <= 64
+    event = publish(cast.tenant, id="job_7", status="succeeded")
+
+    delivery = attempt_next(only_delivery(event))
+
+    (request,) = receiver.requests
+    assert request.path == "/hooks"
+    assert request.headers["Content-Type"] == "application/json"
+    assert request.headers["webhook-id"] == event.id
+    verified = Webhook(endpoint.secret).verify(request.body, request.headers)
+    assert verified == {"type": "job.completed", "timestamp": event.payload["timestamp"],
+                        "data": {"id": "job_7", "status": "succeeded"}}
+    with pytest.raises(WebhookVerificationError):
+        tampered = request.body.replace(b"job_7", b"job_8")
+        Webhook(endpoint.secret).verify(tampered, request.headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook("whsec_" + base64.b64encode(b"x" * 32).decode()).verify(request.body,
+                                                                          request.headers)
+
+    assert delivery.status == Status.SUCCEEDED and delivery.attempts == 1
+    assert delivery.last_status_code == 200 and delivery.last_response_snippet == "ok"
+    assert delivery.next_attempt_at is None
+    (logged,) = WebhookAttempt.objects.filter(delivery=delivery)
+    assert (logged.number, logged.status_code, logged.error) == (1, 200, "")
+    assert logged.latency_ms >= 0 and logged.url == receiver.url
+
+
+def test_retries_after_500s_then_succeeds_with_the_same_webhook_id(cast, receiver):
+    endpoint = webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)
+    WebhookEndpoint.objects.filter(pk=endpoint.pk).update(consecutive_failures=2)
+    receiver.script(Reply(500, b"boom"), Reply(503, b"busy"))
+    delivery = only_delivery(publish(cast.tenant))
+
+    first = attempt_next(delivery)
+    assert first.status == Status.FAILED and first.last_status_code == 500
+    assert first.last_error == "HTTP 500" and first.last_response_snippet == "boom"
+    # The first retry is due after the schedule's first delay (jitter is 0 in tests).
+    assert first.next_attempt_at - first.updated_at == timedelta(seconds=0.01)
+    assert drive(first) == [Status.FAILED, Status.SUCCEEDED]
+
+    assert len(receiver.requests) == 3
+    assert {r.headers["webhook-id"] for r in receiver.requests} == {delivery.event_id}
+    for request in receiver.requests:  # each attempt is signed afresh and verifies
+        Webhook(endpoint.secret).verify(request.body, request.headers)
+    assert list(WebhookAttempt.objects.filter(delivery=delivery).order_by("number")
+                .values_list("status_code", flat=True)) == [500, 503, 200]
+    endpoint.refresh_from_db()
+    assert endpoint.consecutive_failures == 0  # a success ends the failure run
+
+
+def test_a_receiver_slower_than_the_timeout_is_retried(cast, receiver, settings):
+    settings.SLUICE_WEBHOOK_TIMEOUT_S = 0.2
+    webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)
+    receiver.script(Reply(200, delay_s=1.0))
+    delivery = only_delivery(publish(cast.tenant))
+
+    first = attempt_next(delivery)
+    assert first.status == Status.FAILED
+    assert first.last_status_code is None and "timed out" in first.last_error
+    assert first.last_latency_ms < 1000
+    assert attempt_next(first).status == Status.SUCCEEDED
+
+
+def test_gives_up_after_the_schedule(cast, receiver):
+    endpoint = webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)
+    receiver.script(*[Reply(500)] * 10)
+    delivery = only_delivery(publish(cast.tenant))
+
+    # One attempt plus one per scheduled retry (two in tests), then no more.
+    assert drive(delivery) == [Status.FAILED, Status.FAILED, Status.GIVING_UP]
+    delivery.refresh_from_db()
+    assert delivery.attempts == 3 and delivery.next_attempt_at is None
+    assert webhook_delivery_attempt(delivery_id=delivery.id, attempt=4) is None
+    assert len(receiver.requests) == 3
+    endpoint.refresh_from_db()
+    assert endpoint.consecutive_failures == 1 and endpoint.enabled
+
+
+def test_default_schedule_spans_about_a_day(settings):
+    settings.SLUICE_WEBHOOK_RETRY_SCHEDULE_S = [5, 300, 1800, 7200, 18000, 36000, 50400]
+    settings.SLUICE_WEBHOOK_RETRY_JITTER = 0.2
+    delays = [retry_delay(attempt=n) for n in range(1, 9)]
+    assert delays[-1] is None
+    total = sum(delays[:-1], timedelta())
+    assert timedelta(hours=20) < total < timedelta(hours=40)
+    assert timedelta(seconds=4) <= delays[0] <= timedelta(seconds=6)
+
+
+def test_endpoint_is_disabled_after_a_run_of_failed_deliveries(cast, receiver, caplog):
+    endpoint = webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)
+    receiver.script(*[Reply(500)] * 100)
+    caplog.set_level(logging.INFO)
+    for _ in range(3):  # SLUICE_WEBHOOK_DISABLE_AFTER_FAILURES in tests
+        drive(only_delivery(publish(cast.tenant)))
+
+    endpoint.refresh_from_db()
+    assert not endpoint.enabled and endpoint.auto_disabled
+    assert "3 deliveries in a row failed" in endpoint.disabled_reason
+    assert endpoint.disabled_at is not None
+    assert f"webhook endpoint {endpoint.id} disabled" in caplog.text
+    assert publish(cast.tenant) is None  # nothing further is sent to it
+
+    webhook_endpoint_update(endpoint=endpoint, enabled=True)
+    endpoint.refresh_from_db()
+    assert endpoint.enabled and endpoint.disabled_reason == "" and endpoint.consecutive_failures == 0
+
+
+def test_a_live_delivery_to_an_endpoint_disabled_meanwhile_gives_up(cast, receiver):
+    endpoint = webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)
+    delivery = only_delivery(publish(cast.tenant))
+    webhook_endpoint_update(endpoint=endpoint, enabled=False)
+    assert attempt_next(delivery) is None
+    delivery.refresh_from_db()
+    assert delivery.status == Status.GIVING_UP and delivery.last_error == "endpoint disabled"
+    assert receiver.requests == []
+
+
+def test_attempts_are_claimed_once(cast, receiver):
+    webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)
+    delivery = only_delivery(publish(cast.tenant))
+    assert webhook_delivery_attempt(delivery_id=delivery.id, attempt=1).status == Status.SUCCEEDED
+    # The same message delivered twice, a stale attempt number, a deleted row: all no-ops.
+    assert webhook_delivery_attempt(delivery_id=delivery.id, attempt=1) is None
+    assert webhook_delivery_attempt(delivery_id=delivery.id, attempt=2) is None
+    assert webhook_delivery_attempt(delivery_id="wd_missing", attempt=1) is None
+    assert len(receiver.requests) == 1
+
+
+def test_dispatcher_hands_each_due_retry_to_the_queue_once(cast, receiver, clean_redis,
+                                                           django_capture_on_commit_callbacks):
+    webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)
+    receiver.script(Reply(500))
+    delivery = attempt_next(only_delivery(publish(cast.tenant)))
+    clean_redis.delete("webhooks")
+    assert webhook_deliveries_dispatch(now=delivery.next_attempt_at - timedelta(seconds=1)) == 0
+
+    due = delivery.next_attempt_at
+    with django_capture_on_commit_callbacks(execute=True):
+        assert webhook_deliveries_dispatch(now=due) == 1
+        assert webhook_deliveries_dispatch(now=due) == 0  # claimed for a lease
+    (message,) = queued_messages(clean_redis)
+    assert json.loads(base64.b64decode(message["body"]))[0] == [delivery.id, 2]
+
+
+def test_a_lost_message_or_dead_worker_is_retried_after_its_lease(cast, receiver, clean_redis,
+                                                                 django_capture_on_commit_callbacks):
+    webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)
+    lost = only_delivery(publish(cast.tenant))  # its message never ran (on_commit not executed)
+    assert webhook_deliveries_dispatch(now=timezone.now()) == 0
+    with django_capture_on_commit_callbacks(execute=True):
+        assert webhook_deliveries_dispatch(now=lost.next_attempt_at) == 1
+    (message,) = queued_messages(clean_redis)
+    assert json.loads(base64.b64decode(message["body"]))[0] == [lost.id, 1]
+
+
+def test_response_bodies_are_capped(cast, receiver, settings):
+    settings.SLUICE_WEBHOOK_RESPONSE_MAX_BYTES = 1024
+    webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)
+    receiver.script(Reply(200, b"x" * 200_000))
+    delivery = attempt_next(only_delivery(publish(cast.tenant)))
+    assert delivery.status == Status.SUCCEEDED
+    assert delivery.last_response_snippet == "x" * 1024
+
+
+def test_redirects_are_followed_with_the_same_signed_post(cast, receiver, second_receiver):
+    endpoint = webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)
+    receiver.script(Reply(308, b"", headers={"Location": second_receiver.url}))
+    delivery = attempt_next(only_delivery(publish(cast.tenant)))
+    assert delivery.status == Status.SUCCEEDED
+    (moved,) = second_receiver.requests
+    Webhook(endpoint.secret).verify(moved.body, moved.headers)
+    assert WebhookAttempt.objects.get(delivery=delivery).url == second_receiver.url
+
+
+def test_too_many_redirects_fail_the_attempt(cast, receiver, settings):
+    settings.SLUICE_WEBHOOK_MAX_REDIRECTS = 3
+    webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)
+    receiver.script(*[Reply(302, b"", headers={"Location": "/again"})] * 10)
+    delivery = attempt_next(only_delivery(publish(cast.tenant)))
+    assert delivery.status == Status.FAILED and "more than 3 redirects" in delivery.last_error
+    assert len(receiver.requests) == 4
+
+
+def test_after_rotation_both_secrets_sign_until_the_overlap_ends(cast, receiver, settings):
+    endpoint = webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)
+    old_secret = endpoint.secret
+    webhook_endpoint_secret_rotate(endpoint=endpoint)
+    assert endpoint.secret != old_secret and endpoint.secret.startswith("whsec_")
+    attempt_next(only_delivery(publish(cast.tenant)))
+    request = receiver.requests[-1]
+    assert len(request.headers["webhook-signature"].split(" ")) == 2
+    Webhook(endpoint.secret).verify(request.body, request.headers)
+    Webhook(old_secret).verify(request.body, request.headers)
+
+    WebhookEndpoint.objects.filter(pk=endpoint.pk).update(
+        previous_secret_expires_at=timezone.now() - timedelta(seconds=1))
+    attempt_next(only_delivery(publish(cast.tenant)))
+    request = receiver.requests[-1]
+    Webhook(endpoint.secret).verify(request.body, request.headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(old_secret).verify(request.body, request.headers)
+
+
+def test_redeliver_sends_the_same_event_again_as_a_new_delivery(cast, receiver):
+    endpoint = webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)
+    receiver.script(*[Reply(500)] * 3)
+    delivery = only_delivery(publish(cast.tenant))
+    drive(delivery)
+    again = webhook_delivery_redeliver(delivery=delivery)
+    assert again.id != delivery.id and again.redelivery_of_id == delivery.id
+    assert drive(again) == [Status.SUCCEEDED]
+    assert receiver.requests[-1].headers["webhook-id"] == delivery.event_id
+
+    webhook_endpoint_update(endpoint=endpoint, enabled=False)
+    with pytest.raises(InvalidParameter):
+        webhook_delivery_redeliver(delivery=delivery)
+
+
+def test_the_secret_never_reaches_the_logs(cast, receiver, caplog):
+    caplog.set_level(logging.DEBUG)
+    endpoint = webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)
+    first_secret = endpoint.secret
+    receiver.script(Reply(500))
+    delivery = only_delivery(publish(cast.tenant))
+    drive(delivery)
+    webhook_endpoint_secret_rotate(endpoint=endpoint)
+    webhook_endpoint_update(endpoint=endpoint, url=receiver.url + "/v2")
+    for secret in (first_secret, endpoint.secret):
+        assert secret not in caplog.text
+        assert secret.removeprefix("whsec_") not in caplog.text
+    assert endpoint.secret not in str(endpoint) and endpoint.secret not in repr(endpoint)
+    assert delivery.id in caplog.text  # the log does talk about the delivery
+
+
+def test_a_budget_alert_is_published_once_per_period(cast, receiver, settings):
+    settings.SLUICE_BUDGET_ALERT_PCT = 80
+    tenant = tenant_with_limits(budget_cu=100)
+    endpoint = webhook_endpoint_create(tenant=tenant, url=receiver.url,
+                                       event_types=["budget.threshold_reached"])
+    limits = quota_limits_for(tenant=tenant)
+    for used_mcu in (79_000, 85_000, 90_000):  # below, passing, already passed
+        budget_alert_check(tenant_id=tenant.pk, period="2030-01", limits=limits, used_mcu=used_mcu)
+
+    (event,) = WebhookEvent.objects.filter(tenant=tenant)
+    assert event.type == "budget.threshold_reached"
+    assert event.payload["data"] == {"period": "2030-01", "threshold_pct": 80,
+                                     "used_cu": 85.0, "limit_cu": 100.0}
+    assert only_delivery(event).endpoint_id == endpoint.id
+
+
+def test_receiver_urls_stay_out_of_the_logs(cast, receiver, caplog):
+    caplog.set_level(logging.INFO)
+    url = receiver.url + "?token=customer-secret"
+    webhook_endpoint_create(tenant=cast.tenant, url=url)
+    assert attempt_next(only_delivery(publish(cast.tenant))).status == Status.SUCCEEDED
+    assert "customer-secret" not in caplog.text

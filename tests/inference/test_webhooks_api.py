@@ -1,0 +1,159 @@
+"""/v1/webhooks: CRUD, secrets shown once, delivery log, redeliver, and outsiders get 404."""
+
+from __future__ import annotations
+
+import pytest
+
+from inference.webhook_models import WebhookDelivery, WebhookEndpoint
+from inference.webhooks import webhook_delivery_attempt, webhook_event_publish
+from tests.inference.conftest import Reply
+
+pytestmark = pytest.mark.django_db
+
+
+def create(api, key, **body):
+    return api.bearer(key).post("/v1/webhooks", body, format="json")
+
+
+@pytest.fixture
+def endpoint_body(cast, api, receiver):
+    response = create(api, cast.owner_key, url=receiver.url, description="orders")
+    assert response.status_code == 201, response.json()
+    return response.json()
+
+
+def delivered(tenant) -> WebhookDelivery:
+    event = webhook_event_publish(tenant=tenant, event_type="job.completed", data={"id": "j"})
+    (delivery,) = event.deliveries.all()
+    return webhook_delivery_attempt(delivery_id=delivery.id, attempt=1)
+
+
+def test_create_shows_the_secret_once(cast, api, endpoint_body, receiver):
+    body = endpoint_body
+    assert body["object"] == "webhook_endpoint" and body["id"].startswith("we_")
+    assert body["secret"].startswith("whsec_")
+    assert body["url"] == receiver.url and body["description"] == "orders"
+    assert body["enabled"] is True and "job.progress" not in body["event_types"]
+    assert "job.completed" in body["event_types"]
+    stored = WebhookEndpoint.objects.get(pk=body["id"])
+    assert stored.tenant == cast.tenant and stored.secret == body["secret"]
+
+    listed = api.get("/v1/webhooks")
+    assert [e["id"] for e in listed.json()["data"]] == [body["id"]]
+    retrieved = api.get(f"/v1/webhooks/{body['id']}")
+    for response in (listed, retrieved):
+        assert response.status_code == 200
+        assert body["secret"] not in response.content.decode()
+        assert "secret" not in response.content.decode()
+
+
+def test_create_response_is_not_cached(cast, api, receiver):
+    response = create(api, cast.owner_key, url=receiver.url, event_types=["job.progress"])
+    assert response["Cache-Control"] == "no-store"
+    assert response.json()["event_types"] == ["job.progress"]
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"url": "ftp://example.com/x"}, "url"),
+    ({"url": "http://127.0.0.1/x"}, "url"),
+    ({"url": "http://169.254.169.254/latest"}, "url"),
+    ({}, "url"),
+    ({"url": "https://hooks.invalid/x", "event_types": ["job.exploded"]}, "event_types"),
+    ({"url": "https://hooks.invalid/x", "event_types": []}, "event_types"),
+])
+def test_create_validates(cast, api, settings, body, param):
+    settings.SLUICE_WEBHOOK_ALLOW_PRIVATE = False
+    response = create(api, cast.owner_key, **body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "invalid_parameter" and error["param"].startswith(param)
+    assert not WebhookEndpoint.objects.exists()
+
+
+def test_update_changes_what_was_given(cast, api, endpoint_body, receiver):
+    endpoint_id = endpoint_body["id"]
+    WebhookEndpoint.objects.filter(pk=endpoint_id).update(
+        enabled=False, disabled_reason="Disabled automatically", consecutive_failures=5)
+    response = api.patch(f"/v1/webhooks/{endpoint_id}",
+                         {"event_types": ["job.failed", "job.completed"], "enabled": True},
+                         format="json")
+    assert response.status_code == 200, response.json()
+    body = response.json()
+    assert body["event_types"] == ["job.completed", "job.failed"]
+    assert body["enabled"] is True and body["disabled_reason"] == ""
+    assert body["consecutive_failures"] == 0
+    assert body["url"] == receiver.url and body["description"] == "orders"
+    refused = api.patch(f"/v1/webhooks/{endpoint_id}", {"url": "gopher://x"}, format="json")
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "url"
+
+
+def test_rotate_secret_returns_the_new_secret_once(cast, api, endpoint_body):
+    endpoint_id = endpoint_body["id"]
+    response = api.post(f"/v1/webhooks/{endpoint_id}/rotate_secret")
+    assert response.status_code == 200 and response["Cache-Control"] == "no-store"
+    new_secret = response.json()["secret"]
+    assert new_secret.startswith("whsec_") and new_secret != endpoint_body["secret"]
+    assert WebhookEndpoint.objects.get(pk=endpoint_id).secret == new_secret
+
+
+def test_delete(cast, api, endpoint_body):
+    endpoint_id = endpoint_body["id"]
+    response = api.delete(f"/v1/webhooks/{endpoint_id}")
+    assert response.json() == {"id": endpoint_id, "object": "webhook_endpoint", "deleted": True}
+    assert api.get(f"/v1/webhooks/{endpoint_id}").status_code == 404
+
+
+def test_delivery_log_and_redeliver(cast, api, endpoint_body, receiver):
+    receiver.script(Reply(500, b"down for maintenance"))
+    delivery = delivered(cast.tenant)
+    response = api.get(f"/v1/webhooks/{endpoint_body['id']}/deliveries")
+    assert response.status_code == 200
+    (logged,) = response.json()["data"]
+    assert logged["id"] == delivery.id and logged["event_type"] == "job.completed"
+    assert logged["status"] == "failed" and logged["attempts"] == 1
+    assert logged["last_status_code"] == 500
+    assert logged["last_response_snippet"] == "down for maintenance"
+    assert logged["next_attempt_at"] is not None
+    (attempt,) = logged["log"]
+    assert attempt["number"] == 1 and attempt["status_code"] == 500
+    assert attempt["error"] == "HTTP 500" and attempt["latency_ms"] >= 0
+
+    again = api.post(f"/v1/webhooks/deliveries/{delivery.id}/redeliver")
+    assert again.status_code == 202
+    assert again.json()["redelivery_of"] == delivery.id
+    assert again.json()["event_id"] == delivery.event_id and again.json()["status"] == "pending"
+    filtered = api.get(f"/v1/webhooks/{endpoint_body['id']}/deliveries?status=pending&limit=5")
+    assert [d["id"] for d in filtered.json()["data"]] == [again.json()["id"]]
+
+    api.patch(f"/v1/webhooks/{endpoint_body['id']}", {"enabled": False}, format="json")
+    refused = api.post(f"/v1/webhooks/deliveries/{delivery.id}/redeliver")
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_parameter"
+
+
+def test_outsider_gets_404_everywhere(cast, api, endpoint_body, receiver):
+    endpoint_id = endpoint_body["id"]
+    delivery = delivered(cast.tenant)
+    api.bearer(cast.outsider_key)
+    assert api.get("/v1/webhooks").json()["data"] == []
+    calls = [
+        api.get(f"/v1/webhooks/{endpoint_id}"),
+        api.patch(f"/v1/webhooks/{endpoint_id}", {"enabled": False}, format="json"),
+        api.delete(f"/v1/webhooks/{endpoint_id}"),
+        api.post(f"/v1/webhooks/{endpoint_id}/rotate_secret"),
+        api.get(f"/v1/webhooks/{endpoint_id}/deliveries"),
+        api.post(f"/v1/webhooks/deliveries/{delivery.id}/redeliver"),
+    ]
+    for response in calls:
+        assert response.status_code == 404, response.request
+        assert response.json()["error"]["code"] == "not_found"
+    # Same answer as for ids that do not exist at all.
+    assert api.get("/v1/webhooks/we_missing").json() == calls[0].json()
+    stored = WebhookEndpoint.objects.get(pk=endpoint_id)
+    assert stored.enabled and stored.secret == endpoint_body["secret"]
+    assert WebhookDelivery.objects.count() == 1
+
+
+def test_requires_an_api_key(api, cast):
+    response = api.bearer(None).get("/v1/webhooks")
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_api_key"

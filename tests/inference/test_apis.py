@@ -1,0 +1,202 @@
+"""Jobs and videos over HTTP, SSE and websockets: shapes, resumption, tenant isolation."""
+
+from __future__ import annotations
+
+import pytest
+from channels.testing import WebsocketCommunicator
+from django.test import AsyncClient
+
+from inference.events import event_publish
+from inference.models import Job
+from inference.services import job_claim, job_succeed
+from portal.asgi import application
+from tests.factories import api_key_obj
+
+VIDEO_BODY = {"model": "sluice-video-tiny", "prompt": "a blue circle", "size": "64x64",
+              "seconds": 0.5, "num_inference_steps": 2}
+
+
+def create(api, key, **extra) -> dict:
+    response = api.bearer(key).post("/v1/videos", {**VIDEO_BODY, **extra}, format="json")
+    assert response.status_code == 201, response.json()
+    return response.json()
+
+
+@pytest.mark.django_db
+def test_video_create_and_job_views_are_tenant_scoped(cast, api, sent_tasks):
+    video = create(api, cast.owner_key)
+    job_id = video["id"]
+    assert video["status"] == "queued" and video["size"] == "64x64" and video["frames"] == 5
+    detail = api.get(f"/v1/jobs/{job_id}").json()
+    assert detail["object"] == "job" and detail["kind"] == "video" and detail["estimated_cu"] > 0
+    assert [job["id"] for job in api.get("/v1/jobs").json()["data"]] == [job_id]
+    assert [v["id"] for v in api.get("/v1/videos").json()["data"]] == [job_id]
+
+    api.bearer(cast.outsider_key)
+    assert api.get("/v1/jobs").json()["data"] == []
+    for method, path in [("get", f"/v1/jobs/{job_id}"), ("get", f"/v1/videos/{job_id}"),
+                         ("get", f"/v1/videos/{job_id}/content"), ("delete", f"/v1/videos/{job_id}"),
+                         ("post", f"/v1/jobs/{job_id}/cancel"), ("delete", f"/v1/jobs/{job_id}")]:
+        response = getattr(api, method)(path)
+        assert response.status_code == 404, (method, path)
+        assert response.json()["error"]["code"] == "not_found"
+    assert Job.objects.get(pk=job_id).status == "queued"
+
+
+@pytest.mark.django_db
+def test_idempotency_key_header(cast, api, sent_tasks):
+    api.bearer(cast.owner_key)
+    first = api.post("/v1/videos", VIDEO_BODY, format="json", HTTP_IDEMPOTENCY_KEY="abc")
+    again = api.post("/v1/videos", VIDEO_BODY, format="json", HTTP_IDEMPOTENCY_KEY="abc")
+    assert first.status_code == 201 and again.status_code == 200
+    assert first.json()["id"] == again.json()["id"]
+    conflict = api.post("/v1/videos", {**VIDEO_BODY, "prompt": "other"}, format="json",
+                        HTTP_IDEMPOTENCY_KEY="abc")
+    assert conflict.status_code == 409
+    assert conflict.json()["error"]["code"] == "idempotency_conflict"
+    assert Job.objects.count() == 1
+
+
+@pytest.mark.django_db
+def test_multipart_create_like_the_openai_sdk(cast, api, sent_tasks):
+    response = api.bearer(cast.owner_key).post("/v1/videos", {**VIDEO_BODY, "seconds": "0.5"},
+                                               format="multipart")
+    assert response.status_code == 201, response.json()
+
+
+@pytest.mark.django_db
+def test_cancel_queued_job_over_the_api_refunds(cast, api, sent_tasks, settings):
+    settings.SLUICE_POOL_SLOTS = {"video-hbm": 0}  # nothing can start: every job waits
+    job_id = create(api, cast.owner_key)["id"]
+    response = api.post(f"/v1/jobs/{job_id}/cancel")
+    assert response.status_code == 200 and response.json()["status"] == "cancelled"
+    assert response.json()["actual_cu"] == 0
+    again = api.post(f"/v1/jobs/{job_id}/cancel")
+    assert again.status_code == 400 and again.json()["error"]["code"] == "invalid_parameter"
+    assert sent_tasks == []
+
+
+@pytest.mark.django_db
+def test_content_before_completion_is_404_and_ranges_work_after(cast, api, sent_tasks):
+    from django.core.files.base import ContentFile
+    from django.core.files.storage import default_storage
+
+    job_id = create(api, cast.owner_key)["id"]
+    assert api.get(f"/v1/videos/{job_id}/content").status_code == 404
+    job = job_claim(job_id=job_id, attempt=1)
+    path = default_storage.save(f"videos/{job_id}.mp4", ContentFile(bytes(range(256)) * 4))
+    job_succeed(job=job, actual_mcu=job.estimated_mcu, result={"video": path}, usage={})
+    whole = api.get(f"/v1/videos/{job_id}/content")
+    assert whole.status_code == 200 and whole["Accept-Ranges"] == "bytes"
+    assert b"".join(whole.streaming_content) == bytes(range(256)) * 4
+    part = api.get(f"/v1/videos/{job_id}/content", HTTP_RANGE="bytes=10-19")
+    assert part.status_code == 206 and part.content == bytes(range(10, 20))
+    assert part["Content-Range"] == "bytes 10-19/1024"
+    tail = api.get(f"/v1/videos/{job_id}/content", HTTP_RANGE="bytes=-4")
+    assert tail.content == bytes(range(252, 256))
+    assert api.get(f"/v1/videos/{job_id}/content", HTTP_RANGE="bytes=5000-").status_code == 416
+    assert api.get(f"/v1/videos/{job_id}/content", {"variant": "thumbnail"}).status_code == 404
+
+
+def _publish_story(job: Job) -> None:
+    for step in (1, 2, 3):
+        event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type="job.progress",
+                      data={"step": step})
+    event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type="job.completed",
+                  data={"status": "succeeded"})
+
+
+async def _sse(path: str, headers: dict) -> list[tuple[str, str]]:
+    response = await AsyncClient().get(path, headers=headers)
+    assert response.status_code == 200, response.content
+    body = b"".join([chunk async for chunk in response.streaming_content]).decode()
+    events = []
+    for block in body.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if not line.startswith(":"))
+        if fields:
+            events.append((fields["id"], fields["event"]))
+    return events
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_sse_resumes_from_last_event_id(cast, sent_tasks):
+    from asgiref.sync import sync_to_async
+
+    api_key = await sync_to_async(api_key_obj)(cast.tenant)
+    from inference.registry import model_get
+    from inference.services import job_submit
+    from quotas.cost import CostEstimate
+
+    spec = model_get("sluice-video-tiny")
+    submission = await sync_to_async(job_submit)(
+        api_key=api_key, spec=spec, variant=spec.variant("full"), params={},
+        estimate=CostEstimate(mcu=10), mode="async")
+    job = submission.job
+    await sync_to_async(_publish_story)(job)
+    auth = {"Authorization": f"Bearer {cast.owner_key}"}
+    everything = await _sse(f"/v1/jobs/{job.pk}/events", auth)
+    assert everything == [("1", "job.queued"), ("2", "job.progress"), ("3", "job.progress"),
+                          ("4", "job.progress"), ("5", "job.completed")]
+    resumed = await _sse(f"/v1/jobs/{job.pk}/events", {"Last-Event-ID": "3", **auth})
+    assert resumed == [("4", "job.progress"), ("5", "job.completed")]
+    outsider = await AsyncClient().get(f"/v1/jobs/{job.pk}/events",
+                                       headers={"Authorization": f"Bearer {cast.outsider_key}"})
+    assert outsider.status_code == 404
+    anonymous = await AsyncClient().get(f"/v1/jobs/{job.pk}/events")
+    assert anonymous.status_code == 401
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_websocket_streams_events_and_refuses_outsiders(cast, sent_tasks):
+    from asgiref.sync import sync_to_async
+
+    from inference.registry import model_get
+    from inference.services import job_submit
+    from quotas.cost import CostEstimate
+
+    api_key = await sync_to_async(api_key_obj)(cast.tenant)
+    spec = model_get("sluice-video-tiny")
+    job = (await sync_to_async(job_submit)(
+        api_key=api_key, spec=spec, variant=spec.variant("full"), params={},
+        estimate=CostEstimate(mcu=10), mode="async")).job
+
+    owner = WebsocketCommunicator(application, f"/ws/jobs/{job.pk}/?after=1",
+                                  headers=[(b"authorization", f"Bearer {cast.owner_key}".encode())])
+    connected, _ = await owner.connect()
+    assert connected
+    await sync_to_async(_publish_story)(job)
+    received = [await owner.receive_json_from(timeout=5) for _ in range(4)]
+    assert [(e["seq"], e["type"]) for e in received] == [
+        (2, "job.progress"), (3, "job.progress"), (4, "job.progress"), (5, "job.completed")]
+    assert received[0]["data"]["step"] == 1
+    await owner.disconnect()
+
+    for headers, code in [([(b"authorization", f"Bearer {cast.outsider_key}".encode())], 4404),
+                          ([], 4401), ([(b"authorization", b"Bearer sk-nope")], 4401)]:
+        intruder = WebsocketCommunicator(application, f"/ws/jobs/{job.pk}/", headers=headers)
+        await intruder.connect()
+        message = await intruder.receive_output(timeout=5)
+        assert message == {"type": "websocket.close", "code": code}
+
+
+@pytest.mark.django_db
+def test_job_lifecycle_events_are_sent_as_webhooks(cast, sent_tasks, receiver):
+    from inference.webhook_models import WebhookEvent
+    from inference.webhooks import webhook_endpoint_create
+
+    webhook_endpoint_create(tenant=cast.tenant, url=receiver.url,
+                            event_types=["job.queued", "job.started", "job.completed"])
+    api_key = api_key_obj(cast.tenant)
+    from inference.registry import model_get
+    from inference.services import job_submit
+    from quotas.cost import CostEstimate
+
+    spec = model_get("sluice-video-tiny")
+    job = job_submit(api_key=api_key, spec=spec, variant=spec.variant("full"), params={},
+                     estimate=CostEstimate(mcu=10), mode="async").job
+    job_succeed(job=job_claim(job_id=job.pk, attempt=1), actual_mcu=10,
+                result={"video": "videos/x.mp4"}, usage={})
+    events = list(WebhookEvent.objects.filter(tenant=cast.tenant).order_by("created_at"))
+    assert [event.type for event in events] == ["job.queued", "job.started", "job.completed"]
+    assert events[-1].payload["data"]["id"] == job.pk
+    assert events[-1].payload["data"]["status"] == "succeeded"

@@ -18,6 +18,8 @@ import os
 import time
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
 from inference.tinymodels.model_card import VLLM_CPU_ENGINE_ARGUMENTS, VLLM_CPU_ENVIRONMENT
 
 
@@ -50,6 +52,8 @@ async def stream_one_completion(
             output_kind=RequestOutputKind.DELTA,
         )
         pieces: list[str] = []
+        streamed_token_ids: list[int] = []
+        finished_flags: list[bool] = []
         token_count = 0
         delta_count = 0
         first_token_seconds = None
@@ -60,6 +64,8 @@ async def stream_one_completion(
                 first_token_seconds = time.monotonic() - request_started
             delta_count += 1
             token_count += len(completion.token_ids)
+            streamed_token_ids.extend(completion.token_ids)
+            finished_flags.append(output.finished)
             pieces.append(completion.text)
         request_seconds = time.monotonic() - request_started
     finally:
@@ -67,7 +73,13 @@ async def stream_one_completion(
         # AsyncLLM.__del__ calls shutdown() again; at interpreter exit that raises
         # "TypeError: 'NoneType' object is not callable", so drop the engine while alive.
         del engine
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    streamed_text = "".join(pieces)
     return {
+        # DELTA outputs carry only the new tokens and text of each step; joined, they must
+        # equal decoding all the ids at once (byte-level BPE can split a UTF-8 character).
+        "deltas_join_to_full_decode": streamed_text == tokenizer.decode(streamed_token_ids),
+        "only_last_output_finished": finished_flags[-1] and not any(finished_flags[:-1]),
         "engine_arguments": engine_arguments,
         "environment": {key: os.environ.get(key) for key in VLLM_CPU_ENVIRONMENT},
         "engine_start_seconds": round(engine_start_seconds, 1),
@@ -75,7 +87,7 @@ async def stream_one_completion(
         "streamed_deltas": delta_count,
         "completion_tokens": token_count,
         "tokens_per_second": round(token_count / request_seconds, 1),
-        "text": "".join(pieces),
+        "text": streamed_text,
     }
 
 
@@ -84,7 +96,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--quantization", default=None)
     parser.add_argument("--dtype", default=None, help="override the card's float32")
-    parser.add_argument("--prompt", default="def fibonacci(n):\n")
+    parser.add_argument("--prompt", default="def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci — ünïcode.")
     parser.add_argument("--max-tokens", type=int, default=128)
     arguments = parser.parse_args()
     for key, value in VLLM_CPU_ENVIRONMENT.items():

@@ -13,7 +13,7 @@ import random
 import textwrap
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -330,7 +330,10 @@ def header_completion_eval(
     examples: list[dict] = []
     for batch_start in range(0, len(headers), batch_size):
         batch = headers[batch_start : batch_start + batch_size]
-        prompts = [tokenizer.bos_token + header.text for header in batch]
+        # The prompt stops at the colon, not after the newline: BPE merges "\n" with the
+        # next line's indentation ("\n    " is one token), so a prompt ending in a bare
+        # "\n" is a token boundary the model never saw in training.
+        prompts = [tokenizer.bos_token + header.text.rstrip("\n") for header in batch]
         encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         output = model.generate(
             **encoded,
@@ -344,9 +347,12 @@ def header_completion_eval(
         new_tokens = output[:, encoded["input_ids"].shape[1] :]
         for header, tokens in zip(batch, new_tokens, strict=True):
             generated = tokenizer.decode(tokens, skip_special_tokens=True)
-            body = cut_body(generated)
-            raw = header.text + body
-            repaired = repaired_completion(header.text, body)
+            # Whatever the model adds to the header line itself (a comment, say) stays.
+            header_line_rest, newline, after_header = generated.partition("\n")
+            completed_header = header.text.rstrip("\n") + header_line_rest + "\n"
+            body = cut_body(after_header) if newline else ""
+            raw = completed_header + body
+            repaired = repaired_completion(completed_header, body)
             examples.append(
                 {
                     "file": header.relative_path,
@@ -377,7 +383,3 @@ def header_completion_eval(
 
 def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def plan_as_dict(plan: TrainingPlan) -> dict:
-    return asdict(plan)

@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from inference.tinymodels import code_model
 from inference.tinymodels.code_model import CodeModelShape, TrainingPlan
@@ -41,6 +42,11 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--validation-windows", type=int, default=200)
     parser.add_argument("--eval-completions", type=int, default=100)
+    parser.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="re-run the evaluation (and model card) of the model already in --out",
+    )
     parser.add_argument(
         "--tiny", action="store_true", help="a one-layer toy shape, for tests of this command"
     )
@@ -83,19 +89,29 @@ def main(argv: list[str] | None = None) -> Path:
     )
     print(f"untrained validation loss {untrained_validation_loss:.3f}", flush=True)
 
-    with (out / "training_log.jsonl").open("w", encoding="utf-8") as log_file:
+    if arguments.eval_only:
+        # Training figures come from the run that made the weights; only the eval is new.
+        previous = json.loads((out / "eval.json").read_text(encoding="utf-8"))
+        training, plan = previous["training"], TrainingPlan(**previous["plan"])
+        command = previous["command"]
+        threads = previous["threads"]
+        model = AutoModelForCausalLM.from_pretrained(out)
+        tokenizer = AutoTokenizer.from_pretrained(out)
+    else:
+        command = "python -m inference.tinymodels.train_code " + " ".join(sys.argv[1:])
+        threads = arguments.threads
+        with (out / "training_log.jsonl").open("w", encoding="utf-8") as log_file:
 
-        def log_line(record: dict) -> None:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-            if record["step"] % 25 == 0 or record["step"] == 1:
-                print(json.dumps(record), flush=True)
+            def log_line(record: dict) -> None:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                if record["step"] % 25 == 0 or record["step"] == 1:
+                    print(json.dumps(record), flush=True)
 
-        training = code_model.train_code_model(model, train_stream, plan, log_line)
-
-    model.generation_config = code_model.default_generation_config(tokenizer)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+            training = code_model.train_code_model(model, train_stream, plan, log_line)
+        model.generation_config = code_model.default_generation_config(tokenizer)
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
 
     trained_validation_loss = code_model.validation_loss(
         model, validation_stream, plan.sequence_length, arguments.validation_windows
@@ -107,7 +123,7 @@ def main(argv: list[str] | None = None) -> Path:
     evaluation = {
         "parameters": code_model.parameter_count(model),
         "shape": asdict(shape),
-        "plan": code_model.plan_as_dict(plan),
+        "plan": asdict(plan),
         "training": training,
         "corpus": {
             "python": platform.python_version(),
@@ -130,9 +146,11 @@ def main(argv: list[str] | None = None) -> Path:
         "header_completions": {
             key: value for key, value in completions.items() if key != "examples"
         },
-        "threads": arguments.threads,
-        "command_seconds": round(time.monotonic() - command_started, 1),
-        "command": "python -m inference.tinymodels.train_code " + " ".join(sys.argv[1:]),
+        "threads": threads,
+        "command_seconds": round(time.monotonic() - command_started, 1)
+        if not arguments.eval_only
+        else previous["command_seconds"],
+        "command": command,
     }
     code_model.write_json(out / "eval.json", evaluation)
     code_model.write_json(out / "eval_completions.json", {"examples": completions["examples"]})

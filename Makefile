@@ -32,3 +32,6 @@ clean:
 
 bench-admission: $(STAMP)
 	$(PY) -m bench.admission
+
+bench-jobs: $(STAMP)
+	BENCH_DATABASE_URL=$${BENCH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/sluice_bench} $(PY) -m bench.jobs

@@ -14,10 +14,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import redis
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
 from django.conf import settings
 
+from portal.broadcast import group_broadcast
 from portal.redis import lua_script, redis_client
 
 logger = logging.getLogger(__name__)
@@ -59,12 +58,7 @@ def event_publish(*, job_id: str, tenant_id: int, event_type: str, data: dict) -
         args=[event_type, json.dumps(payload), STREAM_TTL_S, STREAM_MAXLEN],
     )
     if event_type in STATUS_EVENTS:
-        try:
-            async_to_sync(get_channel_layer().group_send)(
-                tenant_group(tenant_id), {"type": "job.status", "event": event_type, "data": payload}
-            )
-        except Exception:  # a missed live-list refresh must never fail the job
-            logger.warning("group broadcast of %s for %s failed", event_type, job_id)
+        group_broadcast(tenant_group(tenant_id), {"type": "job.status", "event": event_type, "data": payload})
     if event_type in STATUS_EVENTS or (event_type == "job.progress" and _progress_webhook_due(job_id)):
         _webhook(tenant_id=tenant_id, event_type=event_type,
                  data={"id": job_id, "object": "job", "seq": int(seq), **data})
@@ -76,10 +70,14 @@ def _progress_webhook_due(job_id: str) -> bool:
 
 
 def _webhook(*, tenant_id: int, event_type: str, data: dict) -> None:
+    from inference.webhook_models import WebhookEndpoint
     from inference.webhooks import webhook_event_publish
     from portal.models import Tenant
 
     try:
+        # Most tenants have no endpoint: one cheap query spares them the rest.
+        if not WebhookEndpoint.objects.filter(tenant_id=tenant_id, enabled=True).exists():
+            return
         tenant = Tenant.objects.only("id", "slug").get(pk=tenant_id)
         webhook_event_publish(tenant=tenant, event_type=event_type, data=data)
     except Exception:  # delivery is retried by webhooks; recording must never fail the job

@@ -126,3 +126,41 @@ def test_usage_rejects_bad_parameters(cast, api, params, param):
     response = api.bearer(cast.owner_key).get("/v1/usage", params)
     assert response.status_code == 400
     assert response.json()["error"]["param"] == param
+
+
+def test_text_quote_counts_prompt_tokens_with_the_models_tokenizer(cast, api):
+    from inference.registry import model_get
+    from inference.tokenization import count_tokens, render_chat
+
+    messages = [{"role": "user", "content": "def add(a, b):"}]
+    response = api.bearer(cast.owner_key).post(
+        "/v1/quotes", {"model": "sluice-code-tiny", "messages": messages, "max_tokens": 100},
+        format="json")
+    assert response.status_code == 200, response.json()
+    body = response.json()
+    spec = model_get("sluice-code-tiny")
+    prompt_tokens = count_tokens(spec, render_chat(spec, messages))
+    assert body["breakdown"]["prompt_tokens"] == prompt_tokens > 3
+    assert body["estimated_cu"] == (prompt_tokens + 100) / 1000
+    assert body["variant"] == "full"
+
+
+def test_free_tier_text_quote_uses_the_quantized_discount(api):
+    free_key = api_key_for(TenantFactory(tier=tier("free")))
+    body = api.bearer(free_key).post(
+        "/v1/quotes", {"model": "sluice-code-tiny", "prompt": "x = 1", "max_tokens": 998},
+        format="json").json()
+    assert body["variant"] == "quantized"
+    assert body["estimated_cu"] == pytest.approx((body["breakdown"]["prompt_tokens"] + 998) / 2000, abs=0.001)
+
+
+def test_prompt_longer_than_the_context_is_400_context_length_exceeded(cast, api):
+    response = api.bearer(cast.owner_key).post(
+        "/v1/quotes", {"model": "sluice-code-tiny", "prompt": "x = 1\n" * 400, "max_tokens": 10},
+        format="json")
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+    assert response.json()["error"]["param"] == "prompt"
+    too_many = api.post("/v1/quotes", {"model": "sluice-code-tiny", "prompt": "x", "max_tokens": 5000},
+                        format="json")
+    assert too_many.json()["error"]["code"] == "context_length_exceeded"

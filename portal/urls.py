@@ -4,7 +4,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularRedocView
 
 from inference import apis as inference_apis
-from inference import webhook_apis, webhook_views
+from inference import text_apis, webhook_apis, webhook_views
 from portal import apis, views
 from quotas import apis as quota_apis
 
@@ -13,6 +13,8 @@ api_v1 = [
     path("models/<str:model_id>", apis.ModelDetailApi.as_view(), name="api-model-detail"),
     path("quotes", quota_apis.QuoteApi.as_view(), name="api-quotes"),
     path("usage", quota_apis.UsageApi.as_view(), name="api-usage"),
+    path("chat/completions", text_apis.chat_completions, name="api-chat-completions"),
+    path("completions", text_apis.completions, name="api-completions"),
     path("jobs", inference_apis.JobListApi.as_view(), name="api-jobs"),
     path("jobs/<str:job_id>", inference_apis.JobDetailApi.as_view(), name="api-job"),
     path("jobs/<str:job_id>/cancel", inference_apis.JobCancelApi.as_view(), name="api-job-cancel"),

@@ -117,3 +117,7 @@ def sent_tasks(monkeypatch):
         lambda args, queue: sent.append((args[0], args[1], queue)),
     )
     return sent
+
+
+# The real text stack (vLLM servers, text worker, ASGI server), started once per session.
+from tests.inference.text_stack import text_engines, text_stack  # noqa: E402, F401

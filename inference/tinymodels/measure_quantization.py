@@ -28,7 +28,7 @@ from inference.tinymodels.code_tokenizer import split_train_validation, stdlib_s
 from inference.tinymodels.model_card import VLLM_CPU_ENGINE_ARGUMENTS, VLLM_CPU_ENVIRONMENT
 
 SEQUENCE_LENGTH = 256
-DECODE_PROMPT = "def parse_header(line):\n"
+DECODE_PROMPT = "def parse_header(line):"
 DECODE_TOKENS = 128
 BATCH_REQUESTS = 16
 
@@ -52,11 +52,14 @@ def transformers_figures(model, tokenizer, windows: list[list[int]]) -> dict:
         losses.append(torch.nn.functional.cross_entropy(logits[0], ids[0, 1:]).item())
     prompt = tokenizer(DECODE_PROMPT, return_tensors="pt")
     model.generate(**prompt, max_new_tokens=8, do_sample=False)  # warm-up
-    started = time.monotonic()
-    output = model.generate(
-        **prompt, max_new_tokens=DECODE_TOKENS, min_new_tokens=DECODE_TOKENS, do_sample=False
-    )
-    seconds = time.monotonic() - started
+    # Best of three: the machine is shared, and the fastest run is the least disturbed.
+    seconds = math.inf
+    for _attempt in range(3):
+        started = time.monotonic()
+        output = model.generate(
+            **prompt, max_new_tokens=DECODE_TOKENS, min_new_tokens=DECODE_TOKENS, do_sample=False
+        )
+        seconds = min(seconds, time.monotonic() - started)
     new_tokens = output.shape[1] - prompt["input_ids"].shape[1]
     loss = sum(losses) / len(losses)
     return {
@@ -72,8 +75,12 @@ def vllm_figures(model_path: Path, dtype: str, windows: list[list[int]]) -> dict
 
     started = time.monotonic()
     engine = LLM(
-        **{**VLLM_CPU_ENGINE_ARGUMENTS, "model": str(model_path), "tokenizer": str(model_path)},
-        dtype=dtype,
+        **{
+            **VLLM_CPU_ENGINE_ARGUMENTS,
+            "model": str(model_path),
+            "tokenizer": str(model_path),
+            "dtype": dtype,
+        }
     )
     engine_start_seconds = time.monotonic() - started
     scoring = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
@@ -86,12 +93,14 @@ def vllm_figures(model_path: Path, dtype: str, windows: list[list[int]]) -> dict
         losses.append(-sum(logprobs) / len(logprobs))
     decode = SamplingParams(max_tokens=DECODE_TOKENS, temperature=0.0, ignore_eos=True)
     engine.generate([DECODE_PROMPT], decode)  # warm-up
-    started = time.monotonic()
-    single = engine.generate([DECODE_PROMPT], decode)
-    single_seconds = time.monotonic() - started
-    started = time.monotonic()
-    batch = engine.generate([DECODE_PROMPT] * BATCH_REQUESTS, decode)
-    batch_seconds = time.monotonic() - started
+    single_seconds = batch_seconds = math.inf
+    for _attempt in range(3):  # best of three, as above
+        started = time.monotonic()
+        single = engine.generate([DECODE_PROMPT], decode)
+        single_seconds = min(single_seconds, time.monotonic() - started)
+        started = time.monotonic()
+        batch = engine.generate([DECODE_PROMPT] * BATCH_REQUESTS, decode)
+        batch_seconds = min(batch_seconds, time.monotonic() - started)
     loss = sum(losses) / len(losses)
     result = {
         "engine_start_seconds": round(engine_start_seconds, 1),
@@ -114,7 +123,7 @@ def main() -> None:
     parser.add_argument("--full", type=Path, required=True)
     parser.add_argument("--int8", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--windows", type=int, default=200)  # as in eval.json
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-vllm", action="store_true")
     arguments = parser.parse_args()
@@ -148,6 +157,9 @@ def main() -> None:
     if not arguments.skip_vllm:
         report["vllm_fp32"] = vllm_figures(arguments.full, "float32", windows)
         print(json.dumps(report["vllm_fp32"], indent=2), flush=True)
+        # bfloat16 without int8 separates what the 16-bit activations cost from what int8 costs.
+        report["vllm_bf16"] = vllm_figures(arguments.full, "bfloat16", windows)
+        print(json.dumps(report["vllm_bf16"], indent=2), flush=True)
         report["vllm_int8_w8a8"] = vllm_figures(arguments.int8, "bfloat16", windows)
         print(json.dumps(report["vllm_int8_w8a8"], indent=2), flush=True)
     arguments.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -82,27 +82,36 @@ def test_chat_template_renders_a_prompt(code_tokenizer):
 
 
 def tricky_stdlib_files() -> list[Path]:
-    """Files with tabs, non-ASCII text, trailing whitespace, and a few large ordinary ones."""
+    """Files with CRLF line ends, non-ASCII text, and large ordinary ones.
+
+    (No stdlib .py file is tab-indented or has trailing spaces; the synthetic test below
+    covers those.)
+    """
+    root = stdlib_root()
     files = stdlib_source_files()
-    with_tabs = [f for f in files if "\t" in f.text][:3]
-    with_unicode = [f for f in files if not f.text.isascii()][:3]
-    with_trailing_spaces = [f for f in files if " \n" in f.text][:2]
-    ordinary = [f for f in files if f.relative_path in {"typing.py", "inspect.py", "textwrap.py"}]
-    chosen = with_tabs + with_unicode + with_trailing_spaces + ordinary
-    assert with_tabs and with_unicode and ordinary
-    return [stdlib_root() / f.relative_path for f in chosen]
+    with_unicode = [root / f.relative_path for f in files if not f.text.isascii()][:3]
+    ordinary = [root / name for name in ("typing.py", "inspect.py", "textwrap.py")]
+    # CRLF files live in test data dirs, which the corpus skips; the tokenizer must not care.
+    with_crlf = [
+        root / "lib2to3" / "tests" / "data" / "crlf.py",
+        root / "test" / "tokenizedata" / "coding20731.py",
+    ]
+    chosen = with_unicode + ordinary + [p for p in with_crlf if p.exists()]
+    assert with_unicode
+    return chosen
 
 
 @pytest.mark.parametrize("path", tricky_stdlib_files(), ids=lambda p: p.name)
 def test_tokenizer_round_trips_stdlib_source_exactly(code_tokenizer, path: Path):
-    source = path.read_text(encoding="utf-8")
+    # Bytes, not read_text(): universal newlines would turn CRLF into LF before the test.
+    source = path.read_bytes().decode("utf-8")
     ids = code_tokenizer(source, add_special_tokens=False)["input_ids"]
     assert code_tokenizer.decode(ids) == source
 
 
 def test_tokenizer_round_trips_awkward_text(code_tokenizer):
     source = (
-        "def f(\tx ,y ) :\r\n\t\treturn  x+ y   \n\n\n"
+        "class A:\n\tdef f(\tx ,y ) :\r\n\t\treturn  x+ y   \n\n\n"
         "s = 'naïve café — 日本語 🐍'  # trailing  \n"
         "    \t  \n"
         "x = '<|eos|>'\n"  # a special token's text inside source code

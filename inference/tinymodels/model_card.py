@@ -57,6 +57,10 @@ by file with a hash of the relative path: {corpus["train_files"]} train files
 ({training["tokens_seen"]} tokens seen), AdamW, peak lr {evaluation["plan"]["peak_learning_rate"]},
 warmup + cosine, {training["train_seconds"]} s of training on {evaluation["threads"]} CPU threads
 (whole command {evaluation["command_seconds"]} s). Log: `training_log.jsonl`.
+Training stops at `--max-steps` or `--minutes`, whichever comes first (the cosine schedule
+follows whichever is further along); {training["steps"]} of {evaluation["plan"]["max_steps"]} planned steps
+fit in the time budget here, on 2 cores shared with another engineer's test runs
+(~0.76 s/step alone, several seconds a step under contention).
 Command: `{evaluation["command"]}`.
 
 ## Evaluation (`eval.json`)
@@ -108,12 +112,12 @@ stream. Notes for the engine code:
 - vLLM logs "Passing raw prompts to InputProcessor is deprecated" for string prompts;
   it still works in 0.32.
 - `dtype="float32"` is needed for this checkpoint's full-precision path; the int8 copy
-  runs with `dtype="bfloat16"` (see `QUANTIZATION.md`). `quantization="fp8"` on CPU fails
+  runs with `dtype="bfloat16"` (see `../QUANTIZATION.md`). `quantization="fp8"` on CPU fails
   (GPU path only).
 
 ## Prompting note
-The tokenizer merges a newline with the next line's indentation (`"\n    "` is one token),
-so a completion prompt that ends in a bare `"\n"` puts the model on a token boundary it
+The tokenizer merges a newline with the next line's indentation (`"\\n    "` is one token),
+so a completion prompt that ends in a bare `"\\n"` puts the model on a token boundary it
 never saw in training and it tends to stop at once. End code prompts at the `:` (or the
 last non-newline character) instead; the eval above does.
 """

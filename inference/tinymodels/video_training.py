@@ -108,25 +108,44 @@ def normalised_latents(pipeline: WanPipeline, clips: torch.Tensor) -> torch.Tens
     return (latents - mean) / std
 
 
-def train_transformer(pipeline: WanPipeline, steps: int, batch_size: int, seed: int) -> dict:
+def train_transformer(
+    pipeline: WanPipeline, steps: int, batch_size: int, seed: int, clips_per_label: int = 64
+) -> dict:
     with torch.no_grad():
-        prompt_embeddings = {
-            label: pipeline.encode_prompt(
-                label.prompt, do_classifier_free_guidance=False, max_sequence_length=MAX_PROMPT_TOKENS
-            )[0][0]
-            for label in ALL_LABELS
-        }
+        prompt_embeddings = torch.stack(
+            [
+                pipeline.encode_prompt(
+                    label.prompt,
+                    do_classifier_free_guidance=False,
+                    max_sequence_length=MAX_PROMPT_TOKENS,
+                )[0][0]
+                for label in ALL_LABELS
+            ]
+        )
+    # Encode a fixed pool of clips once: the VAE is frozen now, and encoding every batch
+    # anew would cost more CPU than the transformer's own training.
+    rng = random.Random(seed)
+    pool_labels = [index for index in range(len(ALL_LABELS)) for _ in range(clips_per_label)]
+    pool_latents = torch.cat(
+        [
+            normalised_latents(
+                pipeline,
+                torch.stack([synthetic_clip(ALL_LABELS[i], rng) for i in pool_labels[start : start + 32]]),
+            )
+            for start in range(0, len(pool_labels), 32)
+        ]
+    )
+    pool_label_tensor = torch.tensor(pool_labels)
     transformer = pipeline.transformer
     transformer.train()
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=1e-3, weight_decay=0.0)
-    rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
     shift = pipeline.scheduler.config.shift
     started = time.monotonic()
     loss_value = float("nan")
     for _step in range(steps):
-        clips, labels = clip_batch(batch_size, rng)
-        clean = normalised_latents(pipeline, clips)
+        picks = torch.randint(0, len(pool_labels), (batch_size,), generator=generator)
+        clean = pool_latents[picks]
         noise = torch.randn(clean.shape, generator=generator)
         # The same shifted sigma distribution the scheduler samples at inference.
         uniform = torch.rand(batch_size, generator=generator)
@@ -136,7 +155,7 @@ def train_transformer(pipeline: WanPipeline, steps: int, batch_size: int, seed: 
         prediction = transformer(
             hidden_states=noisy,
             timestep=sigma * 1000,
-            encoder_hidden_states=torch.stack([prompt_embeddings[label] for label in labels]),
+            encoder_hidden_states=prompt_embeddings[pool_label_tensor[picks]],
             return_dict=False,
         )[0]
         # Flow matching: the Euler scheduler moves along d(latent)/d(sigma) = noise - clean.
@@ -147,7 +166,12 @@ def train_transformer(pipeline: WanPipeline, steps: int, batch_size: int, seed: 
         optimizer.step()
         loss_value = loss.item()
     transformer.eval()
-    return {"steps": steps, "final_loss": round(loss_value, 5), "seconds": round(time.monotonic() - started, 1)}
+    return {
+        "steps": steps,
+        "pool_clips": len(pool_labels),
+        "final_loss": round(loss_value, 5),
+        "seconds": round(time.monotonic() - started, 1),
+    }
 
 
 def read_square(frames: np.ndarray) -> tuple[str, str] | None:

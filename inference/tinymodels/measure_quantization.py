@@ -163,7 +163,7 @@ def main() -> None:
         report["vllm_bf16"] = vllm_figures(arguments.full, "bfloat16", windows)
         report["vllm_int8_w8a8"] = vllm_figures(arguments.int8, "bfloat16", windows)
     reference = report["transformers_fp32"]["token_logprobs"]
-    for name, figures in report.items():
+    for figures in report.values():
         if isinstance(figures, dict) and "token_logprobs" in figures:
             variant = figures.pop("token_logprobs")
             # The mean loss hides noise that cancels out; the per-token difference does not.

@@ -8,13 +8,13 @@ Everything comes from the running interpreter's standard library; nothing is dow
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
 import json
 import math
 import os
 import platform
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch

@@ -71,7 +71,9 @@ def test_chat_template_renders_a_prompt(code_tokenizer):
         {"role": "system", "content": "You write Python."},
         {"role": "user", "content": "A function that adds."},
     ]
-    prompt = code_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt = code_tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
     assert prompt == (
         "<|bos|><|system|>\nYou write Python.<|end|>\n"
         "<|user|>\nA function that adds.<|end|>\n<|assistant|>\n"
@@ -125,8 +127,19 @@ def test_train_command_runs_end_to_end_on_a_tiny_budget(tmp_path: Path):
     out = tmp_path / "code"
     train_code.main(
         [
-            "--out", str(out), "--tiny", "--max-steps", "3", "--batch-size", "2",
-            "--sequence-length", "64", "--validation-windows", "2", "--eval-completions", "2",
+            "--out",
+            str(out),
+            "--tiny",
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--sequence-length",
+            "64",
+            "--validation-windows",
+            "2",
+            "--eval-completions",
+            "2",
         ]
     )
     log_lines = (out / "training_log.jsonl").read_text().splitlines()
@@ -167,12 +180,17 @@ def test_video_artifact_loads_offline_and_generates_with_a_callback_per_step(tmp
     assert load_seconds < 5  # about 0.05 s when the machine is idle
     steps_seen: list[tuple[int, int]] = []
     frames = video_model.generate_frames(
-        pipeline, "a red square moving left", num_frames=9, height=32, width=32,
-        num_inference_steps=3, on_step=lambda step, total: steps_seen.append((step, total)),
+        pipeline,
+        "a red square moving left",
+        num_frames=9,
+        height=32,
+        width=32,
+        num_inference_steps=3,
+        on_step=lambda step, total: steps_seen.append((step, total)),
     )
     assert steps_seen == [(0, 3), (1, 3), (2, 3)]
     assert frames.shape == (9, 32, 32, 3)
-    assert 0.0 <= frames.min() and frames.max() <= 1.0
+    assert frames.min() >= 0.0 and frames.max() <= 1.0
     mp4 = video_model.write_mp4(frames, tmp_path / "clip.mp4")
     assert build_video.probe_mp4_frames(mp4) == 9
 
@@ -185,7 +203,12 @@ def test_video_build_command_runs_to_a_folder_that_loads(tmp_path: Path):
     pipeline = video_model.load_video_pipeline(out)
     steps_seen: list[int] = []
     frames = video_model.generate_frames(
-        pipeline, "a blue circle", num_frames=5, height=32, width=32, num_inference_steps=2,
+        pipeline,
+        "a blue circle",
+        num_frames=5,
+        height=32,
+        width=32,
+        num_inference_steps=2,
         on_step=lambda step, total: steps_seen.append(step),
     )
     assert steps_seen == [0, 1]

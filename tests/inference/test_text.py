@@ -200,7 +200,7 @@ def test_higher_tier_priority_is_served_first_under_contention(text_stack):
                 if line.startswith("data: {") and name not in first_token_at:
                     first_token_at[name] = time.monotonic()
 
-    blocker = threading.Thread(target=stream, args=("blocker", pro_key, 400, "import sys\n"))
+    blocker = threading.Thread(target=stream, args=("blocker", pro_key, 900, "import sys\n"))
     blocker.start()
     while "blocker" not in first_token_at:
         time.sleep(0.01)

@@ -3,12 +3,14 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularRedocView
 
+from moderation.apis import ModerationsApi
 from portal import apis, views
 
 api_v1 = [
     path("models", apis.ModelListApi.as_view(), name="api-models"),
     path("models/<str:model_id>", apis.ModelDetailApi.as_view(), name="api-model-detail"),
     path("openapi.json", SpectacularJSONAPIView.as_view(), name="api-schema"),
+    path("moderations", ModerationsApi.as_view(), name="api-moderations"),
 ]
 
 urlpatterns = [
@@ -17,6 +19,7 @@ urlpatterns = [
     path("readyz", apis.readyz, name="readyz"),
     path("docs/api", SpectacularRedocView.as_view(url_name="api-schema"), name="api-docs"),
     path("admin/", admin.site.urls),
+    path("moderation/", include("moderation.urls")),
     path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path(

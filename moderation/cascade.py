@@ -84,6 +84,7 @@ def _ms_since(started: float) -> float:
 
 
 def _decide(attack: float, harmful: float, policy: Policy, thresholds: Thresholds) -> str:
+    """`attack` is 0.0 where attacks are not judged (model output, see the window checker)."""
     if attack >= thresholds.attack(policy.block_fpr) or harmful >= thresholds.harmful(
         policy.block_fpr
     ):
@@ -148,9 +149,17 @@ def _rule_verdict(prepared: _Prepared, policy: Policy) -> SafetyVerdict:
 
 
 def safety_check_inputs(
-    *, texts: Sequence[str], policy: Policy, rules: RuleSet | None = None
+    *,
+    texts: Sequence[str],
+    policy: Policy,
+    rules: RuleSet | None = None,
+    judge_attacks: bool = True,
 ) -> list[SafetyVerdict]:
-    """The cascade for several prompts; those not decided by a rule share one encoder pass."""
+    """The cascade for several prompts (one call, one classifier load, shared timings).
+
+    judge_attacks=False scores jailbreak/injection but decides on harmful content and rules
+    only: for model output, where "an attack on the model" is not the question.
+    """
     rules = rules if rules is not None else rules_active()
     batch_started = time.perf_counter()
     prepared = [_prepare(text, rules) for text in texts]
@@ -208,15 +217,19 @@ def safety_check_inputs(
                 "injection": round(float(probabilities[row, LABELS.index("injection")]), 6),
                 "harmful": round(float(harmful[worst_harmful[owner]]), 6),
             }
-            action = _decide(
-                float(attack[row]), scores["harmful"], policy, classifier.thresholds
-            )
+            judged_attack = float(attack[row]) if judge_attacks else 0.0
+            action = _decide(judged_attack, scores["harmful"], policy, classifier.thresholds)
             timings = dict(prepared[owner].timings_ms, classifier=round(classifier_ms, 3))
             verdicts[owner] = SafetyVerdict(
                 action=action,
                 category_scores=scores,
                 unsafe_score=round(max(float(attack[row]), scores["harmful"]), 6),
-                categories=_categories(scores, action, policy, classifier.thresholds),
+                categories=_categories(
+                    scores if judge_attacks else scores | {"jailbreak": 0.0, "injection": 0.0},
+                    action,
+                    policy,
+                    classifier.thresholds,
+                ),
                 stage="classifier",
                 policy_slug=policy.slug,
                 tricks=prepared[owner].normalized.tricks,
@@ -247,10 +260,12 @@ def safety_check_output_window(*, text_so_far: str, policy: Policy) -> SafetyVer
     """Check a streamed generation on its trailing window (two windows long).
 
     The window bounds the cost of each check however long the stream grows; the overlap makes
-    sure text cut at a window boundary is read whole at least once.
+    sure text cut at a window boundary is read whole at least once. Output is blocked on rules
+    and on harmful content; the attack scores are reported but do not block, because ordinary
+    generated code reads like the code contexts that carry injections in the training data.
     """
     window = text_so_far[-policy.output_window_chars * _OUTPUT_OVERLAP :]
-    return safety_check_input(text=window, policy=policy)
+    return safety_check_inputs(texts=[window], policy=policy, judge_attacks=False)[0]
 
 
 class OutputModerator:

@@ -60,7 +60,7 @@ class SafetyPolicy(models.Model):
     slug = models.SlugField(max_length=32, unique=True)
     name = models.CharField(max_length=64)
     block_fpr = models.FloatField(choices=_OPERATING_POINT_CHOICES, default=0.01)
-    review_fpr = models.FloatField(choices=_OPERATING_POINT_CHOICES, default=0.05)
+    review_fpr = models.FloatField(choices=_OPERATING_POINT_CHOICES, default=0.02)
     # Streams are checked every this many new characters (and once at the end).
     output_window_chars = models.PositiveIntegerField(default=400)
     is_default = models.BooleanField(default=False)

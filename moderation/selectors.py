@@ -30,6 +30,18 @@ def safety_policy_for_tenant(*, tenant: Tenant) -> SafetyPolicy:
     return policy
 
 
+def tenant_find(*, slug: str) -> Tenant | None:
+    """Moderators look tenants up across the platform (they are not members of them)."""
+    return Tenant.objects.filter(slug=slug).first()
+
+
+def tenant_get(*, slug: str) -> Tenant:
+    tenant = tenant_find(slug=slug)
+    if tenant is None:
+        raise NotFound()
+    return tenant
+
+
 def cases_for_review(
     *,
     tenant: Tenant | None,

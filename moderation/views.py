@@ -17,7 +17,6 @@ from moderation import selectors, services
 from moderation.forms import DecisionForm, QueueFilterForm, UnsuspendForm
 from moderation.models import ModerationCase
 from portal.errors import InvalidParameter, NotFound, PermissionDenied
-from portal.models import Tenant
 
 _UNDECIDED = [ModerationCase.Status.OPEN, ModerationCase.Status.ESCALATED]
 
@@ -37,18 +36,13 @@ def moderator_page(view):
     return wrapper
 
 
-def _tenant_by_slug(slug: str) -> Tenant:
-    tenant = Tenant.objects.filter(slug=slug).first()
-    if tenant is None:
-        raise NotFound()
-    return tenant
-
-
 @moderator_page
 def review_queue(request):
     form = QueueFilterForm(request.GET or None)
     filters = form.cleaned_data if form.is_valid() else {}
-    tenant = Tenant.objects.filter(slug=filters["tenant"]).first() if filters.get("tenant") else None
+    tenant = None
+    if filters.get("tenant"):
+        tenant = selectors.tenant_find(slug=filters["tenant"])
     cases = selectors.cases_for_review(
         tenant=tenant,
         statuses=[filters["status"]] if filters.get("status") else _UNDECIDED,
@@ -97,7 +91,7 @@ def case_detail(request, case_id: int):
 def tenant_unsuspend(request, tenant_slug: str):
     form = UnsuspendForm(request.POST)
     note = form.cleaned_data["note"] if form.is_valid() else ""
-    tenant = _tenant_by_slug(tenant_slug)
+    tenant = selectors.tenant_get(slug=tenant_slug)
     services.tenant_suspension_lift(tenant=tenant, moderator=request.user, note=note)
     messages.success(request, f"{tenant.name} is active again.")
     return redirect("moderation-queue")
@@ -106,7 +100,7 @@ def tenant_unsuspend(request, tenant_slug: str):
 @moderator_page
 def overturned_export(request):
     slug = request.GET.get("tenant")
-    tenant = _tenant_by_slug(slug) if slug else None
+    tenant = selectors.tenant_get(slug=slug) if slug else None
     response = StreamingHttpResponse(
         selectors.overturned_cases_jsonl(tenant=tenant), content_type="application/jsonl"
     )

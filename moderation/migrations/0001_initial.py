@@ -81,7 +81,7 @@ class Migration(migrations.Migration):
                 ('slug', models.SlugField(max_length=32, unique=True)),
                 ('name', models.CharField(max_length=64)),
                 ('block_fpr', models.FloatField(choices=[(0.002, '0.2% false positives on dev'), (0.005, '0.5% false positives on dev'), (0.01, '1.0% false positives on dev'), (0.02, '2.0% false positives on dev'), (0.05, '5.0% false positives on dev'), (0.1, '10.0% false positives on dev')], default=0.01)),
-                ('review_fpr', models.FloatField(choices=[(0.002, '0.2% false positives on dev'), (0.005, '0.5% false positives on dev'), (0.01, '1.0% false positives on dev'), (0.02, '2.0% false positives on dev'), (0.05, '5.0% false positives on dev'), (0.1, '10.0% false positives on dev')], default=0.05)),
+                ('review_fpr', models.FloatField(choices=[(0.002, '0.2% false positives on dev'), (0.005, '0.5% false positives on dev'), (0.01, '1.0% false positives on dev'), (0.02, '2.0% false positives on dev'), (0.05, '5.0% false positives on dev'), (0.1, '10.0% false positives on dev')], default=0.02)),
                 ('output_window_chars', models.PositiveIntegerField(default=400)),
                 ('is_default', models.BooleanField(default=False)),
             ],

@@ -145,13 +145,14 @@ RULES = [
     },
 ]
 
-# Operating points are false-positive rates on dev (see moderation/models.py).
+# Operating points are false-positive rates on dev (see moderation/models.py). Review bands are
+# narrow on purpose: every prompt in them opens a case, and reviewers' time is finite.
 POLICIES = [
-    {"slug": "strict", "name": "Strict", "block_fpr": 0.05, "review_fpr": 0.1,
+    {"slug": "strict", "name": "Strict", "block_fpr": 0.02, "review_fpr": 0.05,
      "output_window_chars": 200, "is_default": False},
-    {"slug": "standard", "name": "Standard", "block_fpr": 0.01, "review_fpr": 0.05,
+    {"slug": "standard", "name": "Standard", "block_fpr": 0.01, "review_fpr": 0.02,
      "output_window_chars": 400, "is_default": True},
-    {"slug": "permissive", "name": "Permissive", "block_fpr": 0.002, "review_fpr": 0.02,
+    {"slug": "permissive", "name": "Permissive", "block_fpr": 0.002, "review_fpr": 0.01,
      "output_window_chars": 800, "is_default": False},
 ]
 TIER_POLICY = {"free": "strict", "pro": "standard", "enterprise": "standard"}

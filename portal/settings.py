@@ -290,3 +290,19 @@ SLUICE_CODE_MODEL_INT8_PATH = env_str(
 )
 # Celery execution pool per queue: text workers stream from a shared engine, many at a time.
 SLUICE_WORKER_POOLS = env_dict_str("SLUICE_WORKER_POOLS", {"text-batch": "threads"})
+
+# Safety cascade and moderation (moderation/; README "Safety").
+SLUICE_SAFETY_ARTIFACT_DIR = Path(
+    env_str("SLUICE_SAFETY_ARTIFACT_DIR", str(BASE_DIR / "moderation" / "artifacts"))
+)
+# How long a process keeps its compiled SafetyRule set before re-reading the table.
+SLUICE_SAFETY_RULES_TTL_S = env_float("SLUICE_SAFETY_RULES_TTL_S", 30.0, minimum=0)
+# Intra-op threads for the safety encoder; 1 keeps a request from contending with its neighbours.
+SLUICE_SAFETY_TORCH_THREADS = env_int("SLUICE_SAFETY_TORCH_THREADS", 1, minimum=1)
+SLUICE_MODERATION_PROMPT_RETENTION_DAYS = env_int(
+    "SLUICE_MODERATION_PROMPT_RETENTION_DAYS", 30, minimum=0
+)
+SLUICE_MODERATION_STRIKES_TO_SUSPEND = env_int("SLUICE_MODERATION_STRIKES_TO_SUSPEND", 3, minimum=1)
+SLUICE_MODERATION_STRIKE_WINDOW_HOURS = env_int(
+    "SLUICE_MODERATION_STRIKE_WINDOW_HOURS", 168, minimum=1
+)

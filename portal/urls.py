@@ -5,6 +5,7 @@ from drf_spectacular.views import SpectacularJSONAPIView, SpectacularRedocView
 
 from inference import apis as inference_apis
 from inference import text_apis, webhook_apis, webhook_views
+from moderation.apis import ModerationsApi
 from portal import apis, views
 from quotas import apis as quota_apis
 
@@ -40,6 +41,7 @@ api_v1 = [
         name="api-webhook-deliveries",
     ),
     path("openapi.json", SpectacularJSONAPIView.as_view(), name="api-schema"),
+    path("moderations", ModerationsApi.as_view(), name="api-moderations"),
 ]
 
 urlpatterns = [
@@ -48,6 +50,7 @@ urlpatterns = [
     path("readyz", apis.readyz, name="readyz"),
     path("docs/api", SpectacularRedocView.as_view(url_name="api-schema"), name="api-docs"),
     path("admin/", admin.site.urls),
+    path("moderation/", include("moderation.urls")),
     path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path(

@@ -202,10 +202,13 @@ class VideoListApi(APIView):
     def post(self, request):
         from inference.requests import video_request_parse
         from inference.services import job_submit
+        from moderation.services import safety_screen_input
         from quotas.cost import video_cost
 
         payload = {key: request.data.get(key) for key in request.data}
         video = video_request_parse(payload=payload, tier=request.user.tenant.tier)
+        safety_screen_input(tenant=request.user.tenant, api_key=request.auth, text=video.prompt,
+                            endpoint="videos", request_id=getattr(request, "request_id", ""))
         estimate = video_cost(spec=video.spec, width=video.width, height=video.height,
                               frames=video.frames, steps=video.steps)
         submission = job_submit(

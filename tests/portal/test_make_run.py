@@ -23,7 +23,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _platform_env(tmp_path: Path, redis_url: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "SLUICE_DEBUG"}}
-    env.update(SLUICE_VAR_DIR=str(tmp_path / "var"), REDIS_URL=redis_url, PYTHONUNBUFFERED="1")
+    env.update(SLUICE_VAR_DIR=str(tmp_path / "var"), REDIS_URL=redis_url, PYTHONUNBUFFERED="1",
+               # The engines take a minute to load; the text tests start them (text_stack).
+               SLUICE_VLLM_START="false")
     return env
 
 

@@ -18,6 +18,7 @@ from inference.services import (
     job_fail,
     job_heartbeat,
     job_output,
+    job_preview,
     job_progress,
     job_succeed,
 )
@@ -68,6 +69,7 @@ def job_run(*, job_id: str, attempt: int) -> str:
         emit_progress=lambda progress, data: job_progress(job=job, progress=progress, data=data),
         emit_output=emit_output,
         should_stop=lambda: job_cancel_requested(job_id=job.pk),
+        emit_preview=lambda data: job_preview(job=job, data=data),
     )
     with _Heartbeat(job.pk):
         try:

@@ -21,6 +21,7 @@ class RunContext:
     emit_progress: Callable[[float, dict], None]
     emit_output: Callable[[dict], None]
     should_stop: Callable[[], bool]
+    emit_preview: Callable[[dict], None] = lambda data: None  # engines without previews ignore it
 
 
 @dataclass

@@ -55,7 +55,7 @@ class VideoSpec:
     # bias, so a preview costs a matmul instead of a VAE decode. None: the first three channels.
     preview_rgb_factors: tuple[tuple[float, float, float], ...] | None = None
     preview_rgb_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    preview_max_side: int = 160  # px; keeps a preview JPEG at a few KB
+    preview_max_side: int = 128  # px; keeps a preview JPEG under ~6 KB of base64, even of noise
 
     def frames_for(self, seconds: float) -> int:
         wanted = max(1, round(seconds * self.fps))

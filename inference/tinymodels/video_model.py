@@ -96,7 +96,7 @@ def load_video_pipeline(path: Path, *, dtype: torch.dtype = torch.float32) -> Wa
     components = {}
     if importlib.util.find_spec("accelerate") is None:
         components["transformer"] = _load_transformer_without_accelerate(path / "transformer", dtype)
-    pipeline = WanPipeline.from_pretrained(path, local_files_only=True, torch_dtype=dtype, **components)
+    pipeline = WanPipeline.from_pretrained(path, local_files_only=True, dtype=dtype, **components)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -113,9 +113,9 @@ def _load_transformer_without_accelerate(folder: Path, dtype: torch.dtype) -> Wa
     if dtype != torch.float32:
         transformer.to(dtype)
         keep = set(transformer._keep_in_fp32_modules or [])
-        for name, module in transformer.named_modules():
+        for name, param in transformer.named_parameters():
             if keep & set(name.split(".")):
-                module.to(torch.float32)
+                param.data = param.data.to(torch.float32)
     return transformer.eval()
 
 

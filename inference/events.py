@@ -107,7 +107,9 @@ async def events_follow(*, job_id: str, after_seq: int = 0, block_ms: int = 15_0
     (so callers can send keep-alives). Ends after the terminal event."""
     import redis.asyncio as aioredis
 
-    client = aioredis.Redis.from_url(settings.REDIS_URL)
+    # redis-py 8 reads with a 5 s socket timeout by default: a blocking XREAD longer than that
+    # (a video step can take longer) would end every follower with a TimeoutError.
+    client = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=block_ms / 1000 + 5)
     last = f"0-{after_seq}"
     try:
         while True:

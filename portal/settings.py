@@ -177,7 +177,10 @@ SLUICE_WORKER_QUEUES = env_list("SLUICE_WORKER_QUEUES", ["default", "webhooks", 
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "prefix": "sluice:ch"},
+        # redis-py 8 reads with a 5 s socket timeout by default, the same as channels_redis's
+        # blocking receive (BZPOPMIN, 5 s): every consumer idle that long died with a
+        # TimeoutError. The read timeout must exceed the blocking one.
+        "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 15}], "prefix": "sluice:ch"},
     }
 }
 

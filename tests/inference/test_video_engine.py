@@ -11,7 +11,11 @@ from PIL import Image
 
 from inference.engines import engine_for
 from inference.engines.base import RunContext
-from inference.engines.diffusers import latent_preview_jpeg, pipeline_memory_configure, runtime_device
+from inference.engines.diffusers import (
+    latent_preview_jpeg,
+    pipeline_memory_configure,
+    runtime_device,
+)
 from inference.registry import model_get
 from inference.tinymodels.video_model import load_video_pipeline
 

@@ -102,8 +102,8 @@ class _Subprocess:
         import subprocess
         from pathlib import Path
 
-        env = dict(os.environ, DATABASE_URL=database_url_for_subprocesses(), PYTHONUNBUFFERED="1",
-                   SLUICE_JOB_HEARTBEAT_TTL_S="2", **(extra_env or {}))
+        env = {**os.environ, "DATABASE_URL": database_url_for_subprocesses(), "PYTHONUNBUFFERED": "1",
+               "SLUICE_JOB_HEARTBEAT_TTL_S": "2", **(extra_env or {})}
         self.log_path = Path(env["SLUICE_VAR_DIR"]) / f"{name}-{os.getpid()}-{id(self)}.log"
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from django.conf import settings
 
@@ -24,6 +25,10 @@ from inference.services import (
 )
 
 logger = logging.getLogger(__name__)
+
+# The job row's `progress` (for pollers) is written at most this often; followers get every
+# step from the stream, and the finish sets 100.
+PROGRESS_ROW_INTERVAL_S = 1.0
 
 
 class _Heartbeat:
@@ -62,11 +67,20 @@ def job_run(*, job_id: str, attempt: int) -> str:
         job_output(job=job, data=data, first=first_output[0])
         first_output[0] = False
 
+    progress_saved_at = [float("-inf")]
+
+    def emit_progress(progress: float, data: dict) -> None:
+        now = time.monotonic()
+        persist = now - progress_saved_at[0] >= PROGRESS_ROW_INTERVAL_S
+        if persist:
+            progress_saved_at[0] = now
+        job_progress(job=job, progress=progress, data=data, persist=persist)
+
     context = RunContext(
         job_id=job.pk,
         params=job.params,
         variant=job.variant,
-        emit_progress=lambda progress, data: job_progress(job=job, progress=progress, data=data),
+        emit_progress=emit_progress,
         emit_output=emit_output,
         should_stop=lambda: job_cancel_requested(job_id=job.pk),
         emit_preview=lambda data: job_preview(job=job, data=data),

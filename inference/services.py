@@ -152,11 +152,13 @@ def job_cancel_requested(*, job_id: str) -> bool:
     return bool(redis_client().exists(CANCEL_KEY.format(job_id=job_id)))
 
 
-def job_progress(*, job: Job, progress: float, data: dict) -> None:
-    # Followers first: the stream is what a watching user sees; the row serves polling.
+def job_progress(*, job: Job, progress: float, data: dict, persist: bool = True) -> None:
+    """Every step goes to the stream; the row (which serves polling) only when `persist`:
+    a write per denoising step would cost more than the step on small jobs."""
     event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type="job.progress",
                   data={"progress": progress, **data})
-    Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(progress=progress)
+    if persist:
+        Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(progress=progress)
 
 
 def job_preview(*, job: Job, data: dict) -> None:

@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sluice-installed
 
-.PHONY: run test install lint bench-admission bench-safety bench-jobs bench-text clean
+.PHONY: run test install lint bench-admission bench-safety bench-jobs bench-text bench-video clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,3 +41,6 @@ bench-jobs: $(STAMP)
 
 bench-text: $(STAMP)
 	$(PY) -m bench.text
+
+bench-video: $(STAMP)
+	$(PY) -m bench.video

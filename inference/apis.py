@@ -8,6 +8,8 @@ from asgiref.sync import sync_to_async
 from django.http import StreamingHttpResponse
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
+from rest_framework.exceptions import NotAcceptable
+from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -242,7 +244,20 @@ class VideoDetailApi(APIView):
         return Response(video_representation(job_cancel(job=job)))
 
 
+class _AnyAcceptNegotiation(DefaultContentNegotiation):
+    """The openai SDK downloads with `Accept: application/binary`, which no renderer offers:
+    the body is a file whatever the client accepts, and errors still render as JSON."""
+
+    def select_renderer(self, request, renderers, format_suffix=None):
+        try:
+            return super().select_renderer(request, renderers, format_suffix)
+        except NotAcceptable:
+            return renderers[0], renderers[0].media_type
+
+
 class VideoContentApi(APIView):
+    content_negotiation_class = _AnyAcceptNegotiation
+
     @extend_schema(operation_id="videos_content")
     def get(self, request, job_id: str):
         from inference.media import ranged_file_response

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -25,8 +26,8 @@ STREAM_TTL_S = 24 * 3600
 STREAM_MAXLEN = 20_000
 TERMINAL_EVENTS = frozenset({"job.completed", "job.failed", "job.cancelled"})
 STATUS_EVENTS = frozenset({"job.queued", "job.started"}) | TERMINAL_EVENTS
-# job.progress also goes out as a webhook (to endpoints that opted in), at most this often.
-PROGRESS_WEBHOOK_INTERVAL_S = 5
+# job.progress also goes out as a webhook (to endpoints that opted in), at most once per
+# settings.SLUICE_WEBHOOK_PROGRESS_INTERVAL_S; job.preview (JPEG frames) only on the stream.
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,10 @@ def tenant_group(tenant_id: int) -> str:
 
 
 def event_publish(*, job_id: str, tenant_id: int, event_type: str, data: dict) -> int:
-    """Append an event to the job's stream; status changes also go to the tenant's group."""
-    payload = {"job_id": job_id, **data}
+    """Append an event to the job's stream; status changes also go to the tenant's group.
+
+    `published_at` (epoch seconds) lets a follower measure how late an event reached it."""
+    payload = {"job_id": job_id, "published_at": round(time.time(), 6), **data}
     seq = lua_script(redis_client(), "publish", package="inference")(
         keys=[stream_key(job_id), f"{stream_key(job_id)}:seq"],
         args=[event_type, json.dumps(payload), STREAM_TTL_S, STREAM_MAXLEN],
@@ -66,7 +69,8 @@ def event_publish(*, job_id: str, tenant_id: int, event_type: str, data: dict) -
 
 
 def _progress_webhook_due(job_id: str) -> bool:
-    return bool(redis_client().set(f"ev:{job_id}:whp", 1, nx=True, ex=PROGRESS_WEBHOOK_INTERVAL_S))
+    interval_ms = max(1, round(settings.SLUICE_WEBHOOK_PROGRESS_INTERVAL_S * 1000))
+    return bool(redis_client().set(f"ev:{job_id}:whp", 1, nx=True, px=interval_ms))
 
 
 def _webhook(*, tenant_id: int, event_type: str, data: dict) -> None:
@@ -103,8 +107,9 @@ async def events_follow(*, job_id: str, after_seq: int = 0, block_ms: int = 15_0
     (so callers can send keep-alives). Ends after the terminal event."""
     import redis.asyncio as aioredis
 
-    # The socket must outlast the blocking read (redis-py's default timeout is shorter).
-    client = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=block_ms / 1000 + 10,
+    # redis-py 8 reads with a 5 s socket timeout by default: the socket must outlast the
+    # blocking XREAD (a video step can take longer), or every follower ends with a TimeoutError.
+    client = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=block_ms / 1000 + 5,
                                      socket_connect_timeout=5)
     last = f"0-{after_seq}"
     try:

@@ -45,10 +45,29 @@ class VideoSpec:
     sizes: tuple[str, ...]  # "WxH" values the model accepts (multiples of 16 for Wan)
     # Wan's VAE compresses time 4x: clips have 4k+1 frames.
     frame_step: int = 4
+    # Memory: decoding a 720p clip in one piece needs tens of GiB of activations; tiles of
+    # 256 px bound that, at a small cost in speed, from this many output pixels per frame up.
+    vae_tiling_min_pixels: int = 512 * 512
+    # Slicing decodes a batch one video at a time (only matters for batches > 1).
+    vae_slicing: bool = True
+    # bf16 halves weights and activations on GPUs; CPUs have no fast bf16 kernels for these ops.
+    cuda_dtype: str = "bfloat16"
+    cpu_dtype: str = "float32"
+    # Previews: a fixed linear map from the latent channels to RGB (rows: channels), plus a
+    # bias, so a preview costs a matmul instead of a VAE decode. None: the first three channels.
+    preview_rgb_factors: tuple[tuple[float, float, float], ...] | None = None
+    preview_rgb_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    preview_max_side: int = 128  # px; keeps a preview JPEG under ~6 KB of base64, even of noise
 
     def frames_for(self, seconds: float) -> int:
         wanted = max(1, round(seconds * self.fps))
         return self.frame_step * max(0, round((wanted - 1) / self.frame_step)) + 1
+
+    def dtype_name(self, device_type: str) -> str:
+        return self.cuda_dtype if device_type == "cuda" else self.cpu_dtype
+
+    def vae_tiling_for(self, *, width: int, height: int) -> bool:
+        return width * height >= self.vae_tiling_min_pixels
 
 
 @dataclass(frozen=True)
@@ -66,6 +85,21 @@ class ModelSpec:
 
     def variant(self, name: str) -> ModelVariant:
         return self.variants.get(name) or self.variants["full"]
+
+
+# Wan 2.1 latents (normalised, as the denoising loop holds them) -> approximate RGB: the
+# 16x3 map and bias of ComfyUI's `comfy/latent_formats.py` Wan21 format, a linear fit of Wan's
+# VAE decoder. The tiny model shares the latent layout but its VAE is random, so there its
+# previews show structure, not faithful colour; a model with another VAE sets its own map.
+WAN21_LATENT_RGB_FACTORS = (
+    (-0.1299, -0.1692, 0.2932), (0.0671, 0.0406, 0.0442), (0.3568, 0.2548, 0.1747),
+    (0.0372, 0.2344, 0.1420), (0.0313, 0.0189, -0.0328), (0.0296, -0.0956, -0.0665),
+    (-0.3477, -0.4059, -0.2925), (0.0166, 0.1902, 0.1975), (-0.0412, 0.0267, -0.1364),
+    (-0.1293, 0.0740, 0.1636), (0.0680, 0.3019, 0.1128), (0.0032, 0.0581, 0.0639),
+    (-0.1251, 0.0927, 0.1699), (0.0060, -0.0633, 0.0005), (0.3477, 0.2275, 0.2950),
+    (0.1984, 0.0913, 0.1861),
+)
+WAN21_LATENT_RGB_BIAS = (-0.1835, -0.0868, -0.3360)
 
 
 def _registry() -> dict[str, ModelSpec]:
@@ -106,8 +140,13 @@ def _registry() -> dict[str, ModelSpec]:
                 reference_steps=20,
                 default_steps=20,
                 max_steps=50,
-                max_seconds=10.0,
-                sizes=("64x64", "128x128", "256x256", "1280x720", "720x1280"),
+                # 12 s and the four sizes are what the openai SDK's typed Videos API sends
+                # (seconds "4" | "8" | "12"; 720x1280, 1280x720, 1024x1792, 1792x1024).
+                max_seconds=12.0,
+                sizes=("64x64", "128x128", "256x256", "1280x720", "720x1280", "1024x1792",
+                       "1792x1024"),
+                preview_rgb_factors=WAN21_LATENT_RGB_FACTORS,
+                preview_rgb_bias=WAN21_LATENT_RGB_BIAS,
             ),
         ),
     ]

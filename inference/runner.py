@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from django.conf import settings
 
@@ -18,11 +19,16 @@ from inference.services import (
     job_fail,
     job_heartbeat,
     job_output,
+    job_preview,
     job_progress,
     job_succeed,
 )
 
 logger = logging.getLogger(__name__)
+
+# The job row's `progress` (for pollers) is written at most this often; followers get every
+# step from the stream, and the finish sets 100.
+PROGRESS_ROW_INTERVAL_S = 1.0
 
 
 class _Heartbeat:
@@ -77,14 +83,24 @@ def job_run(*, job_id: str, attempt: int) -> str:
         job_output(job=job, data=data, first=first_output[0])
         first_output[0] = False
 
+    progress_saved_at = [float("-inf")]
+
+    def emit_progress(progress: float, data: dict) -> None:
+        now = time.monotonic()
+        persist = now - progress_saved_at[0] >= PROGRESS_ROW_INTERVAL_S
+        if persist:
+            progress_saved_at[0] = now
+        job_progress(job=job, progress=progress, data=data, persist=persist)
+
     context = RunContext(
         job_id=job.pk,
         params=job.params,
         variant=job.variant,
-        emit_progress=lambda progress, data: job_progress(job=job, progress=progress, data=data),
+        emit_progress=emit_progress,
         emit_output=emit_output,
         should_stop=lambda: job_cancel_requested(job_id=job.pk),
         output_moderator=output_moderator_for(job) if spec.kind == "text" else None,
+        emit_preview=lambda data: job_preview(job=job, data=data),
     )
     with _Heartbeat(job.pk):
         try:

@@ -12,6 +12,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.urls import reverse
 from django.utils import timezone
 
 from inference.errors import IdempotencyConflict, JobNotCancellable
@@ -151,10 +152,18 @@ def job_cancel_requested(*, job_id: str) -> bool:
     return bool(redis_client().exists(CANCEL_KEY.format(job_id=job_id)))
 
 
-def job_progress(*, job: Job, progress: float, data: dict) -> None:
-    Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(progress=progress)
+def job_progress(*, job: Job, progress: float, data: dict, persist: bool = True) -> None:
+    """Every step goes to the stream; the row (which serves polling) only when `persist`:
+    a write per denoising step would cost more than the step on small jobs."""
     event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type="job.progress",
                   data={"progress": progress, **data})
+    if persist:
+        Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(progress=progress)
+
+
+def job_preview(*, job: Job, data: dict) -> None:
+    """A small preview frame of a running job (stream only: no row, no webhook)."""
+    event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type="job.preview", data=data)
 
 
 def job_output(*, job: Job, data: dict, first: bool = False) -> None:
@@ -187,9 +196,13 @@ def _finish(job: Job, *, status: str, actual_mcu: int, fields: dict, event_type:
 
 
 def job_succeed(*, job: Job, actual_mcu: int, result: dict, usage: dict) -> bool:
+    event_data = {"result": result, "usage": usage}
+    if job.kind == Job.Kind.VIDEO:
+        # Where a follower or webhook receiver fetches the file (with its API key).
+        event_data["content_url"] = reverse("api-video-content", kwargs={"job_id": job.pk})
     return _finish(job, status=Job.Status.SUCCEEDED, actual_mcu=actual_mcu,
                    fields={"result": result, "usage": usage, "progress": 100.0},
-                   event_type="job.completed", event_data={"result": result, "usage": usage})
+                   event_type="job.completed", event_data=event_data)
 
 
 def job_fail(*, job: Job, code: str, message: str, actual_mcu: int = 0) -> bool:

@@ -178,7 +178,10 @@ SLUICE_WORKER_QUEUES = env_list("SLUICE_WORKER_QUEUES", ["default", "webhooks", 
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "prefix": "sluice:ch"},
+        # redis-py 8 reads with a 5 s socket timeout by default, the same as channels_redis's
+        # blocking receive (BZPOPMIN, 5 s): every consumer idle that long died with a
+        # TimeoutError. The read timeout must exceed the blocking one.
+        "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 15}], "prefix": "sluice:ch"},
     }
 }
 
@@ -255,6 +258,9 @@ SLUICE_WEBHOOK_RESPONSE_MAX_BYTES = env_int("SLUICE_WEBHOOK_RESPONSE_MAX_BYTES",
 SLUICE_WEBHOOK_SECRET_OVERLAP_S = env_int("SLUICE_WEBHOOK_SECRET_OVERLAP_S", 86400, minimum=0)
 # How often the sweeper hands due retries to the webhooks queue.
 SLUICE_WEBHOOK_SWEEP_S = env_float("SLUICE_WEBHOOK_SWEEP_S", 5.0, minimum=0.1)
+# job.progress webhooks (opt-in) go out at most once per this many seconds per job: a video
+# has hundreds of steps, and a receiver wants a heartbeat, not a firehose.
+SLUICE_WEBHOOK_PROGRESS_INTERVAL_S = env_float("SLUICE_WEBHOOK_PROGRESS_INTERVAL_S", 5.0, minimum=0.05)
 
 CELERY_BEAT_SCHEDULE = {
     "reservations-expire": {"task": "quotas.reservations_expire", "schedule": 30.0},
@@ -270,6 +276,8 @@ CELERY_BEAT_SCHEDULE = {
 # heartbeat is older than this is treated as lost and redelivered, up to the attempts cap.
 SLUICE_JOB_HEARTBEAT_TTL_S = env_int("SLUICE_JOB_HEARTBEAT_TTL_S", 15, minimum=2)
 SLUICE_JOB_MAX_ATTEMPTS = env_int("SLUICE_JOB_MAX_ATTEMPTS", 3, minimum=1)
+# Video: a small JPEG preview (job.preview event) every this many denoising steps; 0 = none.
+SLUICE_VIDEO_PREVIEW_EVERY = env_int("SLUICE_VIDEO_PREVIEW_EVERY", 5, minimum=0)
 CELERY_BEAT_SCHEDULE.update({
     "jobs-reap": {"task": "inference.jobs_reap", "schedule": 5.0},
     "scheduler-tick": {"task": "inference.scheduler_tick", "schedule": 2.0},

@@ -93,26 +93,21 @@ def database_url_for_subprocesses() -> str:
     return f"postgres://{user}@{params.get('HOST') or '127.0.0.1'}:{params.get('PORT') or 5432}/{params['NAME']}"
 
 
-class WorkerProcess:
-    """A real Celery worker subprocess (prefork, one child) on one queue."""
+class _Subprocess:
+    """A platform process (worker, web server) on the test database and Redis, logging to a
+    file in the test's var dir, stopped with its whole process group."""
 
-    def __init__(self, queue: str, extra_env: dict[str, str] | None = None):
+    def __init__(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None):
         import os
         import subprocess
-        import sys
         from pathlib import Path
 
-        from portal.launcher import worker_pool_args
-
-        env = dict(os.environ, DATABASE_URL=database_url_for_subprocesses(), PYTHONUNBUFFERED="1",
-                   SLUICE_JOB_HEARTBEAT_TTL_S="2", **(extra_env or {}))
-        self.log_path = Path(env["SLUICE_VAR_DIR"]) / f"worker-{queue}-{os.getpid()}-{id(self)}.log"
+        env = {**os.environ, "DATABASE_URL": database_url_for_subprocesses(), "PYTHONUNBUFFERED": "1",
+               "SLUICE_JOB_HEARTBEAT_TTL_S": "2", **(extra_env or {})}
+        self.log_path = Path(env["SLUICE_VAR_DIR"]) / f"{name}-{os.getpid()}-{id(self)}.log"
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "portal", "worker", "-Q", queue, "-n",
-             f"test-{queue}-{id(self)}@%h", *worker_pool_args(queue), "--loglevel", "INFO",
-             "--without-gossip", "--without-mingle", "--without-heartbeat"],
-            cwd=Path(__file__).resolve().parents[1], env=env, stdout=self.log,
+            argv, cwd=Path(__file__).resolve().parents[1], env=env, stdout=self.log,
             stderr=subprocess.STDOUT, start_new_session=True,
         )
 
@@ -141,6 +136,53 @@ class WorkerProcess:
         return self.log_path.read_text()
 
 
+class WorkerProcess(_Subprocess):
+    """A real Celery worker subprocess on one queue, with the execution pool `make run` uses
+    for it (prefork with one child for GPU pools, threads for text)."""
+
+    def __init__(self, queue: str, extra_env: dict[str, str] | None = None):
+        import sys
+
+        from portal.launcher import worker_pool_args
+
+        super().__init__(f"worker-{queue}", [
+            sys.executable, "-m", "celery", "-A", "portal", "worker", "-Q", queue, "-n",
+            f"test-{queue}-{id(self)}@%h", *worker_pool_args(queue), "--loglevel", "INFO",
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+        ], extra_env)
+
+
+class LiveServer(_Subprocess):
+    """The ASGI app (HTTP + websockets) under uvicorn, as `make run` serves it."""
+
+    def __init__(self, extra_env: dict[str, str] | None = None):
+        import sys
+
+        from portal.embedded_redis import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__("web", [
+            sys.executable, "-m", "uvicorn", "portal.asgi:application", "--host", "127.0.0.1",
+            "--port", str(self.port), "--log-level", "warning", "--no-access-log",
+        ], extra_env)
+
+    def wait_ready(self, timeout_s: float = 60) -> LiveServer:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the server exited:\n{self.output()[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            time.sleep(0.2)
+        raise AssertionError(f"the server did not answer:\n{self.output()[-3000:]}")
+
+
 @pytest.fixture
 def start_worker():
     workers: list[WorkerProcess] = []
@@ -155,54 +197,17 @@ def start_worker():
         worker.stop()
 
 
-class ServerProcess:
-    """The ASGI server (uvicorn) as a subprocess on a free port, serving the test database."""
+@pytest.fixture
+def start_live_server():
+    """Start with `server = start_live_server()`, then `server.wait_ready()` (start workers
+    in between: both boot in parallel)."""
+    servers: list[LiveServer] = []
 
-    def __init__(self, extra_env: dict[str, str] | None = None):
-        import os
-        import subprocess
-        import sys
-        from pathlib import Path
+    def start(**extra_env) -> LiveServer:
+        server = LiveServer(extra_env)
+        servers.append(server)
+        return server
 
-        from portal.embedded_redis import free_port
-
-        self.port = free_port()
-        env = dict(os.environ, DATABASE_URL=database_url_for_subprocesses(), PYTHONUNBUFFERED="1",
-                   **(extra_env or {}))
-        self.log_path = Path(env["SLUICE_VAR_DIR"]) / f"server-{self.port}.log"
-        self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "portal.asgi:application", "--host", "127.0.0.1",
-             "--port", str(self.port), "--log-level", "warning"],
-            cwd=Path(__file__).resolve().parents[1], env=env, stdout=self.log,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        self._wait_ready()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _wait_ready(self, timeout_s: float = 60) -> None:
-        import time
-
-        import httpx
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError("uvicorn did not start:\n" + self.log_path.read_text()[-2000:])
-
-    def stop(self) -> None:
-        import contextlib
-        import os
-        import signal
-
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        self.process.wait(timeout=15)
-        self.log.close()
+    yield start
+    for server in servers:
+        server.stop()

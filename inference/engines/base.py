@@ -24,6 +24,7 @@ class RunContext:
     # Streamed text passes through it (feed/finish release only checked text; `stopped`
     # after a violation): moderation.cascade.OutputModerator for text jobs.
     output_moderator: object | None = None
+    emit_preview: Callable[[dict], None] = lambda data: None  # engines without previews ignore it
 
 
 @dataclass

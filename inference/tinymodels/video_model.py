@@ -91,24 +91,31 @@ def build_video_pipeline(seed: int) -> WanPipeline:
     )
 
 
-def load_video_pipeline(path: Path) -> WanPipeline:
+def load_video_pipeline(path: Path, *, dtype: torch.dtype = torch.float32) -> WanPipeline:
     path = Path(path)
     components = {}
     if importlib.util.find_spec("accelerate") is None:
-        components["transformer"] = _load_transformer_without_accelerate(path / "transformer")
-    pipeline = WanPipeline.from_pretrained(path, local_files_only=True, **components)
+        components["transformer"] = _load_transformer_without_accelerate(path / "transformer", dtype)
+    pipeline = WanPipeline.from_pretrained(path, local_files_only=True, dtype=dtype, **components)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
 
-def _load_transformer_without_accelerate(folder: Path) -> WanTransformer3DModel:
+def _load_transformer_without_accelerate(folder: Path, dtype: torch.dtype) -> WanTransformer3DModel:
     """diffusers only loads a model with `_keep_in_fp32_modules` (Wan's transformer has
     them) through accelerate's low-memory path, and raises "`low_cpu_mem_usage` cannot be
     False when `keep_in_fp32_modules` is True" without it. The checkpoint is float32
-    throughout, so building from the config and loading the state dict is equivalent."""
+    throughout, so building from the config and loading the state dict is equivalent; a
+    lower `dtype` is then applied the way from_pretrained would, sparing those modules."""
     transformer = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(folder))
     state_dict = load_file(folder / "diffusion_pytorch_model.safetensors")
     transformer.load_state_dict(state_dict, strict=True)
+    if dtype != torch.float32:
+        transformer.to(dtype)
+        keep = set(transformer._keep_in_fp32_modules or [])
+        for name, param in transformer.named_parameters():
+            if keep & set(name.split(".")):
+                param.data = param.data.to(torch.float32)
     return transformer.eval()
 
 

@@ -200,3 +200,36 @@ def test_job_lifecycle_events_are_sent_as_webhooks(cast, sent_tasks, receiver):
     assert [event.type for event in events] == ["job.queued", "job.started", "job.completed"]
     assert events[-1].payload["data"]["id"] == job.pk
     assert events[-1].payload["data"]["status"] == "succeeded"
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("encoding", ["json", "multipart"])
+@pytest.mark.parametrize(("field", "value"), [
+    ("size", "999x999"), ("size", "64x65"), ("size", "big"),
+    ("seconds", "0"), ("seconds", "13"), ("seconds", "four"),
+    ("num_inference_steps", "0"), ("num_inference_steps", "51"), ("num_inference_steps", "many"),
+])
+def test_video_create_rejects_bad_size_seconds_and_steps(cast, api, sent_tasks, encoding, field, value):
+    from quotas.models import Reservation
+
+    response = api.bearer(cast.owner_key).post("/v1/videos", {**VIDEO_BODY, field: value}, format=encoding)
+    assert response.status_code == 400, response.json()
+    error = response.json()["error"]
+    assert error["code"] == "invalid_parameter" and error["param"] == field
+    assert field in error["message"]
+    assert not Job.objects.exists() and not Reservation.objects.exists() and sent_tasks == []
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("seconds", "size", "frames"), [
+    ("4", "720x1280", 33), ("8", "1280x720", 65), ("12", "1024x1792", 97), ("4", "1792x1024", 33),
+])
+def test_video_create_accepts_what_the_openai_sdks_types_allow(cast, api, sent_tasks, seconds, size,
+                                                              frames):
+    # openai's VideoSeconds is "4" | "8" | "12" and VideoSize these four, sent as form fields.
+    body = {"model": "sluice-video-tiny", "prompt": "a lighthouse", "seconds": seconds, "size": size}
+    response = api.bearer(cast.owner_key).post("/v1/videos", body, format="multipart")
+    assert response.status_code == 201, response.json()
+    video = response.json()
+    assert (video["seconds"], video["size"], video["frames"]) == (seconds, size, frames)
+    assert video["status"] == "queued" and len(sent_tasks) == 1

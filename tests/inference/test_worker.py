@@ -1,14 +1,18 @@
-"""Video jobs through a real Celery worker subprocess running the tiny diffusers pipeline."""
+"""Video jobs through a real Celery worker subprocess running the tiny diffusers pipeline
+(and, for the SDK and websocket tests, the ASGI app under uvicorn)."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import time
 
+import httpx
 import imageio_ffmpeg
+import openai
 import pytest
-from django.core.files.storage import default_storage
 
-from inference.events import events_read
+from inference.events import TERMINAL_EVENTS, events_read
 from inference.models import Job
 from inference.services import jobs_reap
 from quotas.models import LedgerEntry
@@ -38,34 +42,105 @@ def event_types(job_id: str) -> list[str]:
     return [event.type for event in events_read(job_id=job_id)]
 
 
-def test_video_job_runs_to_a_playable_mp4(cast, api, start_worker):
-    worker = start_worker("video-hbm")
-    video = create_video(api, cast.owner_key)
-    assert video["status"] == "queued" and video["object"] == "video"
-    job_id = video["id"]
-    wait_for(lambda: Job.objects.get(pk=job_id).status == "succeeded", 120, worker, "completion")
+def follow_websocket(server, job_id: str, key: str, timeout_s: float = 120) -> list[dict]:
+    """Every event of the job over a real websocket, until the terminal one."""
+    from websockets.sync.client import connect
 
-    done = api.get(f"/v1/videos/{job_id}").json()
-    assert done["status"] == "completed" and done["progress"] == 100
-    assert done["actual_cu"] == done["estimated_cu"] > 0
-    types = event_types(job_id)
-    assert types[0] == "job.queued" and types[1] == "job.started" and types[-1] == "job.completed"
-    steps = [e.data["step"] for e in events_read(job_id=job_id) if e.type == "job.progress"]
-    assert steps == [1, 2, 3, 4]  # every step, in order
-    seqs = [e.seq for e in events_read(job_id=job_id)]
-    assert seqs == list(range(1, len(seqs) + 1))
+    events: list[dict] = []
+    deadline = time.monotonic() + timeout_s
+    with connect(f"ws://127.0.0.1:{server.port}/ws/jobs/{job_id}/",
+                 additional_headers={"Authorization": f"Bearer {key}"}) as socket:
+        while not events or events[-1]["type"] not in TERMINAL_EVENTS:
+            events.append(json.loads(socket.recv(timeout=max(0.1, deadline - time.monotonic()))))
+    return events
 
-    content = api.get(f"/v1/videos/{job_id}/content")
-    assert content.status_code == 200 and content["Content-Type"] == "video/mp4"
-    job = Job.objects.get(pk=job_id)
-    reader = imageio_ffmpeg.read_frames(default_storage.path(job.result["video"]))
-    meta = next(reader)
-    frames = sum(1 for _ in reader)
-    assert meta["size"] == (64, 64) and frames == 5
-    thumbnail = api.get(f"/v1/videos/{job_id}/content", {"variant": "thumbnail"})
-    assert thumbnail.status_code == 200 and thumbnail["Content-Type"] == "image/jpeg"
+
+def test_openai_sdk_and_a_websocket_follow_a_video_to_a_playable_mp4(cast, start_worker,
+                                                                       start_live_server, tmp_path):
+    """The official SDK against a live server and a real worker: create -> every step in order
+    (plus previews) over a websocket -> completed -> the mp4 decodes; ranges like a browser's;
+    outsiders get 404."""
+    server = start_live_server()
+    worker = start_worker("video-hbm", SLUICE_VIDEO_PREVIEW_EVERY="2")
+    server.wait_ready()
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=cast.owner_key, max_retries=0)
+    # Off the SDK's typed literals (those are sora sizes, accepted too, see test_apis): the SDK
+    # sends any string, and extra_body carries Sluice's own fields in the same multipart form.
+    video = client.videos.create(model="sluice-video-tiny", prompt="a red square moving left",
+                                 seconds="0.5", size="64x64",
+                                 extra_body={"num_inference_steps": 4, "seed": 7})
+    assert video.status == "queued" and video.size == "64x64" and video.seconds == "0.5"
+
+    events = follow_websocket(server, video.id, cast.owner_key)
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert [e["type"] for e in events] == [
+        "job.queued", "job.started", "job.progress", "job.progress", "job.preview", "job.progress",
+        "job.progress", "job.preview", "job.completed"]
+    assert [e["data"]["step"] for e in events if e["type"] == "job.progress"] == [1, 2, 3, 4]
+    previews = [e["data"] for e in events if e["type"] == "job.preview"]
+    assert [p["step"] for p in previews] == [2, 4] and all(len(p["image_base64"]) < 8000 for p in previews)
+    assert events[-1]["data"]["content_url"] == f"/v1/videos/{video.id}/content"
+
+    done = client.videos.retrieve(video.id)
+    assert done.status == "completed" and done.progress == 100
+    mp4 = client.videos.download_content(video.id).content
+    (tmp_path / "out.mp4").write_bytes(mp4)
+    reader = imageio_ffmpeg.read_frames(str(tmp_path / "out.mp4"))
+    assert next(reader)["size"] == (64, 64) and sum(1 for _ in reader) == 5
+    thumbnail = client.videos.download_content(video.id, variant="thumbnail").content
+    assert thumbnail[:3] == b"\xff\xd8\xff"  # JPEG
+
+    # A <video> element: first "bytes=0-", then seeks with open-ended ranges.
+    owner = {"Authorization": f"Bearer {cast.owner_key}"}
+    url = f"{server.url}/v1/videos/{video.id}/content"
+    first = httpx.get(url, headers={**owner, "Range": "bytes=0-"})
+    assert first.status_code == 206 and first.content == mp4
+    assert first.headers["content-range"] == f"bytes 0-{len(mp4) - 1}/{len(mp4)}"
+    seek = httpx.get(url, headers={**owner, "Range": f"bytes={len(mp4) // 2}-"})
+    assert seek.status_code == 206 and seek.content == mp4[len(mp4) // 2:]
+
+    outsider = {"Authorization": f"Bearer {cast.outsider_key}"}
+    for path in (f"/v1/videos/{video.id}", f"/v1/videos/{video.id}/content"):
+        response = httpx.get(f"{server.url}{path}", headers=outsider)
+        assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+    with pytest.raises(openai.NotFoundError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key=cast.outsider_key,
+                      max_retries=0).videos.download_content(video.id)
+
+    job = Job.objects.get(pk=video.id)
+    assert job.actual_mcu == job.estimated_mcu > 0
     settles = LedgerEntry.objects.filter(reservation__job=job, kind="settle")
     assert [entry.mcu for entry in settles] == [job.actual_mcu]
+    assert "Traceback" not in worker.output()
+
+
+def test_progress_webhooks_are_throttled_per_job(cast, api, start_worker, receiver):
+    from inference.webhook_models import WebhookEvent
+    from inference.webhooks import webhook_endpoint_create
+
+    webhook_endpoint_create(tenant=cast.tenant, url=receiver.url,
+                            event_types=["job.progress", "job.completed"])
+    interval_s = 0.5
+    env = {"SLUICE_WEBHOOK_PROGRESS_INTERVAL_S": str(interval_s), "SLUICE_WEBHOOK_ALLOW_PRIVATE": "true",
+           "SLUICE_VIDEO_PREVIEW_EVERY": "0"}
+    worker = start_worker("video-hbm", **env)
+    start_worker("webhooks", **env)  # delivers to the local receiver
+    steps = 40
+    job_id = create_video(api, cast.owner_key, num_inference_steps=steps)["id"]
+    wait_for(lambda: "job.completed" in event_types(job_id), 120, worker, "completion")
+
+    job = Job.objects.get(pk=job_id)
+    progress = list(WebhookEvent.objects.filter(tenant=cast.tenant, type="job.progress").order_by("created_at"))
+    run_s = (job.finished_at - job.started_at).total_seconds()
+    assert 1 <= len(progress) <= run_s / interval_s + 1 and len(progress) < steps
+    # Spacing by the engine's clock at each step (rows are written a variable while later).
+    gaps = [b.payload["data"]["elapsed_s"] - a.payload["data"]["elapsed_s"]
+            for a, b in itertools.pairwise(progress)]
+    assert all(gap >= interval_s * 0.9 for gap in gaps), gaps
+    assert progress[0].payload["data"]["step"] == 1  # the first step always goes out
+    wait_for(lambda: len(receiver.requests) == len(progress) + 1, 30, what="the deliveries")
+    delivered = [json.loads(request.body)["type"] for request in receiver.requests]
+    assert delivered.count("job.progress") == len(progress) and delivered.count("job.completed") == 1
 
 
 def test_cancel_running_video_stops_within_one_step_and_refunds(cast, api, start_worker):
@@ -76,7 +151,8 @@ def test_cancel_running_video_stops_within_one_step_and_refunds(cast, api, start
     response = api.delete(f"/v1/videos/{job_id}")
     assert response.status_code == 200
     steps_at_cancel = max(e.data["step"] for e in events_read(job_id=job_id) if e.type == "job.progress")
-    wait_for(lambda: Job.objects.get(pk=job_id).status == "cancelled", 60, worker, "the cancel")
+    # The terminal event is the last thing the worker does (after the row and the ledger).
+    wait_for(lambda: "job.cancelled" in event_types(job_id), 60, worker, "the cancel")
     job = Job.objects.get(pk=job_id)
     steps_run = job.usage["steps"]
     assert steps_at_cancel <= steps_run <= steps_at_cancel + 1 < 50
@@ -98,7 +174,7 @@ def test_sigkilled_worker_job_is_redelivered_and_completes_once(cast, api, start
     outcome = wait_for(lambda: jobs_reap(), 30, what="the reaper to notice")
     assert outcome == {"requeued": 1}
     second = start_worker("video-hbm")
-    wait_for(lambda: Job.objects.get(pk=job_id).status == "succeeded", 180, second, "completion")
+    wait_for(lambda: "job.completed" in event_types(job_id), 180, second, "completion")
     job = Job.objects.get(pk=job_id)
     assert job.attempts == 2
     assert event_types(job_id).count("job.completed") == 1

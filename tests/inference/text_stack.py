@@ -62,12 +62,12 @@ def text_engines():
 @pytest.fixture(scope="session")
 def text_stack(text_engines, django_db_setup, django_db_blocker):
     """(server URL) with a text-batch worker behind it."""
-    from tests.conftest import ServerProcess, WorkerProcess
+    from tests.conftest import LiveServer, WorkerProcess
 
     with django_db_blocker.unblock():
         # Rules edited by a test must reach the worker at once (no rule cache).
         worker = WorkerProcess("text-batch", {"SLUICE_SAFETY_RULES_TTL_S": "0"})
-        server = ServerProcess({"SLUICE_SAFETY_RULES_TTL_S": "0"})
+        server = LiveServer({"SLUICE_SAFETY_RULES_TTL_S": "0"}).wait_ready()
     yield server.url
     server.stop()
     worker.stop()

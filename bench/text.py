@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "6"))
 CONCURRENCY = [1, 8, 32]
 PROMPTS = ["def add(a, b):", "class Stack:", "import os\n\ndef main():", "def parse(line):",
-           "for item in items:", "def fibonacci(n):", "with open(path) as handle:", "try:"]
+           "for item in items:", "def fibonacci(n):", "with open(path) as handle:",
+           "def merge(left, right):"]
 
 
 def _redis_url() -> str:

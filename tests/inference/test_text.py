@@ -156,7 +156,7 @@ def test_disconnect_mid_stream_aborts_and_settles_what_was_produced(cast, text_s
 def test_cancel_through_the_jobs_api_stops_the_stream(cast, text_stack):
     sdk = client(text_stack, cast.owner_key)
     # Greedy decoding of the tiny model loops until max_tokens: it never ends early here.
-    stream = sdk.completions.create(model=MODEL, prompt="import sys\n", max_tokens=900,
+    stream = sdk.completions.create(model=MODEL, prompt="def main():\n", max_tokens=900,
                                     temperature=0, stream=True)
     first = next(iter(stream))
     job = Job.objects.get(tenant=cast.tenant)
@@ -200,9 +200,11 @@ def test_higher_tier_priority_is_served_first_under_contention(text_stack):
                 if line.startswith("data: {") and name not in first_token_at:
                     first_token_at[name] = time.monotonic()
 
-    blocker = threading.Thread(target=stream, args=("blocker", pro_key, 900, "import sys\n"))
+    blocker = threading.Thread(target=stream, args=("blocker", pro_key, 900, "def main():\n"))
     blocker.start()
+    deadline = time.monotonic() + 60
     while "blocker" not in first_token_at:
+        assert time.monotonic() < deadline and blocker.is_alive(), "the blocking stream never started"
         time.sleep(0.01)
     late_pro = threading.Thread(target=stream, args=("pro", pro_key, 4, "x = 1\n"))
     late_pro.start()

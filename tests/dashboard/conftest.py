@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from portal import ops_selectors
 from portal.services import playground_video_submit
 from tests.factories import UserFactory
 
@@ -20,3 +21,11 @@ def video_job(cast, sent_tasks):
 @pytest.fixture
 def staff(db):
     return UserFactory(username="operator", is_staff=True)
+
+
+@pytest.fixture(autouse=True)
+def no_worker_ping(monkeypatch):
+    """Celery's remote control leaves broker connections and threads in this process, and a
+    later test that forks would inherit them mid-use (test_ledger's forked reservations hang).
+    The real ping against a real worker is in test_browser.py, from the server's process."""
+    monkeypatch.setattr(ops_selectors, "workers_alive", lambda: [])

@@ -91,6 +91,12 @@ def job_content_view(request, membership: Membership, job_id: str):
         return HttpResponse(exc.message, status=400, content_type="text/plain")
 
 
+def _default_model(models) -> str:
+    # Video first: it is the kind the playground runs today (text lands with issue 6).
+    ordered = sorted(models, key=lambda spec: spec.kind != "video")
+    return ordered[0].id if ordered else ""
+
+
 @tenant_page
 def playground_page(request, membership: Membership):
     tenant = membership.tenant
@@ -114,7 +120,7 @@ def playground_page(request, membership: Membership):
     context = {
         "tenant": tenant,
         "models": models,
-        "selected": request.POST.get("model") or (job.model if job else (models[0].id if models else "")),
+        "selected": request.POST.get("model") or (job.model if job else _default_model(models)),
         "form": request.POST if error else {},
         "error": error,
         "form_token": uuid.uuid4().hex,

@@ -158,8 +158,8 @@
 
   function initCharts() {
     if (!window.Chart) return;
-    var reduced = window.matchMedia && window.matchMedia("(prefers-reduced-motion: reduce)").matches;
-    window.Chart.defaults.animation = reduced ? false : { duration: 300 };
+    // Numbers, not motion: charts draw at once (no vestibular trigger, stable screenshots).
+    window.Chart.defaults.animation = false;
     var gauge = document.getElementById("budget-gauge");
     if (gauge) {
       var used = Math.min(100, parseFloat(gauge.dataset.used) || 0);

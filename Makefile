@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sluice-installed
 
-.PHONY: run test install lint bench-admission clean
+.PHONY: run test install lint bench-admission bench-safety clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+bench-safety: $(STAMP)
+	$(PY) -m bench.safety
 
 clean:
 	rm -rf $(VENV) var

@@ -109,8 +109,8 @@ async def events_follow(*, job_id: str, after_seq: int = 0, block_ms: int = 15_0
         while True:
             try:
                 batches = await client.xread({stream_key(job_id): last}, block=block_ms, count=500)
-            except redis.RedisError:
-                logger.warning("event stream of %s unavailable", job_id)
+            except redis.RedisError as exc:
+                logger.warning("event stream of %s unavailable: %r", job_id, exc)
                 return
             if not batches:
                 if is_finished is not None and await is_finished():

@@ -29,6 +29,8 @@ class ModelVariant:
     checkpoint: Path
     quantization: str | None = None
     cu_discount: float = 1.0  # multiplier on the model's CU factor
+    served_name: str = ""  # what the engine serves it as, and what responses say served them
+    dtype: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class ModelSpec:
 
 def _registry() -> dict[str, ModelSpec]:
     code_path = Path(settings.SLUICE_CODE_MODEL_PATH)
+    code_int8_path = Path(settings.SLUICE_CODE_MODEL_INT8_PATH)
     video_path = Path(settings.SLUICE_VIDEO_MODEL_PATH)
     specs = [
         ModelSpec(
@@ -78,12 +81,15 @@ def _registry() -> dict[str, ModelSpec]:
             cu_factor=1.0,
             context_length=1024,
             variants={
-                "full": ModelVariant(name="full", checkpoint=code_path),
+                "full": ModelVariant(name="full", checkpoint=code_path, served_name="sluice-code-tiny"),
+                # compressed-tensors W8A8 int8 on CPU; fp8 (`--quantization fp8`) on GPUs.
                 "quantized": ModelVariant(
                     name="quantized",
-                    checkpoint=code_path,
+                    checkpoint=code_int8_path,
                     quantization="int8",
                     cu_discount=0.5,
+                    served_name="sluice-code-tiny-int8",
+                    dtype="bfloat16",
                 ),
             },
         ),
@@ -93,7 +99,8 @@ def _registry() -> dict[str, ModelSpec]:
             engine="diffusers",
             pool="video-hbm",
             cu_factor=1.0,
-            variants={"full": ModelVariant(name="full", checkpoint=video_path)},
+            variants={"full": ModelVariant(name="full", checkpoint=video_path,
+                                           served_name="sluice-video-tiny")},
             video=VideoSpec(
                 fps=8,
                 reference_steps=20,
@@ -128,3 +135,9 @@ def variant_for_tier(spec: ModelSpec, tier) -> ModelVariant:
     if spec.kind == "text":
         return spec.variant(tier.text_variant)
     return spec.variant("full")
+
+
+def text_variants() -> list[tuple[ModelSpec, ModelVariant]]:
+    """Every text variant an engine must serve (`make run` starts one server each)."""
+    return [(spec, variant) for spec in model_list() if spec.kind == "text"
+            for variant in spec.variants.values()]

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from rest_framework import serializers
 
 from inference.registry import ModelSpec, model_get
-from inference.tokenization import count_tokens, render_chat
-from portal.errors import InvalidParameter, SluiceError
+from inference.tokenization import encode, render_chat
+from portal.errors import InvalidParameter, SluiceError, to_sluice_error
 from portal.models import Tier
 
 
@@ -36,7 +36,12 @@ def model_for_tier(*, model_id: str, tier: Tier) -> ModelSpec:
 
 
 def _validated(serializer: serializers.Serializer) -> dict:
-    serializer.is_valid(raise_exception=True)  # ValidationError -> invalid_parameter (param named)
+    """The validated data, or the first problem as 400 invalid_parameter naming its param
+    (raised as a SluiceError, so plain async views render it like DRF views do)."""
+    try:
+        serializer.is_valid(raise_exception=True)
+    except serializers.ValidationError as exc:
+        raise to_sluice_error(exc) from exc
     return serializer.validated_data
 
 
@@ -45,12 +50,44 @@ class _MessageInput(serializers.Serializer):
     content = serializers.CharField(allow_blank=True, trim_whitespace=False)
 
 
+class _StopField(serializers.Field):
+    """OpenAI's `stop`: a string or up to 4 strings."""
+
+    def to_internal_value(self, data):
+        values = [data] if isinstance(data, str) else data
+        if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
+            raise serializers.ValidationError("Send a non-empty string or a list of them.")
+        if len(values) > 4:
+            raise serializers.ValidationError("At most 4 stop sequences.")
+        return values
+
+    def to_representation(self, value):
+        return value
+
+
+class _StreamOptions(serializers.Serializer):
+    include_usage = serializers.BooleanField(required=False, default=False)
+
+
 class TextInput(serializers.Serializer):
     model = serializers.CharField()
     messages = _MessageInput(many=True, required=False, allow_empty=False)
     prompt = serializers.CharField(required=False, allow_blank=True, trim_whitespace=False)
     max_tokens = serializers.IntegerField(required=False, min_value=1, allow_null=True)
     max_completion_tokens = serializers.IntegerField(required=False, min_value=1, allow_null=True)
+    temperature = serializers.FloatField(required=False, min_value=0, max_value=2, allow_null=True)
+    top_p = serializers.FloatField(required=False, min_value=0, max_value=1, allow_null=True)
+    stop = _StopField(required=False, allow_null=True)
+    seed = serializers.IntegerField(required=False, min_value=0, max_value=2**63 - 1, allow_null=True)
+    n = serializers.IntegerField(required=False, min_value=1, max_value=1, allow_null=True)
+    user = serializers.CharField(required=False, max_length=256, allow_blank=True)
+    stream = serializers.BooleanField(required=False, default=False)
+    stream_options = _StreamOptions(required=False, allow_null=True)
+
+    def validate_top_p(self, value):
+        if value is not None and value <= 0:
+            raise serializers.ValidationError("Must be greater than 0.")
+        return value
 
     def validate(self, attrs):
         if ("messages" in attrs) == ("prompt" in attrs):
@@ -65,17 +102,49 @@ DEFAULT_MAX_TOKENS = 256
 class TextRequest:
     spec: ModelSpec
     prompt_text: str
-    prompt_tokens: int
+    prompt_token_ids: list[int]
     max_tokens: int
+    is_chat: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    include_usage: bool = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    def job_params(self, *, priority: int) -> dict:
+        return {
+            "prompt_token_ids": self.prompt_token_ids,
+            "max_tokens": self.max_tokens,
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "stop": self.stop,
+            "seed": self.seed,
+            "priority": priority,
+            # A plain completion continues its prompt: partial repair parses them together.
+            "code_context": "" if self.is_chat else self.prompt_text,
+        }
 
 
-def text_request_parse(*, payload: dict, tier: Tier) -> TextRequest:
+def text_request_parse(*, payload: dict, tier: Tier, chat: bool | None = None) -> TextRequest:
+    """`chat`: True for /v1/chat/completions (messages required), False for /v1/completions
+    (prompt required), None to accept either (quotes)."""
     data = _validated(TextInput(data=payload))
+    if chat is True and "messages" not in data:
+        raise InvalidParameter("messages: This field is required.", param="messages")
+    if chat is False and "prompt" not in data:
+        raise InvalidParameter("prompt: This field is required.", param="prompt")
     spec = model_for_tier(model_id=data["model"], tier=tier)
     if spec.kind != "text":
         raise InvalidParameter(f"{spec.id} is not a text model.", param="model")
-    prompt_text = render_chat(spec, data["messages"]) if "messages" in data else data["prompt"]
-    prompt_tokens = count_tokens(spec, prompt_text)
+    is_chat = "messages" in data
+    prompt_text = render_chat(spec, data["messages"]) if is_chat else data["prompt"]
+    prompt_token_ids = encode(spec, prompt_text)
+    prompt_tokens = len(prompt_token_ids)
     context = spec.context_length or 0
     max_tokens = data.get("max_completion_tokens") or data.get("max_tokens")
     if max_tokens is None:
@@ -86,8 +155,15 @@ def text_request_parse(*, payload: dict, tier: Tier) -> TextRequest:
             f"{prompt_tokens} tokens and max_tokens asks for {max_tokens}.",
             param="messages" if "messages" in data else "prompt",
         )
-    return TextRequest(spec=spec, prompt_text=prompt_text, prompt_tokens=prompt_tokens,
-                       max_tokens=max_tokens)
+    if prompt_tokens == 0:
+        raise InvalidParameter("The prompt is empty.", param="messages" if is_chat else "prompt")
+    return TextRequest(
+        spec=spec, prompt_text=prompt_text, prompt_token_ids=prompt_token_ids,
+        max_tokens=max_tokens, is_chat=is_chat, temperature=data.get("temperature"),
+        top_p=data.get("top_p"), stop=data.get("stop"), seed=data.get("seed"),
+        stream=data.get("stream", False),
+        include_usage=bool((data.get("stream_options") or {}).get("include_usage")),
+    )
 
 
 class VideoInput(serializers.Serializer):

@@ -182,13 +182,16 @@ def job_output(*, job: Job, data: dict, first: bool = False) -> None:
 def _finish(job: Job, *, status: str, actual_mcu: int, fields: dict, event_type: str,
             event_data: dict) -> bool:
     now = timezone.now()
-    claimed = Job.objects.filter(pk=job.pk, status__in=[Job.Status.QUEUED, Job.Status.RUNNING]).update(
-        status=status, finished_at=now, actual_mcu=actual_mcu, **fields
-    )
-    if claimed != 1:
-        return False
-    if job.reservation_id:
-        reservation_settle(reservation_id=job.reservation_id, actual_mcu=actual_mcu)
+    # The job's end and its settlement commit together: nobody sees a finished job whose
+    # ledger is not settled yet.
+    with transaction.atomic():
+        claimed = Job.objects.filter(
+            pk=job.pk, status__in=[Job.Status.QUEUED, Job.Status.RUNNING]
+        ).update(status=status, finished_at=now, actual_mcu=actual_mcu, **fields)
+        if claimed != 1:
+            return False
+        if job.reservation_id:
+            reservation_settle(reservation_id=job.reservation_id, actual_mcu=actual_mcu)
     if job.started_at:
         scheduler_record_run_time(pool=job.pool, seconds=(now - job.started_at).total_seconds())
     redis_client().delete(HEARTBEAT_KEY.format(job_id=job.pk), CANCEL_KEY.format(job_id=job.pk))

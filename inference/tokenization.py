@@ -24,5 +24,10 @@ def render_chat(spec: ModelSpec, messages: list[dict]) -> str:
     return tokenizer_for(spec).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def encode(spec: ModelSpec, text: str) -> list[int]:
+    # The chat template writes its own special tokens; plain prompts get none added.
+    return tokenizer_for(spec)(text, add_special_tokens=False)["input_ids"]
+
+
 def count_tokens(spec: ModelSpec, text: str) -> int:
-    return len(tokenizer_for(spec)(text, add_special_tokens=False)["input_ids"])
+    return len(encode(spec, text))

@@ -96,3 +96,15 @@ def env_dict_int(name: str, default: dict[str, int]) -> dict[str, int]:
         except ValueError as exc:
             raise ImproperlyConfigured(f"{name}: {item!r} is not key=integer") from exc
     return result
+
+
+def env_dict_str(name: str, default: dict[str, str]) -> dict[str, str]:
+    """`a=x,b=y` -> {"a": "x", "b": "y"}; entries given override the defaults."""
+    raw = _env.str(name, default="")
+    result = dict(default)
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ImproperlyConfigured(f"{name}: {item!r} is not key=value")
+        result[key.strip()] = value.strip()
+    return result

@@ -78,6 +78,40 @@ def _wait_for_http(url: str, supervisor: Supervisor, timeout_s: float) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout_s:.0f} s")
 
 
+def worker_pool_args(queue: str) -> list[str]:
+    from django.conf import settings
+
+    pool = settings.SLUICE_WORKER_POOLS.get(queue, "prefork")
+    if pool == "threads":
+        # Text workers only relay streams from the engine: many jobs per process.
+        return ["--pool", "threads", "--concurrency", str(settings.SLUICE_POOL_SLOTS.get(queue, 8))]
+    return ["--pool", pool, "--concurrency", "1"]
+
+
+def _spawn_text_engines(supervisor: Supervisor, env: dict[str, str]) -> None:
+    """A vLLM server for each text variant whose configured URL is on this machine and does
+    not answer yet. They load in the background; text jobs wait for them."""
+    from urllib.parse import urlsplit
+
+    from django.conf import settings
+
+    from inference.engines.vllm import engine_ready, vllm_server_argv, vllm_server_env
+    from inference.registry import text_variants
+
+    if not settings.SLUICE_VLLM_START:
+        return
+    for _spec, variant in text_variants():
+        url = urlsplit(settings.SLUICE_VLLM_URLS.get(variant.served_name, ""))
+        if url.hostname not in ("127.0.0.1", "localhost") or engine_ready(variant):
+            continue
+        supervisor.spawn(
+            f"engine:{variant.served_name}",
+            vllm_server_argv(variant=variant, port=url.port or 80),
+            vllm_server_env(env),
+        )
+        print(f"Engine: {variant.served_name} loading at {url.geturl()}", flush=True)
+
+
 def run_platform(*, host: str, port: int, var_dir: Path, queues: list[str], configured_redis_url: str) -> int:
     from django.core.management import call_command
 
@@ -117,9 +151,10 @@ def run_platform(*, host: str, port: int, var_dir: Path, queues: list[str], conf
              "--port", str(port), "--log-level", "warning", "--no-access-log"],
             env,
         )
+        _spawn_text_engines(supervisor, env)
         for queue in queues:
             argv = [sys.executable, "-m", "celery", "-A", "portal", "--quiet", "worker", "-Q", queue,
-                    "-n", f"{queue}@%h", "--concurrency", "1", "--loglevel", "WARNING"]
+                    "-n", f"{queue}@%h", "--loglevel", "WARNING", *worker_pool_args(queue)]
             if queue == queues[0]:
                 # One machine: the first worker also runs the periodic tasks (celery beat).
                 argv += ["--beat", "--schedule", str(var_dir / "celerybeat-schedule")]

@@ -13,6 +13,7 @@ from portal.env import (
     env_bool,
     env_database,
     env_dict_int,
+    env_dict_str,
     env_float,
     env_float_list,
     env_int,
@@ -172,7 +173,7 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_ALWAYS_EAGER = False
-SLUICE_WORKER_QUEUES = env_list("SLUICE_WORKER_QUEUES", ["default", "webhooks", "video-hbm"])
+SLUICE_WORKER_QUEUES = env_list("SLUICE_WORKER_QUEUES", ["default", "webhooks", "video-hbm", "text-batch"])
 
 CHANNEL_LAYERS = {
     "default": {
@@ -274,3 +275,34 @@ CELERY_BEAT_SCHEDULE.update({
     "scheduler-tick": {"task": "inference.scheduler_tick", "schedule": 2.0},
     "idempotency-purge": {"task": "inference.idempotency_purge", "schedule": 3600.0},
 })
+
+# Text engines: the OpenAI-compatible vLLM server serving each text variant (by served name).
+# `make run` starts a local server for every loopback URL here that does not answer yet.
+SLUICE_VLLM_URLS = env_dict_str(
+    "SLUICE_VLLM_URLS",
+    {"sluice-code-tiny": "http://127.0.0.1:8101", "sluice-code-tiny-int8": "http://127.0.0.1:8102"},
+)
+SLUICE_VLLM_START = env_bool("SLUICE_VLLM_START", True)
+# Seconds a text job waits for its engine to come up (a server still loading) before failing.
+SLUICE_VLLM_READY_TIMEOUT_S = env_int("SLUICE_VLLM_READY_TIMEOUT_S", 180, minimum=1)
+SLUICE_CODE_MODEL_INT8_PATH = env_str(
+    "SLUICE_CODE_MODEL_INT8_PATH", str(BASE_DIR / "inference" / "artifacts" / "sluice-code-tiny-int8")
+)
+# Celery execution pool per queue: text workers stream from a shared engine, many at a time.
+SLUICE_WORKER_POOLS = env_dict_str("SLUICE_WORKER_POOLS", {"text-batch": "threads"})
+
+# Safety cascade and moderation (moderation/; README "Safety").
+SLUICE_SAFETY_ARTIFACT_DIR = Path(
+    env_str("SLUICE_SAFETY_ARTIFACT_DIR", str(BASE_DIR / "moderation" / "artifacts"))
+)
+# How long a process keeps its compiled SafetyRule set before re-reading the table.
+SLUICE_SAFETY_RULES_TTL_S = env_float("SLUICE_SAFETY_RULES_TTL_S", 30.0, minimum=0)
+# Intra-op threads for the safety encoder; 1 keeps a request from contending with its neighbours.
+SLUICE_SAFETY_TORCH_THREADS = env_int("SLUICE_SAFETY_TORCH_THREADS", 1, minimum=1)
+SLUICE_MODERATION_PROMPT_RETENTION_DAYS = env_int(
+    "SLUICE_MODERATION_PROMPT_RETENTION_DAYS", 30, minimum=0
+)
+SLUICE_MODERATION_STRIKES_TO_SUSPEND = env_int("SLUICE_MODERATION_STRIKES_TO_SUSPEND", 3, minimum=1)
+SLUICE_MODERATION_STRIKE_WINDOW_HOURS = env_int(
+    "SLUICE_MODERATION_STRIKE_WINDOW_HOURS", 168, minimum=1
+)

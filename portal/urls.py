@@ -4,7 +4,8 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularRedocView
 
 from inference import apis as inference_apis
-from inference import webhook_apis, webhook_views
+from inference import text_apis, webhook_apis, webhook_views
+from moderation.apis import ModerationsApi
 from portal import apis, dashboard_views, ops_views, views
 from quotas import apis as quota_apis
 
@@ -13,6 +14,8 @@ api_v1 = [
     path("models/<str:model_id>", apis.ModelDetailApi.as_view(), name="api-model-detail"),
     path("quotes", quota_apis.QuoteApi.as_view(), name="api-quotes"),
     path("usage", quota_apis.UsageApi.as_view(), name="api-usage"),
+    path("chat/completions", text_apis.chat_completions, name="api-chat-completions"),
+    path("completions", text_apis.completions, name="api-completions"),
     path("jobs", inference_apis.JobListApi.as_view(), name="api-jobs"),
     path("jobs/<str:job_id>", inference_apis.JobDetailApi.as_view(), name="api-job"),
     path("jobs/<str:job_id>/cancel", inference_apis.JobCancelApi.as_view(), name="api-job-cancel"),
@@ -38,6 +41,7 @@ api_v1 = [
         name="api-webhook-deliveries",
     ),
     path("openapi.json", SpectacularJSONAPIView.as_view(), name="api-schema"),
+    path("moderations", ModerationsApi.as_view(), name="api-moderations"),
 ]
 
 urlpatterns = [
@@ -46,6 +50,7 @@ urlpatterns = [
     path("readyz", apis.readyz, name="readyz"),
     path("docs/api", SpectacularRedocView.as_view(url_name="api-schema"), name="api-docs"),
     path("admin/", admin.site.urls),
+    path("moderation/", include("moderation.urls")),
     path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path(

@@ -176,6 +176,8 @@ def reservation_settle(
         if refund:
             LedgerEntry.objects.create(kind=LedgerEntry.Kind.REFUND, mcu=refund, **common)
     reservation.state, reservation.settled_mcu = final_state, charge
+    # The Redis release is idempotent (its marker is deleted once), so mirroring before an
+    # enclosing transaction commits can never refund twice, even if that transaction retries.
     _mirror_settlement(reservation)
     return True
 

@@ -117,13 +117,15 @@ class WorkerProcess:
         import sys
         from pathlib import Path
 
+        from portal.launcher import worker_pool_args
+
         env = dict(os.environ, DATABASE_URL=database_url_for_subprocesses(), PYTHONUNBUFFERED="1",
                    SLUICE_JOB_HEARTBEAT_TTL_S="2", **(extra_env or {}))
         self.log_path = Path(env["SLUICE_VAR_DIR"]) / f"worker-{queue}-{os.getpid()}-{id(self)}.log"
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "portal", "worker", "-Q", queue, "-n",
-             f"test-{queue}-{id(self)}@%h", "--concurrency", "1", "--loglevel", "INFO",
+             f"test-{queue}-{id(self)}@%h", *worker_pool_args(queue), "--loglevel", "INFO",
              "--without-gossip", "--without-mingle", "--without-heartbeat"],
             cwd=Path(__file__).resolve().parents[1], env=env, stdout=self.log,
             stderr=subprocess.STDOUT, start_new_session=True,
@@ -166,3 +168,56 @@ def start_worker():
     yield start
     for worker in workers:
         worker.stop()
+
+
+class ServerProcess:
+    """The ASGI server (uvicorn) as a subprocess on a free port, serving the test database."""
+
+    def __init__(self, extra_env: dict[str, str] | None = None):
+        import os
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        from portal.embedded_redis import free_port
+
+        self.port = free_port()
+        env = dict(os.environ, DATABASE_URL=database_url_for_subprocesses(), PYTHONUNBUFFERED="1",
+                   **(extra_env or {}))
+        self.log_path = Path(env["SLUICE_VAR_DIR"]) / f"server-{self.port}.log"
+        self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "portal.asgi:application", "--host", "127.0.0.1",
+             "--port", str(self.port), "--log-level", "warning"],
+            cwd=Path(__file__).resolve().parents[1], env=env, stdout=self.log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self._wait_ready()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _wait_ready(self, timeout_s: float = 60) -> None:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError("uvicorn did not start:\n" + self.log_path.read_text()[-2000:])
+
+    def stop(self) -> None:
+        import contextlib
+        import os
+        import signal
+
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.wait(timeout=15)
+        self.log.close()

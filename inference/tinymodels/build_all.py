@@ -27,10 +27,14 @@ def main(argv: list[str] | None = None) -> None:
     code_folder = arguments.artifacts / "sluice-code-tiny"
     train_code.main(
         [
-            "--out", str(code_folder),
-            "--minutes", str(arguments.minutes),
-            "--max-steps", str(arguments.max_steps),
-            "--seed", str(arguments.seed),
+            "--out",
+            str(code_folder),
+            "--minutes",
+            str(arguments.minutes),
+            "--max-steps",
+            str(arguments.max_steps),
+            "--seed",
+            str(arguments.seed),
         ]
     )
     quantize_code.main(

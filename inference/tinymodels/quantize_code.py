@@ -94,7 +94,9 @@ def quantized_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
 def build_int8_checkpoint(source: Path, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     state_dict = load_file(source / "model.safetensors")
-    save_file(quantized_state_dict(state_dict), out / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        quantized_state_dict(state_dict), out / "model.safetensors", metadata={"format": "pt"}
+    )
     config = json.loads((source / "config.json").read_text(encoding="utf-8"))
     config["dtype"] = "bfloat16"
     config["quantization_config"] = COMPRESSED_TENSORS_W8A8_CONFIG

@@ -162,8 +162,13 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int = 8) -> Path:
     frame_count, height, width, _channels = frames.shape
     pixels = (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
     writer = imageio_ffmpeg.write_frames(
-        str(path), (width, height), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
-        macro_block_size=16, ffmpeg_log_level="error",
+        str(path),
+        (width, height),
+        fps=fps,
+        codec="libx264",
+        pix_fmt_out="yuv420p",
+        macro_block_size=16,
+        ffmpeg_log_level="error",
     )
     writer.send(None)  # the generator must be primed before it accepts frames
     for index in range(frame_count):

@@ -71,7 +71,9 @@ def test_chat_template_renders_a_prompt(code_tokenizer):
         {"role": "system", "content": "You write Python."},
         {"role": "user", "content": "A function that adds."},
     ]
-    prompt = code_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt = code_tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
     assert prompt == (
         "<|bos|><|system|>\nYou write Python.<|end|>\n"
         "<|user|>\nA function that adds.<|end|>\n<|assistant|>\n"
@@ -82,27 +84,36 @@ def test_chat_template_renders_a_prompt(code_tokenizer):
 
 
 def tricky_stdlib_files() -> list[Path]:
-    """Files with tabs, non-ASCII text, trailing whitespace, and a few large ordinary ones."""
+    """Files with CRLF line ends, non-ASCII text, and large ordinary ones.
+
+    (No stdlib .py file is tab-indented or has trailing spaces; the synthetic test below
+    covers those.)
+    """
+    root = stdlib_root()
     files = stdlib_source_files()
-    with_tabs = [f for f in files if "\t" in f.text][:3]
-    with_unicode = [f for f in files if not f.text.isascii()][:3]
-    with_trailing_spaces = [f for f in files if " \n" in f.text][:2]
-    ordinary = [f for f in files if f.relative_path in {"typing.py", "inspect.py", "textwrap.py"}]
-    chosen = with_tabs + with_unicode + with_trailing_spaces + ordinary
-    assert with_tabs and with_unicode and ordinary
-    return [stdlib_root() / f.relative_path for f in chosen]
+    with_unicode = [root / f.relative_path for f in files if not f.text.isascii()][:3]
+    ordinary = [root / name for name in ("typing.py", "inspect.py", "textwrap.py")]
+    # CRLF files live in test data dirs, which the corpus skips; the tokenizer must not care.
+    with_crlf = [
+        root / "lib2to3" / "tests" / "data" / "crlf.py",
+        root / "test" / "tokenizedata" / "coding20731.py",
+    ]
+    chosen = with_unicode + ordinary + [p for p in with_crlf if p.exists()]
+    assert with_unicode
+    return chosen
 
 
 @pytest.mark.parametrize("path", tricky_stdlib_files(), ids=lambda p: p.name)
 def test_tokenizer_round_trips_stdlib_source_exactly(code_tokenizer, path: Path):
-    source = path.read_text(encoding="utf-8")
+    # Bytes, not read_text(): universal newlines would turn CRLF into LF before the test.
+    source = path.read_bytes().decode("utf-8")
     ids = code_tokenizer(source, add_special_tokens=False)["input_ids"]
     assert code_tokenizer.decode(ids) == source
 
 
 def test_tokenizer_round_trips_awkward_text(code_tokenizer):
     source = (
-        "def f(\tx ,y ) :\r\n\t\treturn  x+ y   \n\n\n"
+        "class A:\n\tdef f(\tx ,y ) :\r\n\t\treturn  x+ y   \n\n\n"
         "s = 'naïve café — 日本語 🐍'  # trailing  \n"
         "    \t  \n"
         "x = '<|eos|>'\n"  # a special token's text inside source code
@@ -116,8 +127,19 @@ def test_train_command_runs_end_to_end_on_a_tiny_budget(tmp_path: Path):
     out = tmp_path / "code"
     train_code.main(
         [
-            "--out", str(out), "--tiny", "--max-steps", "3", "--batch-size", "2",
-            "--sequence-length", "64", "--validation-windows", "2", "--eval-completions", "2",
+            "--out",
+            str(out),
+            "--tiny",
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--sequence-length",
+            "64",
+            "--validation-windows",
+            "2",
+            "--eval-completions",
+            "2",
         ]
     )
     log_lines = (out / "training_log.jsonl").read_text().splitlines()
@@ -158,8 +180,13 @@ def test_video_artifact_loads_offline_and_generates_with_a_callback_per_step(tmp
     assert load_seconds < 5  # about 0.05 s when the machine is idle
     steps_seen: list[tuple[int, int]] = []
     frames = video_model.generate_frames(
-        pipeline, "a red square moving left", num_frames=9, height=32, width=32,
-        num_inference_steps=3, on_step=lambda step, total: steps_seen.append((step, total)),
+        pipeline,
+        "a red square moving left",
+        num_frames=9,
+        height=32,
+        width=32,
+        num_inference_steps=3,
+        on_step=lambda step, total: steps_seen.append((step, total)),
     )
     assert steps_seen == [(0, 3), (1, 3), (2, 3)]
     assert frames.shape == (9, 32, 32, 3)
@@ -176,7 +203,12 @@ def test_video_build_command_runs_to_a_folder_that_loads(tmp_path: Path):
     pipeline = video_model.load_video_pipeline(out)
     steps_seen: list[int] = []
     frames = video_model.generate_frames(
-        pipeline, "a blue circle", num_frames=5, height=32, width=32, num_inference_steps=2,
+        pipeline,
+        "a blue circle",
+        num_frames=5,
+        height=32,
+        width=32,
+        num_inference_steps=2,
         on_step=lambda step, total: steps_seen.append(step),
     )
     assert steps_seen == [0, 1]

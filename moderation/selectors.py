@@ -1,0 +1,116 @@
+"""Reads for moderation. Tenant-scoped reads take `tenant=`; the review queue spans tenants
+(None) because moderators are platform staff, not tenant members."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import datetime
+
+from django.db.models import Q, QuerySet
+
+from moderation.models import ModerationCase, SafetyPolicy, SafetyPolicyAssignment, TenantSuspension
+from portal.errors import NotFound
+from portal.models import Tenant
+
+
+def safety_policy_for_tenant(*, tenant: Tenant) -> SafetyPolicy:
+    """The tenant's own policy, else its tier's, else the default one."""
+    assignments = (
+        SafetyPolicyAssignment.objects.filter(Q(tenant=tenant) | Q(tier_id=tenant.tier_id))
+        .select_related("policy")
+    )
+    by_scope = {("tenant" if a.tenant_id else "tier"): a.policy for a in assignments}
+    policy = by_scope.get("tenant") or by_scope.get("tier")
+    if policy is None:
+        policy = SafetyPolicy.objects.filter(is_default=True).first()
+    if policy is None:
+        # No rows at all (a flushed test database): the code's defaults, never "no safety".
+        policy = SafetyPolicy(slug="standard", name="Standard")
+    return policy
+
+
+def tenant_find(*, slug: str) -> Tenant | None:
+    """Moderators look tenants up across the platform (they are not members of them)."""
+    return Tenant.objects.filter(slug=slug).first()
+
+
+def tenant_get(*, slug: str) -> Tenant:
+    tenant = tenant_find(slug=slug)
+    if tenant is None:
+        raise NotFound()
+    return tenant
+
+
+def cases_for_review(
+    *,
+    tenant: Tenant | None,
+    statuses: list[str] | None = None,
+    category: str | None = None,
+    min_score: float | None = None,
+) -> QuerySet[ModerationCase]:
+    cases = ModerationCase.objects.select_related("tenant", "api_key")
+    if tenant is not None:
+        cases = cases.filter(tenant=tenant)
+    if statuses:
+        cases = cases.filter(status__in=statuses)
+    if category:
+        cases = cases.filter(category=category)
+    if min_score is not None:
+        cases = cases.filter(score__gte=min_score)
+    return cases
+
+
+def case_get(*, case_id: int) -> ModerationCase:
+    case = ModerationCase.objects.select_related("tenant", "api_key").filter(pk=case_id).first()
+    if case is None:
+        raise NotFound()
+    return case
+
+
+def case_get_for_tenant(*, tenant: Tenant, case_id: int) -> ModerationCase:
+    case = ModerationCase.objects.filter(tenant=tenant, pk=case_id).first()
+    if case is None:
+        raise NotFound()
+    return case
+
+
+def strikes_count(*, tenant: Tenant, since: datetime) -> int:
+    return ModerationCase.objects.filter(
+        tenant=tenant, status=ModerationCase.Status.UPHELD, decided_at__gte=since
+    ).count()
+
+
+def suspension_active_for_tenant(*, tenant: Tenant) -> TenantSuspension | None:
+    return TenantSuspension.objects.filter(tenant=tenant, lifted_at__isnull=True).first()
+
+
+def suspension_last_lifted_at(*, tenant: Tenant) -> datetime | None:
+    lifted = (
+        TenantSuspension.objects.filter(tenant=tenant, lifted_at__isnull=False)
+        .order_by("-lifted_at")
+        .values_list("lifted_at", flat=True)
+        .first()
+    )
+    return lifted
+
+
+def suspensions_active(*, tenant: Tenant | None) -> QuerySet[TenantSuspension]:
+    suspensions = TenantSuspension.objects.filter(lifted_at__isnull=True).select_related("tenant")
+    return suspensions.filter(tenant=tenant) if tenant is not None else suspensions
+
+
+def overturned_cases_jsonl(*, tenant: Tenant | None) -> Iterator[str]:
+    """False positives as labelled rows for retraining, in the dataset's line format."""
+    cases = cases_for_review(tenant=tenant, statuses=[ModerationCase.Status.OVERTURNED])
+    for case in cases.filter(prompt_purged=False).order_by("pk").iterator():
+        yield json.dumps(
+            {
+                "text": case.prompt,
+                "label": "benign",
+                "source": f"sluice:moderation_case/{case.pk}",
+                "license": "tenant-data",
+                "category": f"overturned:{case.category}",
+            },
+            ensure_ascii=False,
+        ) + "\n"

@@ -1,0 +1,287 @@
+"""Writes for moderation: screening with a tenant's policy, cases, decisions, strikes, rules.
+
+Call points for the generation paths (text and video):
+* `safety_screen_input(tenant=, api_key=, text=, endpoint=, request_id=)` before admission;
+  `safety_screen_input_async` is the same for `asyncio.gather` with tokenisation/cost
+  estimation. Returns the verdict (put `verdict.timings_ms["total"]` in the
+  `x-safety-latency-ms` header) or raises SafetyRejection (400). Opens a case on block/review.
+* `safety_screen_output_window(tenant=, api_key=, text_so_far=, endpoint=, request_id=)` from a
+  stream (or use cascade.OutputModerator and call `case_open` when it stops).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from moderation import selectors
+from moderation.cascade import SafetyVerdict, safety_check_input, safety_check_inputs
+from moderation.cascade import safety_check_output_window as _check_output_window
+from moderation.errors import SafetyRejection
+from moderation.models import CaseDecision, ModerationCase, SafetyRule, TenantSuspension
+from moderation.rules import rules_cache_clear
+from portal.errors import InvalidParameter, NotFound, PermissionDenied
+from portal.models import ApiKey, Tenant
+from portal.services import tenant_suspend, tenant_unsuspend
+
+logger = logging.getLogger(__name__)
+
+REVIEW_PERMISSION = "moderation.review_case"
+CASE_OPENED_EVENT = "moderation.case_opened"
+_API_KEY = re.compile(r"\bsk-[A-Za-z0-9_\-]{8,}")
+_EMAIL = re.compile(r"\b[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}\b")
+
+
+# --- screening ------------------------------------------------------------------------------
+
+
+def safety_screen_input(
+    *,
+    tenant: Tenant,
+    text: str,
+    endpoint: str,
+    api_key: ApiKey | None = None,
+    request_id: str = "",
+) -> SafetyVerdict:
+    """The input gate: the tenant's policy, a case for block/review, SafetyRejection on block."""
+    policy = selectors.safety_policy_for_tenant(tenant=tenant)
+    verdict = safety_check_input(text=text, policy=policy)
+    if verdict.needs_case:
+        case_open(
+            tenant=tenant,
+            api_key=api_key,
+            verdict=verdict,
+            text=text,
+            source=ModerationCase.Source.INPUT,
+            endpoint=endpoint,
+            request_id=request_id,
+        )
+    if verdict.blocked:
+        raise SafetyRejection(categories=verdict.categories)
+    return verdict
+
+
+# Not thread-sensitive: the screen must run beside tokenisation, not queue behind sync work.
+safety_screen_input_async = sync_to_async(safety_screen_input, thread_sensitive=False)
+
+
+def safety_screen_output_window(
+    *,
+    tenant: Tenant,
+    text_so_far: str,
+    endpoint: str,
+    api_key: ApiKey | None = None,
+    request_id: str = "",
+) -> SafetyVerdict:
+    """For a stream: check the trailing window; a block opens a case and the caller stops."""
+    policy = selectors.safety_policy_for_tenant(tenant=tenant)
+    verdict = _check_output_window(text_so_far=text_so_far, policy=policy)
+    if verdict.blocked:
+        case_open(
+            tenant=tenant,
+            api_key=api_key,
+            verdict=verdict,
+            text=text_so_far,
+            source=ModerationCase.Source.OUTPUT,
+            endpoint=endpoint,
+            request_id=request_id,
+        )
+    return verdict
+
+
+@dataclass(frozen=True)
+class ModerationResult:
+    model: str
+    verdicts: list[SafetyVerdict]
+
+
+MODERATION_MODEL = "sluice-safety-1"
+
+
+def moderation_classify(*, tenant: Tenant, inputs: list[str]) -> ModerationResult:
+    """POST /v1/moderations: scores only. It opens no case and counts no strike, so tenants
+    can screen their own users' content with it freely."""
+    policy = selectors.safety_policy_for_tenant(tenant=tenant)
+    return ModerationResult(
+        model=MODERATION_MODEL, verdicts=safety_check_inputs(texts=inputs, policy=policy)
+    )
+
+
+# --- cases ----------------------------------------------------------------------------------
+
+
+def prompt_redact(*, text: str) -> str:
+    """API keys and email addresses never reach the case table."""
+    return _EMAIL.sub("[email]", _API_KEY.sub("sk-[redacted]", text))
+
+
+def moderation_event_publish(*, tenant: Tenant, event_type: str, payload: dict) -> None:
+    """The seam for tenant webhooks (`moderation.case_opened`).
+
+    Webhook endpoints and their signed, retried delivery belong to the webhooks issue
+    (inference/webhooks.py), which has not landed. Until it does this deliberately delivers
+    nothing and only logs; that issue replaces the body with its enqueue call. Callers invoke
+    it after commit, so a delivery never announces a case that was rolled back.
+    """
+    logger.info("event %s for tenant %s (webhooks not wired yet): %s", event_type, tenant.slug, payload)
+
+
+def case_open(
+    *,
+    tenant: Tenant,
+    verdict: SafetyVerdict,
+    text: str,
+    source: str,
+    endpoint: str = "",
+    api_key: ApiKey | None = None,
+    request_id: str = "",
+) -> ModerationCase:
+    now = timezone.now()
+    case = ModerationCase.objects.create(
+        tenant=tenant,
+        api_key=api_key,
+        source=source,
+        endpoint=endpoint[:64],
+        request_id=request_id[:128],
+        action=(
+            ModerationCase.Action.BLOCKED if verdict.blocked else ModerationCase.Action.BORDERLINE
+        ),
+        category=verdict.categories[0] if verdict.categories else verdict.top_category,
+        score=verdict.unsafe_score,
+        category_scores=verdict.category_scores,
+        matched_rule=verdict.rule.name if verdict.rule else "",
+        tricks=sorted(verdict.tricks),
+        policy_slug=verdict.policy_slug,
+        prompt=prompt_redact(text=text),
+        prompt_expires_at=now + timedelta(days=settings.SLUICE_MODERATION_PROMPT_RETENTION_DAYS),
+        created_at=now,
+    )
+    payload = {
+        "case_id": case.pk,
+        "action": case.action,
+        "category": case.category,
+        "categories": list(verdict.categories),
+        "source": case.source,
+        "request_id": case.request_id,
+    }
+    transaction.on_commit(
+        lambda: moderation_event_publish(tenant=tenant, event_type=CASE_OPENED_EVENT, payload=payload)
+    )
+    return case
+
+
+def moderator_require(*, user) -> None:
+    if not (user.is_authenticated and user.is_active and user.has_perm(REVIEW_PERMISSION)):
+        raise PermissionDenied("Reviewing moderation cases needs the moderator permission.")
+
+
+_NEXT_STATUS = {
+    CaseDecision.Decision.UPHOLD: ModerationCase.Status.UPHELD,
+    CaseDecision.Decision.OVERTURN: ModerationCase.Status.OVERTURNED,
+    CaseDecision.Decision.ESCALATE: ModerationCase.Status.ESCALATED,
+}
+# Escalating hands a case to a senior reviewer: it stays undecided, and cannot bounce back.
+_DECIDABLE_FROM = {
+    CaseDecision.Decision.UPHOLD: [ModerationCase.Status.OPEN, ModerationCase.Status.ESCALATED],
+    CaseDecision.Decision.OVERTURN: [ModerationCase.Status.OPEN, ModerationCase.Status.ESCALATED],
+    CaseDecision.Decision.ESCALATE: [ModerationCase.Status.OPEN],
+}
+
+
+def case_decide(*, case: ModerationCase, moderator, decision: str, note: str = "") -> CaseDecision:
+    """Record a decision (audited). Uphold counts a strike and may suspend the tenant."""
+    moderator_require(user=moderator)
+    if decision not in _NEXT_STATUS:
+        raise InvalidParameter(f"Unknown decision {decision!r}.", param="decision")
+    now = timezone.now()
+    final = decision != CaseDecision.Decision.ESCALATE
+    with transaction.atomic():
+        # Claim the case: two moderators deciding at once cannot both win.
+        claimed = ModerationCase.objects.filter(
+            pk=case.pk, status__in=_DECIDABLE_FROM[decision]
+        ).update(status=_NEXT_STATUS[decision], decided_at=now if final else None)
+        if claimed != 1:
+            raise InvalidParameter("This case was already decided.", param="decision")
+        entry = CaseDecision.objects.create(
+            case=case, moderator=moderator, decision=decision, note=note.strip(), created_at=now
+        )
+    case.refresh_from_db(fields=["status", "decided_at"])
+    logger.info("case %s %s by %s", case.pk, decision, moderator)
+    if decision == CaseDecision.Decision.UPHOLD:
+        tenant_strikes_enforce(tenant=case.tenant)
+    return entry
+
+
+def tenant_strikes_enforce(*, tenant: Tenant) -> TenantSuspension | None:
+    """N upheld strikes within the window (since the last lifted suspension) suspend."""
+    now = timezone.now()
+    since = now - timedelta(hours=settings.SLUICE_MODERATION_STRIKE_WINDOW_HOURS)
+    lifted_at = selectors.suspension_last_lifted_at(tenant=tenant)
+    if lifted_at is not None and lifted_at > since:
+        since = lifted_at  # strikes already reviewed by whoever lifted the suspension
+    strikes = selectors.strikes_count(tenant=tenant, since=since)
+    if strikes < settings.SLUICE_MODERATION_STRIKES_TO_SUSPEND:
+        return None
+    try:
+        with transaction.atomic():
+            suspension = TenantSuspension.objects.create(
+                tenant=tenant,
+                reason=f"{strikes} upheld moderation strikes since {since:%Y-%m-%d %H:%M} UTC",
+                strike_count=strikes,
+                created_at=now,
+            )
+    except IntegrityError:
+        return None  # already suspended and pending review (one open suspension per tenant)
+    tenant_suspend(tenant=tenant)
+    logger.warning("tenant %s suspended after %s strikes", tenant.slug, strikes)
+    return suspension
+
+
+def tenant_suspension_lift(*, tenant: Tenant, moderator, note: str = "") -> TenantSuspension:
+    """Unsuspend after review. Audited on the suspension row (who, when, why)."""
+    moderator_require(user=moderator)
+    suspension = selectors.suspension_active_for_tenant(tenant=tenant)
+    if suspension is None:
+        raise NotFound("This tenant has no suspension pending review.")
+    now = timezone.now()
+    lifted = TenantSuspension.objects.filter(pk=suspension.pk, lifted_at__isnull=True).update(
+        lifted_at=now, lifted_by=moderator, lift_note=note.strip()
+    )
+    if lifted != 1:
+        raise InvalidParameter("This suspension was already lifted.")
+    tenant_unsuspend(tenant=tenant)
+    suspension.refresh_from_db(fields=["lifted_at", "lifted_by", "lift_note"])
+    logger.info("tenant %s unsuspended by %s", tenant.slug, moderator)
+    return suspension
+
+
+def case_prompts_purge(*, now=None) -> int:
+    """Empty the prompts whose retention ended; the case and its decisions stay."""
+    now = now or timezone.now()
+    return ModerationCase.objects.filter(
+        prompt_expires_at__lte=now, prompt_purged=False
+    ).update(prompt="", prompt_purged=True)
+
+
+# --- rules ----------------------------------------------------------------------------------
+
+
+def safety_rule_save(*, rule: SafetyRule) -> SafetyRule:
+    """Create or edit a rule; this process sees it at once, others within the cache TTL."""
+    rule.full_clean()
+    rule.updated_at = timezone.now()
+    rule.save()
+    rules_cache_clear()
+    return rule
+
+
+def safety_rule_delete(*, rule: SafetyRule) -> None:
+    rule.delete()
+    rules_cache_clear()

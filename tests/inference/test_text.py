@@ -1,0 +1,215 @@
+"""Code generation end to end: the openai SDK -> Sluice -> Celery text worker -> vLLM (the
+tiny code model) -> Redis stream -> SSE, with admission and settlement. One real stack for
+the whole module (tests/inference/text_stack.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from inference.models import Job
+from portal.models import ApiKey
+from quotas.models import LedgerEntry
+from tests.factories import TenantFactory, api_key_for, tier
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+MODEL = "sluice-code-tiny"
+LONG_PREFIX = "".join(f"def helper_{i}(value):\n    return value * {i}\n\n" for i in range(40))
+
+
+def client(url: str, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+
+
+def test_chat_non_streaming_with_the_sdk(cast, text_stack):
+    reply = client(text_stack, cast.owner_key).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Write a function that adds."}],
+        max_tokens=12, temperature=0, seed=1)
+    assert reply.object == "chat.completion" and reply.model == MODEL
+    assert isinstance(reply.choices[0].message.content, str) and reply.choices[0].message.content
+    assert reply.choices[0].finish_reason in ("length", "stop")
+    assert reply.usage.completion_tokens <= 12 and reply.usage.prompt_tokens > 5
+    job = Job.objects.get(tenant=cast.tenant)
+    assert job.status == "succeeded" and job.kind == "text"
+    # Settled for the tokens actually produced.
+    assert job.actual_mcu == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    entries = dict(LedgerEntry.objects.filter(reservation__job=job).values_list("kind", "mcu"))
+    assert entries["settle"] == job.actual_mcu and entries["reserve"] == job.estimated_mcu
+
+
+def test_chat_streaming_with_usage(cast, text_stack):
+    chunks = list(client(text_stack, cast.owner_key).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "def fib(n):"}], max_tokens=16,
+        temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
+    assert finals[0].choices[0].finish_reason == "length"
+    # A truncated generation carries its parsable prefix.
+    partial = finals[0].choices[0].model_extra.get("partial_completion")
+    assert partial is None or text.startswith(partial["text"][: partial["kept_chars"]])
+
+
+def test_async_sdk_completions_stream(cast, text_stack):
+    async def run():
+        sdk = openai.AsyncOpenAI(base_url=f"{text_stack}/v1", api_key=cast.owner_key, max_retries=0)
+        stream = await sdk.completions.create(model=MODEL, prompt="import os\n", max_tokens=8,
+                                              temperature=0, stream=True)
+        return [chunk async for chunk in stream]
+
+    chunks = asyncio.run(run())
+    assert all(chunk.object == "text_completion" for chunk in chunks)
+    assert "".join(c.choices[0].text for c in chunks if c.choices)
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_repeated_long_prefix_reports_cached_tokens(cast, text_stack):
+    sdk = client(text_stack, cast.owner_key)
+    first = sdk.completions.create(model=MODEL, prompt=LONG_PREFIX + "def a():", max_tokens=2, temperature=0)
+    second = sdk.completions.create(model=MODEL, prompt=LONG_PREFIX + "def b():", max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens > 300
+    assert second.usage.prompt_tokens_details.cached_tokens > 0
+
+
+def test_free_tier_is_served_by_the_quantized_variant(text_stack):
+    free_key = api_key_for(TenantFactory(tier=tier("free")))
+    reply = client(text_stack, free_key).completions.create(model=MODEL, prompt="x = ", max_tokens=4,
+                                                            temperature=0)
+    assert reply.model == "sluice-code-tiny-int8"
+    job = Job.objects.get(tenant__tier__slug="free")
+    # Half price: (prompt + completion tokens) / 2, rounded up.
+    assert job.actual_mcu == -(-(reply.usage.prompt_tokens + reply.usage.completion_tokens) // 2)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "param"),
+    [
+        ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model_not_found", "model"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x = 1\n" * 600}]}, 400,
+         "context_length_exceeded", "messages"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2000}, 400,
+         "context_length_exceeded", "messages"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 5}, 400,
+         "invalid_parameter", "temperature"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "invalid_parameter", "n"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5}, 400,
+         "invalid_parameter", "stop"),
+        ({"model": MODEL}, 400, "invalid_parameter", "messages"),
+        ({"model": "sluice-video-tiny", "messages": [{"role": "user", "content": "x"}]}, 400,
+         "invalid_parameter", "model"),
+    ],
+)
+def test_bad_requests_get_designs_errors(cast, text_stack, body, status, code, param):
+    response = httpx.post(f"{text_stack}/v1/chat/completions", json=body,
+                          headers={"Authorization": f"Bearer {cast.owner_key}"})
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
+    assert response.json()["error"]["param"] == param
+    assert not Job.objects.exists()
+
+
+def test_auth_and_tier_errors(cast, text_stack):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
+    assert httpx.post(f"{text_stack}/v1/chat/completions", json=body).json()["error"]["code"] == "invalid_api_key"
+    free = tier("free")
+    free.allowed_models = ["sluice-video-tiny"]
+    free.save(update_fields=["allowed_models"])
+    key = api_key_for(TenantFactory(tier=free))
+    with pytest.raises(openai.PermissionDeniedError) as exc:
+        client(text_stack, key).chat.completions.create(model=MODEL, messages=body["messages"])
+    assert exc.value.body["code"] == "model_not_allowed"
+
+
+def test_disconnect_mid_stream_aborts_and_settles_what_was_produced(cast, text_stack):
+    # Greedy decoding of the tiny model loops until max_tokens: it never ends early here.
+    body = {"model": MODEL, "prompt": "class Parser:\n", "max_tokens": 900, "temperature": 0,
+            "stream": True}
+    with httpx.stream("POST", f"{text_stack}/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {cast.owner_key}"}, timeout=60) as response:
+        job_id = response.headers["x-sluice-job-id"]
+        seen = 0
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                seen += 1
+            if seen >= 5:
+                break  # the client goes away here
+    deadline = time.monotonic() + 30
+    while Job.objects.get(pk=job_id).status == "running" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    job = Job.objects.get(pk=job_id)
+    assert job.status == "cancelled"
+    produced = job.usage["completion_tokens"]
+    assert 5 <= produced < 900
+    assert job.actual_mcu == job.usage["prompt_tokens"] + produced  # pro: 1 mCU per token
+    refund = LedgerEntry.objects.get(reservation__job=job, kind="refund").mcu
+    assert refund == job.estimated_mcu - job.actual_mcu
+
+
+def test_cancel_through_the_jobs_api_stops_the_stream(cast, text_stack):
+    sdk = client(text_stack, cast.owner_key)
+    # Greedy decoding of the tiny model loops until max_tokens: it never ends early here.
+    stream = sdk.completions.create(model=MODEL, prompt="import sys\n", max_tokens=900,
+                                    temperature=0, stream=True)
+    first = next(iter(stream))
+    job = Job.objects.get(tenant=cast.tenant)
+    assert first.id == "cmpl-" + job.pk.removeprefix("job_")
+    cancel = httpx.post(f"{text_stack}/v1/jobs/{job.pk}/cancel",
+                        headers={"Authorization": f"Bearer {cast.owner_key}"})
+    assert cancel.status_code == 200
+    rest = list(stream)
+    assert rest[-1].choices[0].finish_reason == "cancelled"
+    job.refresh_from_db()
+    assert job.status == "cancelled" and job.usage["completion_tokens"] < 900
+
+
+def test_outsider_cannot_follow_another_tenants_stream(cast, text_stack):
+    reply = httpx.post(f"{text_stack}/v1/completions",
+                       json={"model": MODEL, "prompt": "a = 1\n", "max_tokens": 3},
+                       headers={"Authorization": f"Bearer {cast.owner_key}"})
+    job_id = reply.headers["x-sluice-job-id"]
+    outsider = httpx.get(f"{text_stack}/v1/jobs/{job_id}/events",
+                         headers={"Authorization": f"Bearer {cast.outsider_key}"})
+    assert outsider.status_code == 404
+    owner = httpx.get(f"{text_stack}/v1/jobs/{job_id}/events",
+                      headers={"Authorization": f"Bearer {cast.owner_key}"})
+    events = [json.loads(line[6:]) for line in owner.text.splitlines() if line.startswith("data: ")]
+    assert "".join(e.get("delta", "") for e in events) == reply.json()["choices"][0]["text"]
+
+
+def test_higher_tier_priority_is_served_first_under_contention(text_stack):
+    """The engine runs one sequence at a time here: a long pro job holds it, then a pro and an
+    enterprise request arrive in that order: the enterprise one gets the engine first."""
+    pro_key = api_key_for(TenantFactory(tier=tier("pro")))
+    enterprise_key = api_key_for(TenantFactory(tier=tier("enterprise")))
+    first_token_at: dict[str, float] = {}
+
+    def stream(name: str, key: str, max_tokens: int, prompt: str) -> None:
+        with httpx.stream("POST", f"{text_stack}/v1/completions", timeout=120,
+                          json={"model": MODEL, "prompt": prompt, "max_tokens": max_tokens,
+                                "temperature": 0, "stream": True},
+                          headers={"Authorization": f"Bearer {key}"}) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {") and name not in first_token_at:
+                    first_token_at[name] = time.monotonic()
+
+    blocker = threading.Thread(target=stream, args=("blocker", pro_key, 900, "import sys\n"))
+    blocker.start()
+    while "blocker" not in first_token_at:
+        time.sleep(0.01)
+    late_pro = threading.Thread(target=stream, args=("pro", pro_key, 4, "x = 1\n"))
+    late_pro.start()
+    time.sleep(0.3)
+    enterprise = threading.Thread(target=stream, args=("enterprise", enterprise_key, 4, "y = 2\n"))
+    enterprise.start()
+    for thread in (blocker, late_pro, enterprise):
+        thread.join(timeout=120)
+    assert first_token_at["enterprise"] < first_token_at["pro"]
+    assert ApiKey.objects.count() >= 2

@@ -1,0 +1,121 @@
+import pytest
+from django.contrib.auth.models import Permission
+from django.urls import reverse
+
+from moderation import services
+from moderation.cascade import SafetyVerdict
+from moderation.models import CaseDecision, ModerationCase, SafetyRule
+from moderation.rules import rules_active
+from portal.models import Tenant
+from portal.services import tenant_suspend
+from tests.factories import UserFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def make_case(tenant, *, category="jailbreak", score=0.9) -> ModerationCase:
+    verdict = SafetyVerdict(
+        action="block", category_scores={"jailbreak": 0.0, "injection": 0.0, "harmful": 0.0} | {category: score},
+        unsafe_score=score, categories=(category,), stage="classifier", policy_slug="standard",
+    )
+    return services.case_open(tenant=tenant, verdict=verdict, text=f"{tenant.slug} prompt", source="input")
+
+
+@pytest.fixture
+def cases(cast):
+    return {
+        "acme_jb": make_case(cast.tenant, category="jailbreak", score=0.95),
+        "acme_harm": make_case(cast.tenant, category="harmful", score=0.4),
+        "globex": make_case(cast.outsider_tenant, category="injection", score=0.8),
+    }
+
+
+def test_anonymous_is_sent_to_login(client, cases):
+    response = client.get(reverse("moderation-queue"))
+    assert response.status_code == 302 and "/accounts/login/" in response["Location"]
+
+
+@pytest.mark.parametrize("who", ["owner", "admin", "viewer", "outsider"])
+def test_tenant_roles_cannot_see_the_queue(client, cast, cases, who):
+    client.force_login(getattr(cast, who).user)
+    case = cases["globex" if who == "outsider" else "acme_jb"]
+    for url in (reverse("moderation-queue"), reverse("moderation-case", args=[case.pk]),
+                reverse("moderation-export")):
+        assert client.get(url).status_code == 403
+    assert client.post(reverse("moderation-case", args=[case.pk]), {"decision": "overturn"}).status_code == 403
+    assert not CaseDecision.objects.exists()
+    assert "Review queue" not in client.get(reverse("tenant-overview", args=[
+        cast.outsider_tenant.slug if who == "outsider" else cast.tenant.slug])).content.decode()
+
+
+def test_moderator_sees_and_filters_the_queue(client, moderator, cases):
+    client.force_login(moderator)
+    page = client.get(reverse("moderation-queue")).content.decode()
+    assert "acme" in page and "globex" in page and "Review queue" in page
+
+    def listed(**params):
+        response = client.get(reverse("moderation-queue"), params)
+        return {case.pk for case in response.context["page"]}
+
+    assert listed(tenant="globex") == {cases["globex"].pk}
+    assert listed(category="harmful") == {cases["acme_harm"].pk}
+    assert listed(min_score="0.85") == {cases["acme_jb"].pk}
+    assert listed(tenant="no-such-tenant") == set()
+
+
+def test_moderator_decides_from_the_case_page_and_it_is_audited(client, moderator, cases):
+    client.force_login(moderator)
+    case = cases["acme_jb"]
+    detail = client.get(reverse("moderation-case", args=[case.pk]))
+    assert detail.status_code == 200 and "acme prompt" in detail.content.decode()
+    response = client.post(reverse("moderation-case", args=[case.pk]), {"decision": "overturn", "note": "fp"})
+    assert response.status_code == 302
+    decision = CaseDecision.objects.get()
+    assert (decision.moderator, decision.decision, decision.note) == (moderator, "overturn", "fp")
+    again = client.post(reverse("moderation-case", args=[case.pk]), {"decision": "uphold"})
+    assert again.status_code == 200 and "already decided" in again.content.decode()
+    assert CaseDecision.objects.count() == 1
+    assert client.get(reverse("moderation-case", args=[999999])).status_code == 404
+
+
+def test_moderator_exports_overturned_cases(client, moderator, cases):
+    services.case_decide(case=cases["globex"], moderator=moderator, decision="overturn")
+    client.force_login(moderator)
+    response = client.get(reverse("moderation-export"))
+    body = b"".join(response.streaming_content).decode()
+    assert response.status_code == 200 and '"label": "benign"' in body and "globex prompt" in body
+    assert "acme prompt" not in body
+
+
+def test_moderator_unsuspends_from_the_queue(client, moderator, cast, settings):
+    settings.SLUICE_MODERATION_STRIKES_TO_SUSPEND = 1
+    services.case_decide(case=make_case(cast.tenant), moderator=moderator, decision="uphold")
+    assert Tenant.objects.get(pk=cast.tenant.pk).is_suspended
+    client.force_login(cast.admin.user)
+    assert client.post(reverse("moderation-unsuspend", args=["acme"]), {"note": "x"}).status_code == 403
+    client.force_login(moderator)
+    assert "Suspended tenants" in client.get(reverse("moderation-queue")).content.decode()
+    response = client.post(reverse("moderation-unsuspend", args=["acme"]), {"note": "reviewed"})
+    assert response.status_code == 302
+    assert not Tenant.objects.get(pk=cast.tenant.pk).is_suspended
+    assert client.post(reverse("moderation-unsuspend", args=["acme"]), {"note": "x"}).status_code == 404
+
+
+def test_moderator_edits_rules_in_the_admin_and_they_apply_at_once(client, db):
+    staff = UserFactory(username="ruler", is_staff=True)
+    staff.user_permissions.add(*Permission.objects.filter(codename__in=["add_safetyrule", "change_safetyrule"]))
+    client.force_login(staff)
+    assert rules_active().first_hit(["the zebra gambit"]) is None
+    response = client.post(reverse("admin:moderation_safetyrule_add"), {
+        "name": "zebra", "family": "custom", "label": "jailbreak", "pattern": r"zebra\s+gambit",
+        "enabled": "on", "description": "",
+    })
+    assert response.status_code == 302, response.content.decode()[:2000]
+    assert SafetyRule.objects.filter(name="zebra").exists()
+    assert rules_active().first_hit(["the zebra gambit"]).name == "zebra"
+
+
+def test_suspended_status_does_not_block_the_moderator_pages(client, moderator, cast):
+    tenant_suspend(tenant=cast.tenant)
+    client.force_login(moderator)
+    assert client.get(reverse("moderation-queue")).status_code == 200

@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sluice-installed
 
-.PHONY: run test install lint bench-admission bench-safety clean
+.PHONY: run test install lint bench-admission bench-safety bench-jobs bench-text clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,3 +38,6 @@ bench-admission: $(STAMP)
 
 bench-jobs: $(STAMP)
 	BENCH_DATABASE_URL=$${BENCH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/sluice_bench} $(PY) -m bench.jobs
+
+bench-text: $(STAMP)
+	$(PY) -m bench.text

@@ -205,7 +205,8 @@ class VideoListApi(APIView):
 
         payload = {key: request.data.get(key) for key in request.data}
         submission = video_job_create(api_key=request.auth, payload=payload,
-                                      idempotency_key=request.headers.get("Idempotency-Key"))
+                                      idempotency_key=request.headers.get("Idempotency-Key"),
+                                      endpoint="videos", request_id=getattr(request, "request_id", ""))
         return Response(video_representation(submission.job), status=200 if submission.replayed else 201,
                         headers={"x-cu-estimate": str(mcu_to_cu(submission.job.estimated_mcu))})
 

@@ -103,7 +103,9 @@ async def events_follow(*, job_id: str, after_seq: int = 0, block_ms: int = 15_0
     (so callers can send keep-alives). Ends after the terminal event."""
     import redis.asyncio as aioredis
 
-    client = aioredis.Redis.from_url(settings.REDIS_URL)
+    # The socket must outlast the blocking read (redis-py's default timeout is shorter).
+    client = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=block_ms / 1000 + 10,
+                                     socket_connect_timeout=5)
     last = f"0-{after_seq}"
     try:
         while True:

@@ -50,6 +50,22 @@ class _Heartbeat:
         self._thread.join(timeout=5)
 
 
+def output_moderator_for(job):
+    from moderation.cascade import OutputModerator
+    from moderation.selectors import safety_policy_for_tenant
+
+    return OutputModerator(policy=safety_policy_for_tenant(tenant=job.tenant))
+
+
+def output_case_open(*, job, verdict, text: str) -> None:
+    """A stream stopped by output moderation opens a case, like a blocked prompt does."""
+    from moderation.models import ModerationCase
+    from moderation.services import case_open
+
+    case_open(tenant=job.tenant, api_key=job.api_key, verdict=verdict, text=text,
+              source=ModerationCase.Source.OUTPUT, endpoint=f"jobs:{job.kind}", request_id=job.pk)
+
+
 def job_run(*, job_id: str, attempt: int) -> str:
     job = job_claim(job_id=job_id, attempt=attempt)
     if job is None:
@@ -68,6 +84,7 @@ def job_run(*, job_id: str, attempt: int) -> str:
         emit_progress=lambda progress, data: job_progress(job=job, progress=progress, data=data),
         emit_output=emit_output,
         should_stop=lambda: job_cancel_requested(job_id=job.pk),
+        output_moderator=output_moderator_for(job) if spec.kind == "text" else None,
     )
     with _Heartbeat(job.pk):
         try:
@@ -76,6 +93,9 @@ def job_run(*, job_id: str, attempt: int) -> str:
             logger.exception("engine failed on %s", job.pk)
             job_fail(job=job, code="engine_error", message=f"{exc.__class__.__name__}: {exc}")
             return "failed"
+    moderator = context.output_moderator
+    if moderator is not None and moderator.stopped:
+        output_case_open(job=job, verdict=moderator.verdict, text=moderator.text)
     if outcome.stopped:
         job_cancelled(job=job, actual_mcu=outcome.actual_mcu, usage=outcome.usage, result=outcome.result)
         return "cancelled"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from asgiref.sync import sync_to_async
 from django.db import close_old_connections
@@ -50,7 +51,16 @@ def _submit(request, *, chat: bool):
     if not isinstance(payload, dict):
         raise InvalidParameter("The body must be a JSON object.")
     tier = api_key.tenant.tier
-    text = text_request_parse(payload=payload, tier=tier, chat=chat)
+    # The safety cascade runs beside tokenisation and pricing: it adds max(), not sum().
+    screening = _SAFETY_POOL.submit(
+        _screen, tenant=api_key.tenant, api_key=api_key, payload=payload,
+        endpoint="chat.completions" if chat else "completions",
+        request_id=getattr(request, "request_id", ""),
+    )
+    try:
+        text = text_request_parse(payload=payload, tier=tier, chat=chat)
+    finally:
+        verdict = screening.result()  # raises SafetyRejection when the prompt is blocked
     variant = variant_for_tier(text.spec, tier)
     estimate = text_cost(spec=text.spec, variant=variant, prompt_tokens=text.prompt_tokens,
                          completion_tokens=text.max_tokens)
@@ -59,7 +69,29 @@ def _submit(request, *, chat: bool):
         params=text.job_params(priority=tier.queue_priority), estimate=estimate, mode="sync",
         idempotency_key=request.headers.get("Idempotency-Key"), request_body=payload,
     )
-    return text, variant, estimate, submission.job
+    return text, variant, estimate, submission.job, verdict
+
+
+_SAFETY_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="safety")
+
+
+def screened_text(payload: dict) -> str:
+    """What the input cascade reads: every message's content, or the prompt."""
+    messages = payload.get("messages")
+    if isinstance(messages, list):
+        return "\n".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
+    prompt = payload.get("prompt")
+    return prompt if isinstance(prompt, str) else ""
+
+
+def _screen(*, tenant, api_key, payload: dict, endpoint: str, request_id: str):
+    from moderation.services import safety_screen_input
+
+    try:
+        return safety_screen_input(tenant=tenant, api_key=api_key, text=screened_text(payload),
+                                   endpoint=endpoint, request_id=request_id)
+    finally:
+        close_old_connections()
 
 
 def _cancel_after_disconnect(job_id: str) -> None:
@@ -127,11 +159,12 @@ async def _terminal_job(job_id: str) -> Job:
 
 async def _generate(request, *, chat: bool):
     try:
-        text, variant, estimate, job = await sync_to_async(_submit)(request, chat=chat)
+        text, variant, estimate, job, verdict = await sync_to_async(_submit)(request, chat=chat)
     except SluiceError as error:
         return json_error(error)
     shape = _Shape(chat=chat, job=job, served_name=variant.served_name)
-    headers = {"x-cu-estimate": str(estimate.cu), "x-sluice-job-id": job.pk}
+    headers = {"x-cu-estimate": str(estimate.cu), "x-sluice-job-id": job.pk,
+               "x-safety-latency-ms": f"{verdict.timings_ms.get('total', 0):.1f}"}
     if text.stream:
         response = StreamingHttpResponse(_stream(job, shape, text), content_type="text/event-stream",
                                          headers=headers)

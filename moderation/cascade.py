@@ -293,11 +293,18 @@ class OutputModerator:
         chunk, self.released = self.text[self.released :], len(self.text)
         return chunk
 
+    # The first window is short and each next one doubles up to the policy's window, so the
+    # first tokens reach the client quickly and the check rate falls as the stream grows.
+    FIRST_WINDOW_CHARS = 24
+
+    def _window_due(self) -> int:
+        return min(self.policy.output_window_chars, self.FIRST_WINDOW_CHARS * 2 ** self.checks)
+
     def feed(self, delta: str) -> str:
         if self.stopped:
             return ""
         self.text += delta
-        if len(self.text) - self.released < self.policy.output_window_chars:
+        if len(self.text) - self.released < self._window_due():
             return ""
         return self._check()
 

@@ -123,14 +123,14 @@ def prompt_redact(*, text: str) -> str:
 
 
 def moderation_event_publish(*, tenant: Tenant, event_type: str, payload: dict) -> None:
-    """The seam for tenant webhooks (`moderation.case_opened`).
+    """Tell the tenant's webhook endpoints (`moderation.case_opened`). Callers invoke it after
+    commit, so a delivery never announces a case that was rolled back."""
+    from inference.webhooks import webhook_event_publish
 
-    Webhook endpoints and their signed, retried delivery belong to the webhooks issue
-    (inference/webhooks.py), which has not landed. Until it does this deliberately delivers
-    nothing and only logs; that issue replaces the body with its enqueue call. Callers invoke
-    it after commit, so a delivery never announces a case that was rolled back.
-    """
-    logger.info("event %s for tenant %s (webhooks not wired yet): %s", event_type, tenant.slug, payload)
+    try:
+        webhook_event_publish(tenant=tenant, event_type=event_type, data=payload)
+    except Exception:  # the case stands; a webhook problem must not fail the request
+        logger.exception("could not record the %s webhook for tenant %s", event_type, tenant.slug)
 
 
 def case_open(

@@ -165,7 +165,8 @@ def playground_video_submit(*, actor: Membership, payload: dict, form_token: str
     require_role(membership=actor, role=Role.MEMBER)
     tenant_ensure_active(tenant=actor.tenant)
     return video_job_create(api_key=playground_api_key(tenant=actor.tenant), payload=payload,
-                            idempotency_key=f"playground:{form_token}" if form_token else None)
+                            idempotency_key=f"playground:{form_token}" if form_token else None,
+                            endpoint="playground")
 
 
 # --- memberships ------------------------------------------------------------------------------

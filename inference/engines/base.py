@@ -21,6 +21,9 @@ class RunContext:
     emit_progress: Callable[[float, dict], None]
     emit_output: Callable[[dict], None]
     should_stop: Callable[[], bool]
+    # Streamed text passes through it (feed/finish release only checked text; `stopped`
+    # after a violation): moderation.cascade.OutputModerator for text jobs.
+    output_moderator: object | None = None
 
 
 @dataclass

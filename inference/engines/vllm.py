@@ -111,11 +111,18 @@ class VllmTextEngine:
         for name in ("stop", "seed"):
             if params.get(name) is not None:
                 body[name] = params[name]
-        pieces: list[str] = []
+        moderator = context.output_moderator
+        released: list[str] = []
         completion_tokens = 0
         finish_reason = None
         usage: dict = {}
         stopped = False
+
+        def release(text: str) -> None:
+            if text:
+                released.append(text)
+                context.emit_output({"delta": text, "tokens": completion_tokens})
+
         with _client.stream("POST", f"{engine_url(variant)}/v1/completions", json=body) as response:
             if response.status_code != 200:
                 raise RuntimeError(f"engine answered {response.status_code}: {response.read()[:300]!r}")
@@ -128,14 +135,19 @@ class VllmTextEngine:
                 for choice in chunk.get("choices", []):
                     text = choice.get("text") or ""
                     completion_tokens += len(choice.get("token_ids") or [])
-                    if text:
-                        pieces.append(text)
-                        context.emit_output({"delta": text, "tokens": completion_tokens})
+                    release(moderator.feed(text) if moderator else text)
                     finish_reason = choice.get("finish_reason") or finish_reason
+                if moderator is not None and moderator.stopped:
+                    finish_reason = "content_filter"
+                    break  # nothing past the last safe window goes out; vLLM aborts
                 if context.should_stop():
                     stopped = True
                     break  # leaving the block closes the stream: vLLM aborts the request
-        generated = "".join(pieces)
+        if moderator is not None and not moderator.stopped and not stopped:
+            release(moderator.finish())
+            if moderator.stopped:
+                finish_reason = "content_filter"
+        generated = "".join(released)
         prompt_tokens = len(params["prompt_token_ids"])
         if usage:
             completion_tokens = usage.get("completion_tokens", completion_tokens)

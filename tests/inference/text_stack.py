@@ -65,8 +65,9 @@ def text_stack(text_engines, django_db_setup, django_db_blocker):
     from tests.conftest import ServerProcess, WorkerProcess
 
     with django_db_blocker.unblock():
-        worker = WorkerProcess("text-batch")
-        server = ServerProcess()
+        # Rules edited by a test must reach the worker at once (no rule cache).
+        worker = WorkerProcess("text-batch", {"SLUICE_SAFETY_RULES_TTL_S": "0"})
+        server = ServerProcess({"SLUICE_SAFETY_RULES_TTL_S": "0"})
     yield server.url
     server.stop()
     worker.stop()

@@ -1,0 +1,232 @@
+"""make bench-text: code generation through Sluice vs straight to the engine.
+
+Same tiny model, same prompts (max_tokens 32, temperature 0), one run, the two targets
+alternating round by round so drift cancels:
+(a) time to first token and total latency: Sluice (HTTP -> auth -> safety -> admission ->
+    Celery -> engine -> Redis stream -> SSE) vs the engine's own OpenAI server, at 1/8/32
+    concurrent streams;
+(b) aggregate tokens/s at 1/8/32 streams, Sluice / direct;
+(c) CPU ms that Sluice's own processes (ASGI server + text worker) spend per streamed request.
+The engine is pinned to CPU 0, everything else (Sluice, the client) to CPU 1 (taskset).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+os.environ["DATABASE_URL"] = os.environ.get("BENCH_DATABASE_URL",
+                                            "postgres://postgres@127.0.0.1:5432/sluice_bench")
+REPO = Path(__file__).resolve().parent.parent
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "6"))
+CONCURRENCY = [1, 8, 32]
+PROMPTS = ["def add(a, b):", "class Stack:", "import os\n\ndef main():", "def parse(line):",
+           "for item in items:", "def fibonacci(n):", "with open(path) as handle:", "try:"]
+
+
+def _redis_url() -> str:
+    from bench.common import bench_redis_url
+
+    return bench_redis_url()[0].rsplit("/", 1)[0] + "/12"
+
+
+def _pinned(cpu: str, argv: list[str]) -> list[str]:
+    return ["taskset", "-c", cpu, *argv]
+
+
+def _wait_http(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def _start_stack(env: dict[str, str]) -> tuple[list[subprocess.Popen], str, str]:
+    from inference.engines.vllm import vllm_server_argv, vllm_server_env
+    from inference.registry import model_get
+    from portal.embedded_redis import free_port
+
+    variant = model_get("sluice-code-tiny").variant("full")
+    engine_port, web_port = free_port(), free_port()
+    engine_url, web_url = f"http://127.0.0.1:{engine_port}", f"http://127.0.0.1:{web_port}"
+    env["SLUICE_VLLM_URLS"] = f"{variant.served_name}={engine_url}"
+    logs = REPO / "var"
+    logs.mkdir(exist_ok=True)
+
+    def spawn(name: str, argv: list[str], process_env: dict[str, str]) -> subprocess.Popen:
+        log = open(logs / f"bench-text-{name}.log", "w")  # noqa: SIM115 - lives with the process
+        return subprocess.Popen(argv, cwd=REPO, env=process_env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+    engine = spawn("engine", _pinned("0", vllm_server_argv(variant=variant, port=engine_port)),
+                   {**vllm_server_env(env), "VLLM_CPU_OMP_THREADS_BIND": "0"})
+    web = spawn("web", _pinned("1", [sys.executable, "-m", "uvicorn", "portal.asgi:application",
+                                      "--host", "127.0.0.1", "--port", str(web_port),
+                                      "--log-level", "warning", "--no-access-log"]), env)
+    worker = spawn("worker", _pinned("1", [sys.executable, "-m", "celery", "-A", "portal", "worker",
+                                            "-Q", "text-batch", "--pool", "threads", "--concurrency",
+                                            "64", "--loglevel", "WARNING", "--without-gossip",
+                                            "--without-mingle", "--without-heartbeat"]), env)
+    _wait_http(f"{engine_url}/health", 400)
+    _wait_http(f"{web_url}/healthz", 60)
+    return [engine, web, worker], engine_url, web_url
+
+
+def _bench_key() -> str:
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    from portal.models import Tenant
+    from portal.services import api_key_issue
+    from tests.factories import tier
+
+    call_command("migrate", verbosity=0)
+    tenant, _ = Tenant.objects.get_or_create(
+        slug="bench-text", defaults={"name": "bench text", "tier": tier("enterprise")})
+    Tenant.objects.filter(pk=tenant.pk).update(
+        unlimited_budget=True, cu_per_minute_override=100_000_000, burst_cu_override=100_000_000,
+        max_concurrent_jobs_override=100_000)
+    return api_key_issue(tenant=Tenant.objects.get(pk=tenant.pk), name="bench").full_key
+
+
+async def _one_stream(client: httpx.AsyncClient, url: str, headers: dict, prompt: str,
+                      model: str) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": 32, "temperature": 0, "stream": True}
+    started = time.perf_counter()
+    first = None
+    tokens = 0
+    async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as response:
+        assert response.status_code == 200, await response.aread()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            for choice in chunk.get("choices", []):
+                if choice.get("text"):
+                    tokens += 1
+                    if first is None:
+                        first = time.perf_counter()
+    end = time.perf_counter()
+    return {"ttft": (first or end) - started, "total": end - started, "chunks": tokens}
+
+
+async def _round(url: str, headers: dict, concurrency: int, offset: int, model: str) -> dict:
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as client:
+        started = time.perf_counter()
+        results = await asyncio.gather(*[
+            _one_stream(client, url, headers, PROMPTS[(offset + i) % len(PROMPTS)], model)
+            for i in range(concurrency)])
+        wall = time.perf_counter() - started
+    return {"results": results, "wall": wall}
+
+
+def _cpu_seconds(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        for member in [process, *process.children(recursive=True)]:
+            try:
+                times = member.cpu_times()
+                total += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+    return total
+
+
+def main() -> None:
+    from bench.common import percentile, print_table
+
+    os.environ["REDIS_URL"] = _redis_url()
+    env = dict(os.environ, PYTHONUNBUFFERED="1", SLUICE_POOL_SLOTS="text-batch=256",
+               SLUICE_POOL_CAPACITY_CU="text-batch=1000000")
+    os.environ.update({"SLUICE_POOL_SLOTS": env["SLUICE_POOL_SLOTS"],
+                       "SLUICE_POOL_CAPACITY_CU": env["SLUICE_POOL_CAPACITY_CU"]})
+    os.sched_setaffinity(0, {1})
+    key = _bench_key()
+    processes, engine_url, web_url = _start_stack(env)
+    sluice_processes = [psutil.Process(p.pid) for p in processes[1:]]
+    rows, figures = [], {}
+    try:
+        # Warm both paths (engine graphs, worker imports, classifier loads).
+        for target in (engine_url, web_url):
+            asyncio.run(_round(target, {"Authorization": f"Bearer {key}"}, 4, 0, "sluice-code-tiny"))
+        for concurrency in CONCURRENCY:
+            samples = {"direct": [], "sluice": []}
+            walls = {"direct": 0.0, "sluice": 0.0}
+            tokens = {"direct": 0, "sluice": 0}
+            cpu = 0.0
+            for round_index in range(ROUNDS):
+                for target in ("direct", "sluice") if round_index % 2 == 0 else ("sluice", "direct"):
+                    url = engine_url if target == "direct" else web_url
+                    before = _cpu_seconds(sluice_processes) if target == "sluice" else 0
+                    outcome = asyncio.run(_round(url, {"Authorization": f"Bearer {key}"}, concurrency,
+                                                 round_index, "sluice-code-tiny"))
+                    if target == "sluice":
+                        cpu += _cpu_seconds(sluice_processes) - before
+                    samples[target].extend(outcome["results"])
+                    walls[target] += outcome["wall"]
+                    tokens[target] += sum(r["chunks"] for r in outcome["results"])
+            streams = ROUNDS * concurrency
+            figure = {}
+            for target in ("direct", "sluice"):
+                ttft = [r["ttft"] * 1000 for r in samples[target]]
+                total = [r["total"] * 1000 for r in samples[target]]
+                figure[target] = {"ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
+                                  "total_p50": percentile(total, 50), "total_p99": percentile(total, 99),
+                                  "tokens_per_s": tokens[target] / walls[target]}
+            figure["cpu_ms_per_stream"] = cpu * 1000 / streams
+            figures[concurrency] = figure
+            for target in ("direct", "sluice"):
+                f = figure[target]
+                rows.append([concurrency, target, f["ttft_p50"], f["ttft_p99"], f["total_p50"],
+                             f["total_p99"], f["tokens_per_s"]])
+    finally:
+        for process in processes:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(process.pid, signal.SIGKILL)
+    print(f"Text generation, tiny code model, max_tokens 32, {ROUNDS} rounds per cell, engine on CPU 0, "
+          "Sluice and the client on CPU 1")
+    print_table(["streams", "target", "TTFT p50 ms", "TTFT p99 ms", "total p50 ms", "total p99 ms",
+                 "tokens/s"], rows)
+    overhead_rows = []
+    for concurrency, figure in figures.items():
+        overhead_rows.append([
+            concurrency, figure["sluice"]["ttft_p50"] - figure["direct"]["ttft_p50"],
+            figure["sluice"]["ttft_p99"] - figure["direct"]["ttft_p99"],
+            figure["sluice"]["tokens_per_s"] / figure["direct"]["tokens_per_s"],
+            figure["cpu_ms_per_stream"]])
+    print_table(["streams", "added TTFT p50 ms", "added TTFT p99 ms", "throughput Sluice/direct",
+                 "Sluice CPU ms/stream"], overhead_rows)
+    print(json.dumps({
+        "ttft_overhead_p50_ms": round(overhead_rows[0][1], 2),
+        "ttft_overhead_p99_ms": round(overhead_rows[0][2], 2),
+        "ttft_overhead_p50_ms_c8": round(overhead_rows[1][1], 2),
+        "ttft_overhead_p50_ms_c32": round(overhead_rows[2][1], 2),
+        "throughput_ratio_c1": round(overhead_rows[0][3], 3),
+        "throughput_ratio_c8": round(overhead_rows[1][3], 3),
+        "throughput_ratio_c32": round(overhead_rows[2][3], 3),
+        "cpu_ms_per_stream": round(sum(r[4] for r in overhead_rows) / len(overhead_rows), 2),
+    }))
+
+
+if __name__ == "__main__":
+    main()

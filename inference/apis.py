@@ -202,24 +202,15 @@ class VideoListApi(APIView):
 
     @extend_schema(operation_id="videos_create", request=None)
     def post(self, request):
-        from inference.requests import video_request_parse
-        from inference.services import job_submit
-        from moderation.services import safety_screen_input
-        from quotas.cost import video_cost
+        from inference.services import video_job_create
+        from quotas.cost import mcu_to_cu
 
         payload = {key: request.data.get(key) for key in request.data}
-        video = video_request_parse(payload=payload, tier=request.user.tenant.tier)
-        safety_screen_input(tenant=request.user.tenant, api_key=request.auth, text=video.prompt,
-                            endpoint="videos", request_id=getattr(request, "request_id", ""))
-        estimate = video_cost(spec=video.spec, width=video.width, height=video.height,
-                              frames=video.frames, steps=video.steps)
-        submission = job_submit(
-            api_key=request.auth, spec=video.spec, variant=video.spec.variant("full"),
-            params=video.job_params(), estimate=estimate, mode="async",
-            idempotency_key=request.headers.get("Idempotency-Key"), request_body=payload,
-        )
+        submission = video_job_create(api_key=request.auth, payload=payload,
+                                      idempotency_key=request.headers.get("Idempotency-Key"),
+                                      endpoint="videos", request_id=getattr(request, "request_id", ""))
         return Response(video_representation(submission.job), status=200 if submission.replayed else 201,
-                        headers={"x-cu-estimate": str(estimate.cu)})
+                        headers={"x-cu-estimate": str(mcu_to_cu(submission.job.estimated_mcu))})
 
     @extend_schema(operation_id="videos_list")
     def get(self, request):
@@ -260,17 +251,7 @@ class VideoContentApi(APIView):
 
     @extend_schema(operation_id="videos_content")
     def get(self, request, job_id: str):
-        from inference.media import ranged_file_response
-        from portal.errors import NotFound
+        from inference.media import job_media_response
 
         job = job_get_for_tenant(tenant=request.user.tenant, job_id=job_id, kind=Job.Kind.VIDEO)
-        variant = request.query_params.get("variant", "video")
-        if variant not in ("video", "thumbnail"):
-            from portal.errors import InvalidParameter
-
-            raise InvalidParameter("variant must be video or thumbnail.", param="variant")
-        path = (job.result or {}).get(variant)
-        if job.status != Job.Status.SUCCEEDED or not path:
-            raise NotFound("The video is not ready.", param="id")
-        content_type = "video/mp4" if variant == "video" else "image/jpeg"
-        return ranged_file_response(request, path=path, content_type=content_type)
+        return job_media_response(request, job=job, variant=request.query_params.get("variant", "video"))

@@ -9,7 +9,7 @@ from asgiref.sync import sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from inference.apis import job_for_caller
-from inference.events import events_follow
+from inference.events import events_follow, tenant_group
 from portal.errors import SluiceError
 
 CLOSE_NOT_FOUND = 4404
@@ -50,3 +50,36 @@ class JobEventsConsumer(AsyncJsonWebsocketConsumer):
             follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await follower
+
+
+class TenantJobsConsumer(AsyncJsonWebsocketConsumer):
+    """ws /ws/tenants/{slug}/jobs/: status changes of every job of a tenant, for the dashboard's
+    live job list. Session only (members of the tenant); the messages only notify, the page
+    re-reads the database for anything it has not seen."""
+
+    group = None
+
+    async def connect(self):
+        from portal.selectors import membership_get_for_user
+
+        user = self.scope.get("user")
+        slug = self.scope["url_route"]["kwargs"]["tenant_slug"]
+        await self.accept()
+        if user is None or not user.is_authenticated:
+            await self.close(code=CLOSE_UNAUTHORIZED)
+            return
+        try:
+            membership = await sync_to_async(membership_get_for_user)(user=user, tenant_slug=slug)
+        except SluiceError:
+            await self.close(code=CLOSE_NOT_FOUND)  # a tenant you are not in does not exist
+            return
+        self.group = tenant_group(membership.tenant_id)
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.send_json({"type": "subscribed", "data": {"tenant": slug}})
+
+    async def job_status(self, message):
+        await self.send_json({"type": message["event"], "data": message["data"]})
+
+    async def disconnect(self, code):
+        if self.group is not None:
+            await self.channel_layer.group_discard(self.group, self.channel_name)

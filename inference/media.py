@@ -8,6 +8,21 @@ from django.core.files.storage import default_storage
 from django.http import FileResponse, HttpResponse
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_MEDIA_TYPES = {"video": "video/mp4", "thumbnail": "image/jpeg"}
+
+
+def job_media_response(request, *, job, variant: str) -> HttpResponse:
+    """A finished video job's mp4 or thumbnail, for the API (key) and the dashboard (session).
+    The caller has already checked the job belongs to the caller's tenant."""
+    from inference.models import Job
+    from portal.errors import InvalidParameter, NotFound
+
+    if variant not in _MEDIA_TYPES:
+        raise InvalidParameter("variant must be video or thumbnail.", param="variant")
+    path = (job.result or {}).get(variant)
+    if job.status != Job.Status.SUCCEEDED or not path:
+        raise NotFound("The video is not ready.", param="id")
+    return ranged_file_response(request, path=path, content_type=_MEDIA_TYPES[variant])
 
 
 def ranged_file_response(request, *, path: str, content_type: str) -> HttpResponse:

@@ -157,6 +157,11 @@ def model_list() -> list[ModelSpec]:
     return list(_registry().values())
 
 
+def models_for_tier(tier) -> list[ModelSpec]:
+    """The models a tier may call (/v1/models and the dashboard playground list the same)."""
+    return [spec for spec in model_list() if tier.allows_model(spec.id)]
+
+
 def model_get(model_id: str) -> ModelSpec:
     spec = _registry().get(model_id)
     if spec is None:

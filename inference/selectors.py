@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from django.db.models import QuerySet
+from datetime import datetime
+
+from django.db.models import Count, QuerySet
 
 from inference.models import Job
 from portal.errors import NotFound
@@ -29,3 +31,20 @@ def jobs_for_tenant(*, tenant: Tenant, kind: str | None = None, status: str | No
     if after:
         queryset = queryset.filter(id__lt=after)
     return list(queryset[:limit])
+
+
+def jobs_in_flight_for_tenant(*, tenant: Tenant) -> dict[str, int]:
+    """How many of the tenant's jobs are queued and running right now."""
+    counts = dict(
+        Job.objects.filter(tenant=tenant, status__in=[Job.Status.QUEUED, Job.Status.RUNNING])
+        .values_list("status").annotate(n=Count("id"))
+    )
+    return {"queued": counts.get(Job.Status.QUEUED, 0), "running": counts.get(Job.Status.RUNNING, 0)}
+
+
+def job_errors_for_tenant(*, tenant: Tenant, since: datetime) -> list[dict]:
+    """Failed jobs since `since`, counted per error code, most frequent first."""
+    return list(
+        Job.objects.filter(tenant=tenant, status=Job.Status.FAILED, finished_at__gte=since)
+        .values("error_code").annotate(count=Count("id")).order_by("-count", "error_code")
+    )

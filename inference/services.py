@@ -117,6 +117,24 @@ def job_submit(
     return Submission(job=job, replayed=False)
 
 
+def video_job_create(*, api_key: ApiKey, payload: dict, idempotency_key: str | None = None,
+                     endpoint: str = "videos", request_id: str = "") -> Submission:
+    """A text-to-video job from an API-shaped payload (/v1/videos and the dashboard playground):
+    validate for the key's tier, screen the prompt, price it, submit it to wait for the pool."""
+    from inference.requests import video_request_parse
+    from moderation.services import safety_screen_input
+    from quotas.cost import video_cost
+
+    video = video_request_parse(payload=payload, tier=api_key.tenant.tier)
+    safety_screen_input(tenant=api_key.tenant, api_key=api_key, text=video.prompt,
+                        endpoint=endpoint, request_id=request_id)
+    estimate = video_cost(spec=video.spec, width=video.width, height=video.height,
+                          frames=video.frames, steps=video.steps)
+    return job_submit(api_key=api_key, spec=video.spec, variant=video.spec.variant("full"),
+                      params=video.job_params(), estimate=estimate, mode="async",
+                      idempotency_key=idempotency_key, request_body=payload)
+
+
 def _start(job_id: str) -> None:
     """Send an admitted job to its pool's Celery queue, for its next attempt."""
     from inference.tasks import run_job

@@ -9,7 +9,7 @@ from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from inference.registry import ModelNotFound, ModelSpec, model_get, model_list
+from inference.registry import ModelNotFound, ModelSpec, model_get, models_for_tier
 from portal.redis import redis_client
 
 
@@ -26,8 +26,7 @@ class ModelOutputSerializer(serializers.Serializer):
 
 
 def _models_for(request) -> list[ModelSpec]:
-    tier = request.user.tenant.tier
-    return [spec for spec in model_list() if tier.allows_model(spec.id)]
+    return models_for_tier(request.user.tenant.tier)
 
 
 class ModelListApi(APIView):

@@ -138,6 +138,37 @@ def api_key_revoke_as(*, actor: Membership, api_key: ApiKey) -> ApiKey:
     return api_key_revoke(api_key=api_key)
 
 
+# --- dashboard playground ------------------------------------------------------------------------
+
+PLAYGROUND_KEY_NAME = "Dashboard playground"
+
+
+def playground_api_key(*, tenant: Tenant) -> ApiKey:
+    """The tenant's key for work submitted from the dashboard: made on first use, its secret
+    never shown (the dashboard submits on the member's behalf; nobody types it). Jobs need a
+    key, and a dedicated one keeps playground usage apart in the ledger and the key list."""
+    api_key = (
+        ApiKey.objects.filter(tenant=tenant, name=PLAYGROUND_KEY_NAME, revoked_at__isnull=True,
+                              expires_at__isnull=True)
+        .select_related("tenant__tier").order_by("pk").first()
+    )
+    if api_key is None:
+        api_key = api_key_issue(tenant=tenant, name=PLAYGROUND_KEY_NAME).api_key
+    return api_key
+
+
+def playground_video_submit(*, actor: Membership, payload: dict, form_token: str | None = None):
+    """Submit a video job from the playground as `actor` (members and up). `form_token` is the
+    rendered form's one-time token: submitting the same form twice returns the first job."""
+    from inference.services import video_job_create
+
+    require_role(membership=actor, role=Role.MEMBER)
+    tenant_ensure_active(tenant=actor.tenant)
+    return video_job_create(api_key=playground_api_key(tenant=actor.tenant), payload=payload,
+                            idempotency_key=f"playground:{form_token}" if form_token else None,
+                            endpoint="playground")
+
+
 # --- memberships ------------------------------------------------------------------------------
 
 

@@ -6,7 +6,7 @@ from drf_spectacular.views import SpectacularJSONAPIView, SpectacularRedocView
 from inference import apis as inference_apis
 from inference import text_apis, webhook_apis, webhook_views
 from moderation.apis import ModerationsApi
-from portal import apis, views
+from portal import apis, dashboard_views, ops_views, views
 from quotas import apis as quota_apis
 
 api_v1 = [
@@ -59,7 +59,22 @@ urlpatterns = [
         name="password_reset_confirm",
     ),
     path("", views.dashboard_home, name="dashboard-home"),
+    path("ops/", ops_views.ops_console, name="ops-console"),
     path("t/<slug:tenant_slug>/", views.tenant_overview, name="tenant-overview"),
+    path("t/<slug:tenant_slug>/jobs/", dashboard_views.jobs_page, name="tenant-jobs"),
+    path("t/<slug:tenant_slug>/jobs/<str:job_id>/", dashboard_views.job_detail_page, name="tenant-job"),
+    path(
+        "t/<slug:tenant_slug>/jobs/<str:job_id>/cancel/",
+        dashboard_views.job_cancel_view,
+        name="tenant-job-cancel",
+    ),
+    path(
+        "t/<slug:tenant_slug>/jobs/<str:job_id>/content/",
+        dashboard_views.job_content_view,
+        name="tenant-job-content",
+    ),
+    path("t/<slug:tenant_slug>/playground/", dashboard_views.playground_page, name="tenant-playground"),
+    path("t/<slug:tenant_slug>/usage.csv", dashboard_views.usage_export_view, name="tenant-usage-csv"),
     path("t/<slug:tenant_slug>/keys/", views.api_keys_page, name="tenant-keys"),
     path(
         "t/<slug:tenant_slug>/keys/<int:key_id>/revoke/",

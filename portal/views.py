@@ -61,15 +61,31 @@ def dashboard_home(request):
     return redirect("tenant-overview", tenant_slug=current if current in slugs else slugs[0])
 
 
+BURN_CHART_DAYS = 30
+ERRORS_WINDOW = timedelta(days=7)
+
+
 @tenant_page
 def tenant_overview(request, membership: Membership):
+    from inference.selectors import job_errors_for_tenant, jobs_in_flight_for_tenant
+    from portal.redis import redis_client
+    from quotas.limits import rate_headroom
+    from quotas.selectors import usage_chart
+
     tenant = membership.tenant
+    today = timezone.now().date()
     context = {
         "tenant": tenant,
         "tier": tenant.tier,
         "active_keys": selectors.api_keys_for_tenant(tenant=tenant).filter(revoked_at__isnull=True).count(),
         "member_count": selectors.members_for_tenant(tenant=tenant).count(),
         "budget": budget_status(tenant=tenant),
+        "headroom": rate_headroom(tenant=tenant, client=redis_client()),
+        "in_flight": jobs_in_flight_for_tenant(tenant=tenant),
+        "errors": job_errors_for_tenant(tenant=tenant, since=timezone.now() - ERRORS_WINDOW),
+        "burn": usage_chart(tenant=tenant, start=today - timedelta(days=BURN_CHART_DAYS - 1), end=today),
+        "export_start": today.replace(day=1).isoformat(),
+        "export_end": today.isoformat(),
     }
     return render(request, "portal/overview.html", context)
 

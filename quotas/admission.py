@@ -8,15 +8,27 @@ for capacity) or rejects with DESIGN.md's error.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import redis
+from django.utils import timezone
 
 from portal.redis import lua_script
 from quotas.cost import mcu_to_cu
 from quotas.errors import InsufficientQuota, RateLimitExceeded, SystemOverloaded
-from quotas.limits import CounterKeys, QuotaLimits, pool_capacity_mcu, pool_lease_s, pool_slots
+from quotas.limits import (
+    REJECTIONS_KEPT_S,
+    CounterKeys,
+    QuotaLimits,
+    pool_capacity_mcu,
+    pool_lease_s,
+    pool_slots,
+    rejections_key,
+)
+
+logger = logging.getLogger(__name__)
 
 ADMITTED = "admitted"
 QUEUED = "queued"
@@ -92,8 +104,20 @@ def admission_decide(
             budget_used_mcu=used_mcu,
             rate=rate,
         )
-    raise _rejection(outcome, limits=limits, cost_mcu=cost_mcu, used_mcu=used_mcu,
-                     retry_after_ms=retry_after_ms)
+    rejection = _rejection(outcome, limits=limits, cost_mcu=cost_mcu, used_mcu=used_mcu,
+                           retry_after_ms=retry_after_ms)
+    rejection_record(client=client, code=rejection.code)
+    raise rejection
+
+
+def rejection_record(*, client: redis.Redis, code: str) -> None:
+    """Count a rejection for the operator console. Every admission rejection passes here;
+    a lost count must never turn into an error for the caller."""
+    try:
+        lua_script(client, "reject_count")(keys=[rejections_key(timezone.now())],
+                                           args=[code, REJECTIONS_KEPT_S])
+    except redis.RedisError:
+        logger.warning("could not count a %s rejection", code)
 
 
 def _rejection(outcome: str, *, limits: QuotaLimits, cost_mcu: int, used_mcu: int,

@@ -244,9 +244,13 @@ def reservation_extend(*, reservation_id: str, seconds: int) -> None:
 # --- recovery ---------------------------------------------------------------------------------
 
 
+# Budget used = reserve - refund + adjust (open reservations count as used).
+BUDGET_SIGN = {LedgerEntry.Kind.RESERVE: 1, LedgerEntry.Kind.REFUND: -1, LedgerEntry.Kind.ADJUST: 1}
+
+
 def budget_used_from_ledger(*, tenant_id: int, period: str) -> tuple[int, dict[int | None, int]]:
     """(budget used by the tenant, used per API key) = reserve - refund + adjust."""
-    sign = {LedgerEntry.Kind.RESERVE: 1, LedgerEntry.Kind.REFUND: -1, LedgerEntry.Kind.ADJUST: 1}
+    sign = BUDGET_SIGN
     rows = (
         LedgerEntry.objects.filter(tenant_id=tenant_id, period=period, kind__in=list(sign))
         .values("api_key_id", "kind")

@@ -134,24 +134,49 @@ def reservation_marker(reservation_id: str) -> str:
     return f"q:r:{reservation_id}"
 
 
-def rate_limit_headers(*, api_key: ApiKey, client) -> dict[str, str]:
-    """The x-ratelimit-*-cu headers from the tenant's token bucket (one GET, no writes)."""
+@dataclass(frozen=True)
+class RateHeadroom:
+    """Where a tenant's CU/minute token bucket stands now."""
+
+    limit_cu: int
+    remaining_cu: int | None  # None: Redis did not answer
+    reset_s: int | None  # seconds until the bucket is full again
+
+
+def rate_headroom(*, tenant: Tenant, client) -> RateHeadroom:
+    """Read the tenant's GCRA bucket (one GET, no writes): API headers and the dashboard."""
     import math
     import time
 
     import redis
 
-    limits = quota_limits_for(tenant=api_key.tenant)
-    headers = {"x-ratelimit-limit-cu": str(limits.tenant_rate_cu)}
+    limits = quota_limits_for(tenant=tenant)
     try:
-        stored = client.get(f"q:rt:{api_key.tenant_id}")
+        stored = client.get(CounterKeys(tenant_id=tenant.pk, api_key_id=0, period="", pool="").tenant_tat)
     except redis.RedisError:
-        return headers
+        return RateHeadroom(limit_cu=limits.tenant_rate_cu, remaining_cu=None, reset_s=None)
     now_ms = time.time() * 1000
     interval = 60_000 / limits.tenant_rate_mcu
     tat = max(float(stored) if stored is not None else now_ms, now_ms)
     remaining_mcu = math.floor((now_ms + limits.tenant_burst_mcu * interval - tat) / interval)
     remaining_mcu = max(0, min(remaining_mcu, limits.tenant_burst_mcu))
-    headers["x-ratelimit-remaining-cu"] = str(remaining_mcu // 1000)
-    headers["x-ratelimit-reset-cu"] = str(math.ceil((tat - now_ms) / 1000))
+    return RateHeadroom(limit_cu=limits.tenant_rate_cu, remaining_cu=remaining_mcu // 1000,
+                        reset_s=math.ceil((tat - now_ms) / 1000))
+
+
+def rate_limit_headers(*, api_key: ApiKey, client) -> dict[str, str]:
+    """The x-ratelimit-*-cu headers from the tenant's token bucket."""
+    headroom = rate_headroom(tenant=api_key.tenant, client=client)
+    headers = {"x-ratelimit-limit-cu": str(headroom.limit_cu)}
+    if headroom.remaining_cu is not None:
+        headers["x-ratelimit-remaining-cu"] = str(headroom.remaining_cu)
+        headers["x-ratelimit-reset-cu"] = str(headroom.reset_s)
     return headers
+
+
+# Admission rejections per error code and UTC hour (operator console); kept two days.
+REJECTIONS_KEPT_S = 48 * 3600
+
+
+def rejections_key(hour: datetime) -> str:
+    return f"q:rej:{hour.astimezone(UTC).strftime('%Y%m%d%H')}"

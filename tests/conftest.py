@@ -82,6 +82,21 @@ def fast_password_hashing(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
+@pytest.fixture
+def sent_tasks(monkeypatch):
+    """The Celery messages jobs would send (job id, attempt, queue), captured instead of sent.
+    Workers are exercised for real in test_worker.py and the browser tests; here the
+    scheduler's and the views' decisions are."""
+    from inference import tasks
+
+    sent: list[tuple[str, int, str]] = []
+    monkeypatch.setattr(
+        tasks.run_job, "apply_async",
+        lambda args, queue: sent.append((args[0], args[1], queue)),
+    )
+    return sent
+
+
 def database_url_for_subprocesses() -> str:
     """The test database as a DATABASE_URL, for workers started as subprocesses."""
     from django.db import connection

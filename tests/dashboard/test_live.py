@@ -1,0 +1,55 @@
+"""ws /ws/tenants/{slug}/jobs/: the live job list's feed, by dashboard session only."""
+
+from __future__ import annotations
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.test import Client
+
+from inference.events import event_publish
+from portal.asgi import application
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def session_cookie(user) -> list[tuple[bytes, bytes]]:
+    client = Client()
+    client.force_login(user)
+    return [(b"cookie", f"sessionid={client.cookies['sessionid'].value}".encode())]
+
+
+async def test_members_get_their_tenants_job_status_changes_and_nobody_else_does(cast):
+    viewer_headers = await sync_to_async(session_cookie)(cast.viewer.user)
+    viewer = WebsocketCommunicator(application, "/ws/tenants/acme/jobs/", headers=viewer_headers)
+    connected, _ = await viewer.connect()
+    assert connected
+    assert (await viewer.receive_json_from(timeout=5))["type"] == "subscribed"
+
+    outsider_headers = await sync_to_async(session_cookie)(cast.outsider.user)
+    # The outsider listens to its own tenant: acme's events must not reach it.
+    own = WebsocketCommunicator(application, "/ws/tenants/globex/jobs/", headers=outsider_headers)
+    await own.connect()
+    assert (await own.receive_json_from(timeout=5))["type"] == "subscribed"
+
+    await sync_to_async(event_publish)(job_id="job_x", tenant_id=cast.tenant.pk,
+                                       event_type="job.started", data={"status": "running"})
+    await sync_to_async(event_publish)(job_id="job_x", tenant_id=cast.tenant.pk,
+                                       event_type="job.progress", data={"progress": 50})
+    await sync_to_async(event_publish)(job_id="job_x", tenant_id=cast.tenant.pk,
+                                       event_type="job.completed", data={"status": "succeeded"})
+    first = await viewer.receive_json_from(timeout=5)
+    second = await viewer.receive_json_from(timeout=5)
+    # Status changes only: progress stays on the job's own stream.
+    assert [first["type"], second["type"]] == ["job.started", "job.completed"]
+    assert first["data"]["job_id"] == "job_x"
+    assert await own.receive_nothing(timeout=0.5)
+    await viewer.disconnect()
+    await own.disconnect()
+
+    for path, headers, code in [("/ws/tenants/acme/jobs/", outsider_headers, 4404),
+                                ("/ws/tenants/nope/jobs/", viewer_headers, 4404),
+                                ("/ws/tenants/acme/jobs/", [], 4401)]:
+        intruder = WebsocketCommunicator(application, path, headers=headers)
+        await intruder.connect()
+        assert await intruder.receive_output(timeout=5) == {"type": "websocket.close", "code": code}

@@ -1,0 +1,50 @@
+"""The operator console's content: tenants and usage, pools, workers, rejections, moderation."""
+
+from __future__ import annotations
+
+import pytest
+from django.test import Client
+
+from portal import ops_selectors
+from portal.redis import redis_client
+from quotas.admission import rejection_record
+
+pytestmark = pytest.mark.django_db
+
+
+def test_console_shows_tenants_pools_rejections_and_the_moderation_queue(cast, staff, video_job,
+                                                                             monkeypatch):
+    rejection_record(client=redis_client(), code="insufficient_quota")
+    client = Client()
+    client.force_login(staff)
+    response = client.get("/ops/")
+    context = response.context
+    usage = {row.tenant.slug: row for row in context["tenants"]}
+    assert usage["acme"].used_cu == video_job.estimated_mcu / 1000 and usage["globex"].used_cu == 0
+    assert usage["acme"].budget_cu == 100_000
+    pools = {state.load.pool: state for state in context["pools"]}
+    assert set(pools) == {"text-batch", "video-hbm"}
+    # The fixture job was admitted straight onto the video pool (its Celery message captured).
+    assert pools["video-hbm"].load.jobs_in_flight == 1
+    assert context["rejections"] == {"insufficient_quota": 1}
+    assert context["workers"] == []
+    html = response.content.decode()
+    assert "insufficient_quota" in html and "Acme" in html
+    assert 'href="/moderation/"' in html  # the moderation app's review queue
+
+    # A deployment without the moderation app shows an empty state instead of a broken link.
+    monkeypatch.setattr(ops_selectors, "moderation_queue_url", lambda: None)
+    assert "not installed yet" in client.get("/ops/").content.decode()
+
+
+def test_queued_jobs_show_as_queue_depth_per_priority(cast, staff, sent_tasks, monkeypatch):
+    from portal.services import playground_video_submit
+    from tests.dashboard.conftest import VIDEO
+
+    first = playground_video_submit(actor=cast.member, payload=dict(VIDEO)).job
+    second = playground_video_submit(actor=cast.member, payload=dict(VIDEO)).job  # one slot: waits
+    client = Client()
+    client.force_login(staff)
+    pools = {state.load.pool: state for state in client.get("/ops/").context["pools"]}
+    assert pools["video-hbm"].depths == {second.priority: 1} and pools["video-hbm"].queued == 1
+    assert first.pk != second.pk

@@ -50,7 +50,7 @@ def test_idempotency_key_header(cast, api, sent_tasks):
     again = api.post("/v1/videos", VIDEO_BODY, format="json", HTTP_IDEMPOTENCY_KEY="abc")
     assert first.status_code == 201 and again.status_code == 200
     assert first.json()["id"] == again.json()["id"]
-    conflict = api.post("/v1/videos", {**VIDEO_BODY, "prompt": "other"}, format="json",
+    conflict = api.post("/v1/videos", {**VIDEO_BODY, "prompt": "a green triangle"}, format="json",
                         HTTP_IDEMPOTENCY_KEY="abc")
     assert conflict.status_code == 409
     assert conflict.json()["error"]["code"] == "idempotency_conflict"

@@ -184,8 +184,9 @@ def webhook_attempt_observe(*, outcome: str) -> None:
 
 class QueueCollector:
     """Queue depth and the oldest queued job's age per pool and priority (the database: jobs
-    waiting in the scheduler and those sent to a pool's Celery queue but not claimed yet), jobs
-    waiting for pool capacity in the scheduler (Redis), and each Celery queue's backlog."""
+    waiting in the scheduler and those sent to a pool's Celery queue but not claimed yet),
+    running jobs per pool, jobs waiting for pool capacity in the scheduler (Redis), and each
+    Celery queue's backlog."""
 
     def collect(self):
         from django.db.models import Count, Min
@@ -201,6 +202,9 @@ class QueueCollector:
             "sluice_queue_oldest_job_age_seconds", "Age of the oldest queued job.",
             labels=["pool", "priority"],
         )
+        running = GaugeMetricFamily(
+            "sluice_jobs_running", "Jobs a worker is running now.", labels=["pool"]
+        )
         now = timezone.now()
         rows = (Job.objects.filter(status=Job.Status.QUEUED).values("pool", "priority")
                 .annotate(jobs=Count("id"), oldest=Min("queued_at")))
@@ -208,8 +212,17 @@ class QueueCollector:
             labels = [row["pool"], str(row["priority"])]
             depth.add_metric(labels, row["jobs"])
             age.add_metric(labels, max(0.0, (now - row["oldest"]).total_seconds()))
+        # Every pool, zeros included: autoscalers add this to the queue depth (docs/operations.md).
+        running_by_pool = dict.fromkeys(scheduler_pools(), 0)
+        running_by_pool.update(
+            Job.objects.filter(status=Job.Status.RUNNING).values("pool")
+            .annotate(jobs=Count("id")).values_list("pool", "jobs")
+        )
+        for pool, jobs in running_by_pool.items():
+            running.add_metric([pool], jobs)
         yield depth
         yield age
+        yield running
 
         waiting = GaugeMetricFamily(
             "sluice_scheduler_waiting_jobs",

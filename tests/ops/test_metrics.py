@@ -186,3 +186,20 @@ def test_no_label_carries_an_unbounded_value(cast, api, client, receiver, sent_t
         series.setdefault(s.name, set()).add(tuple(sorted(s.labels.items())))
     assert "sluice_jobs_finished_total" in series and "sluice_queue_jobs" in series
     assert max(len(found) for found in series.values()) <= _MAX_SERIES_PER_METRIC
+
+
+def test_worker_exporter_serves_the_same_metrics_behind_the_same_token(settings):
+    import httpx
+
+    from portal.embedded_redis import free_port
+    from portal.metrics import worker_metrics_serve
+
+    settings.SLUICE_METRICS_PORT = free_port()
+    settings.SLUICE_METRICS_TOKEN = "scrape-token-1"
+    settings.SLUICE_METRICS_PROBE_ENGINES = False
+    worker_metrics_serve()
+    url = f"http://127.0.0.1:{settings.SLUICE_METRICS_PORT}/metrics"
+    assert httpx.get(url, timeout=5).status_code == 401
+    answer = httpx.get(url, headers={"Authorization": "Bearer scrape-token-1"}, timeout=5)
+    assert answer.status_code == 200 and "sluice_jobs_finished" in answer.text
+    assert "sluice_queue_jobs" not in answer.text  # the web pods report the queues

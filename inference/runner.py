@@ -23,6 +23,7 @@ from inference.services import (
     job_progress,
     job_succeed,
 )
+from portal.logs import log_context
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +74,16 @@ def output_case_open(*, job, verdict, text: str) -> None:
 
 
 def job_run(*, job_id: str, attempt: int) -> str:
-    job = job_claim(job_id=job_id, attempt=attempt)
-    if job is None:
-        return "skipped"  # cancelled, finished, or a stale redelivery
+    # Every line logged while the job runs names it (portal/logs.py).
+    with log_context(job_id=job_id):
+        job = job_claim(job_id=job_id, attempt=attempt)
+        if job is None:
+            return "skipped"  # cancelled, finished, or a stale redelivery
+        with log_context(tenant_id=job.tenant_id, pool=job.pool):
+            return _job_run_claimed(job)
+
+
+def _job_run_claimed(job) -> str:
     spec = model_get(job.model)
     first_output = [True]
 

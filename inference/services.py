@@ -25,6 +25,7 @@ from inference.scheduler import (
     scheduler_record_run_time,
     scheduler_remove,
 )
+from portal.metrics import job_claim_observe, job_finish_observe
 from portal.models import ApiKey
 from portal.redis import redis_client
 from quotas.admission import ADMITTED
@@ -157,6 +158,8 @@ def job_claim(*, job_id: str, attempt: int) -> Job | None:
         return None
     job_heartbeat(job_id=job_id)
     job = Job.objects.select_related("tenant").get(pk=job_id)
+    job_claim_observe(pool=job.pool, priority=job.priority, queued_at=job.queued_at,
+                      started_at=now)
     event_publish(job_id=job_id, tenant_id=job.tenant_id, event_type="job.started",
                   data={"status": job.status, "attempt": attempt})
     return job
@@ -204,6 +207,8 @@ def _finish(job: Job, *, status: str, actual_mcu: int, fields: dict, event_type:
             return False
         if job.reservation_id:
             reservation_settle(reservation_id=job.reservation_id, actual_mcu=actual_mcu)
+    job_finish_observe(pool=job.pool, model=job.model, status=status, started_at=job.started_at,
+                       finished_at=now)
     if job.started_at:
         scheduler_record_run_time(pool=job.pool, seconds=(now - job.started_at).total_seconds())
     redis_client().delete(HEARTBEAT_KEY.format(job_id=job.pk), CANCEL_KEY.format(job_id=job.pk))

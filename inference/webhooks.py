@@ -36,6 +36,7 @@ from inference.webhook_models import (
     WebhookEvent,
 )
 from portal.errors import InvalidParameter
+from portal.metrics import webhook_attempt_observe
 from portal.models import Tenant
 
 logger = logging.getLogger(__name__)
@@ -329,6 +330,7 @@ def _attempt_record(*, delivery: WebhookDelivery, attempt: int, started_at: date
             last_latency_ms=response.latency_ms, last_response_snippet=snippet,
             last_error=error[:300], updated_at=now,
         )
+    webhook_attempt_observe(outcome=status)
     logger.info("webhook delivery %s attempt %d endpoint=%s -> %s", delivery.id, attempt,
                 delivery.endpoint_id, status if not error else f"{status} ({error})")
     if succeeded:

@@ -34,6 +34,7 @@ from moderation.classifier import (
 )
 from moderation.normalize import NormalizedText, text_normalize
 from moderation.rules import RuleHit, RuleSet, rules_active
+from portal.metrics import safety_verdict_observe
 
 SAFETY_LATENCY_HEADER = "x-safety-latency-ms"
 ALLOW, REVIEW, BLOCK = "allow", "review", "block"
@@ -240,6 +241,9 @@ def safety_check_inputs(
     total_ms = _ms_since(batch_started) / max(len(texts), 1)
     for verdict in verdicts:
             verdict.timings_ms["total"] = round(total_ms, 3)
+            safety_verdict_observe(direction="input" if judge_attacks else "output",
+                                   action=verdict.action, stage=verdict.stage,
+                                   timings_ms=verdict.timings_ms)
     return verdicts  # type: ignore[return-value]
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from django.db import connection
-from django.http import JsonResponse
+from django.http import HttpResponse, JsonResponse
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from inference.registry import ModelNotFound, ModelSpec, model_get, models_for_tier
+from portal.metrics import metrics_exposition, scrape_allowed
 from portal.redis import redis_client
 
 
@@ -84,3 +85,12 @@ def readyz(request):
         {"status": "ok" if ready else "unavailable", "checks": checks},
         status=200 if ready else 503,
     )
+
+
+def metrics(request):
+    """Prometheus scrape endpoint (portal/metrics.py): the bearer token, or loopback only."""
+    if not scrape_allowed(authorization=request.headers.get("Authorization", ""),
+                          client_address=request.META.get("REMOTE_ADDR", "")):
+        return HttpResponse(status=401, headers={"WWW-Authenticate": "Bearer"})
+    body, content_type = metrics_exposition(queues=True)
+    return HttpResponse(body, content_type=content_type)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,6 +113,15 @@ def _spawn_text_engines(supervisor: Supervisor, env: dict[str, str]) -> None:
         print(f"Engine: {variant.served_name} loading at {url.geturl()}", flush=True)
 
 
+def metrics_dir_reset(var_dir: Path) -> Path:
+    """Every process of this run writes its metric samples here and the web server's /metrics
+    adds them up (portal/metrics.py); files of an earlier run would count twice."""
+    metrics_dir = var_dir / "prometheus"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    return metrics_dir
+
+
 def run_platform(*, host: str, port: int, var_dir: Path, queues: list[str], configured_redis_url: str) -> int:
     from django.core.management import call_command
 
@@ -143,8 +153,10 @@ def run_platform(*, host: str, port: int, var_dir: Path, queues: list[str], conf
         key_file.touch(mode=0o600)
         key_file.write_text(credentials.keys_by_tier["pro"] + "\n")
 
-        env = dict(os.environ, REDIS_URL=redis_url, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, REDIS_URL=redis_url, PYTHONUNBUFFERED="1",
+                   PROMETHEUS_MULTIPROC_DIR=str(metrics_dir_reset(var_dir)))
         env.setdefault("SLUICE_DEBUG", "true")
+        env.setdefault("SLUICE_LOG_FORMAT", "plain")  # a person reads this terminal
         supervisor.spawn(
             "web",
             [sys.executable, "-m", "uvicorn", "portal.asgi:application", "--host", host,

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import contextvars
-import logging
 import re
 import uuid
 
 from asgiref.sync import iscoroutinefunction
 from django.utils.decorators import sync_and_async_middleware
 
+from portal.logs import log_context
+
 REQUEST_ID_HEADER = "x-request-id"
 # A caller's id is echoed only if it is short and harmless to put in logs and headers.
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 
 def _request_id_for(request) -> str:
@@ -30,11 +28,9 @@ def RequestIdMiddleware(get_response):  # noqa: N802 - Django middleware naming
 
         async def middleware(request):
             request.request_id = _request_id_for(request)
-            token = request_id_var.set(request.request_id)
-            try:
+            # tenant_id=None: authentication binds it inside, and it ends with the request.
+            with log_context(request_id=request.request_id, tenant_id=None):
                 response = await get_response(request)
-            finally:
-                request_id_var.reset(token)
             response[REQUEST_ID_HEADER] = request.request_id
             return response
 
@@ -42,18 +38,10 @@ def RequestIdMiddleware(get_response):  # noqa: N802 - Django middleware naming
 
         def middleware(request):
             request.request_id = _request_id_for(request)
-            token = request_id_var.set(request.request_id)
-            try:
+            with log_context(request_id=request.request_id, tenant_id=None):
                 response = get_response(request)
-            finally:
-                request_id_var.reset(token)
             response[REQUEST_ID_HEADER] = request.request_id
             return response
 
     return middleware
 
-
-class RequestIdLogFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id_var.get()
-        return True

@@ -18,6 +18,7 @@ from django.utils.text import slugify
 
 from portal.errors import InvalidApiKey, InvalidParameter, PermissionDenied, TenantSuspended
 from portal.keys import key_material_generate, key_material_parse, secret_digest, secret_matches
+from portal.logs import log_context_bind
 from portal.models import ApiKey, Membership, Role, Tenant, Tier
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,8 @@ def api_key_authenticate(*, raw_key: str) -> ApiKey:
     )
     if api_key is None or not matches or not api_key.is_usable:
         raise InvalidApiKey()
+    # Every API entry point authenticates here: the rest of the request logs as this tenant.
+    log_context_bind(tenant_id=api_key.tenant_id)
     if api_key.tenant.is_suspended:
         raise TenantSuspended()
     _api_key_touch(api_key=api_key)

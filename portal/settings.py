@@ -11,6 +11,7 @@ from pathlib import Path
 
 from portal.env import (
     env_bool,
+    env_choice,
     env_database,
     env_dict_int,
     env_dict_str,
@@ -191,18 +192,25 @@ API_KEY_LAST_USED_RESOLUTION_S = env_int("SLUICE_API_KEY_LAST_USED_RESOLUTION_S"
 READINESS_TIMEOUT_S = env_float("SLUICE_READINESS_TIMEOUT_S", 1.0, minimum=0.05)
 
 LOG_LEVEL = env_str("SLUICE_LOG_LEVEL", "INFO")
+# One JSON object per line for log collectors; `make run` sets "plain" for people reading a terminal.
+LOG_FORMAT = env_choice("SLUICE_LOG_FORMAT", "json", ("json", "plain"))
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"request_id": {"()": "portal.middleware.RequestIdLogFilter"}},
+    # Stamps request, tenant, job and pool ids (portal/logs.py) on every record.
+    "filters": {"log_context": {"()": "portal.logs.LogContextFilter"}},
     "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"}
+        "plain": {
+            "()": "portal.logs.PlainLogFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s [%(log_context)s] %(message)s",
+        },
+        "json": {"()": "portal.logs.JsonLogFormatter"},
     },
     "handlers": {
         "console": {
             "class": "logging.StreamHandler",
-            "formatter": "plain",
-            "filters": ["request_id"],
+            "formatter": LOG_FORMAT,
+            "filters": ["log_context"],
         }
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
@@ -214,6 +222,16 @@ LOGGING = {
         "httpx": {"level": "WARNING"},
     },
 }
+
+# Prometheus metrics (portal/metrics.py; docs/operations.md "Metrics"). With a token set, a
+# scrape must send `Authorization: Bearer <token>`; without one only loopback clients may scrape.
+SLUICE_METRICS_TOKEN = env_str("SLUICE_METRICS_TOKEN", "")
+# A Celery worker serves its pod's metrics on this port (0: off; `make run`'s web server
+# aggregates every local process through PROMETHEUS_MULTIPROC_DIR instead).
+SLUICE_METRICS_PORT = env_int("SLUICE_METRICS_PORT", 0, minimum=0)
+# Probe each text variant's vLLM /health at scrape time. Off where the engines are not
+# reachable from the scraped process (the web pods of a cluster: engines are text-pod sidecars).
+SLUICE_METRICS_PROBE_ENGINES = env_bool("SLUICE_METRICS_PROBE_ENGINES", True)
 
 # Never load weights from a model hub at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

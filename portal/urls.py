@@ -48,6 +48,7 @@ urlpatterns = [
     path("v1/", include(api_v1)),
     path("healthz", apis.healthz, name="healthz"),
     path("readyz", apis.readyz, name="readyz"),
+    path("metrics", apis.metrics, name="metrics"),
     path("docs/api", SpectacularRedocView.as_view(url_name="api-schema"), name="api-docs"),
     path("admin/", admin.site.urls),
     path("moderation/", include("moderation.urls")),

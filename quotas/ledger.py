@@ -22,6 +22,8 @@ from django.db.models import Sum
 from django.utils import timezone
 
 from inference.webhooks import webhook_event_publish
+from portal.errors import SluiceError
+from portal.metrics import admission_observe, settlement_observe
 from portal.models import ApiKey, Tenant
 from portal.redis import lua_script, redis_client
 from quotas.admission import (
@@ -90,6 +92,8 @@ def reservation_open(
     reservation_id = reservation_id_new()
     client = redis_client()
     counted = True
+    observed = {"pool": pool, "tier": api_key.tenant.tier.slug, "model": model_id,
+                "cost_mcu": cost_mcu}
     try:
         try:
             ticket = _decide(client, keys, limits, cost_mcu, mode, reservation_id)
@@ -99,6 +103,7 @@ def reservation_open(
     except (redis.RedisError, CountersMissing) as exc:
         if not limits.fail_open:
             logger.warning("admission unavailable: %s", exc.__class__.__name__)
+            admission_observe(**observed, outcome="rejected", code=SystemOverloaded.code)
             raise SystemOverloaded(
                 "Admission control is unavailable right now. Retry later.", retry_after_s=5
             ) from exc
@@ -106,6 +111,10 @@ def reservation_open(
         counted = False
         ticket = AdmissionTicket(reservation_id=reservation_id, outcome=ADMITTED,
                                  cost_mcu=cost_mcu, budget_used_mcu=0, rate=None)
+    except SluiceError as rejection:
+        admission_observe(**observed, outcome="rejected", code=rejection.code)
+        raise
+    admission_observe(**observed, outcome=ticket.outcome, code="none" if counted else "fail_open")
 
     lease_s = pool_lease_s(pool) if ticket.outcome == ADMITTED else QUEUE_ALLOWANCE_S
     try:
@@ -156,7 +165,7 @@ def reservation_settle(
 ) -> bool:
     """Charge `actual_mcu` (at most the reservation) and refund the rest. Idempotent:
     a second call for the same reservation changes nothing and returns False."""
-    reservation = Reservation.objects.get(pk=reservation_id)
+    reservation = Reservation.objects.select_related("tenant__tier").get(pk=reservation_id)
     charge = max(0, min(actual_mcu, reservation.reserved_mcu))
     if actual_mcu > reservation.reserved_mcu:
         logger.warning("usage above reservation %s: %s > %s mCU, charging the reservation",
@@ -176,6 +185,8 @@ def reservation_settle(
         if refund:
             LedgerEntry.objects.create(kind=LedgerEntry.Kind.REFUND, mcu=refund, **common)
     reservation.state, reservation.settled_mcu = final_state, charge
+    settlement_observe(tier=reservation.tenant.tier.slug, model=reservation.model,
+                       settled_mcu=charge, refunded_mcu=refund)
     # The Redis release is idempotent (its marker is deleted once), so mirroring before an
     # enclosing transaction commits can never refund twice, even if that transaction retries.
     _mirror_settlement(reservation)

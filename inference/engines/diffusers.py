@@ -26,6 +26,7 @@ from django.core.files.storage import default_storage
 
 from inference.engines.base import RunContext, RunResult, StopRequested
 from inference.registry import ModelSpec, VideoSpec
+from portal.metrics import video_generation_observe
 from quotas.cost import video_cost
 
 logger = logging.getLogger(__name__)
@@ -136,8 +137,11 @@ class DiffusersVideoEngine:
                 max_sequence_length=MAX_PROMPT_TOKENS,
             )
         except StopRequested:
+            video_generation_observe(model=self.spec.id, steps=steps_done[0],
+                                     seconds=time.monotonic() - started)
             return RunResult(actual_mcu=self._cost(params, steps_done[0]), stopped=True,
                              usage={"steps": steps_done[0], "frames": 0})
+        video_generation_observe(model=self.spec.id, steps=steps, seconds=time.monotonic() - started)
         frames = output.frames[0]
         video_path, thumbnail_path = self._store(context.job_id, frames)
         return RunResult(

@@ -22,6 +22,7 @@ from django.conf import settings
 from inference.engines.base import RunContext, RunResult
 from inference.partial import partial_completion
 from inference.registry import ModelSpec, ModelVariant
+from portal.metrics import text_generation_observe
 from quotas.cost import text_cost
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ def vllm_server_argv(*, variant: ModelVariant, port: int, host: str = "127.0.0.1
 
 def vllm_server_env(base: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(base if base is not None else os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    # vLLM serves its own /metrics; left in, it would write vllm:* samples into Sluice's
+    # multiprocess directory (portal/metrics.py) and expect the directory wiped between runs.
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; only read by the CPU build
     return env
 
@@ -123,6 +127,8 @@ class VllmTextEngine:
                 released.append(text)
                 context.emit_output({"delta": text, "tokens": completion_tokens})
 
+        sent_at = time.monotonic()
+        first_token_at: float | None = None
         with _client.stream("POST", f"{engine_url(variant)}/v1/completions", json=body) as response:
             if response.status_code != 200:
                 raise RuntimeError(f"engine answered {response.status_code}: {response.read()[:300]!r}")
@@ -135,6 +141,8 @@ class VllmTextEngine:
                 for choice in chunk.get("choices", []):
                     text = choice.get("text") or ""
                     completion_tokens += len(choice.get("token_ids") or [])
+                    if first_token_at is None and completion_tokens:
+                        first_token_at = time.monotonic()
                     release(moderator.feed(text) if moderator else text)
                     finish_reason = choice.get("finish_reason") or finish_reason
                 if moderator is not None and moderator.stopped:
@@ -147,6 +155,12 @@ class VllmTextEngine:
             release(moderator.finish())
             if moderator.stopped:
                 finish_reason = "content_filter"
+        text_generation_observe(
+            model=self.spec.id, variant=variant.served_name,
+            ttft_s=None if first_token_at is None else first_token_at - sent_at,
+            tokens=completion_tokens,
+            decode_s=0.0 if first_token_at is None else time.monotonic() - first_token_at,
+        )
         generated = "".join(released)
         prompt_tokens = len(params["prompt_token_ids"])
         if usage:

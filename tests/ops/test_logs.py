@@ -1,0 +1,83 @@
+"""JSON log lines carry the request, tenant, job and pool ids where known, and no secrets."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+
+from inference.registry import model_get
+from inference.runner import job_run
+from inference.services import job_submit
+from portal.logs import JsonLogFormatter, LogContextFilter, PlainLogFormatter, log_context
+from quotas.cost import CostEstimate
+from tests.factories import api_key_obj, tenant_with_limits
+
+pytestmark = pytest.mark.django_db
+PROMPT = "a heron folding origami at dawn, secret sauce 8841"
+
+
+@pytest.fixture
+def json_lines():
+    """Every record of the test, formatted as production formats it (SLUICE_LOG_FORMAT=json)."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonLogFormatter())
+    handler.addFilter(LogContextFilter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    previous_level, root.level = root.level, logging.INFO
+    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
+    root.removeHandler(handler)
+    root.level = previous_level
+
+
+def test_request_lines_carry_request_and_tenant_ids_and_never_the_prompt_or_key(
+        cast, api, sent_tasks, json_lines):
+    response = api.bearer(cast.owner_key).post(
+        "/v1/videos", {"model": "sluice-video-tiny", "prompt": PROMPT, "size": "64x64",
+                       "seconds": 0.5, "num_inference_steps": 2}, format="json")
+    assert response.status_code == 201, response.json()
+    lines = json_lines()
+    # The first admission of a period rebuilds the tenant's counters, and says so.
+    (rebuilt,) = [line for line in lines if line["logger"] == "quotas.ledger"]
+    assert rebuilt["request_id"] == response["x-request-id"]
+    assert rebuilt["tenant_id"] == cast.tenant.pk
+    assert {"time", "level", "message"} <= set(rebuilt)
+    raw = json.dumps(lines)
+    assert PROMPT not in raw and cast.owner_key not in raw
+
+
+def test_job_lines_carry_job_tenant_and_pool(sent_tasks, json_lines):
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    spec = model_get("sluice-video-tiny")
+    # The real engine refuses a job without its step count: a failure logged mid-job.
+    job = job_submit(api_key=api_key, spec=spec, variant=spec.variant("full"),
+                     params={"prompt": PROMPT}, estimate=CostEstimate(mcu=1000), mode="async").job
+    assert job_run(job_id=job.pk, attempt=1) == "failed"
+    (failure,) = [line for line in json_lines() if line["logger"] == "inference.runner"]
+    assert failure["level"] == "ERROR" and "KeyError" in failure["exception"]
+    assert (failure["job_id"], failure["tenant_id"], failure["pool"]) == (
+        job.pk, api_key.tenant_id, "video-hbm")
+    assert PROMPT not in json.dumps(json_lines())
+
+
+def test_context_ends_with_its_block_and_secrets_are_redacted():
+    record = logging.LogRecord("sluice.test", logging.INFO, __file__, 1,
+                               "issued %s and whsec_QUJDREVGR0hJSktMTU5PUA==", (
+                                   "sk-abcdefghijkl" + "S3cr3tS3cr3tS3cr3tS3cr3tS3cr3tS3cr3tS3cr",),
+                               None)
+    with log_context(job_id="job_1", pool="video-hbm"):
+        LogContextFilter().filter(record)
+    line = json.loads(JsonLogFormatter().format(record))
+    assert line["message"] == "issued sk-abcdefghijkl[redacted] and whsec_[redacted]"
+    assert (line["job_id"], line["pool"]) == ("job_1", "video-hbm") and "request_id" not in line
+
+    outside = logging.LogRecord("sluice.test", logging.INFO, __file__, 1, "later", (), None)
+    LogContextFilter().filter(outside)
+    assert outside.job_id is None and outside.log_context == "-"
+    plain = PlainLogFormatter("[%(log_context)s] %(message)s")
+    assert plain.format(record) == (
+        "[job_id=job_1 pool=video-hbm] issued sk-abcdefghijkl[redacted] and whsec_[redacted]")

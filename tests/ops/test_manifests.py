@@ -1,0 +1,174 @@
+"""deploy/k8s validates against the Kubernetes schemas, and its GPU pools match the registry."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from unittest import mock
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from inference.engines import vllm
+from inference.registry import model_list, text_variants
+from portal.launcher import worker_pool_args
+
+K8S_DIR = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
+K8S_VERSION = "1.33.0"
+# The node labels each kind of model needs (DESIGN.md: video -> HBM/NVLink, text -> batching).
+GPU_CLASS_FOR_KIND = {"video": "hbm-nvlink", "text": "batching"}
+
+# kubernetes-validate ships the built-in kinds' schemas only. For the two CRDs the manifests
+# use, these are the fields KEDA and the Prometheus Operator require (their CRDs' `required`
+# lists) plus the ones Sluice relies on; unknown fields are refused so typos fail.
+_CRD_SCHEMAS = {
+    ("keda.sh/v1alpha1", "ScaledObject"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {}, "kind": {},
+            "metadata": {"type": "object", "required": ["name", "namespace"]},
+            "spec": {
+                "type": "object",
+                "required": ["scaleTargetRef", "triggers"],
+                "additionalProperties": False,
+                "properties": {
+                    "scaleTargetRef": {"type": "object", "required": ["name"],
+                                       "properties": {"name": {"type": "string"}}},
+                    "minReplicaCount": {"type": "integer", "minimum": 0},
+                    "maxReplicaCount": {"type": "integer", "minimum": 1},
+                    "pollingInterval": {"type": "integer"},
+                    "cooldownPeriod": {"type": "integer"},
+                    "advanced": {"type": "object"},
+                    "triggers": {
+                        "type": "array", "minItems": 1,
+                        "items": {
+                            "type": "object", "required": ["type", "metadata"],
+                            "properties": {
+                                "type": {"type": "string"},
+                                "metadata": {"type": "object",
+                                             "additionalProperties": {"type": "string"}},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+    ("monitoring.coreos.com/v1", "PrometheusRule"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "spec": {
+                "type": "object", "required": ["groups"], "additionalProperties": False,
+                "properties": {"groups": {"type": "array", "items": {
+                    "type": "object", "required": ["name", "rules"],
+                    "properties": {"rules": {"type": "array", "items": {
+                        "type": "object", "required": ["alert", "expr"],
+                        "additionalProperties": False,
+                        "properties": {"alert": {"type": "string"}, "expr": {"type": "string"},
+                                       "for": {"type": "string"}, "labels": {"type": "object"},
+                                       "annotations": {"type": "object"}},
+                    }}},
+                }}},
+            },
+        },
+    },
+}
+
+
+def _documents() -> list[dict]:
+    documents = []
+    for path in sorted(K8S_DIR.glob("*.yaml")):
+        documents += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return documents
+
+
+DOCUMENTS = _documents()
+
+
+def _of_kind(kind: str) -> list[dict]:
+    return [doc for doc in DOCUMENTS if doc["kind"] == kind]
+
+
+def _keda_query(pool: str) -> str:
+    (scaled,) = [doc for doc in _of_kind("ScaledObject")
+                 if doc["spec"]["scaleTargetRef"]["name"] == f"sluice-pool-{pool}"]
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "prometheus"
+    return trigger["metadata"]["query"]
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
+def test_manifest_validates(document):
+    crd_schema = _CRD_SCHEMAS.get((document["apiVersion"], document["kind"]))
+    if crd_schema is not None:
+        jsonschema.validate(document, crd_schema)
+    else:
+        kubernetes_validate.validate(document, K8S_VERSION, strict=True)
+    if document["kind"] != "Namespace":
+        assert document["metadata"]["namespace"] == "sluice"
+
+
+def _pool_deployment(pool: str) -> dict:
+    found = [doc for doc in _of_kind("Deployment")
+             if any(c["command"][:6] == ["celery", "-A", "portal", "worker", "-Q", pool]
+                    for c in doc["spec"]["template"]["spec"]["containers"])]
+    assert len(found) == 1, f"one Deployment must consume the {pool} queue"
+    return found[0]
+
+
+@pytest.mark.parametrize("spec", model_list(), ids=lambda spec: spec.id)
+def test_each_models_pool_runs_on_its_gpu_nodes(spec):
+    deployment = _pool_deployment(spec.pool)
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"sluice.dev/gpu-pool": spec.pool}
+    (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"]
+    assert term["matchExpressions"] == [
+        {"key": "sluice.dev/gpu-class", "operator": "In", "values": [GPU_CLASS_FOR_KIND[spec.kind]]}]
+    assert {"key": "sluice.dev/gpu-pool", "operator": "Equal", "value": spec.pool,
+            "effect": "NoSchedule"} in pod["tolerations"]
+    gpus = sum(int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) for c in pod["containers"])
+    assert gpus >= 1
+    (worker,) = [c for c in pod["containers"] if c["name"] == "worker"]
+    assert " ".join(worker_pool_args(spec.pool)) in " ".join(worker["command"])
+    assert f'pool="{spec.pool}"' in _keda_query(spec.pool)
+    assert any(pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+               for pdb in _of_kind("PodDisruptionBudget"))
+
+
+def test_text_engines_are_sidecars_started_as_vllm_server_argv_says_on_gpus():
+    config = next(doc for doc in _of_kind("ConfigMap") if doc["metadata"]["name"] == "sluice-config")
+    urls = dict(item.split("=", 1) for item in config["data"]["SLUICE_VLLM_URLS"].split(","))
+    for spec, variant in text_variants():
+        containers = _pool_deployment(spec.pool)["spec"]["template"]["spec"]["containers"]
+        (sidecar,) = [c for c in containers if c["name"] == f"vllm-{variant.served_name}"]
+        port = int(urls[variant.served_name].rsplit(":", 1)[1])
+        on_node = replace(variant, checkpoint=Path("/models") / variant.served_name)
+        with mock.patch.object(vllm, "_has_gpu", return_value=True):
+            expected = vllm.vllm_server_argv(variant=on_node, port=port)
+        # The image's python instead of this machine's interpreter; every flag as in the code.
+        assert sidecar["command"] == ["python", *expected[1:]]
+        assert "--enforce-eager" not in sidecar["command"]
+        assert sidecar["readinessProbe"]["httpGet"] == {"path": "/health", "port": port}
+
+
+def test_every_queue_has_workers_and_beat_runs_alone():
+    for queue in ("default", "webhooks"):
+        assert _pool_deployment(queue)["spec"]["replicas"] >= 1
+    (beat,) = [doc for doc in _of_kind("Deployment") if doc["metadata"]["name"] == "sluice-beat"]
+    assert beat["spec"]["replicas"] == 1 and beat["spec"]["strategy"]["type"] == "Recreate"
+
+
+def test_web_probes_and_autoscaling():
+    (web,) = [doc for doc in _of_kind("Deployment") if doc["metadata"]["name"] == "sluice-web"]
+    (container,) = web["spec"]["template"]["spec"]["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    (hpa,) = _of_kind("HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "sluice-web"
+    secret_refs = {ref["secretRef"]["name"] for ref in container["envFrom"] if "secretRef" in ref}
+    assert secret_refs == {"sluice-secrets"}

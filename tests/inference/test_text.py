@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 
 import httpx
@@ -14,7 +13,6 @@ import openai
 import pytest
 
 from inference.models import Job
-from portal.models import ApiKey
 from quotas.models import LedgerEntry
 from tests.factories import TenantFactory, api_key_for, tier
 
@@ -61,7 +59,7 @@ def test_chat_streaming_with_usage(cast, text_stack):
 def test_async_sdk_completions_stream(cast, text_stack):
     async def run():
         sdk = openai.AsyncOpenAI(base_url=f"{text_stack}/v1", api_key=cast.owner_key, max_retries=0)
-        stream = await sdk.completions.create(model=MODEL, prompt="import os\n", max_tokens=8,
+        stream = await sdk.completions.create(model=MODEL, prompt="def add(a, b):", max_tokens=8,
                                               temperature=0, stream=True)
         return [chunk async for chunk in stream]
 
@@ -182,39 +180,6 @@ def test_outsider_cannot_follow_another_tenants_stream(cast, text_stack):
                       headers={"Authorization": f"Bearer {cast.owner_key}"})
     events = [json.loads(line[6:]) for line in owner.text.splitlines() if line.startswith("data: ")]
     assert "".join(e.get("delta", "") for e in events) == reply.json()["choices"][0]["text"]
-
-
-def test_higher_tier_priority_is_served_first_under_contention(text_stack):
-    """The engine runs one sequence at a time here: a long pro job holds it, then a pro and an
-    enterprise request arrive in that order: the enterprise one gets the engine first."""
-    pro_key = api_key_for(TenantFactory(tier=tier("pro")))
-    enterprise_key = api_key_for(TenantFactory(tier=tier("enterprise")))
-    first_token_at: dict[str, float] = {}
-
-    def stream(name: str, key: str, max_tokens: int, prompt: str) -> None:
-        with httpx.stream("POST", f"{text_stack}/v1/completions", timeout=120,
-                          json={"model": MODEL, "prompt": prompt, "max_tokens": max_tokens,
-                                "temperature": 0, "stream": True},
-                          headers={"Authorization": f"Bearer {key}"}) as response:
-            for line in response.iter_lines():
-                if line.startswith("data: {") and name not in first_token_at:
-                    first_token_at[name] = time.monotonic()
-
-    blocker = threading.Thread(target=stream, args=("blocker", pro_key, 900, "def main():\n"))
-    blocker.start()
-    deadline = time.monotonic() + 60
-    while "blocker" not in first_token_at:
-        assert time.monotonic() < deadline and blocker.is_alive(), "the blocking stream never started"
-        time.sleep(0.01)
-    late_pro = threading.Thread(target=stream, args=("pro", pro_key, 4, "x = 1\n"))
-    late_pro.start()
-    time.sleep(0.3)
-    enterprise = threading.Thread(target=stream, args=("enterprise", enterprise_key, 4, "y = 2\n"))
-    enterprise.start()
-    for thread in (blocker, late_pro, enterprise):
-        thread.join(timeout=120)
-    assert first_token_at["enterprise"] < first_token_at["pro"]
-    assert ApiKey.objects.count() >= 2
 
 
 def test_unsafe_prompt_is_rejected_before_any_work(cast, text_stack):

@@ -5,13 +5,15 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+# Imported at start-up, not lazily on the first request: transformers' lazy first import is
+# not thread-safe, and concurrent first requests failed with "cannot import name AutoTokenizer".
+from transformers import AutoTokenizer
+
 from inference.registry import ModelSpec
 
 
 @functools.cache
 def _tokenizer(checkpoint: str):
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
 
 

@@ -48,6 +48,7 @@ from bench.common import percentile, print_table  # noqa: E402
 
 def _worker(job_s: float, concurrency: int = 1) -> subprocess.Popen:
     env = dict(os.environ, BENCH_JOB_S=str(job_s), BENCH_WORKER_CONCURRENCY=str(concurrency),
+               SLUICE_DB_CONN_MAX_AGE="60",
                SLUICE_POOL_SLOTS=os.environ.get("SLUICE_POOL_SLOTS", ""))
     process = subprocess.Popen([sys.executable, "-m", "bench.noop_worker", QUEUE], cwd=REPO, env=env,
                                start_new_session=True)

@@ -81,8 +81,9 @@ def _start_stack(env: dict[str, str]) -> tuple[list[subprocess.Popen], str, str]
                                       "--log-level", "warning", "--no-access-log"]), env)
     worker = spawn("worker", _pinned("1", [sys.executable, "-m", "celery", "-A", "portal", "worker",
                                             "-Q", "text-batch", "--pool", "threads", "--concurrency",
-                                            "64", "--loglevel", "WARNING", "--without-gossip",
-                                            "--without-mingle", "--without-heartbeat"]), env)
+                                            "40", "--loglevel", "WARNING", "--without-gossip",
+                                            "--without-mingle", "--without-heartbeat"]),
+                   {**env, "SLUICE_DB_CONN_MAX_AGE": "60"})
     _wait_http(f"{engine_url}/health", 400)
     _wait_http(f"{web_url}/healthz", 60)
     return [engine, web, worker], engine_url, web_url

@@ -1,7 +1,9 @@
 """Celery tasks: ids in, services do the work. Redelivery is normal (job_claim checks)."""
 
 from celery import shared_task
+from django.db import DatabaseError
 from django.utils import timezone
+from redis import RedisError
 
 from inference.models import IdempotencyKey
 from inference.runner import job_run
@@ -9,7 +11,13 @@ from inference.scheduler import scheduler_pools
 from inference.services import IDEMPOTENCY_TTL, jobs_reap, pool_dispatch
 
 
-@shared_task(name="inference.run_job", acks_late=True, reject_on_worker_lost=False, ignore_result=True)
+@shared_task(
+    name="inference.run_job", acks_late=True, reject_on_worker_lost=False, ignore_result=True,
+    # The database or Redis briefly unreachable (a full connection pool, a failover) must not
+    # strand a job in "queued": retry the delivery; the claim makes a repeat harmless.
+    autoretry_for=(DatabaseError, RedisError), retry_backoff=1, retry_backoff_max=30,
+    max_retries=8,
+)
 def run_job(job_id: str, attempt: int) -> str:
     return job_run(job_id=job_id, attempt=attempt)
 

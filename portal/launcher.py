@@ -170,7 +170,7 @@ def run_platform(*, host: str, port: int, var_dir: Path, queues: list[str], conf
             if queue == queues[0]:
                 # One machine: the first worker also runs the periodic tasks (celery beat).
                 argv += ["--beat", "--schedule", str(var_dir / "celerybeat-schedule")]
-            supervisor.spawn(f"worker:{queue}", argv, env)
+            supervisor.spawn(f"worker:{queue}", argv, {"SLUICE_DB_CONN_MAX_AGE": "60", **env})
         _wait_for_http(f"http://{host}:{port}/healthz", supervisor, timeout_s=60)
 
         print(f"Dashboard: http://{host}:{port}/", flush=True)

@@ -106,9 +106,10 @@ TEMPLATES = [
 DATABASES = {
     "default": env_database("DATABASE_URL", f"sqlite:///{VAR_DIR / 'sluice.sqlite3'}"),
 }
-# Persistent connections: workers and the web server reuse them (a PostgreSQL connect costs
-# milliseconds per request or task otherwise); health checks drop broken ones.
-DATABASES["default"].setdefault("CONN_MAX_AGE", env_int("SLUICE_DB_CONN_MAX_AGE", 60, minimum=0))
+# Persistent connections are for workers (the launcher sets 60 s there: a PostgreSQL connect
+# costs milliseconds per task otherwise). The ASGI server keeps 0: its sync views run in many
+# executor threads, each of which would hold a connection until PostgreSQL runs out.
+DATABASES["default"].setdefault("CONN_MAX_AGE", env_int("SLUICE_DB_CONN_MAX_AGE", 0, minimum=0))
 DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets the web server and the workers read while one of them writes.

@@ -110,7 +110,8 @@ def _bench_key() -> str:
 
 async def _one_stream(client: httpx.AsyncClient, url: str, headers: dict, prompt: str,
                       model: str) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": 32, "temperature": 0, "stream": True}
+    body = {"model": model, "prompt": prompt, "max_tokens": 32, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
     started = time.perf_counter()
     first = None
     tokens = 0
@@ -120,11 +121,12 @@ async def _one_stream(client: httpx.AsyncClient, url: str, headers: dict, prompt
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line[6:])
+            # Count tokens from usage: Sluice sends moderated windows, not one chunk per token.
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
             for choice in chunk.get("choices", []):
-                if choice.get("text"):
-                    tokens += 1
-                    if first is None:
-                        first = time.perf_counter()
+                if choice.get("text") and first is None:
+                    first = time.perf_counter()
     end = time.perf_counter()
     return {"ttft": (first or end) - started, "total": end - started, "chunks": tokens}
 

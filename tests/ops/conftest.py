@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.inference.conftest import (  # noqa: F401 - fixtures
+from tests.inference.conftest import (  # noqa: F401 - fixtures (sent_tasks is in tests/conftest)
     pools,
     receiver,
-    sent_tasks,
     webhook_settings,
 )
 

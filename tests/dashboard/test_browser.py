@@ -187,7 +187,8 @@ def test_jobs_table_updates_live_and_a_running_job_is_cancelled(page, browser_ca
     page.evaluate("window.loadedOnce = true")  # gone if the page reloads
     # Big enough that a warm worker is still at it when the cancel arrives.
     job = playground_video_submit(actor=browser_cast.member, payload={
-        "model": "sluice-video-tiny", "prompt": "a long one", "size": "256x256", "seconds": "2",
+        # 720p: each step takes long enough that an idle machine does not finish first.
+        "model": "sluice-video-tiny", "prompt": "a long one", "size": "1280x720", "seconds": "1",
         "num_inference_steps": "50"}).job
     row_status = page.locator(f"#job-row-{job.pk} [data-field=status]")
     row_status.filter(has_text="running").wait_for(timeout=120_000)

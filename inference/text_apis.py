@@ -214,19 +214,19 @@ async def _stream(job: Job, shape: _Shape, text: TextRequest):
             threading.Thread(target=_cancel_after_disconnect, args=(job.pk,), daemon=True).start()
 
 
-@csrf_exempt
-async def chat_completions(request):
-    if request.method != "POST":
-        from portal.errors import MethodNotAllowed
+def _text_endpoint(*, chat: bool):
+    """One POST-only, CSRF-exempt (bearer keys, not cookies) view per OpenAI endpoint."""
 
-        return json_error(MethodNotAllowed())
-    return await _generate(request, chat=True)
+    @csrf_exempt
+    async def view(request):
+        if request.method != "POST":
+            from portal.errors import MethodNotAllowed
+
+            return json_error(MethodNotAllowed())
+        return await _generate(request, chat=chat)
+
+    return view
 
 
-@csrf_exempt
-async def completions(request):
-    if request.method != "POST":
-        from portal.errors import MethodNotAllowed
-
-        return json_error(MethodNotAllowed())
-    return await _generate(request, chat=False)
+chat_completions = _text_endpoint(chat=True)
+completions = _text_endpoint(chat=False)

@@ -1,8 +1,13 @@
 from portal.errors import SluiceError
 
 
-def _retry_after_headers(retry_after_s: int | None) -> dict[str, str]:
-    return {"Retry-After": str(retry_after_s)} if retry_after_s is not None else {}
+class _RetryAfterError(SluiceError):
+    """A rejection that may tell the client when to come back (`Retry-After`, seconds)."""
+
+    def __init__(self, message: str | None = None, *, retry_after_s: int | None = None, **kwargs):
+        if retry_after_s is not None:
+            kwargs.setdefault("headers", {"Retry-After": str(retry_after_s)})
+        super().__init__(message, **kwargs)
 
 
 class InsufficientQuota(SluiceError):
@@ -11,21 +16,13 @@ class InsufficientQuota(SluiceError):
     default_message = "You exceeded your CU budget for this period."
 
 
-class RateLimitExceeded(SluiceError):
+class RateLimitExceeded(_RetryAfterError):
     code = "rate_limit_exceeded"
     http_status = 429
     default_message = "Rate limit reached for CU per minute."
 
-    def __init__(self, message: str | None = None, *, retry_after_s: int | None = None, **kwargs):
-        kwargs.setdefault("headers", _retry_after_headers(retry_after_s))
-        super().__init__(message, **kwargs)
 
-
-class SystemOverloaded(SluiceError):
+class SystemOverloaded(_RetryAfterError):
     code = "system_overloaded"
     http_status = 503
     default_message = "The GPU pool is saturated. Retry later."
-
-    def __init__(self, message: str | None = None, *, retry_after_s: int | None = None, **kwargs):
-        kwargs.setdefault("headers", _retry_after_headers(retry_after_s))
-        super().__init__(message, **kwargs)

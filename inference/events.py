@@ -107,10 +107,9 @@ async def events_follow(*, job_id: str, after_seq: int = 0, block_ms: int = 15_0
     (so callers can send keep-alives). Ends after the terminal event."""
     import redis.asyncio as aioredis
 
-    # redis-py 8 reads with a 5 s socket timeout by default: the socket must outlast the
-    # blocking XREAD (a video step can take longer), or every follower ends with a TimeoutError.
-    client = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=block_ms / 1000 + 5,
-                                     socket_connect_timeout=5)
+    # No client read timeout (settings.REDIS_ASYNC_BLOCKING_OPTIONS says why); XREAD's own
+    # `block` bounds each read.
+    client = aioredis.Redis.from_url(settings.REDIS_URL, **settings.REDIS_ASYNC_BLOCKING_OPTIONS)
     last = f"0-{after_seq}"
     try:
         while True:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 from pathlib import Path
 
 from portal.env import (
@@ -177,13 +178,23 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_ALWAYS_EAGER = False
 SLUICE_WORKER_QUEUES = env_list("SLUICE_WORKER_QUEUES", ["default", "webhooks", "video-hbm", "text-batch"])
 
+# Options for asyncio Redis connections that sit in blocking reads (the channel layer's
+# BZPOPMIN, the event followers' XREAD). No client-side read timeout: with one, redis-py 8's
+# asyncio.timeout on Python 3.11 sometimes swallows a task's cancellation, and the cancelled
+# reader blocks again for ever (a websocket consumer that never finishes disconnecting; seen
+# as a hung test teardown). The server bounds every blocking read (5 s / 15 s), and TCP
+# keepalive notices a peer that vanished.
+REDIS_ASYNC_BLOCKING_OPTIONS = {
+    "socket_timeout": None,
+    "socket_connect_timeout": 5,
+    "socket_keepalive": True,
+    "socket_keepalive_options": {socket.TCP_KEEPIDLE: 30, socket.TCP_KEEPINTVL: 10, socket.TCP_KEEPCNT: 3},
+}
+
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        # redis-py 8 reads with a 5 s socket timeout by default, the same as channels_redis's
-        # blocking receive (BZPOPMIN, 5 s): every consumer idle that long died with a
-        # TimeoutError. The read timeout must exceed the blocking one.
-        "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 15}], "prefix": "sluice:ch"},
+        "CONFIG": {"hosts": [{"address": REDIS_URL, **REDIS_ASYNC_BLOCKING_OPTIONS}], "prefix": "sluice:ch"},
     }
 }
 

@@ -22,7 +22,7 @@ LONG_PREFIX = "".join(f"def helper_{i}(value):\n    return value * {i}\n\n" for 
 
 
 def client(url: str, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
 
 
 def test_chat_non_streaming_with_the_sdk(cast, text_stack):
@@ -58,7 +58,7 @@ def test_chat_streaming_with_usage(cast, text_stack):
 
 def test_async_sdk_completions_stream(cast, text_stack):
     async def run():
-        sdk = openai.AsyncOpenAI(base_url=f"{text_stack}/v1", api_key=cast.owner_key, max_retries=0)
+        sdk = openai.AsyncOpenAI(base_url=f"{text_stack}/v1", api_key=cast.owner_key, max_retries=0, timeout=120)
         stream = await sdk.completions.create(model=MODEL, prompt="def add(a, b):", max_tokens=8,
                                               temperature=0, stream=True)
         return [chunk async for chunk in stream]

@@ -63,7 +63,7 @@ def test_openai_sdk_and_a_websocket_follow_a_video_to_a_playable_mp4(cast, start
     server = start_live_server()
     worker = start_worker("video-hbm", SLUICE_VIDEO_PREVIEW_EVERY="2")
     server.wait_ready()
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=cast.owner_key, max_retries=0)
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=cast.owner_key, max_retries=0, timeout=120)
     # Off the SDK's typed literals (those are sora sizes, accepted too, see test_apis): the SDK
     # sends any string, and extra_body carries Sluice's own fields in the same multipart form.
     video = client.videos.create(model="sluice-video-tiny", prompt="a red square moving left",
@@ -105,7 +105,7 @@ def test_openai_sdk_and_a_websocket_follow_a_video_to_a_playable_mp4(cast, start
         assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
     with pytest.raises(openai.NotFoundError):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key=cast.outsider_key,
-                      max_retries=0).videos.download_content(video.id)
+                      max_retries=0, timeout=120).videos.download_content(video.id)
 
     job = Job.objects.get(pk=video.id)
     assert job.actual_mcu == job.estimated_mcu > 0

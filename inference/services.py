@@ -136,6 +136,28 @@ def video_job_create(*, api_key: ApiKey, payload: dict, idempotency_key: str | N
                       idempotency_key=idempotency_key, request_body=payload)
 
 
+def text_job_create(*, api_key: ApiKey, payload: dict, idempotency_key: str | None = None,
+                    endpoint: str = "jobs", request_id: str = "") -> Submission:
+    """An asynchronous text job from a /v1/completions-shaped payload (the dashboard
+    playground): its tokens arrive as job.output events on the job's stream, not in an HTTP
+    response. The synchronous endpoints (inference/text_apis.py) screen beside tokenisation."""
+    from inference.registry import variant_for_tier
+    from inference.requests import text_request_parse
+    from moderation.services import safety_screen_input
+    from quotas.cost import text_cost
+
+    tier = api_key.tenant.tier
+    text = text_request_parse(payload=payload, tier=tier, chat=False)
+    safety_screen_input(tenant=api_key.tenant, api_key=api_key, text=text.prompt_text,
+                        endpoint=endpoint, request_id=request_id)
+    variant = variant_for_tier(text.spec, tier)
+    estimate = text_cost(spec=text.spec, variant=variant, prompt_tokens=text.prompt_tokens,
+                         completion_tokens=text.max_tokens)
+    return job_submit(api_key=api_key, spec=text.spec, variant=variant,
+                      params=text.job_params(priority=tier.queue_priority), estimate=estimate,
+                      mode="async", idempotency_key=idempotency_key, request_body=payload)
+
+
 def _start(job_id: str) -> None:
     """Send an admitted job to its pool's Celery queue, for its next attempt."""
     from inference.tasks import run_job

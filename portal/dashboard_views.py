@@ -92,9 +92,29 @@ def job_content_view(request, membership: Membership, job_id: str):
 
 
 def _default_model(models) -> str:
-    # Video first: it is the kind the playground runs today (text lands with issue 6).
-    ordered = sorted(models, key=lambda spec: spec.kind != "video")
-    return ordered[0].id if ordered else ""
+    return models[0].id if models else ""
+
+
+PLAYGROUND_FIELDS = {
+    "video": {"prompt": str, "size": str, "seconds": str, "num_inference_steps": str},
+    "text": {"prompt": str, "max_tokens": int, "temperature": float},
+}
+
+
+def _playground_payload(form) -> dict:
+    """The API payload a playground form stands for: the fields of the chosen model's kind
+    (the form's `kind`), numbers as numbers for the text endpoint's strict parser."""
+    fields = PLAYGROUND_FIELDS.get(form.get("kind", "video"), PLAYGROUND_FIELDS["video"])
+    payload = {"model": form.get("model", "")}
+    for name, kind in fields.items():
+        raw = form.get(name)
+        if not raw:
+            continue
+        try:
+            payload[name] = kind(raw)
+        except ValueError as exc:
+            raise InvalidParameter(f"{name} must be a number.", param=name) from exc
+    return payload
 
 
 @tenant_page
@@ -104,10 +124,9 @@ def playground_page(request, membership: Membership):
     error = None
     status = 200
     if request.method == "POST":
-        payload = {name: request.POST.get(name) for name in
-                   ("model", "prompt", "size", "seconds", "num_inference_steps") if request.POST.get(name)}
         try:
-            submission = services.playground_video_submit(
+            payload = _playground_payload(request.POST)
+            submission = services.playground_submit(
                 actor=membership, payload=payload, form_token=request.POST.get("form_token"))
             return redirect(f"{reverse('tenant-playground', args=[tenant.slug])}?job={submission.job.pk}")
         except PermissionDenied:

@@ -160,16 +160,19 @@ def playground_api_key(*, tenant: Tenant) -> ApiKey:
     return api_key
 
 
-def playground_video_submit(*, actor: Membership, payload: dict, form_token: str | None = None):
-    """Submit a video job from the playground as `actor` (members and up). `form_token` is the
-    rendered form's one-time token: submitting the same form twice returns the first job."""
-    from inference.services import video_job_create
+def playground_submit(*, actor: Membership, payload: dict, form_token: str | None = None):
+    """Submit a job from the playground as `actor` (members and up): a video, or a code
+    completion whose tokens the page follows live. `form_token` is the rendered form's one-time
+    token: submitting the same form twice returns the first job."""
+    from inference.registry import model_get
+    from inference.services import text_job_create, video_job_create
 
     require_role(membership=actor, role=Role.MEMBER)
     tenant_ensure_active(tenant=actor.tenant)
-    return video_job_create(api_key=playground_api_key(tenant=actor.tenant), payload=payload,
-                            idempotency_key=f"playground:{form_token}" if form_token else None,
-                            endpoint="playground")
+    create = text_job_create if model_get(payload.get("model", "")).kind == "text" else video_job_create
+    return create(api_key=playground_api_key(tenant=actor.tenant), payload=payload,
+                  idempotency_key=f"playground:{form_token}" if form_token else None,
+                  endpoint="playground")
 
 
 # --- memberships ------------------------------------------------------------------------------

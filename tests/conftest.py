@@ -226,3 +226,8 @@ def start_live_server():
     yield start
     for server in servers:
         server.stop()
+
+
+# The real text stack (vLLM servers, text worker, ASGI server), started once per session for
+# every module that asks (the text API tests, the dashboard's text playground).
+from tests.inference.text_stack import text_engines, text_stack  # noqa: E402, F401

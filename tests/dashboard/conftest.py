@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from portal import ops_selectors
-from portal.services import playground_video_submit
+from portal.services import playground_submit
 from tests.factories import UserFactory
 
 VIDEO = {"model": "sluice-video-tiny", "prompt": "a red square", "size": "64x64",
@@ -15,7 +15,7 @@ VIDEO = {"model": "sluice-video-tiny", "prompt": "a red square", "size": "64x64"
 
 @pytest.fixture
 def video_job(cast, sent_tasks):
-    return playground_video_submit(actor=cast.member, payload=dict(VIDEO)).job
+    return playground_submit(actor=cast.member, payload=dict(VIDEO)).job
 
 
 @pytest.fixture

@@ -149,10 +149,8 @@ def test_log_in_create_copy_and_revoke_a_key(page, browser_cast, server):
 
 def test_playground_video_reaches_100_percent_and_plays(page, browser_cast, video_worker):
     log_in(page, "member", "/t/acme/playground/")
-    page.get_by_label("Model").select_option("sluice-code-tiny")
-    page.get_by_text("Coming soon.").wait_for()  # the text model's empty state, for now
     page.get_by_label("Model").select_option("sluice-video-tiny")
-    page.get_by_label("Prompt").fill("a red square sliding left over a blue sea")
+    page.get_by_label("Prompt", exact=True).fill("a red square sliding left over a blue sea")
     page.get_by_label("Size").select_option("64x64")
     page.get_by_label("Seconds").fill("1")
     page.get_by_label("Steps").fill("12")
@@ -180,13 +178,13 @@ def test_playground_video_reaches_100_percent_and_plays(page, browser_cast, vide
 
 
 def test_jobs_table_updates_live_and_a_running_job_is_cancelled(page, browser_cast, video_worker):
-    from portal.services import playground_video_submit
+    from portal.services import playground_submit
 
     log_in(page, "member", "/t/acme/jobs/")
     page.get_by_text("Live updates: on").wait_for()
     page.evaluate("window.loadedOnce = true")  # gone if the page reloads
     # Big enough that a warm worker is still at it when the cancel arrives.
-    job = playground_video_submit(actor=browser_cast.member, payload={
+    job = playground_submit(actor=browser_cast.member, payload={
         # 720p: each step takes long enough that an idle machine does not finish first.
         "model": "sluice-video-tiny", "prompt": "a long one", "size": "1280x720", "seconds": "1",
         "num_inference_steps": "50"}).job
@@ -217,12 +215,6 @@ def test_operator_console_shows_pools_and_live_workers(page, browser_cast, video
     shot(page, "ops-phone", phone=True)
 
 
-def test_playground_text_stream_shows_tokens_as_they_arrive():
-    # The endpoint landed on main (issue 6) while this page was built; the playground's text
-    # form is the follow-up. The client seam is ready: window.sluice.appendTextDelta.
-    pytest.skip("text generation lands with issue 6: the playground's text form is not wired yet")
-
-
 def test_moderator_reaches_the_review_queue_from_the_console_and_decides_a_case(page, browser_cast):
     from django.contrib.auth.models import Permission
 
@@ -243,3 +235,35 @@ def test_moderator_reaches_the_review_queue_from_the_console_and_decides_a_case(
     decision = CaseDecision.objects.get(case=case)
     assert (decision.moderator, decision.decision) == (operator, "overturn")
     shot(page, "moderation-decided")
+
+
+# Last in the module: it starts the vLLM engines (shared with the text API tests), which
+# busy-poll a core from then on.
+def test_playground_text_stream_shows_tokens_as_they_arrive(page, browser_cast, text_stack):
+    # Count changes to the output while the page is open: tokens must land one batch at a
+    # time over the job's websocket, not in one piece with a reload at the end.
+    page.add_init_script("""
+      window.textMutations = 0;
+      document.addEventListener("DOMContentLoaded", function () {
+        var out = document.querySelector("#job-panel [data-field=text]");
+        if (out) new MutationObserver(function () { window.textMutations++; })
+          .observe(out, { childList: true, characterData: true, subtree: true });
+      });""")
+    log_in(page, "member", "/t/acme/playground/")
+    page.get_by_label("Model").select_option("sluice-code-tiny")
+    page.get_by_label("Code to complete").fill("def add(a, b):")
+    page.get_by_label("Max tokens").fill("400")
+    page.get_by_role("button", name="Complete code").click()
+    page.wait_for_url(re.compile(r"\?job=job_"))
+    page.evaluate("window.loadedOnce = true")  # gone if the page reloads
+    page.wait_for_function("window.textMutations > 0", timeout=120_000)
+    page.locator("#job-panel").scroll_into_view_if_needed()
+    shot(page, "playground-text-mid-stream")
+    page.locator("#job-panel [data-field=status]").filter(has_text="succeeded").wait_for(timeout=120_000)
+    job = Job.objects.get(tenant=browser_cast.tenant, kind="text")
+    shown = page.locator("#job-panel [data-field=text]").text_content()
+    assert shown == job.result["text"] and shown
+    assert page.evaluate("window.textMutations") > 1 and page.evaluate("window.loadedOnce") is True
+    assert job.actual_mcu == job.usage["prompt_tokens"] + job.usage["completion_tokens"]
+    assert job.api_key.name == "Dashboard playground"
+    shot(page, "playground-text")

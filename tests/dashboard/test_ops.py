@@ -38,11 +38,11 @@ def test_console_shows_tenants_pools_rejections_and_the_moderation_queue(cast, s
 
 
 def test_queued_jobs_show_as_queue_depth_per_priority(cast, staff, sent_tasks, monkeypatch):
-    from portal.services import playground_video_submit
+    from portal.services import playground_submit
     from tests.dashboard.conftest import VIDEO
 
-    first = playground_video_submit(actor=cast.member, payload=dict(VIDEO)).job
-    second = playground_video_submit(actor=cast.member, payload=dict(VIDEO)).job  # one slot: waits
+    first = playground_submit(actor=cast.member, payload=dict(VIDEO)).job
+    second = playground_submit(actor=cast.member, payload=dict(VIDEO)).job  # one slot: waits
     client = Client()
     client.force_login(staff)
     pools = {state.load.pool: state for state in client.get("/ops/").context["pools"]}

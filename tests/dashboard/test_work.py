@@ -33,7 +33,7 @@ def test_member_submits_a_video_on_the_hidden_playground_key(cast, sent_tasks):
     client = as_user(cast.member)
     page = client.get("/t/acme/playground/").content.decode()
     token = re.search(r'name="form_token" value="([0-9a-f]+)"', page).group(1)
-    assert "Coming soon" in page  # the text model's empty state
+    assert "Complete code" in page and "Generate video" in page  # both kinds have a form
     response = client.post("/t/acme/playground/", {**VIDEO, "form_token": token})
     assert response.status_code == 302
     job = Job.objects.get(tenant=cast.tenant)
@@ -52,6 +52,35 @@ def test_member_submits_a_video_on_the_hidden_playground_key(cast, sent_tasks):
     panel = client.get(response["Location"]).content.decode()
     assert 'id="job-progress"' in panel and f'data-events-url="/ws/jobs/{job.pk}/"' in panel
     assert PLAYGROUND_KEY_NAME in client.get("/t/acme/keys/").content.decode()
+
+
+def test_member_submits_a_code_completion_that_the_panel_follows(cast, sent_tasks):
+    client = as_user(cast.member)
+    response = client.post("/t/acme/playground/", {
+        "model": "sluice-code-tiny", "kind": "text", "prompt": "def add(a, b):",
+        "max_tokens": "16", "temperature": "0", "form_token": "t1"})
+    assert response.status_code == 302
+    job = Job.objects.get(tenant=cast.tenant)
+    assert job.kind == "text" and job.params["max_tokens"] == 16 and job.params["temperature"] == 0
+    assert job.params["code_context"] == "def add(a, b):"
+    assert sent_tasks == [(job.pk, 1, "text-batch")]
+    assert ApiKey.objects.get(pk=job.api_key_id).name == PLAYGROUND_KEY_NAME
+    panel = client.get(response["Location"]).content.decode()
+    assert 'data-field="text"' in panel and f'data-events-url="/ws/jobs/{job.pk}/"' in panel
+    assert "def add(a, b):" in panel  # the prompt, above the output
+
+
+@pytest.mark.parametrize(("field", "value", "code"), [
+    ("max_tokens", "many", "invalid_parameter"),
+    ("max_tokens", "5000", "context_length_exceeded"),
+    ("temperature", "9", "invalid_parameter"),
+])
+def test_bad_code_completion_parameters_are_explained(cast, sent_tasks, field, value, code):
+    form = {"model": "sluice-code-tiny", "kind": "text", "prompt": "def add(a, b):", "max_tokens": "16",
+            field: value}
+    response = as_user(cast.member).post("/t/acme/playground/", form)
+    assert response.status_code == 400 and code in response.content.decode()
+    assert not Job.objects.exists() and not sent_tasks
 
 
 def test_viewer_cannot_submit_and_bad_parameters_are_explained(cast, sent_tasks):

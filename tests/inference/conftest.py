@@ -103,7 +103,3 @@ def second_receiver(webhook_settings):
 def pools(settings):
     settings.SLUICE_POOL_CAPACITY_CU = {"text-batch": 1_000_000, "video-hbm": 1_000_000}
     settings.SLUICE_POOL_SLOTS = {"text-batch": 32, "video-hbm": 1}
-
-
-# The real text stack (vLLM servers, text worker, ASGI server), started once per session.
-from tests.inference.text_stack import text_engines, text_stack  # noqa: E402, F401

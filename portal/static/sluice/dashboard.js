@@ -42,9 +42,8 @@
   // --- one job: progress, output, result ----------------------------------------------------
   var TERMINAL = { "job.completed": "succeeded", "job.failed": "failed", "job.cancelled": "cancelled" };
 
-  // Seam for the text playground (issue 6): a text job's tokens arrive as job.output events
-  // whose `data.delta` is the next piece of text. followJob already routes them here, so the
-  // text form only has to submit a job and render its panel.
+  // A text job's tokens arrive as job.output events whose `data.delta` is the next piece of
+  // text (what output moderation released); the panel's <pre> grows as they land.
   function appendTextDelta(panel, delta) {
     var out = panel.querySelector("[data-field=text]");
     if (out && typeof delta === "string") out.textContent += delta;

@@ -44,3 +44,21 @@ def bench_redis_url() -> tuple[str, object | None]:
         return f"{base}/14", None
     embedded = embedded_redis_start(data_dir=Path("var/bench-redis"))
     return embedded.url, embedded
+
+
+def postgres_database_ensure(url: str) -> None:
+    """Create the benchmark's PostgreSQL database when it does not exist yet (the benchmark
+    then migrates it), so `make bench-*` needs no set-up step on a fresh machine."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if not parts.scheme.startswith("postgres"):
+        return
+    import psycopg
+    from psycopg import sql
+
+    name = parts.path.lstrip("/")
+    server = urlunsplit((parts.scheme, parts.netloc, "/postgres", parts.query, ""))
+    with psycopg.connect(server, autocommit=True, connect_timeout=5) as connection:
+        if connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone() is None:
+            connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))

@@ -21,7 +21,10 @@ from pathlib import Path
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 if os.environ.get("BENCH_DATABASE_URL"):
+    from bench.common import postgres_database_ensure
+
     os.environ["DATABASE_URL"] = os.environ["BENCH_DATABASE_URL"]
+    postgres_database_ensure(os.environ["DATABASE_URL"])
 REPO = Path(__file__).resolve().parent.parent
 QUEUE = "video-hbm"
 

@@ -27,6 +27,9 @@ import psutil
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 os.environ["DATABASE_URL"] = os.environ.get("BENCH_DATABASE_URL",
                                             "postgres://postgres@127.0.0.1:5432/sluice_bench")
+from bench.common import postgres_database_ensure  # noqa: E402
+
+postgres_database_ensure(os.environ["DATABASE_URL"])
 REPO = Path(__file__).resolve().parent.parent
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "6"))
 CONCURRENCY = [1, 8, 32]

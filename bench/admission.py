@@ -188,15 +188,20 @@ def measure(impl: str, target: str, concurrency: int) -> dict:
 def _prepare_pg() -> bool:
     try:
         import psycopg
+        from psycopg import sql
 
         with psycopg.connect(PG_URL, autocommit=True, connect_timeout=3) as connection:
             for schema, kind in (("bench_durable", ""), ("bench_unlogged", "UNLOGGED")):
-                connection.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-                connection.execute(f"CREATE SCHEMA {schema}")
-                connection.execute(f"CREATE {kind} TABLE {schema}.bench_quota (tenant_id int PRIMARY KEY, "
-                                   "used bigint, key_used bigint, tat double precision, in_flight bigint)")
-                connection.execute(f"CREATE {kind} TABLE {schema}.bench_pool (name text PRIMARY KEY, used bigint)")
-                connection.execute(f"INSERT INTO {schema}.bench_pool VALUES ('bench', 0)")
+                names = {"schema": sql.Identifier(schema), "kind": sql.SQL(kind)}
+                for statement in (
+                    "DROP SCHEMA IF EXISTS {schema} CASCADE",
+                    "CREATE SCHEMA {schema}",
+                    "CREATE {kind} TABLE {schema}.bench_quota (tenant_id int PRIMARY KEY, "
+                    "used bigint, key_used bigint, tat double precision, in_flight bigint)",
+                    "CREATE {kind} TABLE {schema}.bench_pool (name text PRIMARY KEY, used bigint)",
+                    "INSERT INTO {schema}.bench_pool VALUES ('bench', 0)",
+                ):
+                    connection.execute(sql.SQL(statement).format(**names))
         return True
     except Exception as exc:  # no PostgreSQL here: report the Redis comparison only
         print(f"(PostgreSQL naive baselines skipped: {exc})", file=sys.stderr)

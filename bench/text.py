@@ -81,7 +81,8 @@ def _start_stack(env: dict[str, str]) -> tuple[list[subprocess.Popen], str, str]
                    {**vllm_server_env(env), "VLLM_CPU_OMP_THREADS_BIND": "0"})
     web = spawn("web", _pinned("1", [sys.executable, "-m", "uvicorn", "portal.asgi:application",
                                       "--host", "127.0.0.1", "--port", str(web_port),
-                                      "--log-level", "warning", "--no-access-log"]), env)
+                                      "--log-level", "warning", "--no-access-log"]),
+                {**env, "SLUICE_DB_POOL_MAX": "16"})
     worker = spawn("worker", _pinned("1", [sys.executable, "-m", "celery", "-A", "portal", "worker",
                                             "-Q", "text-batch", "--pool", "threads", "--concurrency",
                                             "40", "--loglevel", "WARNING", "--without-gossip",

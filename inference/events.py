@@ -8,9 +8,11 @@ changes are also broadcast to the tenant's Channels group for live job lists.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -101,33 +103,46 @@ def events_read(*, job_id: str, after_seq: int = 0) -> list[JobEvent]:
     return [_decode(entry_id, fields) for entry_id, fields in entries]
 
 
+# One asyncio Redis client (a connection pool) per event loop for every follower on it: a
+# client per follower paid a connect and its handshake on every stream (~1.4 ms of CPU).
+_follow_clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _follow_client():
+    import redis.asyncio as aioredis
+
+    loop = asyncio.get_running_loop()
+    url, client = _follow_clients.get(loop, (None, None))
+    if url != settings.REDIS_URL:  # first use on this loop, or tests pointed Redis elsewhere
+        for closed in [other for other in _follow_clients if other.is_closed()]:
+            del _follow_clients[closed]  # a finished loop's client (tests run a loop per test)
+        # No client read timeout (settings.REDIS_ASYNC_BLOCKING_OPTIONS says why); XREAD's
+        # own `block` bounds each read.
+        client = aioredis.Redis.from_url(settings.REDIS_URL, **settings.REDIS_ASYNC_BLOCKING_OPTIONS)
+        _follow_clients[loop] = (settings.REDIS_URL, client)
+    return client
+
+
 async def events_follow(*, job_id: str, after_seq: int = 0, block_ms: int = 15_000,
                         is_finished=None) -> AsyncIterator[JobEvent | None]:
     """Yield the job's events after `after_seq` as they land; None on each idle timeout
     (so callers can send keep-alives). Ends after the terminal event."""
-    import redis.asyncio as aioredis
-
-    # No client read timeout (settings.REDIS_ASYNC_BLOCKING_OPTIONS says why); XREAD's own
-    # `block` bounds each read.
-    client = aioredis.Redis.from_url(settings.REDIS_URL, **settings.REDIS_ASYNC_BLOCKING_OPTIONS)
+    client = _follow_client()
     last = f"0-{after_seq}"
-    try:
-        while True:
-            try:
-                batches = await client.xread({stream_key(job_id): last}, block=block_ms, count=500)
-            except redis.RedisError as exc:
-                logger.warning("event stream of %s unavailable: %r", job_id, exc)
+    while True:
+        try:
+            batches = await client.xread({stream_key(job_id): last}, block=block_ms, count=500)
+        except redis.RedisError as exc:
+            logger.warning("event stream of %s unavailable: %r", job_id, exc)
+            return
+        if not batches:
+            if is_finished is not None and await is_finished():
+                return  # the job ended and its stream expired or was never written
+            yield None
+            continue
+        for entry_id, fields in batches[0][1]:
+            last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            event = _decode(entry_id, fields)
+            yield event
+            if event.type in TERMINAL_EVENTS:
                 return
-            if not batches:
-                if is_finished is not None and await is_finished():
-                    return  # the job ended and its stream expired or was never written
-                yield None
-                continue
-            for entry_id, fields in batches[0][1]:
-                last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                event = _decode(entry_id, fields)
-                yield event
-                if event.type in TERMINAL_EVENTS:
-                    return
-    finally:
-        await client.aclose()

@@ -110,7 +110,7 @@ def job_submit(
     event_publish(job_id=job.id, tenant_id=tenant.pk, event_type="job.queued",
                   data={"status": job.status, "estimated_cu": estimate.cu})
     if opened.ticket.outcome == ADMITTED:
-        _start(job.id)
+        _start(job.id, job=job)
     else:
         scheduler_enqueue(job_id=job.id, pool=job.pool, priority=job.priority,
                           tenant_id=tenant.pk, cost_mcu=estimate.mcu)
@@ -158,11 +158,13 @@ def text_job_create(*, api_key: ApiKey, payload: dict, idempotency_key: str | No
                       mode="async", idempotency_key=idempotency_key, request_body=payload)
 
 
-def _start(job_id: str) -> None:
-    """Send an admitted job to its pool's Celery queue, for its next attempt."""
+def _start(job_id: str, *, job: Job | None = None) -> None:
+    """Send an admitted job to its pool's Celery queue, for its next attempt. `job`: the row as
+    the caller just wrote it (spares a read); the scheduler passes only the id."""
     from inference.tasks import run_job
 
-    job = Job.objects.only("pool", "attempts").get(pk=job_id)
+    if job is None:
+        job = Job.objects.only("pool", "attempts").get(pk=job_id)
     run_job.apply_async(args=[job_id, job.attempts + 1], queue=job.pool)
 
 

@@ -161,7 +161,7 @@ def run_platform(*, host: str, port: int, var_dir: Path, queues: list[str], conf
             "web",
             [sys.executable, "-m", "uvicorn", "portal.asgi:application", "--host", host,
              "--port", str(port), "--log-level", "warning", "--no-access-log"],
-            env,
+            {"SLUICE_DB_POOL_MAX": "16", **env},  # PostgreSQL only (settings.DB_POOL_MAX)
         )
         _spawn_text_engines(supervisor, env)
         for queue in queues:

@@ -112,6 +112,16 @@ DATABASES = {
 # executor threads, each of which would hold a connection until PostgreSQL runs out.
 DATABASES["default"].setdefault("CONN_MAX_AGE", env_int("SLUICE_DB_CONN_MAX_AGE", 0, minimum=0))
 DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
+# The ASGI server (make run sets this for it): a bounded pool of PostgreSQL connections
+# (Django's, on psycopg_pool) instead of a connect per request, whose server-side backend start
+# cost more CPU than the request's own queries. Bounded, so its executor threads cannot run
+# PostgreSQL out of clients. Workers keep persistent connections instead (a pool and
+# CONN_MAX_AGE exclude each other).
+DB_POOL_MAX = env_int("SLUICE_DB_POOL_MAX", 0, minimum=0)
+if (DB_POOL_MAX and DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
+        and DATABASES["default"]["CONN_MAX_AGE"] == 0):
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 1, "max_size": DB_POOL_MAX, "timeout": 10}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets the web server and the workers read while one of them writes.
     DATABASES["default"].setdefault("OPTIONS", {})

@@ -181,9 +181,10 @@ def reservation_settle(
         common = {"tenant_id": reservation.tenant_id, "api_key_id": reservation.api_key_id,
                   "reservation": reservation, "period": reservation.period,
                   "model": reservation.model}
-        LedgerEntry.objects.create(kind=LedgerEntry.Kind.SETTLE, mcu=charge, **common)
+        entries = [LedgerEntry(kind=LedgerEntry.Kind.SETTLE, mcu=charge, **common)]
         if refund:
-            LedgerEntry.objects.create(kind=LedgerEntry.Kind.REFUND, mcu=refund, **common)
+            entries.append(LedgerEntry(kind=LedgerEntry.Kind.REFUND, mcu=refund, **common))
+        LedgerEntry.objects.bulk_create(entries)  # one INSERT for both rows
     reservation.state, reservation.settled_mcu = final_state, charge
     settlement_observe(tier=reservation.tenant.tier.slug, model=reservation.model,
                        settled_mcu=charge, refunded_mcu=refund)

@@ -180,7 +180,7 @@ class LiveServer(_Subprocess):
         super().__init__("web", [
             sys.executable, "-m", "uvicorn", "portal.asgi:application", "--host", "127.0.0.1",
             "--port", str(self.port), "--log-level", "warning", "--no-access-log",
-        ], extra_env)
+        ], {"SLUICE_DB_POOL_MAX": "8", **(extra_env or {})})  # as make run serves it
 
     def wait_ready(self, timeout_s: float = 60) -> LiveServer:
         import time

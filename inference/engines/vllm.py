@@ -72,11 +72,25 @@ def engine_url(variant: ModelVariant) -> str:
     return settings.SLUICE_VLLM_URLS[variant.served_name].rstrip("/")
 
 
+# An engine that answered its health check this recently is not asked again before a job:
+# the check is an HTTP round trip the engine's own CPU pays for, on every job otherwise. A
+# generation that then fails to connect fails the job as before (engine_error, refunded).
+READY_FOR_S = 5.0
+_ready_at: dict[str, float] = {}
+
+
 def engine_ready(variant: ModelVariant, timeout_s: float = 1.0) -> bool:
     try:
-        return _client.get(f"{engine_url(variant)}/health", timeout=timeout_s).status_code == 200
+        ready = _client.get(f"{engine_url(variant)}/health", timeout=timeout_s).status_code == 200
     except httpx.HTTPError:
-        return False
+        ready = False
+    if ready:
+        _ready_at[variant.served_name] = time.monotonic()
+    return ready
+
+
+def engine_recently_ready(variant: ModelVariant) -> bool:
+    return time.monotonic() - _ready_at.get(variant.served_name, float("-inf")) < READY_FOR_S
 
 
 def engine_wait_ready(variant: ModelVariant, timeout_s: float) -> None:
@@ -85,6 +99,9 @@ def engine_wait_ready(variant: ModelVariant, timeout_s: float) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"the {variant.served_name} engine did not answer within {timeout_s:.0f} s")
         time.sleep(0.5)
+
+
+CANCEL_POLL_S = 0.05
 
 
 # vLLM schedules lower numbers first; Sluice's tier priority is higher-is-sooner.
@@ -99,7 +116,7 @@ class VllmTextEngine:
     def run(self, context: RunContext) -> RunResult:
         params = context.params
         variant = self.spec.variant(context.variant)
-        if not engine_ready(variant):
+        if not engine_recently_ready(variant) and not engine_ready(variant):
             engine_wait_ready(variant, settings.SLUICE_VLLM_READY_TIMEOUT_S)
         body = {
             "model": variant.served_name,
@@ -129,6 +146,7 @@ class VllmTextEngine:
 
         sent_at = time.monotonic()
         first_token_at: float | None = None
+        stop_checked_at = sent_at
         with _client.stream("POST", f"{engine_url(variant)}/v1/completions", json=body) as response:
             if response.status_code != 200:
                 raise RuntimeError(f"engine answered {response.status_code}: {response.read()[:300]!r}")
@@ -148,9 +166,13 @@ class VllmTextEngine:
                 if moderator is not None and moderator.stopped:
                     finish_reason = "content_filter"
                     break  # nothing past the last safe window goes out; vLLM aborts
-                if context.should_stop():
-                    stopped = True
-                    break  # leaving the block closes the stream: vLLM aborts the request
+                # A cancel is a Redis read: once per CANCEL_POLL_S, not once per token.
+                now = time.monotonic()
+                if now - stop_checked_at >= CANCEL_POLL_S:
+                    stop_checked_at = now
+                    if context.should_stop():
+                        stopped = True
+                        break  # leaving the block closes the stream: vLLM aborts the request
         if moderator is not None and not moderator.stopped and not stopped:
             release(moderator.finish())
             if moderator.stopped:

@@ -128,16 +128,15 @@ def test_auth_and_tier_errors(cast, text_stack):
 
 def test_disconnect_mid_stream_aborts_and_settles_what_was_produced(cast, text_stack):
     # Greedy decoding of the tiny model loops until max_tokens: it never ends early here.
-    body = {"model": MODEL, "prompt": "class Parser:\n", "max_tokens": 900, "temperature": 0,
+    # Leave after the first chunk: the rest of the generation (~1,000 tokens, seconds even on
+    # an idle machine) is the margin the cancel has to arrive in.
+    body = {"model": MODEL, "prompt": "class Parser:\n", "max_tokens": 1000, "temperature": 0,
             "stream": True}
     with httpx.stream("POST", f"{text_stack}/v1/completions", json=body,
                       headers={"Authorization": f"Bearer {cast.owner_key}"}, timeout=60) as response:
         job_id = response.headers["x-sluice-job-id"]
-        seen = 0
         for line in response.iter_lines():
             if line.startswith("data: {"):
-                seen += 1
-            if seen >= 5:
                 break  # the client goes away here
     deadline = time.monotonic() + 30
     while Job.objects.get(pk=job_id).status == "running" and time.monotonic() < deadline:
@@ -145,7 +144,7 @@ def test_disconnect_mid_stream_aborts_and_settles_what_was_produced(cast, text_s
     job = Job.objects.get(pk=job_id)
     assert job.status == "cancelled"
     produced = job.usage["completion_tokens"]
-    assert 5 <= produced < 900
+    assert 1 <= produced < 1000
     assert job.actual_mcu == job.usage["prompt_tokens"] + produced  # pro: 1 mCU per token
     refund = LedgerEntry.objects.get(reservation__job=job, kind="refund").mcu
     assert refund == job.estimated_mcu - job.actual_mcu
@@ -154,7 +153,7 @@ def test_disconnect_mid_stream_aborts_and_settles_what_was_produced(cast, text_s
 def test_cancel_through_the_jobs_api_stops_the_stream(cast, text_stack):
     sdk = client(text_stack, cast.owner_key)
     # Greedy decoding of the tiny model loops until max_tokens: it never ends early here.
-    stream = sdk.completions.create(model=MODEL, prompt="def main():\n", max_tokens=900,
+    stream = sdk.completions.create(model=MODEL, prompt="def main():\n", max_tokens=1000,
                                     temperature=0, stream=True)
     first = next(iter(stream))
     job = Job.objects.get(tenant=cast.tenant)
@@ -165,7 +164,7 @@ def test_cancel_through_the_jobs_api_stops_the_stream(cast, text_stack):
     rest = list(stream)
     assert rest[-1].choices[0].finish_reason == "cancelled"
     job.refresh_from_db()
-    assert job.status == "cancelled" and job.usage["completion_tokens"] < 900
+    assert job.status == "cancelled" and job.usage["completion_tokens"] < 1000
 
 
 def test_outsider_cannot_follow_another_tenants_stream(cast, text_stack):

@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from asgiref.sync import sync_to_async
-from django.db import close_old_connections
+from django.db import close_old_connections, connection
 from django.http import JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
@@ -51,6 +51,9 @@ def _submit(request, *, chat: bool):
     if not isinstance(payload, dict):
         raise InvalidParameter("The body must be a JSON object.")
     tier = api_key.tenant.tier
+    # Hold no database connection while waiting on the safety thread, which needs one: with a
+    # bounded pool, requests holding them all while their screenings wait would deadlock.
+    connection.close()
     # The safety cascade runs beside tokenisation and pricing: it adds max(), not sum().
     screening = _SAFETY_POOL.submit(
         _screen, tenant=api_key.tenant, api_key=api_key, payload=payload,
@@ -153,13 +156,29 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-async def _terminal_job(job_id: str) -> Job:
-    return await Job.objects.aget(pk=job_id)
+# A stream lasts as long as its generation: the request's executor thread gives its database
+# connection back (to the pool, settings.DB_POOL_MAX) as soon as a step is done, or 32 open
+# streams would hold 32 connections for nothing.
+def _submit_then_release(request, *, chat: bool):
+    try:
+        return _submit(request, chat=chat)
+    finally:
+        connection.close()
+
+
+def _terminal_job_then_release(job_id: str) -> Job:
+    try:
+        return Job.objects.get(pk=job_id)
+    finally:
+        connection.close()
+
+
+_terminal_job = sync_to_async(_terminal_job_then_release)
 
 
 async def _generate(request, *, chat: bool):
     try:
-        text, variant, estimate, job, verdict = await sync_to_async(_submit)(request, chat=chat)
+        text, variant, estimate, job, verdict = await sync_to_async(_submit_then_release)(request, chat=chat)
     except SluiceError as error:
         return json_error(error)
     shape = _Shape(chat=chat, job=job, served_name=variant.served_name)

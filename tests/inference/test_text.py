@@ -69,6 +69,26 @@ def test_async_sdk_completions_stream(cast, text_stack):
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_more_concurrent_requests_than_pooled_database_connections(cast, text_stack):
+    # The live server pools 8 PostgreSQL connections (as make run's web process pools 16).
+    # Each request also screens its prompt on a safety thread that needs a connection: a
+    # request holding one while it waits for its screening deadlocked the pool (10 s, then 500).
+    type(cast.tenant).objects.filter(pk=cast.tenant.pk).update(max_concurrent_jobs_override=100)
+
+    async def run():
+        sdk = openai.AsyncOpenAI(base_url=f"{text_stack}/v1", api_key=cast.owner_key, max_retries=0,
+                                 timeout=120)
+        return await asyncio.gather(*[
+            sdk.completions.create(model=MODEL, prompt="def add(a, b):", max_tokens=2, temperature=0)
+            for _ in range(24)])
+
+    started = time.monotonic()
+    replies = asyncio.run(run())
+    assert all(reply.usage.completion_tokens == 2 for reply in replies)
+    assert time.monotonic() - started < 10  # none of them waited out the pool's timeout
+    assert Job.objects.filter(tenant=cast.tenant, status="succeeded").count() == 24
+
+
 def test_repeated_long_prefix_reports_cached_tokens(cast, text_stack):
     sdk = client(text_stack, cast.owner_key)
     first = sdk.completions.create(model=MODEL, prompt=LONG_PREFIX + "def a():", max_tokens=2, temperature=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 from django.http import StreamingHttpResponse
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
@@ -136,16 +136,17 @@ async def job_events_sse(request, job_id: str):
     Last-Event-ID (or ?after=<seq>). Ends after the terminal event."""
     user = await request.auser()
     try:
-        job = await sync_to_async(job_for_caller)(
+        # database_sync_to_async: the connection goes back to the pool when the call returns.
+        job = await database_sync_to_async(job_for_caller)(
             authorization=request.headers.get("Authorization", ""), user=user, job_id=job_id
         )
     except SluiceError as error:
         return json_error(error)
     after = _after_seq(request.headers.get("Last-Event-ID") or request.GET.get("after"))
 
-    async def is_finished() -> bool:
-        status = await Job.objects.filter(pk=job.pk).values_list("status", flat=True).afirst()
-        return status in Job.TERMINAL
+    @database_sync_to_async
+    def is_finished() -> bool:
+        return Job.objects.filter(pk=job.pk).values_list("status", flat=True).first() in Job.TERMINAL
 
     async def stream():
         yield ": connected\n\n"

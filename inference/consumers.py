@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from inference.apis import job_for_caller
@@ -21,7 +21,7 @@ class JobEventsConsumer(AsyncJsonWebsocketConsumer):
         headers = {name.decode().lower(): value.decode() for name, value in self.scope["headers"]}
         job_id = self.scope["url_route"]["kwargs"]["job_id"]
         try:
-            self.job = await sync_to_async(job_for_caller)(
+            self.job = await database_sync_to_async(job_for_caller)(
                 authorization=headers.get("authorization", ""), user=self.scope.get("user"),
                 job_id=job_id,
             )
@@ -69,7 +69,7 @@ class TenantJobsConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=CLOSE_UNAUTHORIZED)
             return
         try:
-            membership = await sync_to_async(membership_get_for_user)(user=user, tenant_slug=slug)
+            membership = await database_sync_to_async(membership_get_for_user)(user=user, tenant_slug=slug)
         except SluiceError:
             await self.close(code=CLOSE_NOT_FOUND)  # a tenant you are not in does not exist
             return

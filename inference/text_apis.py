@@ -13,7 +13,7 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 from django.db import close_old_connections, connection
 from django.http import JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
@@ -156,29 +156,16 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-# A stream lasts as long as its generation: the request's executor thread gives its database
-# connection back (to the pool, settings.DB_POOL_MAX) as soon as a step is done, or 32 open
-# streams would hold 32 connections for nothing.
-def _submit_then_release(request, *, chat: bool):
-    try:
-        return _submit(request, chat=chat)
-    finally:
-        connection.close()
-
-
-def _terminal_job_then_release(job_id: str) -> Job:
-    try:
-        return Job.objects.get(pk=job_id)
-    finally:
-        connection.close()
-
-
-_terminal_job = sync_to_async(_terminal_job_then_release)
+# Database work of these long-lived async handlers goes through database_sync_to_async (as
+# Channels recommends): the thread's connection goes back to the pool when each step returns.
+@database_sync_to_async
+def _terminal_job(job_id: str) -> Job:
+    return Job.objects.get(pk=job_id)
 
 
 async def _generate(request, *, chat: bool):
     try:
-        text, variant, estimate, job, verdict = await sync_to_async(_submit_then_release)(request, chat=chat)
+        text, variant, estimate, job, verdict = await database_sync_to_async(_submit)(request, chat=chat)
     except SluiceError as error:
         return json_error(error)
     shape = _Shape(chat=chat, job=job, served_name=variant.served_name)

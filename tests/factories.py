@@ -68,3 +68,22 @@ def tenant_with_limits(*, tier_slug: str = "pro", **overrides) -> Tenant:
     }
     assert not overrides, overrides
     return TenantFactory(tier=tier(tier_slug), **{k: v for k, v in fields.items() if v is not None})
+
+
+VIDEO_JOB_PARAMS = {"prompt": "a red square", "width": 64, "height": 64, "frames": 5, "steps": 2,
+                    "seconds": 0.5}
+
+
+def video_job_submit(api_key, *, cu: float = 1.0, mode: str = "async", params: dict | None = None,
+                     idempotency_key: str | None = None, request_body: dict | None = None):
+    """A small video job costing `cu` through the real job_submit (admission, ledger rows,
+    scheduler); returns its Submission."""
+    from inference.registry import model_get
+    from inference.services import job_submit
+    from quotas.cost import CostEstimate
+
+    spec = model_get("sluice-video-tiny")
+    return job_submit(api_key=api_key, spec=spec, variant=spec.variant("full"),
+                      params=VIDEO_JOB_PARAMS if params is None else params,
+                      estimate=CostEstimate(mcu=round(cu * 1000)), mode=mode,
+                      idempotency_key=idempotency_key, request_body=request_body)

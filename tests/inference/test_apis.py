@@ -10,7 +10,7 @@ from inference.events import event_publish
 from inference.models import Job
 from inference.services import job_claim, job_succeed
 from portal.asgi import application
-from tests.factories import api_key_obj
+from tests.factories import api_key_obj, video_job_submit
 
 VIDEO_BODY = {"model": "sluice-video-tiny", "prompt": "a blue circle", "size": "64x64",
               "seconds": 0.5, "num_inference_steps": 2}
@@ -123,15 +123,7 @@ async def test_sse_resumes_from_last_event_id(cast, sent_tasks):
     from asgiref.sync import sync_to_async
 
     api_key = await sync_to_async(api_key_obj)(cast.tenant)
-    from inference.registry import model_get
-    from inference.services import job_submit
-    from quotas.cost import CostEstimate
-
-    spec = model_get("sluice-video-tiny")
-    submission = await sync_to_async(job_submit)(
-        api_key=api_key, spec=spec, variant=spec.variant("full"), params={},
-        estimate=CostEstimate(mcu=10), mode="async")
-    job = submission.job
+    job = (await sync_to_async(video_job_submit)(api_key, cu=0.01, params={})).job
     await sync_to_async(_publish_story)(job)
     auth = {"Authorization": f"Bearer {cast.owner_key}"}
     everything = await _sse(f"/v1/jobs/{job.pk}/events", auth)
@@ -150,15 +142,8 @@ async def test_sse_resumes_from_last_event_id(cast, sent_tasks):
 async def test_websocket_streams_events_and_refuses_outsiders(cast, sent_tasks):
     from asgiref.sync import sync_to_async
 
-    from inference.registry import model_get
-    from inference.services import job_submit
-    from quotas.cost import CostEstimate
-
     api_key = await sync_to_async(api_key_obj)(cast.tenant)
-    spec = model_get("sluice-video-tiny")
-    job = (await sync_to_async(job_submit)(
-        api_key=api_key, spec=spec, variant=spec.variant("full"), params={},
-        estimate=CostEstimate(mcu=10), mode="async")).job
+    job = (await sync_to_async(video_job_submit)(api_key, cu=0.01, params={})).job
 
     owner = WebsocketCommunicator(application, f"/ws/jobs/{job.pk}/?after=1",
                                   headers=[(b"authorization", f"Bearer {cast.owner_key}".encode())])
@@ -186,14 +171,7 @@ def test_job_lifecycle_events_are_sent_as_webhooks(cast, sent_tasks, receiver):
 
     webhook_endpoint_create(tenant=cast.tenant, url=receiver.url,
                             event_types=["job.queued", "job.started", "job.completed"])
-    api_key = api_key_obj(cast.tenant)
-    from inference.registry import model_get
-    from inference.services import job_submit
-    from quotas.cost import CostEstimate
-
-    spec = model_get("sluice-video-tiny")
-    job = job_submit(api_key=api_key, spec=spec, variant=spec.variant("full"), params={},
-                     estimate=CostEstimate(mcu=10), mode="async").job
+    job = video_job_submit(api_key_obj(cast.tenant), cu=0.01, params={}).job
     job_succeed(job=job_claim(job_id=job.pk, attempt=1), actual_mcu=10,
                 result={"video": "videos/x.mp4"}, usage={})
     events = list(WebhookEvent.objects.filter(tenant=cast.tenant).order_by("created_at"))

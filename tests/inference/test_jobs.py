@@ -7,7 +7,6 @@ import pytest
 from django.utils import timezone
 
 from inference.models import Job
-from inference.registry import model_get
 from inference.runner import job_run
 from inference.scheduler import scheduler_dispatch, scheduler_enqueue
 from inference.services import (
@@ -15,26 +14,16 @@ from inference.services import (
     job_claim,
     job_fail,
     job_recover_lost,
-    job_submit,
     job_succeed,
     jobs_reap,
     pool_dispatch,
 )
-from quotas.cost import CostEstimate
 from quotas.ledger import budget_used_from_ledger
 from quotas.limits import period_of
 from quotas.models import LedgerEntry
-from tests.factories import api_key_obj, tenant_with_limits
+from tests.factories import api_key_obj, tenant_with_limits, video_job_submit
 
 pytestmark = pytest.mark.django_db
-VIDEO = model_get("sluice-video-tiny")
-PARAMS = {"prompt": "a red square", "width": 64, "height": 64, "frames": 5, "steps": 2, "seconds": 0.5}
-
-
-def submit(api_key, *, cu=1.0, mode="async", key=None, body=None):
-    return job_submit(api_key=api_key, spec=VIDEO, variant=VIDEO.variant("full"), params=PARAMS,
-                      estimate=CostEstimate(mcu=int(cu * 1000)), mode=mode, idempotency_key=key,
-                      request_body=body)
 
 
 def used(tenant_id):
@@ -43,7 +32,7 @@ def used(tenant_id):
 
 def test_submit_reserves_and_sends_the_job_to_its_pool(sent_tasks):
     api_key = api_key_obj(tenant_with_limits(budget_cu=100))
-    job = submit(api_key, cu=3).job
+    job = video_job_submit(api_key, cu=3).job
     assert job.status == "queued" and job.pool == "video-hbm" and job.estimated_mcu == 3000
     assert job.reservation.reserved_mcu == 3000 and used(api_key.tenant_id) == 3000
     assert sent_tasks == [(job.pk, 1, "video-hbm")]
@@ -54,21 +43,21 @@ def test_idempotency_key_returns_the_same_job_or_409(sent_tasks):
     from inference.errors import IdempotencyConflict
 
     api_key = api_key_obj(tenant_with_limits(budget_cu=100))
-    first = submit(api_key, key="k-1", body={"prompt": "a"})
-    again = submit(api_key, key="k-1", body={"prompt": "a"})
+    first = video_job_submit(api_key, idempotency_key="k-1", request_body={"prompt": "a"})
+    again = video_job_submit(api_key, idempotency_key="k-1", request_body={"prompt": "a"})
     assert again.replayed and again.job.pk == first.job.pk
     assert Job.objects.count() == 1 and used(api_key.tenant_id) == 1000  # charged once
     with pytest.raises(IdempotencyConflict) as exc:
-        submit(api_key, key="k-1", body={"prompt": "b"})
+        video_job_submit(api_key, idempotency_key="k-1", request_body={"prompt": "b"})
     assert exc.value.http_status == 409
     # Keys are per tenant: another tenant may use the same key.
     other = api_key_obj(tenant_with_limits(budget_cu=100))
-    assert submit(other, key="k-1", body={"prompt": "a"}).job.pk != first.job.pk
+    assert video_job_submit(other, idempotency_key="k-1", request_body={"prompt": "a"}).job.pk != first.job.pk
 
 
 def test_state_machine_refuses_illegal_moves(sent_tasks):
     api_key = api_key_obj(tenant_with_limits(budget_cu=100))
-    job = submit(api_key).job
+    job = video_job_submit(api_key).job
     assert job_claim(job_id=job.pk, attempt=2) is None  # not the attempt that was sent
     claimed = job_claim(job_id=job.pk, attempt=1)
     assert claimed.status == "running" and claimed.attempts == 1
@@ -89,8 +78,8 @@ def test_state_machine_refuses_illegal_moves(sent_tasks):
 def test_cancel_queued_job_never_starts_and_is_refunded(settings, sent_tasks):
     settings.SLUICE_POOL_SLOTS = {"video-hbm": 1}
     api_key = api_key_obj(tenant_with_limits(budget_cu=100))
-    running = submit(api_key).job
-    waiting = submit(api_key, cu=5).job
+    running = video_job_submit(api_key).job
+    waiting = video_job_submit(api_key, cu=5).job
     assert [job_id for job_id, *_ in sent_tasks] == [running.pk]  # the pool has one slot
     job_cancel(job=waiting)
     waiting.refresh_from_db()
@@ -107,7 +96,7 @@ def test_cancel_running_job_raises_the_stop_flag(sent_tasks):
     from inference.services import job_cancel_requested
 
     api_key = api_key_obj(tenant_with_limits(budget_cu=100))
-    job = job_claim(job_id=submit(api_key).job.pk, attempt=1)
+    job = job_claim(job_id=video_job_submit(api_key).job.pk, attempt=1)
     assert not job_cancel_requested(job_id=job.pk)
     job_cancel(job=job)
     assert job_cancel_requested(job_id=job.pk)
@@ -120,13 +109,13 @@ def test_priority_first_then_fair_share_across_tenants(settings, sent_tasks):
     the light tenant is not starved behind the pro flood."""
     settings.SLUICE_POOL_SLOTS = {"video-hbm": 1}
     blocker_key = api_key_obj(tenant_with_limits(budget_cu=10_000, max_jobs=100))
-    blocker = submit(blocker_key).job  # holds the only slot
+    blocker = video_job_submit(blocker_key).job  # holds the only slot
     free_key = api_key_obj(tenant_with_limits(tier_slug="free", budget_cu=10_000, max_jobs=100))
     heavy_key = api_key_obj(tenant_with_limits(budget_cu=10_000, max_jobs=100, rate_cu=100_000))
     light_key = api_key_obj(tenant_with_limits(budget_cu=10_000, max_jobs=100))
-    free_jobs = [submit(free_key).job.pk for _ in range(3)]
-    heavy_jobs = [submit(heavy_key).job.pk for _ in range(6)]
-    light_jobs = [submit(light_key).job.pk for _ in range(2)]
+    free_jobs = [video_job_submit(free_key).job.pk for _ in range(3)]
+    heavy_jobs = [video_job_submit(heavy_key).job.pk for _ in range(6)]
+    light_jobs = [video_job_submit(light_key).job.pk for _ in range(2)]
 
     order = []
     current = blocker
@@ -146,9 +135,9 @@ def test_tenant_at_its_job_cap_does_not_block_others(settings, sent_tasks):
     settings.SLUICE_POOL_SLOTS = {"video-hbm": 3}
     capped_key = api_key_obj(tenant_with_limits(budget_cu=1000, max_jobs=1))
     other_key = api_key_obj(tenant_with_limits(budget_cu=1000, max_jobs=5))
-    first = submit(capped_key).job
-    second = submit(capped_key).job  # waits: its tenant runs one already
-    third = submit(other_key).job
+    first = video_job_submit(capped_key).job
+    second = video_job_submit(capped_key).job  # waits: its tenant runs one already
+    third = video_job_submit(other_key).job
     assert [job_id for job_id, *_ in sent_tasks] == [first.pk, third.pk]
     second.refresh_from_db()
     assert second.status == "queued"
@@ -160,9 +149,9 @@ def test_queue_position_and_eta(settings, sent_tasks):
 
     settings.SLUICE_POOL_SLOTS = {"video-hbm": 1}
     api_key = api_key_obj(tenant_with_limits(budget_cu=1000, max_jobs=10))
-    submit(api_key)
+    video_job_submit(api_key)
     scheduler_record_run_time(pool="video-hbm", seconds=10)
-    waiting = [submit(api_key).job for _ in range(3)]
+    waiting = [video_job_submit(api_key).job for _ in range(3)]
     assert [job_queue_info(job)["position"] for job in waiting] == [0, 1, 2]
     assert job_queue_info(waiting[2])["eta_seconds"] == 30.0
 
@@ -172,7 +161,7 @@ def test_reaper_redelivers_lost_jobs_then_fails_them_with_a_refund(settings, sen
 
     settings.SLUICE_JOB_MAX_ATTEMPTS = 2
     api_key = api_key_obj(tenant_with_limits(budget_cu=100))
-    job = submit(api_key, cu=4).job
+    job = video_job_submit(api_key, cu=4).job
     job = job_claim(job_id=job.pk, attempt=1)
     assert jobs_reap() == {}  # heartbeat alive
     redis_client().delete(f"s:hb:{job.pk}")

@@ -8,8 +8,7 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from inference.registry import model_get
-from inference.services import job_claim, job_fail, job_submit, job_succeed
+from inference.services import job_claim, job_fail, job_succeed
 from inference.webhook_models import WebhookDelivery
 from inference.webhooks import (
     webhook_delivery_attempt,
@@ -19,19 +18,11 @@ from inference.webhooks import (
 from moderation.cascade import safety_check_input
 from moderation.selectors import safety_policy_for_tenant
 from portal.metrics import text_generation_observe
-from quotas.cost import CostEstimate
 from quotas.errors import InsufficientQuota
-from tests.factories import api_key_obj, tenant_with_limits
+from tests.factories import VIDEO_JOB_PARAMS, api_key_obj, tenant_with_limits, video_job_submit
 
 pytestmark = pytest.mark.django_db
-VIDEO = model_get("sluice-video-tiny")
-PARAMS = {"prompt": "a red square", "width": 64, "height": 64, "frames": 5, "steps": 2, "seconds": 0.5}
 CU = {"tier": "pro", "model": "sluice-video-tiny"}
-
-
-def submit(api_key, *, cu: float, mode: str = "async"):
-    return job_submit(api_key=api_key, spec=VIDEO, variant=VIDEO.variant("full"), params=PARAMS,
-                      estimate=CostEstimate(mcu=int(cu * 1000)), mode=mode).job
 
 
 def scrape(client, **headers) -> dict[str, list]:
@@ -44,12 +35,12 @@ def scrape(client, **headers) -> dict[str, list]:
 def test_admission_rejection_and_admission_are_counted_with_their_cu(sent_tasks, moved):
     api_key = api_key_obj(tenant_with_limits(budget_cu=2))
     with pytest.raises(InsufficientQuota):
-        submit(api_key, cu=5)
+        video_job_submit(api_key, cu=5)
     assert moved("sluice_admission_decisions_total", pool="video-hbm", outcome="rejected",
                  code="insufficient_quota") == 1
     assert moved("sluice_cu_reserved_total", **CU) == 0
 
-    submit(api_key, cu=1.5)
+    video_job_submit(api_key, cu=1.5)
     assert moved("sluice_admission_decisions_total", pool="video-hbm", outcome="admitted",
                  code="none") == 1
     assert moved("sluice_cu_estimated_total", **CU) == 6.5  # rejected requests were estimated too
@@ -58,7 +49,7 @@ def test_admission_rejection_and_admission_are_counted_with_their_cu(sent_tasks,
 
 def test_a_finished_job_moves_the_histograms_and_settles_its_cu(sent_tasks, moved):
     api_key = api_key_obj(tenant_with_limits(budget_cu=100))
-    job = submit(api_key, cu=3)
+    job = video_job_submit(api_key, cu=3).job
     claimed = job_claim(job_id=job.pk, attempt=1)
     priority = str(job.priority)
     assert moved("sluice_job_wait_seconds_count", pool="video-hbm", priority=priority) == 1
@@ -69,7 +60,7 @@ def test_a_finished_job_moves_the_histograms_and_settles_its_cu(sent_tasks, move
     assert moved("sluice_job_run_seconds_count", **done) == 1
     assert moved("sluice_cu_settled_total", **CU) == 2 and moved("sluice_cu_refunded_total", **CU) == 1
 
-    failed = submit(api_key, cu=1)
+    failed = video_job_submit(api_key, cu=1).job
     job_fail(job=failed, code="engine_error", message="boom")  # never started: no run time
     assert moved("sluice_jobs_finished_total", **{**done, "status": "failed"}) == 1
     assert moved("sluice_job_run_seconds_count", **{**done, "status": "failed"}) == 0
@@ -103,8 +94,8 @@ def test_scrape_reports_queue_depth_age_and_scheduler_wait(cast, client, sent_ta
     settings.SLUICE_METRICS_PROBE_ENGINES = False
     settings.SLUICE_POOL_SLOTS = {"text-batch": 32, "video-hbm": 1}
     api_key = api_key_obj(tenant_with_limits(budget_cu=100))
-    first = submit(api_key, cu=1)  # takes the pool's only slot (sent to Celery, not claimed)
-    submit(api_key, cu=1)  # waits in the scheduler for capacity
+    first = video_job_submit(api_key, cu=1).job  # takes the pool's only slot (sent to Celery, not claimed)
+    video_job_submit(api_key, cu=1)  # waits in the scheduler for capacity
     families = scrape(client)
     labels = {"pool": "video-hbm", "priority": str(first.priority)}
     depth = {s.labels["pool"]: s.value for s in families["sluice_queue_jobs"] if s.labels == labels}
@@ -157,13 +148,11 @@ def test_no_label_carries_an_unbounded_value(cast, api, client, receiver, sent_t
     settings.SLUICE_METRICS_PROBE_ENGINES = False
     prompt = "a very particular prompt about otters 12345"
     api_key = api_key_obj(tenant_with_limits(budget_cu=3))
-    job = job_submit(api_key=api_key, spec=VIDEO, variant=VIDEO.variant("full"),
-                     params={**PARAMS, "prompt": prompt}, estimate=CostEstimate(mcu=2000),
-                     mode="async").job
+    job = video_job_submit(api_key, cu=2, params={**VIDEO_JOB_PARAMS, "prompt": prompt}).job
     job_succeed(job=job_claim(job_id=job.pk, attempt=1), actual_mcu=1000, result={}, usage={})
     with pytest.raises(InsufficientQuota):
-        submit(api_key, cu=50)
-    submit(api_key, cu=1)  # stays queued for the scrape
+        video_job_submit(api_key, cu=50)
+    video_job_submit(api_key, cu=1)  # stays queued for the scrape
     safety_check_input(text=prompt, policy=safety_policy_for_tenant(tenant=cast.tenant))
     webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)
     event = webhook_event_publish(tenant=cast.tenant, event_type="job.completed", data={"id": job.pk})

@@ -9,6 +9,7 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -31,6 +32,9 @@ from portal.redis import redis_client
 from quotas.admission import ADMITTED
 from quotas.cost import CostEstimate
 from quotas.ledger import reservation_open, reservation_release, reservation_settle
+
+if TYPE_CHECKING:  # the tokenizer behind it loads on import; callers hand a parsed request
+    from inference.requests import TextRequest
 
 logger = logging.getLogger(__name__)
 
@@ -136,26 +140,37 @@ def video_job_create(*, api_key: ApiKey, payload: dict, idempotency_key: str | N
                       idempotency_key=idempotency_key, request_body=payload)
 
 
+def text_job_submit(*, api_key: ApiKey, text: TextRequest, mode: str, idempotency_key: str | None = None,
+                    request_body: dict | None = None) -> tuple[Submission, ModelVariant, CostEstimate]:
+    """Price a validated text request for the key's tier, on
+    the variant the tier is served from, and submit it: the OpenAI endpoints (mode "sync") and
+    the playground (mode "async") both come here."""
+    from inference.registry import variant_for_tier
+    from quotas.cost import text_cost
+
+    tier = api_key.tenant.tier
+    variant = variant_for_tier(text.spec, tier)
+    estimate = text_cost(spec=text.spec, variant=variant, prompt_tokens=text.prompt_tokens,
+                         completion_tokens=text.max_tokens)
+    submission = job_submit(api_key=api_key, spec=text.spec, variant=variant,
+                            params=text.job_params(priority=tier.queue_priority), estimate=estimate,
+                            mode=mode, idempotency_key=idempotency_key, request_body=request_body)
+    return submission, variant, estimate
+
+
 def text_job_create(*, api_key: ApiKey, payload: dict, idempotency_key: str | None = None,
                     endpoint: str = "jobs", request_id: str = "") -> Submission:
     """An asynchronous text job from a /v1/completions-shaped payload (the dashboard
     playground): its tokens arrive as job.output events on the job's stream, not in an HTTP
     response. The synchronous endpoints (inference/text_apis.py) screen beside tokenisation."""
-    from inference.registry import variant_for_tier
     from inference.requests import text_request_parse
     from moderation.services import safety_screen_input
-    from quotas.cost import text_cost
 
-    tier = api_key.tenant.tier
-    text = text_request_parse(payload=payload, tier=tier, chat=False)
+    text = text_request_parse(payload=payload, tier=api_key.tenant.tier, chat=False)
     safety_screen_input(tenant=api_key.tenant, api_key=api_key, text=text.prompt_text,
                         endpoint=endpoint, request_id=request_id)
-    variant = variant_for_tier(text.spec, tier)
-    estimate = text_cost(spec=text.spec, variant=variant, prompt_tokens=text.prompt_tokens,
-                         completion_tokens=text.max_tokens)
-    return job_submit(api_key=api_key, spec=text.spec, variant=variant,
-                      params=text.job_params(priority=tier.queue_priority), estimate=estimate,
-                      mode="async", idempotency_key=idempotency_key, request_body=payload)
+    return text_job_submit(api_key=api_key, text=text, mode="async",
+                           idempotency_key=idempotency_key, request_body=payload)[0]
 
 
 def _start(job_id: str, *, job: Job | None = None) -> None:

@@ -20,13 +20,11 @@ from django.views.decorators.csrf import csrf_exempt
 
 from inference.events import events_follow
 from inference.models import Job
-from inference.registry import variant_for_tier
 from inference.requests import TextRequest, text_request_parse
-from inference.services import job_cancel, job_submit
+from inference.services import job_cancel, text_job_submit
 from portal.authentication import ApiPrincipal, bearer_token
 from portal.errors import InvalidApiKey, InvalidParameter, SluiceError, json_error
 from portal.services import api_key_authenticate
-from quotas.cost import text_cost
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +62,8 @@ def _submit(request, *, chat: bool):
         text = text_request_parse(payload=payload, tier=tier, chat=chat)
     finally:
         verdict = screening.result()  # raises SafetyRejection when the prompt is blocked
-    variant = variant_for_tier(text.spec, tier)
-    estimate = text_cost(spec=text.spec, variant=variant, prompt_tokens=text.prompt_tokens,
-                         completion_tokens=text.max_tokens)
-    submission = job_submit(
-        api_key=api_key, spec=text.spec, variant=variant,
-        params=text.job_params(priority=tier.queue_priority), estimate=estimate, mode="sync",
+    submission, variant, estimate = text_job_submit(
+        api_key=api_key, text=text, mode="sync",
         idempotency_key=request.headers.get("Idempotency-Key"), request_body=payload,
     )
     return text, variant, estimate, submission.job, verdict

@@ -17,7 +17,7 @@ from rest_framework.exceptions import ValidationError
 
 from inference.media import job_media_response
 from inference.models import Job
-from inference.registry import models_for_tier
+from inference.registry import model_get, models_for_tier
 from inference.selectors import job_get_for_tenant, jobs_for_tenant
 from inference.services import job_cancel
 from portal import selectors, services
@@ -102,10 +102,12 @@ PLAYGROUND_FIELDS = {
 
 
 def _playground_payload(form) -> dict:
-    """The API payload a playground form stands for: the fields of the chosen model's kind
-    (the form's `kind`), numbers as numbers for the text endpoint's strict parser."""
-    fields = PLAYGROUND_FIELDS.get(form.get("kind", "video"), PLAYGROUND_FIELDS["video"])
-    payload = {"model": form.get("model", "")}
+    """The API payload a playground form stands for: the fields of the chosen model's kind,
+    numbers as numbers for the text endpoint's strict parser. An unknown model is the API's
+    404 model_not_found."""
+    model = form.get("model", "")
+    fields = PLAYGROUND_FIELDS[model_get(model).kind]
+    payload = {"model": model}
     for name, kind in fields.items():
         raw = form.get(name)
         if not raw:

@@ -57,7 +57,7 @@ def test_member_submits_a_video_on_the_hidden_playground_key(cast, sent_tasks):
 def test_member_submits_a_code_completion_that_the_panel_follows(cast, sent_tasks):
     client = as_user(cast.member)
     response = client.post("/t/acme/playground/", {
-        "model": "sluice-code-tiny", "kind": "text", "prompt": "def add(a, b):",
+        "model": "sluice-code-tiny", "prompt": "def add(a, b):",
         "max_tokens": "16", "temperature": "0", "form_token": "t1"})
     assert response.status_code == 302
     job = Job.objects.get(tenant=cast.tenant)
@@ -76,7 +76,7 @@ def test_member_submits_a_code_completion_that_the_panel_follows(cast, sent_task
     ("temperature", "9", "invalid_parameter"),
 ])
 def test_bad_code_completion_parameters_are_explained(cast, sent_tasks, field, value, code):
-    form = {"model": "sluice-code-tiny", "kind": "text", "prompt": "def add(a, b):", "max_tokens": "16",
+    form = {"model": "sluice-code-tiny", "prompt": "def add(a, b):", "max_tokens": "16",
             field: value}
     response = as_user(cast.member).post("/t/acme/playground/", form)
     assert response.status_code == 400 and code in response.content.decode()

@@ -32,10 +32,10 @@ local reservation_id = ARGV[13]
 
 -- GCRA: a bucket of `burst` mCU refilled at `rate` mCU per minute, stored as the
 -- theoretical arrival time (TAT) of the next unit.
-local function gcra(tat_key, rate, burst)
+local function gcra(stored_tat, rate, burst)
   local interval = 60000.0 / rate
   local tolerance = burst * interval
-  local tat = tonumber(redis.call('GET', tat_key) or now)
+  local tat = tonumber(stored_tat or now)
   if tat < now then tat = now end
   local new_tat = tat + cost * interval
   local allow_at = new_tat - tolerance
@@ -50,13 +50,15 @@ local function bucket_state(tat, interval, tolerance)
 end
 
 -- Counters missing means Redis lost them: the caller rebuilds them from the ledger.
-local used = redis.call('GET', KEYS[1])
-local key_used = redis.call('GET', KEYS[2])
+-- Every counter the decision reads, in one call: budget used, key used, tenant TAT, key TAT,
+-- pool sum.
+local stored = redis.call('MGET', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[8])
+local used, key_used = stored[1], stored[2]
 if not used or not key_used then return {'miss', 0, 0, 0, 0} end
 used = tonumber(used)
 key_used = tonumber(key_used)
 
-local t_ok, t_retry, t_tat, t_new_tat, t_interval, t_tolerance = gcra(KEYS[3], tenant_rate, tenant_burst)
+local t_ok, t_retry, t_tat, t_new_tat, t_interval, t_tolerance = gcra(stored[3], tenant_rate, tenant_burst)
 local t_remaining, t_reset = bucket_state(t_tat, t_interval, t_tolerance)
 
 if budget_limit >= 0 and used + cost > budget_limit then
@@ -72,24 +74,24 @@ local k_ok, k_new_tat = true, nil
 if key_rate > 0 then
   if cost > key_burst then return {'too_large', 0, used, t_remaining, t_reset} end
   local k_retry, k_tat
-  k_ok, k_retry, k_tat, k_new_tat = gcra(KEYS[4], key_rate, key_burst)
+  k_ok, k_retry, k_tat, k_new_tat = gcra(stored[4], key_rate, key_burst)
   if not k_ok then return {'rate_key', k_retry, used, t_remaining, t_reset} end
 end
 
 -- Leases that ran out belong to dead workers: they no longer hold capacity.
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+local pool_used = tonumber(stored[5] or '0')
 local expired = redis.call('ZRANGEBYSCORE', KEYS[7], '-inf', now)
 for _, id in ipairs(expired) do
   local held = redis.call('HGET', KEYS[6], id)
   if held then
     redis.call('HDEL', KEYS[6], id)
-    redis.call('DECRBY', KEYS[8], held)
+    pool_used = redis.call('DECRBY', KEYS[8], held)
   end
   redis.call('ZREM', KEYS[7], id)
 end
 
 local in_flight = redis.call('ZCARD', KEYS[5])
-local pool_used = tonumber(redis.call('GET', KEYS[8]) or '0')
 local fits_concurrency = in_flight < conc_limit
 -- A job larger than the whole pool may still run alone.
 local fits_pool = (pool_used + cost <= pool_capacity or pool_used == 0)

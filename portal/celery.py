@@ -3,12 +3,17 @@
 import os
 
 from celery import Celery
-from celery.signals import setup_logging, worker_init
+from celery.signals import setup_logging, task_postrun, task_prerun, worker_init
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 
 app = Celery("sluice")
 app.config_from_object("django.conf:settings", namespace="CELERY")
+# Celery's Django fixup closes the database connection before and after every task unless told
+# to reuse it: a fresh PostgreSQL backend (connect, fork, authenticate) per job. Reuse it, and
+# let Django retire a broken or old one around each task, as it does around each request
+# (CONN_MAX_AGE, CONN_HEALTH_CHECKS; workers run with SLUICE_DB_CONN_MAX_AGE=60).
+app.conf.CELERY_DB_REUSE_MAX = 1_000_000
 app.autodiscover_tasks()
 
 
@@ -16,6 +21,14 @@ app.autodiscover_tasks()
 def ping() -> str:
     """Round trip through the broker; used by readiness checks of workers and by tests."""
     return "pong"
+
+
+@task_prerun.connect
+@task_postrun.connect
+def _retire_unusable_database_connections(**_):
+    from django.db import close_old_connections
+
+    close_old_connections()
 
 
 @setup_logging.connect

@@ -164,7 +164,7 @@ class WorkerProcess(_Subprocess):
             sys.executable, "-m", "celery", "-A", "portal", "worker", "-Q", queue, "-n",
             f"test-{queue}-{id(self)}@%h", *worker_pool_args(queue), "--loglevel", "INFO",
             "--without-gossip", "--without-mingle", "--without-heartbeat",
-        ], extra_env)
+        ], {"SLUICE_DB_CONN_MAX_AGE": "60", **(extra_env or {})})  # as make run starts it
 
 
 class LiveServer(_Subprocess):

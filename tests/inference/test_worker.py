@@ -180,3 +180,28 @@ def test_sigkilled_worker_job_is_redelivered_and_completes_once(cast, api, start
     assert event_types(job_id).count("job.completed") == 1
     assert LedgerEntry.objects.filter(reservation__job=job, kind="settle").count() == 1
     assert job.actual_mcu == job.estimated_mcu
+
+
+def test_a_worker_keeps_its_database_connection_from_job_to_job(cast, api, start_worker):
+    """Celery's Django fixup closes the connection around every task unless told otherwise: a
+    new PostgreSQL backend (fork, authentication) per job. Sluice's workers reuse theirs."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("observes PostgreSQL backends (CI runs the suite on PostgreSQL)")
+    worker = start_worker("video-hbm", PGAPPNAME="sluice-test-worker")
+
+    def worker_backends() -> set[int]:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+                           ["sluice-test-worker"])
+            return {pid for (pid,) in cursor.fetchall()}
+
+    seen = []
+    for _ in range(2):
+        job_id = create_video(api, cast.owner_key)["id"]
+        wait_for(lambda job_id=job_id: "job.completed" in event_types(job_id), 120, worker,
+                 "completion")
+        time.sleep(0.5)  # past the task's end, where the fixup would have closed it
+        seen.append(worker_backends())
+    assert seen[0] and seen[0] == seen[1]

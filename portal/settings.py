@@ -242,6 +242,10 @@ LOGGING = {
         "django.db.backends": {"level": "WARNING"},
         # httpx logs every request URL at INFO; webhook URLs are customers' and may carry tokens.
         "httpx": {"level": "WARNING"},
+        # Celery's "Task ... received" / "... succeeded" lines: two per job, about 6% of a busy
+        # worker's consumer CPU; the job services log what matters and metrics count the rest.
+        "celery.worker.strategy": {"level": "WARNING"},
+        "celery.app.trace": {"level": "WARNING"},
     },
 }
 

@@ -19,6 +19,7 @@ import random
 import secrets
 from datetime import UTC, datetime, timedelta
 
+import redis
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import transaction
@@ -26,6 +27,7 @@ from django.db.models import F
 from django.utils import timezone
 from standardwebhooks import Webhook
 
+from inference.events import webhook_tenant_add
 from inference.ssrf import GuardedResponse, UnsafeUrl, guarded_post, url_check_for_registration
 from inference.webhook_models import (
     DEFAULT_EVENT_TYPES,
@@ -38,6 +40,7 @@ from inference.webhook_models import (
 from portal.errors import InvalidParameter
 from portal.metrics import webhook_attempt_observe
 from portal.models import Tenant
+from quotas.errors import SystemOverloaded
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +129,13 @@ def webhook_endpoint_create(
         raise InvalidParameter(
             f"A tenant has at most {_MAX_ENDPOINTS_PER_TENANT} webhook endpoints.", param="url"
         )
+    # Before the row: event publishing must never skip a tenant that has an endpoint
+    # (inference/events.py); if Redis cannot take it, no endpoint is created.
+    try:
+        webhook_tenant_add(tenant_id=tenant.pk)
+    except redis.RedisError as exc:
+        raise SystemOverloaded("Webhook endpoints cannot be created right now. Retry later.",
+                               retry_after_s=5) from exc
     endpoint = WebhookEndpoint.objects.create(
         tenant=tenant,
         url=url,

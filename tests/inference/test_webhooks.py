@@ -116,6 +116,49 @@ def test_publish_enqueues_one_message_per_delivery_on_commit(cast, receiver, cle
     assert sent == {(d.id, 1) for d in event.deliveries.all()}
 
 
+def _endpoint_queries(queries) -> list[str]:
+    return [q["sql"] for q in queries.captured_queries if "inference_webhookendpoint" in q["sql"]]
+
+
+def test_job_events_of_a_tenant_without_endpoints_read_no_endpoint_rows(cast, receiver, clean_redis):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from inference.events import event_publish
+
+    webhook_endpoint_create(tenant=cast.outsider_tenant, url=receiver.url)
+    event_publish(job_id="job_w1", tenant_id=cast.tenant.pk, event_type="job.queued", data={})
+    with CaptureQueriesContext(connection) as queries:
+        for event_type in ("job.started", "job.progress", "job.completed"):
+            event_publish(job_id="job_w1", tenant_id=cast.tenant.pk, event_type=event_type, data={})
+    assert _endpoint_queries(queries) == []
+    # The tenant with an endpoint still gets its events recorded.
+    event_publish(job_id="job_w2", tenant_id=cast.outsider_tenant.pk, event_type="job.completed",
+                  data={"status": "succeeded"})
+    assert WebhookEvent.objects.filter(tenant=cast.outsider_tenant, type="job.completed").count() == 1
+
+
+def test_endpoints_keep_getting_job_events_after_redis_loses_its_data(cast, receiver, clean_redis):
+    from inference.events import event_publish
+
+    webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)
+    clean_redis.flushdb()  # a Redis restart: the index of tenants with endpoints is gone
+    event_publish(job_id="job_w3", tenant_id=cast.tenant.pk, event_type="job.completed",
+                  data={"status": "succeeded"})
+    (event,) = WebhookEvent.objects.filter(tenant=cast.tenant, type="job.completed")
+    assert event.payload["data"]["id"] == "job_w3"
+    assert len(event.deliveries.all()) == 1
+
+
+def test_no_endpoint_is_created_while_redis_is_unreachable(cast, receiver, settings):
+    from quotas.errors import SystemOverloaded
+
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens there
+    with pytest.raises(SystemOverloaded):
+        webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)
+    assert not WebhookEndpoint.objects.filter(tenant=cast.tenant).exists()
+
+
 # --- signing and delivery ------------------------------------------------------------------
 
 

@@ -51,7 +51,7 @@ def _priorities(pool: str) -> list[int]:
 
 
 def scheduler_dispatch(*, pool: str, start_job) -> int:
-    """Hand queued jobs to the pool while it has room. `start_job(job_id)` sends one to Celery
+    """Hand queued jobs to the pool while it has room. `start_job(job_id, job=)` sends one to Celery
     (the job service owns that). Returns how many were started."""
     from inference.models import Job
 
@@ -67,15 +67,17 @@ def scheduler_dispatch(*, pool: str, start_job) -> int:
                 job_id = raw_id.decode()
                 if not client.zrem(queue, job_id):
                     continue
-                job = Job.objects.filter(pk=job_id, status=Job.Status.QUEUED).only(
-                    "reservation_id").first()
-                if job is None or job.reservation_id is None:
+                # The job, its reservation and what admission needs of them, in one query.
+                job = Job.objects.filter(pk=job_id, status=Job.Status.QUEUED).select_related(
+                    "reservation__tenant__tier", "reservation__api_key").first()
+                if job is None or job.reservation is None:
                     continue  # cancelled or finished meanwhile
-                outcome = reservation_acquire(reservation_id=job.reservation_id)
+                outcome = reservation_acquire(reservation_id=job.reservation_id,
+                                              reservation=job.reservation)
                 if outcome == ADMITTED:
                     vtime = float(client.get(f"s:vt:{pool}") or 0)
                     client.set(f"s:vt:{pool}", max(vtime, tag))
-                    start_job(job_id)
+                    start_job(job_id, job=job)
                     started += 1
                     continue
                 client.zadd(queue, {job_id: tag})  # back in its place

@@ -31,7 +31,7 @@ from portal.models import ApiKey
 from portal.redis import redis_client
 from quotas.admission import ADMITTED
 from quotas.cost import CostEstimate
-from quotas.ledger import reservation_open, reservation_release, reservation_settle
+from quotas.ledger import reservation_abandon, reservation_open, reservation_settle
 
 if TYPE_CHECKING:  # the tokenizer behind it loads on import; callers hand a parsed request
     from inference.requests import TextRequest
@@ -89,11 +89,14 @@ def job_submit(
         if earlier is not None:
             return Submission(job=earlier, replayed=True)
 
-    opened = reservation_open(api_key=api_key, model_id=spec.id, pool=spec.pool,
-                              cost_mcu=estimate.mcu, mode=mode)
     tenant = api_key.tenant
+    opened = None
     try:
+        # One transaction for the reservation, its ledger row and the job: a job never exists
+        # without its reservation, and one commit instead of two.
         with transaction.atomic():
+            opened = reservation_open(api_key=api_key, model_id=spec.id, pool=spec.pool,
+                                      cost_mcu=estimate.mcu, mode=mode)
             job = Job.objects.create(
                 tenant=tenant, api_key=api_key, kind=spec.kind, model=spec.id,
                 variant=variant.name, params=params, priority=tenant.tier.queue_priority,
@@ -102,9 +105,12 @@ def job_submit(
             if idempotency_key:
                 IdempotencyKey.objects.create(tenant=tenant, key=idempotency_key,
                                               request_hash=fingerprint, job=job)
-    except IntegrityError:
+    except Exception as exc:
+        if opened is not None:  # its rows rolled back: release what Redis holds
+            reservation_abandon(opened)
+        if not isinstance(exc, IntegrityError) or not idempotency_key:
+            raise
         # Two requests with one Idempotency-Key raced; the other one won.
-        reservation_release(reservation_id=opened.reservation.id)
         earlier = _idempotent_job(api_key=api_key, idempotency_key=idempotency_key,
                                   fingerprint=fingerprint)
         if earlier is None:
@@ -175,7 +181,7 @@ def text_job_create(*, api_key: ApiKey, payload: dict, idempotency_key: str | No
 
 def _start(job_id: str, *, job: Job | None = None) -> None:
     """Send an admitted job to its pool's Celery queue, for its next attempt. `job`: the row as
-    the caller just wrote it (spares a read); the scheduler passes only the id."""
+    the caller just wrote or read it (spares a read)."""
     from inference.tasks import run_job
 
     if job is None:

@@ -84,7 +84,10 @@ def reservation_open(
     mode: str,
     limits: QuotaLimits | None = None,
 ) -> Opened:
-    """Admit (or queue, for mode="async") a request costing `cost_mcu`; raises the rejection."""
+    """Admit (or queue, for mode="async") a request costing `cost_mcu`; raises the rejection.
+
+    A caller may open it inside its own transaction (job_submit does: the reservation and the
+    job commit together); if that transaction rolls back, it calls `reservation_abandon`."""
     limits = limits or quota_limits_for(tenant=api_key.tenant, api_key=api_key)
     now = timezone.now()
     period = period_of(now)
@@ -118,7 +121,8 @@ def reservation_open(
 
     lease_s = pool_lease_s(pool) if ticket.outcome == ADMITTED else QUEUE_ALLOWANCE_S
     try:
-        with transaction.atomic():
+        # No savepoint inside a caller's transaction: a failure here fails that one too.
+        with transaction.atomic(savepoint=False):
             reservation = Reservation.objects.create(
                 id=reservation_id,
                 tenant_id=api_key.tenant_id,
@@ -143,6 +147,14 @@ def reservation_open(
         budget_alert_check(tenant_id=api_key.tenant_id, period=period, limits=limits,
                            used_mcu=ticket.budget_used_mcu)
     return Opened(reservation=reservation, ticket=ticket)
+
+
+def reservation_abandon(opened: Opened) -> None:
+    """The caller's transaction rolled back the reservation's rows: give back what Redis holds
+    for it, so the counters agree with the ledger again. Idempotent, like every release."""
+    if opened.reservation.redis_synced:
+        _release_in_redis(redis_client(), _keys_for(opened.reservation), opened.reservation.id,
+                          refund_mcu=opened.reservation.reserved_mcu)
 
 
 def _decide(client, keys, limits, cost_mcu, mode, reservation_id) -> AdmissionTicket:
@@ -172,7 +184,8 @@ def reservation_settle(
                        reservation_id, actual_mcu, reservation.reserved_mcu)
     refund = reservation.reserved_mcu - charge
     now = timezone.now()
-    with transaction.atomic():
+    # Inside a caller's transaction (a job's finish) no savepoint: two round trips fewer.
+    with transaction.atomic(savepoint=False):
         claimed = Reservation.objects.filter(
             pk=reservation_id, state__in=Reservation.ACTIVE_STATES
         ).update(state=final_state, settled_mcu=charge, settled_at=now)
@@ -212,10 +225,12 @@ def _mirror_settlement(reservation: Reservation) -> None:
         Reservation.objects.filter(pk=reservation.pk).update(redis_synced=False)
 
 
-def reservation_acquire(*, reservation_id: str) -> str:
+def reservation_acquire(*, reservation_id: str, reservation: Reservation | None = None) -> str:
     """Give a queued reservation its pool slot if the pool and the tenant's cap allow it now.
-    Returns "admitted", "wait_tenant" (its tenant is at its job cap), "wait_pool" or "gone"."""
-    reservation = Reservation.objects.select_related("tenant__tier", "api_key").get(pk=reservation_id)
+    Returns "admitted", "wait_tenant" (its tenant is at its job cap), "wait_pool" or "gone".
+    `reservation`: the row with its tenant's tier and its key, where the caller read it already."""
+    if reservation is None:
+        reservation = Reservation.objects.select_related("tenant__tier", "api_key").get(pk=reservation_id)
     if reservation.state == Reservation.State.ADMITTED:
         return ADMITTED
     if reservation.state != Reservation.State.QUEUED:

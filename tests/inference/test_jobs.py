@@ -39,6 +39,24 @@ def test_submit_reserves_and_sends_the_job_to_its_pool(sent_tasks):
     assert job.pk.startswith("job_") and len(job.pk) == 30
 
 
+def test_a_job_that_cannot_be_stored_leaves_no_reservation_behind(sent_tasks, clean_redis):
+    """The reservation, its ledger row and the job commit together; when the job's row fails,
+    Redis gives back what admission reserved, so counters and ledger agree."""
+    from quotas.limits import CounterKeys
+    from quotas.models import Reservation
+
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    video_job_submit(api_key, cu=2)  # counters exist: 2 CU used
+    keys = CounterKeys(tenant_id=api_key.tenant_id, api_key_id=api_key.pk,
+                       period=period_of(timezone.now()), pool="video-hbm")
+    with pytest.raises(TypeError):
+        video_job_submit(api_key, cu=5, params={"unstorable": object()}, request_body={"p": 1})
+    assert int(clean_redis.get(keys.budget)) == 2000 == used(api_key.tenant_id)
+    assert clean_redis.zcard(keys.in_flight) == 1 and int(clean_redis.get(keys.pool_sum)) == 2000
+    assert Reservation.objects.filter(tenant_id=api_key.tenant_id).count() == 1
+    assert Job.objects.filter(tenant_id=api_key.tenant_id).count() == 1
+
+
 def test_idempotency_key_returns_the_same_job_or_409(sent_tasks):
     from inference.errors import IdempotencyConflict
 
@@ -179,5 +197,5 @@ def test_reaper_redelivers_lost_jobs_then_fails_them_with_a_refund(settings, sen
 
 def test_dispatch_is_a_noop_when_nothing_waits(sent_tasks):
     assert pool_dispatch(pool="video-hbm") == 0
-    assert scheduler_dispatch(pool="nowhere", start_job=lambda job_id: None) == 0
+    assert scheduler_dispatch(pool="nowhere", start_job=lambda job_id, job=None: None) == 0
     assert scheduler_enqueue(job_id="job_x", pool="p", priority=1, tenant_id=1, cost_mcu=10) == 10.0

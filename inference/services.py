@@ -233,10 +233,12 @@ def job_preview(*, job: Job, data: dict) -> None:
 
 
 def job_output(*, job: Job, data: dict, first: bool = False) -> None:
-    """Streamed output (tokens). The first one stamps time-to-first-output."""
-    if first:
-        Job.objects.filter(pk=job.pk, first_output_at__isnull=True).update(first_output_at=timezone.now())
+    """Streamed output (tokens). The first one stamps time-to-first-output, after it is on its
+    way: a follower relaying a stream should not wait on a database write."""
+    produced_at = timezone.now()
     event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type="job.output", data=data)
+    if first:
+        Job.objects.filter(pk=job.pk, first_output_at__isnull=True).update(first_output_at=produced_at)
 
 
 def _finish(job: Job, *, status: str, actual_mcu: int, fields: dict, event_type: str,

@@ -17,6 +17,37 @@ from portal.redis import redis_client
 from tests.factories import MembershipFactory, TenantFactory, UserFactory, api_key_for, tier
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _test_database_left_unused_at_the_end(django_db_setup, django_db_blocker):
+    """Workers and servers started by tests keep persistent PostgreSQL connections, and
+    PostgreSQL ends a stopped process's backend a moment after the process exits. Before the
+    test database is dropped (after every other session fixture has stopped its processes),
+    wait for those backends to go, so the drop never finds the database in use."""
+    yield
+    import time
+    import warnings
+
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return
+    others_sql = ("SELECT pid, application_name FROM pg_stat_activity "
+                  "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    with django_db_blocker.unblock():
+        deadline = time.monotonic() + 10
+        with connection.cursor() as cursor:
+            while True:
+                cursor.execute(others_sql)
+                others = cursor.fetchall()
+                if not others or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            if others:  # a process the tests started outlived them: say so, then end it
+                warnings.warn(f"sessions still on the test database at the end: {others}", stacklevel=1)
+                cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                               "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+
+
 @pytest.fixture(autouse=True)
 def clean_redis():
     """Empty the test Redis database, except kombu's queue bindings: this process declared

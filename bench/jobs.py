@@ -1,7 +1,8 @@
 """make bench-jobs: the job spine (admission -> scheduler -> Celery -> worker -> settle).
 
 (a) enqueue -> start latency on an idle pool (queued_at -> started_at, one job at a time);
-(b) sustained jobs/s for short jobs, submitted by 4 threads, 2 worker processes;
+(b) sustained jobs/s for short jobs, submitted by 4 threads, 2 worker processes, and the CPU
+    milliseconds per job of each party (submitting process, worker, PostgreSQL, Redis);
 (c) fairness: one tenant queues 1,000 jobs, nine others 10 each, one worker: the light
     tenants' p99 queue wait under Sluice's fair dispatch vs plain FIFO (every job sent
     straight to the Celery queue), in the same run.
@@ -131,22 +132,52 @@ def start_latency(samples: int = 100) -> dict:
     return {"p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99)}
 
 
+def _cpu_by_role(worker_pids: list[int]) -> dict[str, float]:
+    """CPU seconds so far of: this (submitting) process, the workers with their children,
+    PostgreSQL's and Redis's server processes."""
+    import psutil
+
+    def seconds(process: psutil.Process) -> float:
+        try:
+            times = process.cpu_times()
+            return times.user + times.system
+        except psutil.Error:
+            return 0.0
+
+    totals = {"submitter": seconds(psutil.Process()), "worker": 0.0, "postgres": 0.0, "redis": 0.0}
+    for pid in worker_pids:
+        parent = psutil.Process(pid)
+        totals["worker"] += sum(seconds(p) for p in [parent, *parent.children(recursive=True)])
+    for process in psutil.process_iter(["name"]):
+        name = process.info["name"] or ""
+        if name.startswith("postgres"):
+            totals["postgres"] += seconds(process)
+        elif name.startswith("redis-server"):
+            totals["redis"] += seconds(process)
+    return totals
+
+
 def throughput(jobs: int = 1000, submitters: int = 4) -> dict:
     settings.SLUICE_POOL_SLOTS[QUEUE] = 64
     os.environ["SLUICE_POOL_SLOTS"] = f"{QUEUE}=64"
     keys = _fresh_world(8)
     workers = [_worker(0.0, concurrency=2) for _ in range(1)]
     try:
+        cpu_before = _cpu_by_role([worker.pid for worker in workers])
         started = time.monotonic()
         with ThreadPoolExecutor(max_workers=submitters) as pool:
             ids = list(pool.map(lambda i: _submit(keys[i % len(keys)]).pk, range(jobs)))
         _wait_all_done(ids, 600)
         elapsed = time.monotonic() - started
+        cpu_after = _cpu_by_role([worker.pid for worker in workers])
     finally:
         for worker in workers:
             _stop(worker)
         os.environ.pop("SLUICE_POOL_SLOTS", None)
-    return {"jobs_per_s": jobs / elapsed, "jobs": jobs, "seconds": elapsed}
+    # Where a job's CPU goes (the submitting process also polls for completion, a small share).
+    cpu_ms_per_job = {role: (cpu_after[role] - cpu_before[role]) * 1000 / jobs for role in cpu_after}
+    return {"jobs_per_s": jobs / elapsed, "jobs": jobs, "seconds": elapsed,
+            "cpu_ms_per_job": cpu_ms_per_job}
 
 
 def fairness(mode: str, heavy_jobs: int = 1000, light_tenants: int = 9, light_jobs: int = 10,
@@ -190,6 +221,7 @@ def main() -> None:
         ["enqueue->start p50 ms (idle pool)", latency["p50_ms"]],
         ["enqueue->start p99 ms (idle pool)", latency["p99_ms"]],
         ["sustained jobs/s", rate["jobs_per_s"]],
+        *[[f"CPU ms per job, {role}", value] for role, value in rate["cpu_ms_per_job"].items()],
         ["light tenants p50 wait ms, fair", fair["light_p50_wait_ms"]],
         ["light tenants p99 wait ms, fair", fair["light_p99_wait_ms"]],
         ["light tenants p50 wait ms, FIFO", fifo["light_p50_wait_ms"]],
@@ -201,6 +233,7 @@ def main() -> None:
         "start_latency_p50_ms": round(latency["p50_ms"], 2),
         "start_latency_p99_ms": round(latency["p99_ms"], 2),
         "jobs_per_s": round(rate["jobs_per_s"], 1),
+        "cpu_ms_per_job": round(sum(rate["cpu_ms_per_job"].values()), 2),
         "fair_light_p99_wait_ms": round(fair["light_p99_wait_ms"], 1),
         "fifo_light_p99_wait_ms": round(fifo["light_p99_wait_ms"], 1),
         "fifo_over_fair_p99_wait": round(fifo["light_p99_wait_ms"] / max(fair["light_p99_wait_ms"], 1e-6), 1),

@@ -59,8 +59,7 @@ def event_publish(*, job_id: str, tenant_id: int, event_type: str, data: dict) -
     `published_at` (epoch seconds) lets a follower measure how late an event reached it."""
     payload = {"job_id": job_id, "published_at": round(time.time(), 6), **data}
     seq, webhooks = lua_script(redis_client(), "publish", package="inference")(
-        keys=[stream_key(job_id), f"{stream_key(job_id)}:seq", WEBHOOK_TENANTS_KEY,
-              WEBHOOK_TENANTS_COMPLETE_KEY],
+        keys=[stream_key(job_id), f"{stream_key(job_id)}:seq", WEBHOOK_TENANTS_KEY],
         args=[event_type, json.dumps(payload), STREAM_TTL_S, STREAM_MAXLEN, tenant_id],
     )
     if event_type in STATUS_EVENTS:
@@ -77,10 +76,11 @@ def event_publish(*, job_id: str, tenant_id: int, event_type: str, data: dict) -
 
 # Tenant ids that have (or had) a webhook endpoint, so publishing an event for any other tenant
 # needs no database query. Ids are only ever added (an endpoint's creation adds its tenant before
-# the row exists); a stale id costs that tenant the query it would have paid anyway. When Redis
-# loses the set, its completeness marker goes with it and the next publish rebuilds both.
+# the row exists); a stale id costs that tenant the query it would have paid anyway. The member
+# "*" marks the set complete: when Redis loses or evicts the set, the mark goes with it and the
+# next publish rebuilds it from the database.
 WEBHOOK_TENANTS_KEY = "wh:tenants"
-WEBHOOK_TENANTS_COMPLETE_KEY = "wh:tenants:complete"
+_COMPLETE = "*"
 
 
 def webhook_tenant_add(*, tenant_id: int) -> None:
@@ -91,11 +91,7 @@ def webhook_tenants_rebuild() -> None:
     from inference.webhook_models import WebhookEndpoint
 
     tenant_ids = set(WebhookEndpoint.objects.values_list("tenant_id", flat=True).distinct())
-    pipe = redis_client().pipeline()  # MULTI: the marker never stands without the ids
-    if tenant_ids:
-        pipe.sadd(WEBHOOK_TENANTS_KEY, *tenant_ids)
-    pipe.set(WEBHOOK_TENANTS_COMPLETE_KEY, 1)
-    pipe.execute()
+    redis_client().sadd(WEBHOOK_TENANTS_KEY, _COMPLETE, *tenant_ids)  # one command: never the mark alone
 
 
 def _progress_webhook_due(job_id: str) -> bool:

@@ -2,8 +2,8 @@
 -- the job's tenant may have webhook endpoints (so most publishes need no database query).
 -- The stream id is "0-<seq>", so a client resumes from the last seq it saw (Last-Event-ID).
 --
--- KEYS: 1 stream  2 sequence counter  3 set of tenant ids with webhook endpoints
---       4 marker: that set is complete (absent after Redis lost its data)
+-- KEYS: 1 stream  2 sequence counter  3 set of tenant ids with webhook endpoints, complete
+--       when it holds the member '*' (it goes with the set if Redis loses or evicts it)
 -- ARGV: 1 event type  2 data (JSON)  3 ttl s  4 approximate max length  5 tenant id
 -- Returns {seq, webhooks}: webhooks 1 the tenant has (or had) an endpoint, 0 it has none,
 -- -1 the set must be rebuilt from the database first.
@@ -13,7 +13,7 @@ redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '0-' .. seq, 'seq', seq, 'ty
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 local webhooks = -1
-if redis.call('EXISTS', KEYS[4]) == 1 then
+if redis.call('SISMEMBER', KEYS[3], '*') == 1 then
   webhooks = redis.call('SISMEMBER', KEYS[3], ARGV[5])
 end
 return {seq, webhooks}

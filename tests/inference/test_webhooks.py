@@ -148,6 +148,15 @@ def test_endpoints_keep_getting_job_events_after_redis_loses_its_data(cast, rece
     (event,) = WebhookEvent.objects.filter(tenant=cast.tenant, type="job.completed")
     assert event.payload["data"]["id"] == "job_w3"
     assert len(event.deliveries.all()) == 1
+    # The index alone evicted, then another tenant's endpoint created: the index is partial,
+    # and still the first tenant's events are recorded.
+    from inference.events import WEBHOOK_TENANTS_KEY
+
+    clean_redis.delete(WEBHOOK_TENANTS_KEY)
+    webhook_endpoint_create(tenant=cast.outsider_tenant, url=receiver.url)
+    event_publish(job_id="job_w4", tenant_id=cast.tenant.pk, event_type="job.completed",
+                  data={"status": "succeeded"})
+    assert WebhookEvent.objects.filter(tenant=cast.tenant, type="job.completed").count() == 2
 
 
 def test_no_endpoint_is_created_while_redis_is_unreachable(cast, receiver, settings):

@@ -17,12 +17,34 @@ from portal.redis import redis_client
 from tests.factories import MembershipFactory, TenantFactory, UserFactory, api_key_for, tier
 
 
+def _held_by_other_processes(sessions) -> list[str]:
+    """The sessions whose client socket is not this test process's, each described by the
+    command that holds it. Connections that threads of this process left open end with it."""
+    import os
+
+    import psutil
+
+    owner_of_port = {c.laddr.port: c.pid for c in psutil.net_connections(kind="tcp") if c.laddr}
+    described = []
+    for pid, application, port in sessions:
+        owner = owner_of_port.get(port)
+        if owner == os.getpid():
+            continue
+        try:
+            command = " ".join(psutil.Process(owner).cmdline()[:6]) if owner else "exiting"
+        except psutil.Error:
+            command = "exiting"
+        described.append(f"backend {pid} ({application or 'no name'}): {command}")
+    return described
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _test_database_left_unused_at_the_end(django_db_setup, django_db_blocker):
     """Workers and servers started by tests keep persistent PostgreSQL connections, and
     PostgreSQL ends a stopped process's backend a moment after the process exits. Before the
     test database is dropped (after every other session fixture has stopped its processes),
-    wait for those backends to go, so the drop never finds the database in use."""
+    wait for other processes' backends to go, then end whatever is left (this process's idle
+    thread connections included), so the drop never finds the database in use."""
     yield
     import time
     import warnings
@@ -31,21 +53,22 @@ def _test_database_left_unused_at_the_end(django_db_setup, django_db_blocker):
 
     if connection.vendor != "postgresql":
         return
-    others_sql = ("SELECT pid, application_name FROM pg_stat_activity "
+    others_sql = ("SELECT pid, application_name, client_port FROM pg_stat_activity "
                   "WHERE datname = current_database() AND pid <> pg_backend_pid()")
     with django_db_blocker.unblock():
         deadline = time.monotonic() + 10
         with connection.cursor() as cursor:
             while True:
                 cursor.execute(others_sql)
-                others = cursor.fetchall()
-                if not others or time.monotonic() > deadline:
+                outliving = _held_by_other_processes(cursor.fetchall())
+                if not outliving or time.monotonic() > deadline:
                     break
                 time.sleep(0.2)
-            if others:  # a process the tests started outlived them: say so, then end it
-                warnings.warn(f"sessions still on the test database at the end: {others}", stacklevel=1)
-                cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                               "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+            if outliving:  # a process the tests started outlived them: say so
+                warnings.warn(f"processes still on the test database at the end: {outliving}",
+                              stacklevel=1)
+            cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                           "WHERE datname = current_database() AND pid <> pg_backend_pid()")
 
 
 @pytest.fixture(autouse=True)

@@ -196,13 +196,17 @@ async def _stream(job: Job, shape: _Shape, text: TextRequest):
             elif event.type == "job.output":
                 yield _sse(shape.chunk(delta=event.data["delta"]))
             elif event.type in ("job.completed", "job.cancelled"):
-                result = event.data.get("result") or {}
-                final = await _terminal_job(job.pk)
-                result = final.result or result
+                # A completion's event carries its result and usage; a cancel's only its usage,
+                # so its result (the partial completion) comes from the row.
+                if "result" in event.data:
+                    result, usage = event.data["result"] or {}, event.data.get("usage") or {}
+                else:
+                    final = await _terminal_job(job.pk)
+                    result, usage = final.result or {}, final.usage
                 yield _sse(shape.chunk(finish_reason=result.get("finish_reason", "stop"),
                                        partial=result.get("partial")))
                 if text.include_usage:
-                    yield _sse(shape.usage_chunk(final.usage))
+                    yield _sse(shape.usage_chunk(usage))
             elif event.type == "job.failed":
                 yield _sse({"error": EngineFailed().body()["error"]})
         finished = True

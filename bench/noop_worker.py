@@ -36,7 +36,6 @@ if __name__ == "__main__":
     from portal.celery import app
 
     queue = sys.argv[1]
-    app.worker_main(["worker", "-Q", queue, "-n", f"bench-{queue}-{os.getpid()}@%h", "--pool",
-                     os.environ.get("BENCH_WORKER_POOL", "prefork"), "--concurrency",
+    app.worker_main(["worker", "-Q", queue, "-n", f"bench-{queue}-{os.getpid()}@%h", "--concurrency",
                      os.environ.get("BENCH_WORKER_CONCURRENCY", "1"), "--loglevel", "WARNING",
                      "--without-gossip", "--without-mingle", "--without-heartbeat"])

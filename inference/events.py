@@ -105,7 +105,8 @@ def _webhook(*, tenant_id: int, event_type: str, data: dict) -> None:
     from portal.models import Tenant
 
     try:
-        # Most tenants have no endpoint: one cheap query spares them the rest.
+        # The index let this tenant through: it has, or had, an endpoint. One cheap query
+        # spares the rest when none is enabled now (deleted, or disabled after failures).
         if not WebhookEndpoint.objects.filter(tenant_id=tenant_id, enabled=True).exists():
             return
         tenant = Tenant.objects.only("id", "slug").get(pk=tenant_id)

@@ -33,7 +33,8 @@ class SafetyRuleAdmin(admin.ModelAdmin):
 
 @admin.register(SafetyPolicy)
 class SafetyPolicyAdmin(admin.ModelAdmin):
-    list_display = ("slug", "name", "block_fpr", "review_fpr", "output_window_chars", "is_default")
+    list_display = ("slug", "name", "block_fpr", "review_fpr", "output_window_chars",
+                    "output_first_window_chars", "is_default")
 
 
 @admin.register(SafetyPolicyAssignment)

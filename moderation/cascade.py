@@ -52,6 +52,7 @@ class Policy(Protocol):
     block_fpr: float
     review_fpr: float
     output_window_chars: int
+    output_first_window_chars: int
 
 
 @dataclass(frozen=True)
@@ -297,12 +298,12 @@ class OutputModerator:
         chunk, self.released = self.text[self.released :], len(self.text)
         return chunk
 
-    # The first window is short and each next one doubles up to the policy's window, so the
-    # first tokens reach the client quickly and the check rate falls as the stream grows.
-    FIRST_WINDOW_CHARS = 24
-
+    # The first window is short (the policy's first window) and each next one doubles up to the
+    # policy's window, so the first tokens reach the client quickly and the check rate falls as
+    # the stream grows.
     def _window_due(self) -> int:
-        return min(self.policy.output_window_chars, self.FIRST_WINDOW_CHARS * 2 ** self.checks)
+        return min(self.policy.output_window_chars,
+                   self.policy.output_first_window_chars * 2 ** self.checks)
 
     def feed(self, delta: str) -> str:
         if self.stopped:

@@ -6,6 +6,7 @@ import re
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -63,6 +64,15 @@ class SafetyPolicy(models.Model):
     review_fpr = models.FloatField(choices=_OPERATING_POINT_CHOICES, default=0.02)
     # Streams are checked every this many new characters (and once at the end).
     output_window_chars = models.PositiveIntegerField(default=400)
+    # The first window is this short and each next one doubles up to `output_window_chars`:
+    # the client waits for it before its first token (time to first token against classifier
+    # passes per stream: 24 characters is about six tokens of code and three passes for a
+    # 32-token completion; 8 is about two tokens and four passes).
+    output_first_window_chars = models.PositiveIntegerField(
+        default=24, validators=[MinValueValidator(1)],
+        help_text="Characters held back before a stream's first release (the first check); "
+                  "each next window doubles up to the output window.",
+    )
     is_default = models.BooleanField(default=False)
 
     class Meta:
@@ -75,6 +85,11 @@ class SafetyPolicy(models.Model):
             models.CheckConstraint(
                 condition=Q(review_fpr__gte=models.F("block_fpr")),
                 name="policy_review_wider_than_block",
+            ),
+            models.CheckConstraint(
+                condition=Q(output_first_window_chars__gte=1)
+                & Q(output_first_window_chars__lte=models.F("output_window_chars")),
+                name="policy_first_window_within_window",
             ),
         ]
 

@@ -109,3 +109,42 @@ def test_output_moderator_releases_everything_when_clean():
     delivered = "".join(moderator.feed(text[i : i + 7]) for i in range(0, len(text), 7))
     delivered += moderator.finish()
     assert delivered == text and not moderator.stopped
+
+
+def _first_release_after(moderator: OutputModerator, text: str) -> int:
+    """Characters fed (one at a time, as tokens arrive) before the moderator released any."""
+    for fed in range(1, len(text) + 1):
+        if moderator.feed(text[fed - 1]):
+            return fed
+    return -1
+
+
+def test_a_policys_first_window_sets_how_much_is_held_before_the_first_release():
+    text = "def add(a, b):\n    return a + b\n" * 4
+    default = OutputModerator(policy=policy())
+    assert _first_release_after(default, text) == 24
+    short = policy()
+    short.output_first_window_chars = 6
+    moderator = OutputModerator(policy=short)
+    assert _first_release_after(moderator, text) == 6
+    # Each next window doubles (12, then 24 new characters), up to the policy's window.
+    assert moderator.checks == 1
+    for char in text[6:42]:
+        moderator.feed(char)
+    assert moderator.checks == 3 and moderator.released == 42
+
+
+def test_a_first_window_is_at_least_one_character_and_never_wider_than_the_window():
+    from django.core.exceptions import ValidationError
+    from django.db import IntegrityError, transaction
+
+    from moderation.models import SafetyPolicy
+
+    with pytest.raises(ValidationError) as error:
+        SafetyPolicy(slug="zero", name="zero", output_first_window_chars=0).full_clean()
+    assert "output_first_window_chars" in error.value.message_dict
+    with pytest.raises(IntegrityError), transaction.atomic():
+        SafetyPolicy.objects.create(slug="wide", name="wide", output_window_chars=100,
+                                    output_first_window_chars=101)
+    saved = SafetyPolicy.objects.create(slug="quick", name="quick", output_first_window_chars=8)
+    assert OutputModerator(policy=saved)._window_due() == 8

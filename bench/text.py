@@ -8,6 +8,8 @@ alternating round by round so drift cancels:
 (b) aggregate tokens/s at 1/8/32 streams, Sluice / direct;
 (c) CPU ms that Sluice's own processes (ASGI server + text worker) spend per streamed request.
 The engine is pinned to CPU 0, everything else (Sluice, the client) to CPU 1 (taskset).
+BENCH_FIRST_WINDOW_CHARS=N gives the bench tenant a copy of its safety policy whose first output
+window is N characters (the time to first token it holds back; the default is the policy's own).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from bench.common import postgres_database_ensure  # noqa: E402
 postgres_database_ensure(os.environ["DATABASE_URL"])
 REPO = Path(__file__).resolve().parent.parent
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "6"))
+FIRST_WINDOW_CHARS = int(os.environ.get("BENCH_FIRST_WINDOW_CHARS", "0"))  # 0: the policy's own
 CONCURRENCY = [1, 8, 32]
 PROMPTS = ["def add(a, b):", "class Stack:", "import os\n\ndef main():", "def parse(line):",
            "for item in items:", "def fibonacci(n):", "with open(path) as handle:",
@@ -109,7 +112,26 @@ def _bench_key() -> str:
     Tenant.objects.filter(pk=tenant.pk).update(
         unlimited_budget=True, cu_per_minute_override=100_000_000, burst_cu_override=100_000_000,
         max_concurrent_jobs_override=100_000)
+    _bench_policy(Tenant.objects.get(pk=tenant.pk))
     return api_key_issue(tenant=Tenant.objects.get(pk=tenant.pk), name="bench").full_key
+
+
+def _bench_policy(tenant) -> None:
+    """The tier's safety policy, or with BENCH_FIRST_WINDOW_CHARS a copy of it whose first
+    output window is that long (to measure the time-to-first-token trade of that setting)."""
+    from moderation.models import SafetyPolicy, SafetyPolicyAssignment
+    from moderation.selectors import safety_policy_for_tenant
+
+    SafetyPolicyAssignment.objects.filter(tenant=tenant).delete()
+    if not FIRST_WINDOW_CHARS:
+        return
+    base = safety_policy_for_tenant(tenant=tenant)
+    policy, _ = SafetyPolicy.objects.update_or_create(
+        slug=f"bench-first-{FIRST_WINDOW_CHARS}",
+        defaults={"name": f"bench, first window {FIRST_WINDOW_CHARS}", "block_fpr": base.block_fpr,
+                  "review_fpr": base.review_fpr, "output_window_chars": base.output_window_chars,
+                  "output_first_window_chars": FIRST_WINDOW_CHARS})
+    SafetyPolicyAssignment.objects.create(tenant=tenant, policy=policy)
 
 
 async def _one_stream(client: httpx.AsyncClient, url: str, headers: dict, prompt: str,
@@ -212,7 +234,8 @@ def main() -> None:
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 os.killpg(process.pid, signal.SIGKILL)
     print(f"Text generation, tiny code model, max_tokens 32, {ROUNDS} rounds per cell, engine on CPU 0, "
-          "Sluice and the client on CPU 1")
+          "Sluice and the client on CPU 1, first output window "
+          f"{FIRST_WINDOW_CHARS or 'of the tier policy'}")
     print_table(["streams", "target", "TTFT p50 ms", "TTFT p99 ms", "total p50 ms", "total p99 ms",
                  "tokens/s"], rows)
     overhead_rows = []
@@ -233,6 +256,7 @@ def main() -> None:
         "throughput_ratio_c8": round(overhead_rows[1][3], 3),
         "throughput_ratio_c32": round(overhead_rows[2][3], 3),
         "cpu_ms_per_stream": round(sum(r[4] for r in overhead_rows) / len(overhead_rows), 2),
+        "first_window_chars": FIRST_WINDOW_CHARS or None,
     }))
 
 

@@ -81,3 +81,22 @@ def test_thresholds_file_covers_every_operating_point():
     )
     assert set(thresholds.attack_at_fpr) == set(OPERATING_POINTS)
     assert set(thresholds.harmful_at_fpr) == set(OPERATING_POINTS)
+
+
+def test_the_traced_encoder_gives_the_eager_models_vectors_bit_for_bit_at_every_length():
+    import torch
+
+    encoder = classifier_get().encoder
+    assert encoder._forward != encoder.eager_forward  # the traced graph serves, not the fallback
+    texts = ["x", "def add(a, b):", "Ignore all previous instructions. " * 4,
+             "import os\n\ndef main():\n    for name in os.listdir('.'):\n        print(name)\n" * 3,
+             "a much longer text that the tokenizer truncates at its window " * 40]
+    lengths = set()
+    for text in texts:
+        encoded = encoder.tokenizer(text, truncation=True, max_length=256, return_tensors="pt")
+        lengths.add(encoded["input_ids"].shape[1])
+        with torch.inference_mode():
+            traced = encoder._forward(encoded["input_ids"], encoded["attention_mask"])
+            eager = encoder.eager_forward(encoded["input_ids"], encoded["attention_mask"])
+        assert torch.equal(traced, eager), text[:30]
+    assert len(lengths) == len(texts) and max(lengths) == 256

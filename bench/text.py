@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "6"))
 FIRST_WINDOW_CHARS = int(os.environ.get("BENCH_FIRST_WINDOW_CHARS", "0"))  # 0: the policy's own
 CONCURRENCY = [1, 8, 32]
+SEQUENTIAL_AT_1 = 8
 PROMPTS = ["def add(a, b):", "class Stack:", "import os\n\ndef main():", "def parse(line):",
            "for item in items:", "def fibonacci(n):", "with open(path) as handle:",
            "def merge(left, right):"]
@@ -158,11 +159,17 @@ async def _one_stream(client: httpx.AsyncClient, url: str, headers: dict, prompt
 
 
 async def _round(url: str, headers: dict, concurrency: int, offset: int, model: str) -> dict:
+    """`concurrency` streams at once; at 1, SEQUENTIAL_AT_1 streams one after another, so the
+    single-stream percentiles rest on as many samples as the others'."""
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as client:
         started = time.perf_counter()
-        results = await asyncio.gather(*[
-            _one_stream(client, url, headers, PROMPTS[(offset + i) % len(PROMPTS)], model)
-            for i in range(concurrency)])
+        if concurrency == 1:
+            results = [await _one_stream(client, url, headers, PROMPTS[(offset + i) % len(PROMPTS)],
+                                         model) for i in range(SEQUENTIAL_AT_1)]
+        else:
+            results = await asyncio.gather(*[
+                _one_stream(client, url, headers, PROMPTS[(offset + i) % len(PROMPTS)], model)
+                for i in range(concurrency)])
         wall = time.perf_counter() - started
     return {"results": results, "wall": wall}
 
@@ -212,7 +219,7 @@ def main() -> None:
                     samples[target].extend(outcome["results"])
                     walls[target] += outcome["wall"]
                     tokens[target] += sum(r["chunks"] for r in outcome["results"])
-            streams = ROUNDS * concurrency
+            streams = len(samples["sluice"])
             figure = {}
             for target in ("direct", "sluice"):
                 ttft = [r["ttft"] * 1000 for r in samples[target]]

@@ -97,6 +97,9 @@ class Encoder:
                         strict=False, check_trace=False,
                     )
                 graph = torch.jit.freeze(traced.eval())
+                with torch.inference_mode():
+                    for _ in range(2):  # the executor's profiling runs, here rather than on a request
+                        graph(example["input_ids"], example["attention_mask"])
         except Exception:  # noqa: BLE001 - any failure: fall back, never lose the classifier
             logger.warning("safety encoder: tracing failed, serving the eager model", exc_info=True)
             return self.eager_forward

@@ -100,3 +100,20 @@ def test_the_traced_encoder_gives_the_eager_models_vectors_bit_for_bit_at_every_
             eager = encoder.eager_forward(encoded["input_ids"], encoded["attention_mask"])
         assert torch.equal(traced, eager), text[:30]
     assert len(lengths) == len(texts) and max(lengths) == 256
+
+
+def test_an_encoder_whose_tracing_fails_serves_the_eager_model(monkeypatch, caplog):
+    import torch
+
+    from moderation.classifier import Encoder
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("tracing is not supported here")
+
+    monkeypatch.setattr(torch.jit, "trace", refuse)
+    with caplog.at_level("WARNING", logger="moderation.classifier"):
+        fallback = Encoder()
+    assert fallback._forward == fallback.eager_forward
+    assert "tracing failed, serving the eager model" in caplog.text
+    text = "def add(a, b):\n    return a + b"
+    assert np.array_equal(fallback.embed([text]), classifier_get().encoder.embed([text]))

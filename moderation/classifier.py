@@ -34,6 +34,7 @@ from django.conf import settings
 
 from moderation.errors import ClassifierUnavailable
 from moderation.models import OPERATING_POINTS
+from portal.heap import long_lived_freeze
 
 logger = logging.getLogger(__name__)
 
@@ -264,6 +265,7 @@ def classifier_get() -> SafetyClassifier:
                 thresholds=Thresholds.load(thresholds_path),
             )
             logger.info("safety classifier loaded in %.2fs", time.perf_counter() - started)
+            long_lived_freeze(after="loading the safety classifier")
     return _instance
 
 

@@ -18,3 +18,7 @@ application = ProtocolTypeRouter(
         "websocket": AuthMiddlewareStack(URLRouter(websocket_urlpatterns)),
     }
 )
+
+from portal.heap import long_lived_freeze  # noqa: E402
+
+long_lived_freeze(after="ASGI start-up")

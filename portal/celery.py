@@ -3,7 +3,14 @@
 import os
 
 from celery import Celery
-from celery.signals import setup_logging, task_postrun, task_prerun, worker_init
+from celery.signals import (
+    setup_logging,
+    task_postrun,
+    task_prerun,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+)
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 
@@ -47,3 +54,13 @@ def _serve_worker_metrics(**_):
     from portal.metrics import worker_metrics_serve
 
     worker_metrics_serve()
+
+
+@worker_ready.connect
+@worker_process_init.connect
+def _freeze_long_lived_objects(**_):
+    """The worker (and each prefork child) has loaded what it keeps: take it out of the
+    garbage collector's full passes (portal/heap.py)."""
+    from portal.heap import long_lived_freeze
+
+    long_lived_freeze(after="worker start-up")

@@ -12,10 +12,15 @@ Objects made later are collected as usual.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import logging
 
 logger = logging.getLogger(__name__)
+# At exit the frozen objects go back to the collector, so the interpreter's last collections
+# still reach them: left frozen, extension types count as leaked (nanobind prints a page of
+# "leaked" warnings for triton's at every worker shutdown).
+atexit.register(gc.unfreeze)
 
 
 def long_lived_freeze(*, after: str) -> int:

@@ -4,7 +4,8 @@ A Sluice process holds about half a million objects that live as long as it does
 Celery, torch, transformers, the safety encoder). CPython's full (generation 2) collection
 walks all of them - about 200 ms on our 2-core machine, with the GIL held - each time enough
 new objects have survived since the last one: a stall of every request and stream in the
-process at once (it showed as the text path's time-to-first-token outliers).
+process at once (paired bench-text runs: time-to-first-token p99 and CPU per stream improved
+a little with the heap frozen).
 `gc.freeze()` moves every object tracked now into a permanent generation that collections
 skip (and, before a fork, keeps the collector from touching pages the children share).
 Objects made later are collected as usual.

@@ -17,7 +17,8 @@ def test_freezing_takes_the_objects_held_now_out_of_the_collectors_passes():
     kept = [{"row": index} for index in range(50_000)]
     try:
         frozen = long_lived_freeze(after="a test")
-        assert frozen == gc.get_freeze_count() >= len(kept)
+        # (Frozen objects still go when their last reference does: the count may have dropped.)
+        assert frozen >= len(kept) and gc.get_freeze_count() >= len(kept)
         # A full collection now walks only what is not frozen: far fewer objects than are held.
         assert sum(gc.get_count()) < 1_000 and len(gc.get_objects(generation=2)) < frozen / 10
     finally:

@@ -9,7 +9,8 @@ keeps its counters, beside the rest of the application's data.
 Naive B, unlogged: the same on UNLOGGED tables (no WAL, no fsync at commit; lost on a crash),
 the most generous form of that baseline.
 Clients are processes (x threads at 64) hammering for a fixed time; each client holds its own
-connection (Redis or PostgreSQL) for the whole run. Prints a table; the last line is one JSON object of the figures.
+connection (Redis or PostgreSQL) for the whole run. Prints a table; the last line is one JSON
+object of the figures.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ def _dedicated_redis(redis_url: str):
 
 
 def _sluice_decider(redis_url: str, client_index: int):
-
     from quotas.admission import admission_decide
     from quotas.limits import CounterKeys, QuotaLimits
 
@@ -66,7 +66,6 @@ def _sluice_decider(redis_url: str, client_index: int):
 
 def _naive_redis_decider(redis_url: str, client_index: int):
     """Every check its own round trip; the writes follow the reads (not atomic: racy)."""
-
     client = _dedicated_redis(redis_url)
     prefix = f"naive:{client_index}"
     client.mset({f"{prefix}:b": 0, f"{prefix}:k": 0})

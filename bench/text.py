@@ -113,8 +113,9 @@ def _bench_key() -> str:
     Tenant.objects.filter(pk=tenant.pk).update(
         unlimited_budget=True, cu_per_minute_override=100_000_000, burst_cu_override=100_000_000,
         max_concurrent_jobs_override=100_000)
-    _bench_policy(Tenant.objects.get(pk=tenant.pk))
-    return api_key_issue(tenant=Tenant.objects.get(pk=tenant.pk), name="bench").full_key
+    tenant = Tenant.objects.get(pk=tenant.pk)
+    _bench_policy(tenant)
+    return api_key_issue(tenant=tenant, name="bench").full_key
 
 
 def _bench_policy(tenant) -> None:
@@ -163,13 +164,13 @@ async def _round(url: str, headers: dict, concurrency: int, offset: int, model: 
     single-stream percentiles rest on as many samples as the others'."""
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as client:
         started = time.perf_counter()
+        streams = SEQUENTIAL_AT_1 if concurrency == 1 else concurrency
+        prompts = [PROMPTS[(offset + i) % len(PROMPTS)] for i in range(streams)]
         if concurrency == 1:
-            results = [await _one_stream(client, url, headers, PROMPTS[(offset + i) % len(PROMPTS)],
-                                         model) for i in range(SEQUENTIAL_AT_1)]
+            results = [await _one_stream(client, url, headers, prompt, model) for prompt in prompts]
         else:
-            results = await asyncio.gather(*[
-                _one_stream(client, url, headers, PROMPTS[(offset + i) % len(PROMPTS)], model)
-                for i in range(concurrency)])
+            results = await asyncio.gather(*[_one_stream(client, url, headers, prompt, model)
+                                             for prompt in prompts])
         wall = time.perf_counter() - started
     return {"results": results, "wall": wall}
 

@@ -2,23 +2,27 @@
 pool's Celery queue only when the pool has capacity (quotas' semaphore says so).
 
 Order: tier priority first; within a priority, weighted fair queuing on CU across tenants
-(inference/lua/enqueue.lua). Dispatch claims a job by removing it from the queue (ZREM == 1)
-before acquiring capacity, so two dispatchers never start the same job.
+(inference/lua/enqueue.lua). A dispatch round is one script (inference/lua/dispatch.lua)
+that takes jobs off the queue and onto the pool's semaphore together, so two dispatchers
+never start the same job, and needs no database read to decide.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 from django.conf import settings
 
 from portal.redis import lua_script, redis_client
-from quotas.admission import ADMITTED
-from quotas.ledger import reservation_acquire
-from quotas.limits import pool_slots
-
-logger = logging.getLogger(__name__)
+from quotas.ledger import reservations_admitted
+from quotas.limits import (
+    IN_FLIGHT_PREFIX,
+    RESERVATION_MARKER_PREFIX,
+    CounterKeys,
+    pool_capacity_mcu,
+    pool_lease_s,
+    pool_slots,
+)
 
 CANDIDATES_PER_ROUND = 50
 AVG_RUN_KEY = "s:avg:{pool}"
@@ -32,18 +36,27 @@ def _priorities_key(pool: str) -> str:
     return f"s:prios:{pool}"
 
 
+def _jobs_key(pool: str) -> str:
+    return f"s:jobs:{pool}"
+
+
 def scheduler_enqueue(*, job_id: str, pool: str, priority: int, tenant_id: int, cost_mcu: int,
-                      weight: float = 1.0) -> float:
+                      reservation_id: str, job_cap: int, weight: float = 1.0) -> float:
+    """Queue a job whose reservation waits for the pool. `job_cap`: its tenant's concurrent-job
+    cap as admission saw it (the dispatch round applies it without reading the tenant)."""
     tag = lua_script(redis_client(), "enqueue", package="inference")(
         keys=[_queue_key(pool, priority), f"s:tf:{pool}:{tenant_id}", f"s:vt:{pool}",
-              _priorities_key(pool)],
-        args=[job_id, max(cost_mcu, 1), weight, priority],
+              _priorities_key(pool), _jobs_key(pool)],
+        args=[job_id, max(cost_mcu, 1), weight, priority, f"{reservation_id} {tenant_id} {job_cap}"],
     )
     return float(tag)
 
 
 def scheduler_remove(*, job_id: str, pool: str, priority: int) -> bool:
-    return bool(redis_client().zrem(_queue_key(pool, priority), job_id))
+    removed = redis_client().zrem(_queue_key(pool, priority), job_id)
+    if removed:
+        redis_client().hdel(_jobs_key(pool), job_id)
+    return bool(removed)
 
 
 def _priorities(pool: str) -> list[int]:
@@ -51,44 +64,23 @@ def _priorities(pool: str) -> list[int]:
 
 
 def scheduler_dispatch(*, pool: str, start_job) -> int:
-    """Hand queued jobs to the pool while it has room. `start_job(job_id, job=)` sends one to Celery
+    """Hand queued jobs to the pool while it has room. `start_job(job_id)` sends one to Celery
     (the job service owns that). Returns how many were started."""
-    from inference.models import Job
-
-    client = redis_client()
-    lock = client.lock(f"s:lock:{pool}", timeout=10, blocking_timeout=0)
-    if not lock.acquire():
-        return 0  # another process is dispatching this pool right now
-    started = 0
-    try:
-        for priority in _priorities(pool):
-            queue = _queue_key(pool, priority)
-            for raw_id, tag in client.zrange(queue, 0, CANDIDATES_PER_ROUND - 1, withscores=True):
-                job_id = raw_id.decode()
-                if not client.zrem(queue, job_id):
-                    continue
-                # The job, its reservation and what admission needs of them, in one query.
-                job = Job.objects.filter(pk=job_id, status=Job.Status.QUEUED).select_related(
-                    "reservation__tenant__tier", "reservation__api_key").first()
-                if job is None or job.reservation is None:
-                    continue  # cancelled or finished meanwhile
-                outcome = reservation_acquire(reservation_id=job.reservation_id,
-                                              reservation=job.reservation)
-                if outcome == ADMITTED:
-                    vtime = float(client.get(f"s:vt:{pool}") or 0)
-                    client.set(f"s:vt:{pool}", max(vtime, tag))
-                    start_job(job_id, job=job)
-                    started += 1
-                    continue
-                client.zadd(queue, {job_id: tag})  # back in its place
-                if outcome == "wait_pool":
-                    return started  # full: lower tags and priorities wait too
-        return started
-    finally:
-        try:
-            lock.release()
-        except Exception:  # expired lock: the next dispatch round proceeds anyway
-            logger.debug("dispatch lock of %s expired", pool)
+    pool_keys = CounterKeys(tenant_id=0, api_key_id=0, period="", pool=pool)
+    started = lua_script(redis_client(), "dispatch", package="inference")(
+        keys=[_priorities_key(pool), _jobs_key(pool), f"s:vt:{pool}", pool_keys.pool_hash,
+              pool_keys.pool_zset, pool_keys.pool_sum],
+        args=[_queue_key(pool, ""), IN_FLIGHT_PREFIX, RESERVATION_MARKER_PREFIX,
+              pool_capacity_mcu(pool), pool_lease_s(pool) * 1000, pool_slots(pool),
+              CANDIDATES_PER_ROUND],
+    )
+    if not started:
+        return 0
+    job_ids = [job_id.decode() for job_id in started[::2]]
+    reservations_admitted(reservation_ids=[rid.decode() for rid in started[1::2]], pool=pool)
+    for job_id in job_ids:
+        start_job(job_id)
+    return len(job_ids)
 
 
 @dataclass(frozen=True)

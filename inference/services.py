@@ -120,11 +120,13 @@ def job_submit(
     event_publish(job_id=job.id, tenant_id=tenant.pk, event_type="job.queued",
                   data={"status": job.status, "estimated_cu": estimate.cu})
     if opened.ticket.outcome == ADMITTED:
-        _start(job.id, job=job)
+        _start(job.id, pool=job.pool, attempt=1)
     else:
         scheduler_enqueue(job_id=job.id, pool=job.pool, priority=job.priority,
-                          tenant_id=tenant.pk, cost_mcu=estimate.mcu)
-        scheduler_dispatch(pool=job.pool, start_job=_start)
+                          tenant_id=tenant.pk, cost_mcu=estimate.mcu,
+                          reservation_id=opened.reservation.id,
+                          job_cap=opened.limits.max_concurrent_jobs)
+        pool_dispatch(pool=job.pool)
     return Submission(job=job, replayed=False)
 
 
@@ -179,18 +181,17 @@ def text_job_create(*, api_key: ApiKey, payload: dict, idempotency_key: str | No
                            idempotency_key=idempotency_key, request_body=payload)[0]
 
 
-def _start(job_id: str, *, job: Job | None = None) -> None:
-    """Send an admitted job to its pool's Celery queue, for its next attempt. `job`: the row as
-    the caller just wrote or read it (spares a read)."""
+def _start(job_id: str, *, pool: str, attempt: int) -> None:
+    """Send an admitted job to its pool's Celery queue for `attempt`."""
     from inference.tasks import run_job
 
-    if job is None:
-        job = Job.objects.only("pool", "attempts").get(pk=job_id)
-    run_job.apply_async(args=[job_id, job.attempts + 1], queue=job.pool)
+    run_job.apply_async(args=[job_id, attempt], queue=pool)
 
 
 def pool_dispatch(*, pool: str) -> int:
-    return scheduler_dispatch(pool=pool, start_job=_start)
+    # Jobs wait in the scheduler only between their submission and their first attempt
+    # (a redelivered job keeps its pool slot and is sent straight back: job_recover_lost).
+    return scheduler_dispatch(pool=pool, start_job=lambda job_id: _start(job_id, pool=pool, attempt=1))
 
 
 def job_claim(*, job_id: str, attempt: int) -> Job | None:
@@ -324,7 +325,7 @@ def job_recover_lost(*, job: Job) -> str:
         return "moved"
     event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type="job.queued",
                   data={"status": "queued", "reason": "worker_lost", "attempt": job.attempts})
-    _start(job.pk)  # it still holds its reservation's pool slot
+    _start(job.pk, pool=job.pool, attempt=job.attempts + 1)  # it still holds its pool slot
     return "requeued"
 
 

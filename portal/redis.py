@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 import redis
@@ -33,9 +34,15 @@ REPO_DIR = Path(__file__).resolve().parent.parent
 _registered: dict[tuple[int, str, str], Script] = {}
 
 
+INCLUDE = re.compile(r"^--! include (\w+)/(\w+)$", re.MULTILINE)
+
+
 @functools.cache
 def lua_source(package: str, name: str) -> str:
-    return (REPO_DIR / package / "lua" / f"{name}.lua").read_text()
+    """The script's text, each `--! include <package>/<name>` line replaced by that file
+    (a shared Lua function lives in one file; Redis 6 has no script libraries)."""
+    source = (REPO_DIR / package / "lua" / f"{name}.lua").read_text()
+    return INCLUDE.sub(lambda match: lua_source(match[1], match[2]), source)
 
 
 def lua_script(client: redis.Redis, name: str, *, package: str = "quotas") -> Script:

@@ -41,9 +41,7 @@ from quotas.limits import (
     counter_ttl_s,
     key_used_counter,
     period_of,
-    pool_capacity_mcu,
     pool_lease_s,
-    pool_slots,
     quota_limits_for,
     reservation_marker,
 )
@@ -64,6 +62,7 @@ def reservation_id_new() -> str:
 class Opened:
     reservation: Reservation
     ticket: AdmissionTicket
+    limits: QuotaLimits  # what it was admitted under (the scheduler keeps the job cap)
 
 
 def _keys_for(reservation: Reservation) -> CounterKeys:
@@ -146,7 +145,7 @@ def reservation_open(
     if counted:
         budget_alert_check(tenant_id=api_key.tenant_id, period=period, limits=limits,
                            used_mcu=ticket.budget_used_mcu)
-    return Opened(reservation=reservation, ticket=ticket)
+    return Opened(reservation=reservation, ticket=ticket, limits=limits)
 
 
 def reservation_abandon(opened: Opened) -> None:
@@ -225,32 +224,13 @@ def _mirror_settlement(reservation: Reservation) -> None:
         Reservation.objects.filter(pk=reservation.pk).update(redis_synced=False)
 
 
-def reservation_acquire(*, reservation_id: str, reservation: Reservation | None = None) -> str:
-    """Give a queued reservation its pool slot if the pool and the tenant's cap allow it now.
-    Returns "admitted", "wait_tenant" (its tenant is at its job cap), "wait_pool" or "gone".
-    `reservation`: the row with its tenant's tier and its key, where the caller read it already."""
-    if reservation is None:
-        reservation = Reservation.objects.select_related("tenant__tier", "api_key").get(pk=reservation_id)
-    if reservation.state == Reservation.State.ADMITTED:
-        return ADMITTED
-    if reservation.state != Reservation.State.QUEUED:
-        return "gone"
-    limits = quota_limits_for(tenant=reservation.tenant, api_key=reservation.api_key)
-    keys = _keys_for(reservation)
-    result = lua_script(redis_client(), "acquire")(
-        keys=[keys.in_flight, keys.pool_hash, keys.pool_zset, keys.pool_sum,
-              reservation_marker(reservation_id)],
-        args=[reservation_id, limits.max_concurrent_jobs, pool_capacity_mcu(reservation.pool),
-              pool_lease_s(reservation.pool) * 1000, pool_slots(reservation.pool)],
-    )
-    outcome = result.decode() if isinstance(result, bytes) else result
-    if outcome != ADMITTED:
-        return outcome
-    Reservation.objects.filter(pk=reservation_id, state=Reservation.State.QUEUED).update(
+def reservations_admitted(*, reservation_ids: list[str], pool: str) -> None:
+    """Record in the database that Redis moved these queued reservations onto the pool (the
+    scheduler's dispatch round, inference/lua/dispatch.lua): their lease starts now."""
+    Reservation.objects.filter(pk__in=reservation_ids, state=Reservation.State.QUEUED).update(
         state=Reservation.State.ADMITTED,
-        expires_at=timezone.now() + timedelta(seconds=pool_lease_s(reservation.pool)),
+        expires_at=timezone.now() + timedelta(seconds=pool_lease_s(pool)),
     )
-    return ADMITTED
 
 
 def reservation_extend(*, reservation_id: str, seconds: int) -> None:

@@ -86,6 +86,11 @@ def counter_ttl_s(period: str, now: datetime) -> int:
 # --- Redis key names --------------------------------------------------------------------------
 
 
+# Key prefixes a script completes itself (the scheduler's dispatch round: inference/lua/).
+IN_FLIGHT_PREFIX = "q:c:"  # + tenant id: the tenant's running reservations (id -> lease expiry)
+RESERVATION_MARKER_PREFIX = "q:r:"  # + reservation id: its hash while Redis holds it
+
+
 @dataclass(frozen=True)
 class CounterKeys:
     tenant_id: int
@@ -111,7 +116,7 @@ class CounterKeys:
 
     @property
     def in_flight(self) -> str:
-        return f"q:c:{self.tenant_id}"
+        return f"{IN_FLIGHT_PREFIX}{self.tenant_id}"
 
     @property
     def pool_hash(self) -> str:
@@ -131,7 +136,7 @@ def key_used_counter(api_key_id: int | None, period: str) -> str:
 
 
 def reservation_marker(reservation_id: str) -> str:
-    return f"q:r:{reservation_id}"
+    return f"{RESERVATION_MARKER_PREFIX}{reservation_id}"
 
 
 @dataclass(frozen=True)

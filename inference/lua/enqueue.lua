@@ -3,8 +3,9 @@
 -- light tenant arriving later lands near the front (start = the pool's virtual time).
 --
 -- KEYS: 1 queue zset (job id -> finish tag)  2 tenant's last finish tag  3 pool virtual time
---       4 set of priorities in use
+--       4 set of priorities in use  5 job hash (job id -> what dispatch.lua needs of it)
 -- ARGV: 1 job id  2 cost (mCU)  3 weight  4 priority
+--       5 "<reservation id> <tenant id> <tenant's concurrent-job cap>"
 -- Returns the finish tag.
 
 local pool_vtime = tonumber(redis.call('GET', KEYS[3]) or '0')
@@ -14,4 +15,5 @@ local finish = start + tonumber(ARGV[2]) / tonumber(ARGV[3])
 redis.call('SET', KEYS[2], finish, 'EX', 86400)
 redis.call('ZADD', KEYS[1], finish, ARGV[1])
 redis.call('SADD', KEYS[4], ARGV[4])
+redis.call('HSET', KEYS[5], ARGV[1], ARGV[5])
 return tostring(finish)

@@ -158,7 +158,11 @@ def test_tenant_at_its_job_cap_does_not_block_others(settings, sent_tasks):
     third = video_job_submit(other_key).job
     assert [job_id for job_id, *_ in sent_tasks] == [first.pk, third.pk]
     second.refresh_from_db()
-    assert second.status == "queued"
+    assert second.status == "queued" and second.reservation.state == "queued"
+    job_succeed(job=job_claim(job_id=first.pk, attempt=1), actual_mcu=1000, result={}, usage={})
+    assert sent_tasks[-1] == (second.pk, 1, "video-hbm")  # its tenant's slot came free
+    second.reservation.refresh_from_db()
+    assert second.reservation.state == "admitted"
 
 
 def test_queue_position_and_eta(settings, sent_tasks):
@@ -197,5 +201,6 @@ def test_reaper_redelivers_lost_jobs_then_fails_them_with_a_refund(settings, sen
 
 def test_dispatch_is_a_noop_when_nothing_waits(sent_tasks):
     assert pool_dispatch(pool="video-hbm") == 0
-    assert scheduler_dispatch(pool="nowhere", start_job=lambda job_id, job=None: None) == 0
-    assert scheduler_enqueue(job_id="job_x", pool="p", priority=1, tenant_id=1, cost_mcu=10) == 10.0
+    assert scheduler_dispatch(pool="nowhere", start_job=lambda job_id: None) == 0
+    assert scheduler_enqueue(job_id="job_x", pool="p", priority=1, tenant_id=1, cost_mcu=10,
+                             reservation_id="res_x", job_cap=1) == 10.0

@@ -16,7 +16,6 @@ from portal.redis import redis_client
 from quotas.errors import InsufficientQuota, RateLimitExceeded, SystemOverloaded
 from quotas.ledger import (
     budget_used_from_ledger,
-    reservation_acquire,
     reservation_open,
     reservation_release,
     reservation_settle,
@@ -43,6 +42,21 @@ def ledger_used(tenant_id: int) -> int:
 def open_cu(api_key, cu: float, mode: str = "sync"):
     return reservation_open(api_key=api_key, model_id="sluice-code-tiny", pool=POOL,
                             cost_mcu=int(cu * 1000), mode=mode)
+
+
+def dispatched(queued) -> bool:
+    """A scheduler round for this queued reservation alone (as a job of its own): True when it
+    took its pool slot."""
+    from inference.scheduler import scheduler_dispatch, scheduler_enqueue
+
+    reservation = queued.reservation
+    job_id = f"job-{reservation.id}"
+    scheduler_enqueue(job_id=job_id, pool=POOL, priority=1, tenant_id=reservation.tenant_id,
+                      cost_mcu=reservation.reserved_mcu, reservation_id=reservation.id,
+                      job_cap=queued.limits.max_concurrent_jobs)
+    started = []
+    scheduler_dispatch(pool=POOL, start_job=started.append)
+    return started == [job_id]
 
 
 # --- the race --------------------------------------------------------------------------------
@@ -257,9 +271,9 @@ def test_pool_saturation_queues_async_and_rejects_sync(settings):
     queued = open_cu(api_key, 1, mode="async")
     assert queued.ticket.outcome == "queued" and queued.reservation.state == "queued"
     assert counter(api_key.tenant_id) == 3000  # a queued job holds its budget
-    assert reservation_acquire(reservation_id=queued.reservation.id) == "wait_pool"
+    assert not dispatched(queued)
     reservation_settle(reservation_id=first.reservation.id, actual_mcu=1000)  # frees capacity
-    assert reservation_acquire(reservation_id=queued.reservation.id) == "admitted"
+    assert dispatched(queued)
     assert Reservation.objects.get(pk=queued.reservation.id).state == "admitted"
     with pytest.raises(SystemOverloaded):
         open_cu(api_key, 1)
@@ -295,8 +309,10 @@ def test_concurrent_job_cap(settings):
     assert "concurrent jobs" in exc.value.message
     queued = open_cu(api_key, 1, mode="async")
     assert queued.ticket.outcome == "queued"
+    assert not dispatched(queued)
     reservation_release(reservation_id=first.reservation.id)
-    assert reservation_acquire(reservation_id=queued.reservation.id) == "admitted"
+    assert dispatched(queued)
+    assert Reservation.objects.get(pk=queued.reservation.id).state == "admitted"
 
 
 # --- Redis losing its data, or going away ----------------------------------------------------

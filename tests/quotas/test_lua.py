@@ -63,19 +63,6 @@ def test_settle_is_idempotent_and_never_creates_a_counter(client):
     assert admit_again == 0 and client.get("t:b") is None
 
 
-def test_acquire_moves_queued_work_onto_the_pool(client):
-    client.mset({"t:b": 0, "t:k": 0})
-    admit(client, cost=1000, capacity=1000, rid="1")
-    admit(client, cost=1000, capacity=1000, rid="2", mode="async")
-    acquire_keys = ["t:c", "t:ph", "t:pz", "t:ps", "t:r:2"]
-    assert lua_script(client, "acquire")(keys=acquire_keys, args=["2", 10, 1000, 60_000, 10]) == b"wait_pool"
-    lua_script(client, "settle")(keys=["t:r:1", "t:b", "t:k", "t:c", "t:ph", "t:pz", "t:ps"], args=["1", 0])
-    assert lua_script(client, "acquire")(keys=acquire_keys, args=["2", 10, 1000, 60_000, 10]) == b"admitted"
-    assert lua_script(client, "acquire")(keys=acquire_keys, args=["2", 10, 1000, 60_000, 10]) == b"admitted"
-    assert lua_script(client, "acquire")(keys=["t:c", "t:ph", "t:pz", "t:ps", "t:r:none"],
-                                         args=["none", 10, 1000, 60_000, 10]) == b"gone"
-
-
 def test_rebuild_applies_once(client):
     payload = {"budget_used": 4000, "ttl_s": 600, "key_counters": {"t:k": 1000}, "reservations": [
         {"key": "q:r:abc", "state": "admitted", "cost": 1000, "pool": "p", "in_flight_key": "t:c",

@@ -26,6 +26,7 @@ from inference.scheduler import (
     scheduler_record_run_time,
     scheduler_remove,
 )
+from portal.db import update_returning
 from portal.metrics import job_claim_observe, job_finish_observe
 from portal.models import ApiKey
 from portal.redis import redis_client
@@ -197,13 +198,14 @@ def pool_dispatch(*, pool: str) -> int:
 def job_claim(*, job_id: str, attempt: int) -> Job | None:
     """The worker takes the job for `attempt`; a stale or duplicate delivery gets None."""
     now = timezone.now()
-    claimed = Job.objects.filter(pk=job_id, status=Job.Status.QUEUED, attempts=attempt - 1).update(
-        status=Job.Status.RUNNING, attempts=attempt, started_at=now
+    claimed = update_returning(
+        Job.objects.filter(pk=job_id, status=Job.Status.QUEUED, attempts=attempt - 1),
+        status=Job.Status.RUNNING, attempts=attempt, started_at=now,
     )
-    if claimed != 1:
+    if not claimed:
         return None
+    (job,) = claimed
     job_heartbeat(job_id=job_id)
-    job = Job.objects.select_related("tenant").get(pk=job_id)
     job_claim_observe(pool=job.pool, priority=job.priority, queued_at=job.queued_at,
                       started_at=now)
     event_publish(job_id=job_id, tenant_id=job.tenant_id, event_type="job.started",

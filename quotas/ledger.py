@@ -18,10 +18,12 @@ from datetime import datetime, timedelta
 import redis
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Sum
+from django.db.models import BigIntegerField, F, Sum, Value
+from django.db.models.functions import Least
 from django.utils import timezone
 
 from inference.webhooks import webhook_event_publish
+from portal.db import update_returning
 from portal.errors import SluiceError
 from portal.metrics import admission_observe, settlement_observe
 from portal.models import ApiKey, Tenant
@@ -128,6 +130,7 @@ def reservation_open(
                 api_key=api_key,
                 model=model_id,
                 pool=pool,
+                tier=api_key.tenant.tier.slug,
                 period=period,
                 reserved_mcu=cost_mcu,
                 state=ticket.outcome,
@@ -176,20 +179,21 @@ def reservation_settle(
 ) -> bool:
     """Charge `actual_mcu` (at most the reservation) and refund the rest. Idempotent:
     a second call for the same reservation changes nothing and returns False."""
-    reservation = Reservation.objects.select_related("tenant__tier").get(pk=reservation_id)
-    charge = max(0, min(actual_mcu, reservation.reserved_mcu))
-    if actual_mcu > reservation.reserved_mcu:
-        logger.warning("usage above reservation %s: %s > %s mCU, charging the reservation",
-                       reservation_id, actual_mcu, reservation.reserved_mcu)
-    refund = reservation.reserved_mcu - charge
     now = timezone.now()
     # Inside a caller's transaction (a job's finish) no savepoint: two round trips fewer.
     with transaction.atomic(savepoint=False):
-        claimed = Reservation.objects.filter(
-            pk=reservation_id, state__in=Reservation.ACTIVE_STATES
-        ).update(state=final_state, settled_mcu=charge, settled_at=now)
-        if claimed != 1:
+        # Claim and read in one statement; the charge is capped at what was reserved.
+        claimed = update_returning(
+            Reservation.objects.filter(pk=reservation_id, state__in=Reservation.ACTIVE_STATES),
+            state=final_state, settled_at=now,
+            settled_mcu=Least(F("reserved_mcu"), Value(max(0, actual_mcu)),
+                              output_field=BigIntegerField()),
+        )
+        if not claimed:
             return False
+        (reservation,) = claimed
+        charge = reservation.settled_mcu
+        refund = reservation.reserved_mcu - charge
         common = {"tenant_id": reservation.tenant_id, "api_key_id": reservation.api_key_id,
                   "reservation": reservation, "period": reservation.period,
                   "model": reservation.model}
@@ -197,9 +201,11 @@ def reservation_settle(
         if refund:
             entries.append(LedgerEntry(kind=LedgerEntry.Kind.REFUND, mcu=refund, **common))
         LedgerEntry.objects.bulk_create(entries)  # one INSERT for both rows
-    reservation.state, reservation.settled_mcu = final_state, charge
-    settlement_observe(tier=reservation.tenant.tier.slug, model=reservation.model,
-                       settled_mcu=charge, refunded_mcu=refund)
+    if actual_mcu > reservation.reserved_mcu:
+        logger.warning("usage above reservation %s: %s > %s mCU, charging the reservation",
+                       reservation_id, actual_mcu, reservation.reserved_mcu)
+    settlement_observe(tier=reservation.tier, model=reservation.model, settled_mcu=charge,
+                       refunded_mcu=refund)
     # The Redis release is idempotent (its marker is deleted once), so mirroring before an
     # enclosing transaction commits can never refund twice, even if that transaction retries.
     _mirror_settlement(reservation)

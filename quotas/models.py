@@ -27,6 +27,8 @@ class Reservation(models.Model):
     api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     model = models.CharField(max_length=64)
     pool = models.CharField(max_length=64)
+    # The tier it was admitted under (its tenant may move later): settlement metrics and audits.
+    tier = models.CharField(max_length=32, blank=True)
     period = models.CharField(max_length=7)  # "2026-11", UTC month
     reserved_mcu = models.BigIntegerField()
     settled_mcu = models.BigIntegerField(null=True, blank=True)

@@ -1,0 +1,48 @@
+"""portal/db.py against the configured database (PostgreSQL in CI)."""
+
+import pytest
+from django.db import transaction
+from django.db.models import F
+
+from inference.models import Job
+from portal.db import update_returning
+from tests.factories import api_key_obj, tenant_with_limits, video_job_submit
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def job(sent_tasks):
+    return video_job_submit(api_key_obj(tenant_with_limits(budget_cu=100))).job
+
+
+def test_update_returning_changes_the_row_and_returns_it_as_the_orm_would(job):
+    claimed = update_returning(Job.objects.filter(pk=job.pk, status="queued"),
+                               status="running", attempts=F("attempts") + 1, result={"frames": [1, 2]})
+    assert len(claimed) == 1
+    row = claimed[0]
+    again = Job.objects.get(pk=job.pk)
+    # Every field as a plain read gives it: JSON decoded, datetimes aware, foreign keys as ids.
+    for field in Job._meta.concrete_fields:
+        assert getattr(row, field.attname) == getattr(again, field.attname), field.name
+    assert (row.status, row.attempts, row.result) == ("running", 1, {"frames": [1, 2]})
+    assert row.queued_at.tzinfo is not None and row.params == job.params
+    assert row._state.adding is False and row._state.db == "default"
+    assert row.tenant_id == job.tenant_id and row.tenant.pk == job.tenant_id
+
+
+def test_update_returning_returns_nothing_when_the_condition_no_longer_holds(job):
+    assert update_returning(Job.objects.filter(pk=job.pk, status="running"), status="failed") == []
+    assert Job.objects.get(pk=job.pk).status == "queued"
+
+
+def test_update_returning_joins_the_callers_transaction(job):
+    with pytest.raises(RuntimeError), transaction.atomic():
+        update_returning(Job.objects.filter(pk=job.pk), status="running")
+        raise RuntimeError("the caller fails after the claim")
+    assert Job.objects.get(pk=job.pk).status == "queued"  # rolled back with it
+
+
+def test_update_returning_refuses_filters_through_other_tables(job):
+    with pytest.raises(ValueError, match="own table"):
+        update_returning(Job.objects.filter(tenant__slug="x"), status="running")

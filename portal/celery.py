@@ -56,6 +56,16 @@ def _serve_worker_metrics(**_):
     worker_metrics_serve()
 
 
+@worker_init.connect
+def _load_the_urlconf(**_):
+    """Job events carry API URLs (`reverse`), and the URLconf imports every API module, the
+    tokenizers' transformers among them: ~5 s of CPU. Load it in the worker before it forks, or
+    each prefork child pays that on its first finished job (which then finishes 5 s late)."""
+    from django.urls import get_resolver
+
+    get_resolver().url_patterns  # noqa: B018 - the import is the point
+
+
 @worker_ready.connect
 @worker_process_init.connect
 def _freeze_long_lived_objects(**_):

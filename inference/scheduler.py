@@ -102,13 +102,11 @@ def scheduler_position(*, job_id: str, pool: str, priority: int) -> QueuePositio
     return QueuePosition(position=ahead, eta_s=eta)
 
 
-def scheduler_record_run_time(*, pool: str, seconds: float) -> None:
-    """Exponentially weighted average of run times, for ETAs."""
-    key = AVG_RUN_KEY.format(pool=pool)
-    client = redis_client()
-    previous = client.get(key)
-    value = seconds if previous is None else 0.8 * float(previous) + 0.2 * seconds
-    client.set(key, value, ex=7 * 86400)
+def scheduler_record_run_time(*, pool: str, seconds: float) -> float:
+    """Exponentially weighted average of run times, for ETAs. Returns the new average."""
+    average = lua_script(redis_client(), "run_time", package="inference")(
+        keys=[AVG_RUN_KEY.format(pool=pool)], args=[seconds, 7 * 86400])
+    return float(average)
 
 
 def scheduler_depths(*, pool: str) -> dict[int, int]:

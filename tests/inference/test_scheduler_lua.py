@@ -87,3 +87,10 @@ def test_an_already_admitted_reservation_is_started(client):
     client.hset("t:r:rj", "state", "admitted")
     assert dispatch(client) == ["j", "rj"]
     assert client.zcard("t:pz") == 0  # it took no second slot
+
+
+def test_run_time_keeps_an_exponentially_weighted_average(client):
+    script = lua_script(client, "run_time", package="inference")
+    assert float(script(keys=["t:avg"], args=[10, 60])) == 10.0  # the first run sets it
+    assert float(script(keys=["t:avg"], args=[20, 60])) == 12.0  # then 0.8 old + 0.2 new
+    assert float(client.get("t:avg")) == 12.0 and 0 < client.ttl("t:avg") <= 60

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import redis
 from django.conf import settings
 
-from portal.broadcast import group_broadcast
+from portal.broadcast import group_broadcast, group_storage_key
 from portal.redis import lua_script, redis_client
 
 logger = logging.getLogger(__name__)
@@ -58,12 +58,16 @@ def event_publish(*, job_id: str, tenant_id: int, event_type: str, data: dict) -
 
     `published_at` (epoch seconds) lets a follower measure how late an event reached it."""
     payload = {"job_id": job_id, "published_at": round(time.time(), 6), **data}
-    seq, webhooks = lua_script(redis_client(), "publish", package="inference")(
-        keys=[stream_key(job_id), f"{stream_key(job_id)}:seq", WEBHOOK_TENANTS_KEY],
+    group = tenant_group(tenant_id)
+    seq, webhooks, listeners = lua_script(redis_client(), "publish", package="inference")(
+        keys=[stream_key(job_id), f"{stream_key(job_id)}:seq", WEBHOOK_TENANTS_KEY,
+              group_storage_key(group)],
         args=[event_type, json.dumps(payload), STREAM_TTL_S, STREAM_MAXLEN, tenant_id],
     )
-    if event_type in STATUS_EVENTS:
-        group_broadcast(tenant_group(tenant_id), {"type": "job.status", "event": event_type, "data": payload})
+    # Nobody on the tenant's live list (no dashboard open): no broadcast, which would cost a
+    # hop to the broadcast thread and two Redis round trips to find the group empty.
+    if event_type in STATUS_EVENTS and listeners:
+        group_broadcast(group, {"type": "job.status", "event": event_type, "data": payload})
     if webhooks == -1:
         webhook_tenants_rebuild()
     if webhooks != 0 and (

@@ -30,6 +30,13 @@ def _loop() -> asyncio.AbstractEventLoop:
         return _state["loop"]
 
 
+def group_storage_key(group: str) -> str:
+    """The Redis key under which the channel layer keeps `group`'s members (channels_redis's
+    own naming, from the layer itself), so a Lua script on the same Redis can tell whether
+    anyone listens before a broadcast is paid for."""
+    return get_channel_layer()._group_key(group).decode()
+
+
 def group_broadcast(group: str, message: dict) -> None:
     async def send() -> None:
         try:

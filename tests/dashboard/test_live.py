@@ -53,3 +53,33 @@ async def test_members_get_their_tenants_job_status_changes_and_nobody_else_does
         intruder = WebsocketCommunicator(application, path, headers=headers)
         await intruder.connect()
         assert await intruder.receive_output(timeout=5) == {"type": "websocket.close", "code": code}
+
+
+async def test_status_changes_are_broadcast_only_while_someone_listens(cast, monkeypatch):
+    """The publish script tells whether the tenant's group has members: with no live list open,
+    a status change costs no broadcast; once one is open, it gets them; after it closes, none."""
+    from inference import events
+
+    broadcasts = []
+    real_broadcast = events.group_broadcast
+
+    def recording_broadcast(group, message):
+        broadcasts.append(message["event"])
+        real_broadcast(group, message)
+
+    monkeypatch.setattr(events, "group_broadcast", recording_broadcast)
+    publish = sync_to_async(event_publish)
+    await publish(job_id="job_y", tenant_id=cast.tenant.pk, event_type="job.started", data={})
+    assert broadcasts == []
+
+    headers = await sync_to_async(session_cookie)(cast.viewer.user)
+    viewer = WebsocketCommunicator(application, "/ws/tenants/acme/jobs/", headers=headers)
+    await viewer.connect()
+    assert (await viewer.receive_json_from(timeout=5))["type"] == "subscribed"
+    await publish(job_id="job_y", tenant_id=cast.tenant.pk, event_type="job.completed", data={})
+    assert (await viewer.receive_json_from(timeout=5))["type"] == "job.completed"
+    assert broadcasts == ["job.completed"]
+    await viewer.disconnect()
+
+    await publish(job_id="job_z", tenant_id=cast.tenant.pk, event_type="job.started", data={})
+    assert broadcasts == ["job.completed"]

@@ -53,9 +53,12 @@ def scheduler_enqueue(*, job_id: str, pool: str, priority: int, tenant_id: int, 
 
 
 def scheduler_remove(*, job_id: str, pool: str, priority: int) -> bool:
-    removed = redis_client().zrem(_queue_key(pool, priority), job_id)
-    if removed:
-        redis_client().hdel(_jobs_key(pool), job_id)
+    """Take a queued job out (cancelled). False when it was not there: a dispatch round took
+    it first."""
+    pipe = redis_client().pipeline()
+    pipe.zrem(_queue_key(pool, priority), job_id)
+    pipe.hdel(_jobs_key(pool), job_id)
+    removed, _ = pipe.execute()
     return bool(removed)
 
 

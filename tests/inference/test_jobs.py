@@ -18,6 +18,7 @@ from inference.services import (
     jobs_reap,
     pool_dispatch,
 )
+from portal.redis import redis_client
 from quotas.ledger import budget_used_from_ledger
 from quotas.limits import period_of
 from quotas.models import LedgerEntry
@@ -102,6 +103,7 @@ def test_cancel_queued_job_never_starts_and_is_refunded(settings, sent_tasks):
     job_cancel(job=waiting)
     waiting.refresh_from_db()
     assert waiting.status == "cancelled" and waiting.actual_mcu == 0
+    assert not redis_client().hexists("s:jobs:video-hbm", waiting.pk)  # out of the scheduler
     assert used(api_key.tenant_id) == 1000
     # When the running job ends, the cancelled one is not dispatched.
     job_succeed(job=job_claim(job_id=running.pk, attempt=1), actual_mcu=1000, result={}, usage={})
@@ -179,7 +181,6 @@ def test_queue_position_and_eta(settings, sent_tasks):
 
 
 def test_reaper_redelivers_lost_jobs_then_fails_them_with_a_refund(settings, sent_tasks):
-    from portal.redis import redis_client
 
     settings.SLUICE_JOB_MAX_ATTEMPTS = 2
     api_key = api_key_obj(tenant_with_limits(budget_cu=100))

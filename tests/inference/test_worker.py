@@ -145,7 +145,9 @@ def test_progress_webhooks_are_throttled_per_job(cast, api, start_worker, receiv
 
 def test_cancel_running_video_stops_within_one_step_and_refunds(cast, api, start_worker):
     worker = start_worker("video-hbm")
-    video = create_video(api, cast.owner_key, num_inference_steps=50, size="128x128")
+    # 256x256: a step long enough that the test's own cancel request (polling, an HTTP round
+    # trip) lands well before the last step, also on a loaded machine (128x128 once did not).
+    video = create_video(api, cast.owner_key, num_inference_steps=50, size="256x256")
     job_id = video["id"]
     wait_for(lambda: "job.progress" in event_types(job_id), 120, worker, "the first step")
     response = api.delete(f"/v1/videos/{job_id}")

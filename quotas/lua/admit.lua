@@ -13,6 +13,8 @@
 --       15 pool retry-after hint ms  16 pool job slots (jobs in flight at once)
 -- Returns {outcome, retry_after_ms, budget_used, tenant_remaining_mcu, tenant_reset_ms}
 
+--! include quotas/pool
+
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 
@@ -78,24 +80,10 @@ if key_rate > 0 then
   if not k_ok then return {'rate_key', k_retry, used, t_remaining, t_reset} end
 end
 
--- Leases that ran out belong to dead workers: they no longer hold capacity.
-redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
-local pool_used = tonumber(stored[5] or '0')
-local expired = redis.call('ZRANGEBYSCORE', KEYS[7], '-inf', now)
-for _, id in ipairs(expired) do
-  local held = redis.call('HGET', KEYS[6], id)
-  if held then
-    redis.call('HDEL', KEYS[6], id)
-    pool_used = redis.call('DECRBY', KEYS[8], held)
-  end
-  redis.call('ZREM', KEYS[7], id)
-end
-
-local in_flight = redis.call('ZCARD', KEYS[5])
-local fits_concurrency = in_flight < conc_limit
--- A job larger than the whole pool may still run alone.
-local fits_pool = (pool_used + cost <= pool_capacity or pool_used == 0)
-  and redis.call('ZCARD', KEYS[7]) < tonumber(ARGV[16])
+local pool_used = pool_leases_expire(KEYS[5], KEYS[6], KEYS[7], KEYS[8],
+                                     tonumber(stored[5] or '0'), now)
+local fits_concurrency = redis.call('ZCARD', KEYS[5]) < conc_limit
+local fits_pool = pool_fits(KEYS[7], pool_used, cost, pool_capacity, tonumber(ARGV[16]))
 local admit = fits_concurrency and fits_pool
 
 if not admit and mode ~= 'async' then
@@ -114,10 +102,7 @@ redis.call('INCRBY', KEYS[2], cost)
 local outcome = 'queued'
 if admit then
   outcome = 'admitted'
-  redis.call('ZADD', KEYS[5], now + lease_ms, reservation_id)
-  redis.call('HSET', KEYS[6], reservation_id, cost)
-  redis.call('ZADD', KEYS[7], now + lease_ms, reservation_id)
-  redis.call('INCRBY', KEYS[8], cost)
+  pool_take(KEYS[5], KEYS[6], KEYS[7], KEYS[8], reservation_id, cost, now + lease_ms)
 end
 redis.call('HSET', KEYS[9], 'state', outcome, 'cost', cost, 'pool', ARGV[14])
 redis.call('EXPIRE', KEYS[9], reservation_ttl)

@@ -1,12 +1,14 @@
-"""x-request-id on every response, and in every log line written while serving it."""
+"""x-request-id on every response, and in every log line written while serving it; static
+files served from an async middleware chain."""
 
 from __future__ import annotations
 
 import re
 import uuid
 
-from asgiref.sync import iscoroutinefunction
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.utils.decorators import sync_and_async_middleware
+from whitenoise.middleware import WhiteNoiseMiddleware
 
 from portal.logs import log_context
 
@@ -45,3 +47,35 @@ def RequestIdMiddleware(get_response):  # noqa: N802 - Django middleware naming
 
     return middleware
 
+
+
+class StaticFilesMiddleware(WhiteNoiseMiddleware):
+    """WhiteNoise, able to run in an async middleware chain.
+
+    WhiteNoise's middleware is sync-only, and one sync middleware makes Django run the whole
+    chain around it in a worker thread and hop back to the event loop for the async views under
+    it: two thread hops per API request (and a streaming response's first bytes wait on them).
+    Finding a static file is a dict lookup; serving one still happens in a thread."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response=None, **kwargs):
+        super().__init__(get_response, **kwargs)
+        self._async = iscoroutinefunction(get_response)
+        if self._async:
+            markcoroutinefunction(self)
+
+    def __call__(self, request):
+        if self._async:
+            return self._acall(request)
+        return super().__call__(request)
+
+    async def _acall(self, request):
+        if self.autorefresh:
+            static_file = await sync_to_async(self.find_file)(request.path_info)
+        else:
+            static_file = self.files.get(request.path_info)
+        if static_file is not None:
+            return await sync_to_async(self.serve)(static_file, request)
+        return await self.get_response(request)

@@ -116,7 +116,7 @@ class TextRequest:
     def prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
-    def job_params(self, *, priority: int) -> dict:
+    def job_params(self, *, priority: int, safety_policy: dict) -> dict:
         return {
             "prompt_token_ids": self.prompt_token_ids,
             "max_tokens": self.max_tokens,
@@ -127,6 +127,9 @@ class TextRequest:
             "priority": priority,
             # A plain completion continues its prompt: partial repair parses them together.
             "code_context": "" if self.is_chat else self.prompt_text,
+            # The output moderator's policy (SafetyPolicy.snapshot()): the one that screened
+            # the prompt, so the worker judges the stream without looking it up.
+            "safety_policy": safety_policy,
         }
 
 

@@ -59,9 +59,14 @@ class _Heartbeat:
 
 def output_moderator_for(job):
     from moderation.cascade import OutputModerator
+    from moderation.models import SafetyPolicy
     from moderation.selectors import safety_policy_for_tenant
 
-    return OutputModerator(policy=safety_policy_for_tenant(tenant=job.tenant))
+    snapshot = job.params.get("safety_policy")
+    # Jobs queued before jobs carried their policy look it up.
+    policy = (SafetyPolicy.from_snapshot(snapshot) if snapshot
+              else safety_policy_for_tenant(tenant=job.tenant))
+    return OutputModerator(policy=policy)
 
 
 def output_case_open(*, job, verdict, text: str) -> None:

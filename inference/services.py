@@ -155,14 +155,18 @@ def text_job_submit(*, api_key: ApiKey, text: TextRequest, mode: str, idempotenc
     the variant the tier is served from, and submit it: the OpenAI endpoints (mode "sync") and
     the playground (mode "async") both come here."""
     from inference.registry import variant_for_tier
+    from moderation.selectors import safety_policy_for_tenant
     from quotas.cost import text_cost
 
     tier = api_key.tenant.tier
+    policy = safety_policy_for_tenant(tenant=api_key.tenant)
     variant = variant_for_tier(text.spec, tier)
     estimate = text_cost(spec=text.spec, variant=variant, prompt_tokens=text.prompt_tokens,
                          completion_tokens=text.max_tokens)
     submission = job_submit(api_key=api_key, spec=text.spec, variant=variant,
-                            params=text.job_params(priority=tier.queue_priority), estimate=estimate,
+                            params=text.job_params(priority=tier.queue_priority,
+                                                   safety_policy=policy.snapshot()),
+                            estimate=estimate,
                             mode=mode, idempotency_key=idempotency_key, request_body=request_body)
     return submission, variant, estimate
 

@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from channels.db import database_sync_to_async
-from django.db import close_old_connections, connection
+from django.db import close_old_connections
 from django.http import JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
@@ -22,6 +22,10 @@ from inference.events import events_follow
 from inference.models import Job
 from inference.requests import TextRequest, text_request_parse
 from inference.services import job_cancel, text_job_submit
+from moderation.cascade import safety_check_input
+from moderation.rules import rules_active
+from moderation.selectors import safety_policy_for_tenant
+from moderation.services import safety_verdict_enforce
 from portal.authentication import ApiPrincipal, bearer_token
 from portal.errors import InvalidApiKey, InvalidParameter, SluiceError, json_error
 from portal.services import api_key_authenticate
@@ -49,19 +53,21 @@ def _submit(request, *, chat: bool):
     if not isinstance(payload, dict):
         raise InvalidParameter("The body must be a JSON object.")
     tier = api_key.tenant.tier
-    # Hold no database connection while waiting on the safety thread, which needs one: with a
-    # bounded pool, requests holding them all while their screenings wait would deadlock.
-    connection.close()
-    # The safety cascade runs beside tokenisation and pricing: it adds max(), not sum().
-    screening = _SAFETY_POOL.submit(
-        _screen, tenant=api_key.tenant, api_key=api_key, payload=payload,
-        endpoint="chat.completions" if chat else "completions",
-        request_id=getattr(request, "request_id", ""),
-    )
+    policy = safety_policy_for_tenant(tenant=api_key.tenant)
+    endpoint = "chat.completions" if chat else "completions"
+    prompt = screened_text(payload)
+    # The classifier runs beside tokenisation and pricing: it adds max(), not sum(). Its thread
+    # only classifies: the policy and rules are read here and the verdict's case is written
+    # here, so it never holds one of the pool's database connections.
+    screening = _SAFETY_POOL.submit(safety_check_input, text=prompt, policy=policy,
+                                    rules=rules_active())
     try:
         text = text_request_parse(payload=payload, tier=tier, chat=chat)
     finally:
-        verdict = screening.result()  # raises SafetyRejection when the prompt is blocked
+        # A blocked prompt is refused (and its case opened) even when its parameters are bad too.
+        verdict = safety_verdict_enforce(tenant=api_key.tenant, api_key=api_key,
+                                         verdict=screening.result(), text=prompt, endpoint=endpoint,
+                                         request_id=getattr(request, "request_id", ""))
     submission, variant, estimate = text_job_submit(
         api_key=api_key, text=text, mode="sync",
         idempotency_key=request.headers.get("Idempotency-Key"), request_body=payload,
@@ -79,16 +85,6 @@ def screened_text(payload: dict) -> str:
         return "\n".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
     prompt = payload.get("prompt")
     return prompt if isinstance(prompt, str) else ""
-
-
-def _screen(*, tenant, api_key, payload: dict, endpoint: str, request_id: str):
-    from moderation.services import safety_screen_input
-
-    try:
-        return safety_screen_input(tenant=tenant, api_key=api_key, text=screened_text(payload),
-                                   endpoint=endpoint, request_id=request_id)
-    finally:
-        close_old_connections()
 
 
 def _cancel_after_disconnect(job_id: str) -> None:

@@ -31,14 +31,28 @@ class SafetyRuleAdmin(admin.ModelAdmin):
             services.safety_rule_delete(rule=rule)
 
 
+class _PolicyCacheAdmin(admin.ModelAdmin):
+    """Saving and deleting go through the services, which clear the resolved-policy cache."""
+
+    def save_model(self, request, obj, form, change):
+        services.safety_policy_save(policy=obj)
+
+    def delete_model(self, request, obj):
+        services.safety_policy_delete(policy=obj)
+
+    def delete_queryset(self, request, queryset):
+        for obj in queryset:
+            services.safety_policy_delete(policy=obj)
+
+
 @admin.register(SafetyPolicy)
-class SafetyPolicyAdmin(admin.ModelAdmin):
+class SafetyPolicyAdmin(_PolicyCacheAdmin):
     list_display = ("slug", "name", "block_fpr", "review_fpr", "output_window_chars",
                     "output_first_window_chars", "is_default")
 
 
 @admin.register(SafetyPolicyAssignment)
-class SafetyPolicyAssignmentAdmin(admin.ModelAdmin):
+class SafetyPolicyAssignmentAdmin(_PolicyCacheAdmin):
     list_display = ("__str__", "tier", "tenant", "policy")
     autocomplete_fields = ("tenant",)
 

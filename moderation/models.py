@@ -96,6 +96,18 @@ class SafetyPolicy(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    # What the cascade reads of a policy (moderation.cascade.Policy): a job carries it, so its
+    # stream is judged under the policy that screened its prompt, with no lookup in the worker.
+    SNAPSHOT_FIELDS = ("slug", "block_fpr", "review_fpr", "output_window_chars",
+                       "output_first_window_chars")
+
+    def snapshot(self) -> dict:
+        return {name: getattr(self, name) for name in self.SNAPSHOT_FIELDS}
+
+    @classmethod
+    def from_snapshot(cls, data: dict) -> SafetyPolicy:
+        return cls(name=data["slug"], **{name: data[name] for name in cls.SNAPSHOT_FIELDS})
+
 
 class SafetyPolicyAssignment(models.Model):
     """A tier's policy, or one tenant's override of it (exactly one of the two is set)."""

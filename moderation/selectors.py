@@ -4,18 +4,45 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime
 
+from django.conf import settings
 from django.db.models import Q, QuerySet
 
 from moderation.models import ModerationCase, SafetyPolicy, SafetyPolicyAssignment, TenantSuspension
 from portal.errors import NotFound
 from portal.models import Tenant
 
+# A process keeps each tenant's resolved policy for SLUICE_SAFETY_POLICY_TTL_S seconds: every
+# generation needs it (the input screen, then the stream's windows), and resolving it is one or
+# two queries. The services that edit policies and assignments clear this process's cache at
+# once; other processes follow within the TTL. Keyed by tier too, so a tier change is seen at once.
+_policy_lock = threading.Lock()
+_policy_cache: dict[tuple[int, int], tuple[float, SafetyPolicy]] = {}  # -> (resolved at, policy)
+
 
 def safety_policy_for_tenant(*, tenant: Tenant) -> SafetyPolicy:
     """The tenant's own policy, else its tier's, else the default one."""
+    key = (tenant.pk, tenant.tier_id)
+    now = time.monotonic()
+    cached = _policy_cache.get(key)
+    if cached is not None and now - cached[0] < settings.SLUICE_SAFETY_POLICY_TTL_S:
+        return cached[1]
+    policy = _safety_policy_resolve(tenant=tenant)
+    with _policy_lock:
+        _policy_cache[key] = (now, policy)
+    return policy
+
+
+def safety_policy_cache_clear() -> None:
+    with _policy_lock:
+        _policy_cache.clear()
+
+
+def _safety_policy_resolve(*, tenant: Tenant) -> SafetyPolicy:
     assignments = (
         SafetyPolicyAssignment.objects.filter(Q(tenant=tenant) | Q(tier_id=tenant.tier_id))
         .select_related("policy")

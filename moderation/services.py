@@ -25,7 +25,14 @@ from moderation import selectors
 from moderation.cascade import SafetyVerdict, safety_check_input, safety_check_inputs
 from moderation.cascade import safety_check_output_window as _check_output_window
 from moderation.errors import SafetyRejection
-from moderation.models import CaseDecision, ModerationCase, SafetyRule, TenantSuspension
+from moderation.models import (
+    CaseDecision,
+    ModerationCase,
+    SafetyPolicy,
+    SafetyPolicyAssignment,
+    SafetyRule,
+    TenantSuspension,
+)
 from moderation.rules import rules_cache_clear
 from portal.errors import InvalidParameter, NotFound, PermissionDenied
 from portal.models import ApiKey, Tenant
@@ -53,6 +60,21 @@ def safety_screen_input(
     """The input gate: the tenant's policy, a case for block/review, SafetyRejection on block."""
     policy = selectors.safety_policy_for_tenant(tenant=tenant)
     verdict = safety_check_input(text=text, policy=policy)
+    return safety_verdict_enforce(tenant=tenant, api_key=api_key, verdict=verdict, text=text,
+                                  endpoint=endpoint, request_id=request_id)
+
+
+def safety_verdict_enforce(
+    *,
+    tenant: Tenant,
+    verdict: SafetyVerdict,
+    text: str,
+    endpoint: str,
+    api_key: ApiKey | None = None,
+    request_id: str = "",
+) -> SafetyVerdict:
+    """The gate's writes for a verdict reached elsewhere (a thread that only classifies, so it
+    holds no database connection): a case for block/review, SafetyRejection on block."""
     if verdict.needs_case:
         case_open(
             tenant=tenant,
@@ -285,3 +307,19 @@ def safety_rule_save(*, rule: SafetyRule) -> SafetyRule:
 def safety_rule_delete(*, rule: SafetyRule) -> None:
     rule.delete()
     rules_cache_clear()
+
+
+# --- policies -------------------------------------------------------------------------------
+
+
+def safety_policy_save(*, policy: SafetyPolicy | SafetyPolicyAssignment) -> None:
+    """Create or edit a policy or an assignment; this process applies it at once, others
+    within SLUICE_SAFETY_POLICY_TTL_S."""
+    policy.full_clean()
+    policy.save()
+    selectors.safety_policy_cache_clear()
+
+
+def safety_policy_delete(*, policy: SafetyPolicy | SafetyPolicyAssignment) -> None:
+    policy.delete()
+    selectors.safety_policy_cache_clear()

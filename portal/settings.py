@@ -357,6 +357,8 @@ SLUICE_SAFETY_ARTIFACT_DIR = Path(
 )
 # How long a process keeps its compiled SafetyRule set before re-reading the table.
 SLUICE_SAFETY_RULES_TTL_S = env_float("SLUICE_SAFETY_RULES_TTL_S", 30.0, minimum=0)
+# How long a process keeps a tenant's resolved SafetyPolicy (edits made here apply at once).
+SLUICE_SAFETY_POLICY_TTL_S = env_float("SLUICE_SAFETY_POLICY_TTL_S", 5.0, minimum=0)
 # Intra-op threads for the safety encoder; 1 keeps a request from contending with its neighbours.
 SLUICE_SAFETY_TORCH_THREADS = env_int("SLUICE_SAFETY_TORCH_THREADS", 1, minimum=1)
 SLUICE_MODERATION_PROMPT_RETENTION_DAYS = env_int(

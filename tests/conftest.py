@@ -131,6 +131,16 @@ def api():
 
 
 @pytest.fixture(autouse=True)
+def safety_policy_cache_cleared():
+    """Each test resolves policies from its own rows (the cache outlives rolled-back rows)."""
+    from moderation.selectors import safety_policy_cache_clear
+
+    safety_policy_cache_clear()
+    yield
+    safety_policy_cache_clear()
+
+
+@pytest.fixture(autouse=True)
 def fast_password_hashing(settings):
     # PBKDF2's deliberate slowness is for production; tests create many users.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

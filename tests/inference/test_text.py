@@ -249,3 +249,26 @@ def test_output_moderation_stops_the_stream_and_bills_what_was_produced(cast, te
     assert job.actual_mcu == usage["prompt_tokens"] + usage["completion_tokens"]
     case = ModerationCase.objects.get(tenant=cast.tenant)
     assert case.source == "output" and case.request_id == job.pk
+
+
+def test_a_stream_is_moderated_under_the_policy_that_screened_its_prompt(cast, text_stack):
+    """The job carries its tenant's policy: here one whose first window (300 characters) is
+    longer than the whole 16-token completion, so all of it comes out in one checked piece."""
+    from moderation.models import SafetyPolicy, SafetyPolicyAssignment
+    from moderation.services import safety_policy_save
+
+    slow = SafetyPolicy(slug="hold-300", name="hold 300", output_first_window_chars=300)
+    safety_policy_save(policy=slow)
+    safety_policy_save(policy=SafetyPolicyAssignment(tenant=cast.tenant, policy=slow))
+    body = {"model": MODEL, "prompt": "def add(a, b):", "max_tokens": 16, "temperature": 0,
+            "stream": True}
+    pieces = []
+    with httpx.stream("POST", f"{text_stack}/v1/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {cast.owner_key}"}) as response:
+        job_id = response.headers["x-sluice-job-id"]
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                pieces += [c["text"] for c in json.loads(line[6:])["choices"] if c["text"]]
+    job = Job.objects.get(pk=job_id)
+    assert job.params["safety_policy"] == slow.snapshot()
+    assert len(pieces) == 1 and pieces[0] == job.result["text"] and len(pieces[0]) < 300

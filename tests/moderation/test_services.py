@@ -83,9 +83,39 @@ def test_tenant_override_policy_beats_the_tier_policy(cast):
 
     strict = SafetyPolicy.objects.get(slug="strict")
     assert selectors.safety_policy_for_tenant(tenant=cast.tenant).slug == "standard"
-    SafetyPolicyAssignment.objects.create(tenant=cast.tenant, policy=strict)
+    services.safety_policy_save(policy=SafetyPolicyAssignment(tenant=cast.tenant, policy=strict))
     assert selectors.safety_policy_for_tenant(tenant=cast.tenant).slug == "strict"
     assert selectors.safety_policy_for_tenant(tenant=cast.outsider_tenant).slug == "standard"
+
+
+def test_a_resolved_policy_is_kept_for_its_ttl_and_edits_through_the_services_apply_at_once(
+        cast, settings, monkeypatch):
+    from moderation.models import SafetyPolicy
+
+    strict = SafetyPolicy.objects.get(slug="strict")
+    standard = selectors.safety_policy_for_tenant(tenant=cast.tenant)
+    queries = []
+    monkeypatch.setattr(selectors, "_safety_policy_resolve",
+                        lambda tenant, _resolve=selectors._safety_policy_resolve:
+                        queries.append(tenant.pk) or _resolve(tenant=tenant))
+    # Within the TTL: no lookup, and a row written behind the services' back is not seen yet.
+    assignment = SafetyPolicyAssignment.objects.create(tenant=cast.tenant, policy=strict)
+    assert selectors.safety_policy_for_tenant(tenant=cast.tenant).slug == standard.slug
+    assert queries == []
+    # Past the TTL it is read again.
+    settings.SLUICE_SAFETY_POLICY_TTL_S = 0
+    assert selectors.safety_policy_for_tenant(tenant=cast.tenant).slug == "strict"
+    assert queries == [cast.tenant.pk]
+    # Edits through the services (the admin's path) clear the cache at once.
+    settings.SLUICE_SAFETY_POLICY_TTL_S = 3600
+    services.safety_policy_delete(policy=assignment)
+    assert selectors.safety_policy_for_tenant(tenant=cast.tenant).slug == "standard"
+    strict.output_first_window_chars = 16
+    services.safety_policy_save(policy=strict)
+    services.safety_policy_save(policy=SafetyPolicyAssignment(tenant=cast.tenant, policy=strict))
+    resolved = selectors.safety_policy_for_tenant(tenant=cast.tenant)
+    assert (resolved.slug, resolved.output_first_window_chars) == ("strict", 16)
+    assert selectors.safety_policy_for_tenant(tenant=cast.tenant) is resolved  # cached
 
 
 def test_every_decision_is_audited_and_a_case_is_decided_once(cast, moderator):

@@ -43,6 +43,7 @@ ALLOW, REVIEW, BLOCK = "allow", "review", "block"
 _EMBEDDED_VARIANTS = {"base64", "hex", "url", "rot13", "tags"}
 # Output windows overlap by this much so a phrase split across two windows is still seen.
 _OUTPUT_OVERLAP = 2
+OUTPUT_SECOND_WINDOW_CHARS = 48
 
 
 class Policy(Protocol):
@@ -298,12 +299,17 @@ class OutputModerator:
         chunk, self.released = self.text[self.released :], len(self.text)
         return chunk
 
-    # The first window is short (the policy's first window) and each next one doubles up to the
-    # policy's window, so the first tokens reach the client quickly and the check rate falls as
-    # the stream grows.
+    # The first window is short (the policy's first window: what the client waits for before
+    # its first token); the next ones double from twice that, and never from less than
+    # OUTPUT_SECOND_WINDOW_CHARS, up to the policy's window. A classifier pass costs about a
+    # millisecond before it reads any text, so a short first window buys time to first token
+    # without adding a pass for every doubling after it.
     def _window_due(self) -> int:
-        return min(self.policy.output_window_chars,
-                   self.policy.output_first_window_chars * 2 ** self.checks)
+        first = self.policy.output_first_window_chars
+        if self.checks == 0:
+            return first
+        second = max(2 * first, OUTPUT_SECOND_WINDOW_CHARS)
+        return min(self.policy.output_window_chars, second * 2 ** (self.checks - 1))
 
     def feed(self, delta: str) -> str:
         if self.stopped:

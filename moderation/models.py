@@ -64,14 +64,15 @@ class SafetyPolicy(models.Model):
     review_fpr = models.FloatField(choices=_OPERATING_POINT_CHOICES, default=0.02)
     # Streams are checked every this many new characters (and once at the end).
     output_window_chars = models.PositiveIntegerField(default=400)
-    # The first window is this short and each next one doubles up to `output_window_chars`:
-    # the client waits for it before its first token (time to first token against classifier
-    # passes per stream: 24 characters is about six tokens of code and three passes for a
-    # 32-token completion; 8 is about two tokens and four passes).
+    # The first window is this short, the next ones start at 48 characters (or twice the first)
+    # and double up to `output_window_chars`: the client waits for the first one before its
+    # first token. 8 characters is about two tokens of code; a 32-token completion takes three
+    # classifier passes either way (moderation.cascade.OutputModerator).
     output_first_window_chars = models.PositiveIntegerField(
-        default=24, validators=[MinValueValidator(1)],
+        default=8, validators=[MinValueValidator(1)],
         help_text="Characters held back before a stream's first release (the first check); "
-                  "each next window doubles up to the output window.",
+                  "the next windows start at 48 characters (or twice this) and double up to "
+                  "the output window.",
     )
     is_default = models.BooleanField(default=False)
 

@@ -122,16 +122,26 @@ def _first_release_after(moderator: OutputModerator, text: str) -> int:
 def test_a_policys_first_window_sets_how_much_is_held_before_the_first_release():
     text = "def add(a, b):\n    return a + b\n" * 4
     default = OutputModerator(policy=policy())
-    assert _first_release_after(default, text) == 24
+    assert _first_release_after(default, text) == 8
     short = policy()
     short.output_first_window_chars = 6
     moderator = OutputModerator(policy=short)
     assert _first_release_after(moderator, text) == 6
-    # Each next window doubles (12, then 24 new characters), up to the policy's window.
+    # After a short first window the next ones start at 48 characters (not 12: a classifier
+    # pass has a fixed cost) and double: 48 then 96 new characters.
     assert moderator.checks == 1
-    for char in text[6:42]:
+    for char in text[6:53]:
+        assert moderator.feed(char) == ""
+    assert moderator.feed(text[53]) == text[6:54] and moderator.released == 54
+    for char in text[54:128]:
         moderator.feed(char)
-    assert moderator.checks == 3 and moderator.released == 42
+    assert moderator.checks == 2 and moderator.finish() == text[54:128]
+    # A first window of at least 24 doubles from itself, as before: 24, 48, 96.
+    wide = policy()
+    wide.output_first_window_chars = 40
+    moderator = OutputModerator(policy=wide)
+    assert _first_release_after(moderator, text) == 40
+    assert moderator._window_due() == 80
 
 
 def test_a_first_window_is_at_least_one_character_and_never_wider_than_the_window():

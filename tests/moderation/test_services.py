@@ -215,3 +215,46 @@ def test_purge_command(cast):
     out = io.StringIO()
     call_command("purge_moderation_prompts", stdout=out)
     assert out.getvalue().strip() == "purged 1 prompts"
+
+
+def test_a_policy_edited_in_the_admin_applies_at_once(admin_client, cast):
+    from moderation.models import SafetyPolicy
+
+    assert selectors.safety_policy_for_tenant(tenant=cast.tenant).slug == "standard"  # cached
+    strict = SafetyPolicy.objects.get(slug="strict")
+    response = admin_client.post("/admin/moderation/safetypolicyassignment/add/",
+                                 {"tenant": cast.tenant.pk, "policy": strict.pk})
+    assert response.status_code == 302
+    assert selectors.safety_policy_for_tenant(tenant=cast.tenant).slug == "strict"
+    response = admin_client.post(f"/admin/moderation/safetypolicy/{strict.pk}/change/", {
+        "slug": "strict", "name": "Strict", "block_fpr": strict.block_fpr,
+        "review_fpr": strict.review_fpr, "output_window_chars": 400,
+        "output_first_window_chars": 16})
+    assert response.status_code == 302
+    assert selectors.safety_policy_for_tenant(tenant=cast.tenant).output_first_window_chars == 16
+    assignment = SafetyPolicyAssignment.objects.get(tenant=cast.tenant)
+    response = admin_client.post(
+        f"/admin/moderation/safetypolicyassignment/{assignment.pk}/delete/", {"post": "yes"})
+    assert response.status_code == 302
+    assert selectors.safety_policy_for_tenant(tenant=cast.tenant).slug == "standard"
+
+
+def test_the_worker_moderates_under_the_jobs_policy_snapshot(cast):
+    from inference.models import Job
+    from inference.runner import output_moderator_for
+    from moderation.models import SafetyPolicy
+
+    def text_job(params: dict) -> Job:
+        return Job.objects.create(tenant=cast.tenant, kind="text", model="sluice-code-tiny",
+                                  priority=1, pool="text-batch", estimated_mcu=5, params=params)
+
+    strict = SafetyPolicy.objects.get(slug="strict")
+    job = text_job({"safety_policy": strict.snapshot()})
+    # The tenant's policy is another one by now: the job's own still governs its stream.
+    assert selectors.safety_policy_for_tenant(tenant=cast.tenant).slug == "standard"
+    policy = output_moderator_for(job).policy
+    assert (policy.slug, policy.block_fpr, policy.output_first_window_chars) == (
+        "strict", strict.block_fpr, strict.output_first_window_chars)
+    # A job queued before jobs carried their policy looks the tenant's up.
+    older = text_job({})
+    assert output_moderator_for(older).policy.slug == "standard"

@@ -11,48 +11,65 @@ from moderation.models import (
 )
 
 
+class _SavedThroughServicesAdmin(admin.ModelAdmin):
+    """Saving and deleting go through the services, which clear the process's caches (the
+    compiled rules, the resolved policies) so an edit applies at once."""
+
+    @staticmethod
+    def save_through_service(obj) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def delete_through_service(obj) -> None:
+        raise NotImplementedError
+
+    def save_model(self, request, obj, form, change):
+        self.save_through_service(obj)
+
+    def delete_model(self, request, obj):
+        self.delete_through_service(obj)
+
+    def delete_queryset(self, request, queryset):
+        for obj in queryset:
+            self.delete_through_service(obj)
+
+
 @admin.register(SafetyRule)
-class SafetyRuleAdmin(admin.ModelAdmin):
-    """Moderators edit signatures here; saving goes through the service (cache invalidation)."""
+class SafetyRuleAdmin(_SavedThroughServicesAdmin):
+    """Moderators edit signatures here."""
 
     list_display = ("name", "family", "label", "enabled", "updated_at")
     list_filter = ("family", "label", "enabled")
     search_fields = ("name", "family", "pattern")
     readonly_fields = ("updated_at",)
 
-    def save_model(self, request, obj, form, change):
+    @staticmethod
+    def save_through_service(obj) -> None:
         services.safety_rule_save(rule=obj)
 
-    def delete_model(self, request, obj):
+    @staticmethod
+    def delete_through_service(obj) -> None:
         services.safety_rule_delete(rule=obj)
 
-    def delete_queryset(self, request, queryset):
-        for rule in queryset:
-            services.safety_rule_delete(rule=rule)
 
-
-class _PolicyCacheAdmin(admin.ModelAdmin):
-    """Saving and deleting go through the services, which clear the resolved-policy cache."""
-
-    def save_model(self, request, obj, form, change):
+class _PolicyAdmin(_SavedThroughServicesAdmin):
+    @staticmethod
+    def save_through_service(obj) -> None:
         services.safety_policy_save(policy=obj)
 
-    def delete_model(self, request, obj):
+    @staticmethod
+    def delete_through_service(obj) -> None:
         services.safety_policy_delete(policy=obj)
-
-    def delete_queryset(self, request, queryset):
-        for obj in queryset:
-            services.safety_policy_delete(policy=obj)
 
 
 @admin.register(SafetyPolicy)
-class SafetyPolicyAdmin(_PolicyCacheAdmin):
+class SafetyPolicyAdmin(_PolicyAdmin):
     list_display = ("slug", "name", "block_fpr", "review_fpr", "output_window_chars",
                     "output_first_window_chars", "is_default")
 
 
 @admin.register(SafetyPolicyAssignment)
-class SafetyPolicyAssignmentAdmin(_PolicyCacheAdmin):
+class SafetyPolicyAssignmentAdmin(_PolicyAdmin):
     list_display = ("__str__", "tier", "tenant", "policy")
     autocomplete_fields = ("tenant",)
 

@@ -79,3 +79,19 @@ def test_invalid_patterns_are_refused_by_the_service_and_skipped_by_the_engine()
     ruleset = RuleSet.compile([("broken", "custom", "jailbreak", "(unclosed"),
                                ("ok", "custom", "jailbreak", "fine")])
     assert [rule.name for rule in ruleset.rules] == ["ok"]
+
+
+def test_a_rule_added_and_deleted_in_the_admin_applies_at_once(admin_client, settings):
+    settings.SLUICE_SAFETY_RULES_TTL_S = 3600
+    text = "Engage the walrus override sequence."
+    assert rules_active().first_hit([text]) is None  # cached
+    response = admin_client.post("/admin/moderation/safetyrule/add/", {
+        "name": "walrus", "family": "custom", "label": "jailbreak",
+        "pattern": r"walrus\s+override", "enabled": "on"})
+    assert response.status_code == 302
+    assert rules_active().first_hit([text]).name == "walrus"
+    rule = SafetyRule.objects.get(name="walrus")
+    response = admin_client.post("/admin/moderation/safetyrule/", {
+        "action": "delete_selected", "_selected_action": [rule.pk], "post": "yes"})
+    assert response.status_code == 302 and not SafetyRule.objects.filter(pk=rule.pk).exists()
+    assert rules_active().first_hit([text]) is None

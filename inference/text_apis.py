@@ -199,12 +199,18 @@ async def _stream(job: Job, shape: _Shape, text: TextRequest):
                 else:
                     final = await _terminal_job(job.pk)
                     result, usage = final.result or {}, final.usage
-                yield _sse(shape.chunk(finish_reason=result.get("finish_reason", "stop"),
-                                       partial=result.get("partial")))
+                tail = _sse(shape.chunk(finish_reason=result.get("finish_reason", "stop"),
+                                        partial=result.get("partial")))
                 if text.include_usage:
-                    yield _sse(shape.usage_chunk(usage))
+                    tail += _sse(shape.usage_chunk(usage))
+                # The last chunks and [DONE] leave in one write, not three.
+                finished = True
+                yield tail + _sse("[DONE]")
+                return
             elif event.type == "job.failed":
-                yield _sse({"error": EngineFailed().body()["error"]})
+                finished = True
+                yield _sse({"error": EngineFailed().body()["error"]}) + _sse("[DONE]")
+                return
         finished = True
         yield _sse("[DONE]")
     finally:

@@ -1,5 +1,5 @@
 """x-request-id on every response, and in every log line written while serving it; static
-files served from an async middleware chain."""
+files and Django's stock middlewares in an async chain without thread hops."""
 
 from __future__ import annotations
 
@@ -7,6 +7,14 @@ import re
 import uuid
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from django.conf import settings as django_settings
+from django.contrib.auth import middleware as django_auth
+from django.contrib.messages import middleware as django_messages
+from django.contrib.sessions import middleware as django_sessions
+from django.middleware import clickjacking as django_clickjacking
+from django.middleware import common as django_common
+from django.middleware import csrf as django_csrf
+from django.middleware import security as django_security
 from django.utils.decorators import sync_and_async_middleware
 from whitenoise.middleware import WhiteNoiseMiddleware
 
@@ -79,3 +87,74 @@ class StaticFilesMiddleware(WhiteNoiseMiddleware):
         if static_file is not None:
             return await sync_to_async(self.serve)(static_file, request)
         return await self.get_response(request)
+
+
+class _InlineInAsync:
+    """Django's stock middlewares, run inline in an async chain where they do no I/O.
+
+    In an async chain Django runs every MiddlewareMixin's process_request and process_response
+    through sync_to_async: two thread hops each, about a dozen for one API request through the
+    stock middlewares below, for steps that only read headers and set them. These run inline
+    on the event loop, and hop to a thread only for the step that may touch the database (a
+    session that was read or changed, messages to store, CSRF secrets kept in the session)."""
+
+    def request_io_free(self, request) -> bool:
+        return True
+
+    def response_io_free(self, request, response) -> bool:
+        return True
+
+    async def __acall__(self, request):
+        response = None
+        if hasattr(self, "process_request"):
+            if self.request_io_free(request):
+                response = self.process_request(request)
+            else:
+                response = await sync_to_async(self.process_request, thread_sensitive=True)(request)
+        response = response or await self.get_response(request)
+        if hasattr(self, "process_response"):
+            if self.response_io_free(request, response):
+                response = self.process_response(request, response)
+            else:
+                response = await sync_to_async(self.process_response, thread_sensitive=True)(
+                    request, response)
+        return response
+
+
+class SecurityMiddleware(_InlineInAsync, django_security.SecurityMiddleware):
+    pass
+
+
+class SessionMiddleware(_InlineInAsync, django_sessions.SessionMiddleware):
+    # Creating the (lazy) store reads nothing; saving one that was read or changed writes.
+    def response_io_free(self, request, response) -> bool:
+        session = getattr(request, "session", None)
+        return session is None or not (session.accessed or session.modified
+                                       or django_settings.SESSION_SAVE_EVERY_REQUEST)
+
+
+class CommonMiddleware(_InlineInAsync, django_common.CommonMiddleware):
+    pass
+
+
+class CsrfViewMiddleware(_InlineInAsync, django_csrf.CsrfViewMiddleware):
+    def request_io_free(self, request) -> bool:
+        return not django_settings.CSRF_USE_SESSIONS
+
+    def response_io_free(self, request, response) -> bool:
+        return not django_settings.CSRF_USE_SESSIONS
+
+
+class AuthenticationMiddleware(_InlineInAsync, django_auth.AuthenticationMiddleware):
+    pass  # request.user is lazy: nothing is read until a view asks
+
+
+class MessageMiddleware(_InlineInAsync, django_messages.MessageMiddleware):
+    # Storing messages writes the session (and may read it first); none used, none stored.
+    def response_io_free(self, request, response) -> bool:
+        storage = getattr(request, "_messages", None)
+        return storage is None or not (storage.used or storage.added_new)
+
+
+class XFrameOptionsMiddleware(_InlineInAsync, django_clickjacking.XFrameOptionsMiddleware):
+    pass

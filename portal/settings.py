@@ -75,14 +75,15 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "portal.middleware.RequestIdMiddleware",
     "quotas.middleware.RateLimitHeadersMiddleware",
-    "django.middleware.security.SecurityMiddleware",
+    # Django's own, run inline in the async chain where they do no I/O (portal/middleware.py).
+    "portal.middleware.SecurityMiddleware",
     "portal.middleware.StaticFilesMiddleware",  # WhiteNoise, async-capable
-    "django.contrib.sessions.middleware.SessionMiddleware",
-    "django.middleware.common.CommonMiddleware",
-    "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
-    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "portal.middleware.SessionMiddleware",
+    "portal.middleware.CommonMiddleware",
+    "portal.middleware.CsrfViewMiddleware",
+    "portal.middleware.AuthenticationMiddleware",
+    "portal.middleware.MessageMiddleware",
+    "portal.middleware.XFrameOptionsMiddleware",
 ]
 
 ROOT_URLCONF = "portal.urls"

@@ -36,6 +36,7 @@ from quotas.ledger import reservation_abandon, reservation_open, reservation_set
 
 if TYPE_CHECKING:  # the tokenizer behind it loads on import; callers hand a parsed request
     from inference.requests import TextRequest
+    from moderation.models import SafetyPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -149,23 +150,23 @@ def video_job_create(*, api_key: ApiKey, payload: dict, idempotency_key: str | N
                       idempotency_key=idempotency_key, request_body=payload)
 
 
-def text_job_submit(*, api_key: ApiKey, text: TextRequest, mode: str, idempotency_key: str | None = None,
-                    request_body: dict | None = None) -> tuple[Submission, ModelVariant, CostEstimate]:
+def text_job_submit(*, api_key: ApiKey, text: TextRequest, safety_policy: SafetyPolicy, mode: str,
+                    idempotency_key: str | None = None, request_body: dict | None = None,
+                    ) -> tuple[Submission, ModelVariant, CostEstimate]:
     """Price a validated text request for the key's tier, on
     the variant the tier is served from, and submit it: the OpenAI endpoints (mode "sync") and
-    the playground (mode "async") both come here."""
+    the playground (mode "async") both come here. `safety_policy` is the one that screened the
+    prompt: the job carries it, and its stream is moderated under it."""
     from inference.registry import variant_for_tier
-    from moderation.selectors import safety_policy_for_tenant
     from quotas.cost import text_cost
 
     tier = api_key.tenant.tier
-    policy = safety_policy_for_tenant(tenant=api_key.tenant)
     variant = variant_for_tier(text.spec, tier)
     estimate = text_cost(spec=text.spec, variant=variant, prompt_tokens=text.prompt_tokens,
                          completion_tokens=text.max_tokens)
     submission = job_submit(api_key=api_key, spec=text.spec, variant=variant,
                             params=text.job_params(priority=tier.queue_priority,
-                                                   safety_policy=policy.snapshot()),
+                                                   safety_policy=safety_policy.snapshot()),
                             estimate=estimate,
                             mode=mode, idempotency_key=idempotency_key, request_body=request_body)
     return submission, variant, estimate
@@ -177,12 +178,14 @@ def text_job_create(*, api_key: ApiKey, payload: dict, idempotency_key: str | No
     playground): its tokens arrive as job.output events on the job's stream, not in an HTTP
     response. The synchronous endpoints (inference/text_apis.py) screen beside tokenisation."""
     from inference.requests import text_request_parse
+    from moderation.selectors import safety_policy_for_tenant
     from moderation.services import safety_screen_input
 
     text = text_request_parse(payload=payload, tier=api_key.tenant.tier, chat=False)
+    policy = safety_policy_for_tenant(tenant=api_key.tenant)
     safety_screen_input(tenant=api_key.tenant, api_key=api_key, text=text.prompt_text,
-                        endpoint=endpoint, request_id=request_id)
-    return text_job_submit(api_key=api_key, text=text, mode="async",
+                        endpoint=endpoint, request_id=request_id, policy=policy)
+    return text_job_submit(api_key=api_key, text=text, safety_policy=policy, mode="async",
                            idempotency_key=idempotency_key, request_body=payload)[0]
 
 

@@ -69,7 +69,7 @@ def _submit(request, *, chat: bool):
                                          verdict=screening.result(), text=prompt, endpoint=endpoint,
                                          request_id=getattr(request, "request_id", ""))
     submission, variant, estimate = text_job_submit(
-        api_key=api_key, text=text, mode="sync",
+        api_key=api_key, text=text, safety_policy=policy, mode="sync",
         idempotency_key=request.headers.get("Idempotency-Key"), request_body=payload,
     )
     return text, variant, estimate, submission.job, verdict

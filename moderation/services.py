@@ -56,9 +56,11 @@ def safety_screen_input(
     endpoint: str,
     api_key: ApiKey | None = None,
     request_id: str = "",
+    policy: SafetyPolicy | None = None,
 ) -> SafetyVerdict:
-    """The input gate: the tenant's policy, a case for block/review, SafetyRejection on block."""
-    policy = selectors.safety_policy_for_tenant(tenant=tenant)
+    """The input gate: the tenant's policy (or `policy`, already resolved for this request), a
+    case for block/review, SafetyRejection on block."""
+    policy = policy if policy is not None else selectors.safety_policy_for_tenant(tenant=tenant)
     verdict = safety_check_input(text=text, policy=policy)
     return safety_verdict_enforce(tenant=tenant, api_key=api_key, verdict=verdict, text=text,
                                   endpoint=endpoint, request_id=request_id)

@@ -92,10 +92,13 @@ def _cut_points(text: str) -> list[int]:
     """Where to try cutting: the whole text, then line ends and token ends, longest first."""
     cuts = {len(text)}
     cuts.update(index + 1 for index, char in enumerate(text) if char == "\n")
+    # Where each line starts (tokenize counts lines from 1, as splitlines splits them).
+    line_starts = [0]
+    for line in text.splitlines(keepends=True):
+        line_starts.append(line_starts[-1] + len(line))
     try:
         for token in tokenize.generate_tokens(io.StringIO(text).readline):
-            line_start = sum(len(line) for line in text.splitlines(keepends=True)[: token.end[0] - 1])
-            cuts.add(line_start + token.end[1])
+            cuts.add(line_starts[min(token.end[0] - 1, len(line_starts) - 1)] + token.end[1])
     except (tokenize.TokenError, IndentationError, SyntaxError):
         pass
     return sorted((cut for cut in cuts if 0 < cut <= len(text)), reverse=True)[:MAX_CUTS]

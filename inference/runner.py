@@ -8,6 +8,7 @@ import threading
 import time
 
 from django.conf import settings
+from django.utils import timezone
 
 from inference.engines import engine_for
 from inference.engines.base import RunContext
@@ -21,6 +22,7 @@ from inference.services import (
     job_output,
     job_preview,
     job_progress,
+    job_started,
     job_succeed,
 )
 from portal.logs import log_context
@@ -81,29 +83,51 @@ def output_case_open(*, job, verdict, text: str) -> None:
 def job_run(*, job_id: str, attempt: int) -> str:
     # Every line logged while the job runs names it (portal/logs.py).
     with log_context(job_id=job_id):
-        job = job_claim(job_id=job_id, attempt=attempt)
+        job = job_claim(job_id=job_id, attempt=attempt, announce=False)
         if job is None:
             return "skipped"  # cancelled, finished, or a stale redelivery
         with log_context(tenant_id=job.tenant_id, pool=job.pool):
             return _job_run_claimed(job)
 
 
+class _Announcement:
+    """`job.started` (job_started), at most once: when the engine has the work, and in any
+    case before the job's first output, progress or end, so its stream stays in order."""
+
+    def __init__(self, job):
+        self._job = job
+        self.done = False
+
+    def __call__(self) -> None:
+        if not self.done:
+            self.done = True
+            job_started(job=self._job)
+
+
 def _job_run_claimed(job) -> str:
     spec = model_get(job.model)
-    first_output = [True]
+    announce = _Announcement(job)
+    first_output_at = [None]
 
     def emit_output(data: dict) -> None:
-        job_output(job=job, data=data, first=first_output[0])
-        first_output[0] = False
+        announce()
+        if first_output_at[0] is None:
+            first_output_at[0] = timezone.now()
+        job_output(job=job, data=data)
 
     progress_saved_at = [float("-inf")]
 
     def emit_progress(progress: float, data: dict) -> None:
+        announce()
         now = time.monotonic()
         persist = now - progress_saved_at[0] >= PROGRESS_ROW_INTERVAL_S
         if persist:
             progress_saved_at[0] = now
         job_progress(job=job, progress=progress, data=data, persist=persist)
+
+    def emit_preview(data: dict) -> None:
+        announce()
+        job_preview(job=job, data=data)
 
     context = RunContext(
         job_id=job.pk,
@@ -113,20 +137,26 @@ def _job_run_claimed(job) -> str:
         emit_output=emit_output,
         should_stop=lambda: job_cancel_requested(job_id=job.pk),
         output_moderator=output_moderator_for(job) if spec.kind == "text" else None,
-        emit_preview=lambda data: job_preview(job=job, data=data),
+        emit_preview=emit_preview,
+        started=announce,
     )
     with _Heartbeat(job.pk):
         try:
             outcome = engine_for(spec).run(context)
         except Exception as exc:
             logger.exception("engine failed on %s", job.pk)
-            job_fail(job=job, code="engine_error", message=f"{exc.__class__.__name__}: {exc}")
+            announce()
+            job_fail(job=job, code="engine_error", message=f"{exc.__class__.__name__}: {exc}",
+                     first_output_at=first_output_at[0])
             return "failed"
+    announce()
     moderator = context.output_moderator
     if moderator is not None and moderator.stopped:
         output_case_open(job=job, verdict=moderator.verdict, text=moderator.text)
     if outcome.stopped:
-        job_cancelled(job=job, actual_mcu=outcome.actual_mcu, usage=outcome.usage, result=outcome.result)
+        job_cancelled(job=job, actual_mcu=outcome.actual_mcu, usage=outcome.usage, result=outcome.result,
+                      first_output_at=first_output_at[0])
         return "cancelled"
-    job_succeed(job=job, actual_mcu=outcome.actual_mcu, result=outcome.result, usage=outcome.usage)
+    job_succeed(job=job, actual_mcu=outcome.actual_mcu, result=outcome.result, usage=outcome.usage,
+                first_output_at=first_output_at[0])
     return "succeeded"

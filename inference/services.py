@@ -8,7 +8,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from django.conf import settings
@@ -202,8 +202,11 @@ def pool_dispatch(*, pool: str) -> int:
     return scheduler_dispatch(pool=pool, start_job=lambda job_id: _start(job_id, pool=pool, attempt=1))
 
 
-def job_claim(*, job_id: str, attempt: int) -> Job | None:
-    """The worker takes the job for `attempt`; a stale or duplicate delivery gets None."""
+def job_claim(*, job_id: str, attempt: int, announce: bool = True) -> Job | None:
+    """The worker takes the job for `attempt`; a stale or duplicate delivery gets None.
+
+    announce=False leaves `job_started` to the caller: the runner announces once the engine
+    has the work, so the announcement overlaps the engine's first step instead of delaying it."""
     now = timezone.now()
     claimed = update_returning(
         Job.objects.filter(pk=job_id, status=Job.Status.QUEUED, attempts=attempt - 1),
@@ -212,12 +215,20 @@ def job_claim(*, job_id: str, attempt: int) -> Job | None:
     if not claimed:
         return None
     (job,) = claimed
-    job_heartbeat(job_id=job_id)
-    job_claim_observe(pool=job.pool, priority=job.priority, queued_at=job.queued_at,
-                      started_at=now)
-    event_publish(job_id=job_id, tenant_id=job.tenant_id, event_type="job.started",
-                  data={"status": job.status, "attempt": attempt})
+    if announce:
+        job_started(job=job)
     return job
+
+
+def job_started(*, job: Job) -> None:
+    """Announce a claimed job: its first heartbeat (the reaper gives a job a heartbeat TTL of
+    grace after `started_at`, so announcing a few ms after the claim is safe), the claim
+    metric, and `job.started` on its stream."""
+    job_heartbeat(job_id=job.pk)
+    job_claim_observe(pool=job.pool, priority=job.priority, queued_at=job.queued_at,
+                      started_at=job.started_at)
+    event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type="job.started",
+                  data={"status": job.status, "attempt": job.attempts})
 
 
 def job_heartbeat(*, job_id: str) -> None:
@@ -242,18 +253,17 @@ def job_preview(*, job: Job, data: dict) -> None:
     event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type="job.preview", data=data)
 
 
-def job_output(*, job: Job, data: dict, first: bool = False) -> None:
-    """Streamed output (tokens). The first one stamps time-to-first-output, after it is on its
-    way: a follower relaying a stream should not wait on a database write."""
-    produced_at = timezone.now()
+def job_output(*, job: Job, data: dict) -> None:
+    """Streamed output (tokens). The row's `first_output_at` is written with the job's end
+    (`first_output_at=` of job_succeed and friends): a write per job fewer."""
     event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type="job.output", data=data)
-    if first:
-        Job.objects.filter(pk=job.pk, first_output_at__isnull=True).update(first_output_at=produced_at)
 
 
 def _finish(job: Job, *, status: str, actual_mcu: int, fields: dict, event_type: str,
-            event_data: dict) -> bool:
+            event_data: dict, first_output_at: datetime | None = None) -> bool:
     now = timezone.now()
+    if first_output_at is not None:
+        fields = {**fields, "first_output_at": first_output_at}
     # The job's end and its settlement commit together: nobody sees a finished job whose
     # ledger is not settled yet.
     with transaction.atomic():
@@ -275,29 +285,34 @@ def _finish(job: Job, *, status: str, actual_mcu: int, fields: dict, event_type:
     return True
 
 
-def job_succeed(*, job: Job, actual_mcu: int, result: dict, usage: dict) -> bool:
+def job_succeed(*, job: Job, actual_mcu: int, result: dict, usage: dict,
+                first_output_at: datetime | None = None) -> bool:
     event_data = {"result": result, "usage": usage}
     if job.kind == Job.Kind.VIDEO:
         # Where a follower or webhook receiver fetches the file (with its API key).
         event_data["content_url"] = reverse("api-video-content", kwargs={"job_id": job.pk})
     return _finish(job, status=Job.Status.SUCCEEDED, actual_mcu=actual_mcu,
                    fields={"result": result, "usage": usage, "progress": 100.0},
-                   event_type="job.completed", event_data=event_data)
+                   event_type="job.completed", event_data=event_data,
+                   first_output_at=first_output_at)
 
 
-def job_fail(*, job: Job, code: str, message: str, actual_mcu: int = 0) -> bool:
+def job_fail(*, job: Job, code: str, message: str, actual_mcu: int = 0,
+             first_output_at: datetime | None = None) -> bool:
     """Final failure: charge what was used (usually nothing), refund the rest."""
     return _finish(job, status=Job.Status.FAILED, actual_mcu=actual_mcu,
                    fields={"error_code": code, "error_message": message[:500]},
-                   event_type="job.failed", event_data={"error": {"code": code, "message": message}})
+                   event_type="job.failed", event_data={"error": {"code": code, "message": message}},
+                   first_output_at=first_output_at)
 
 
 def job_cancelled(*, job: Job, actual_mcu: int, usage: dict | None = None,
-                  result: dict | None = None) -> bool:
+                  result: dict | None = None, first_output_at: datetime | None = None) -> bool:
     """The worker stopped a running job on request: charge what it produced."""
     return _finish(job, status=Job.Status.CANCELLED, actual_mcu=actual_mcu,
                    fields={"usage": usage or {}, "result": result or {}},
-                   event_type="job.cancelled", event_data={"usage": usage or {}})
+                   event_type="job.cancelled", event_data={"usage": usage or {}},
+                   first_output_at=first_output_at)
 
 
 def job_cancel(*, job: Job) -> Job:

@@ -25,6 +25,10 @@ class RunContext:
     # after a violation): moderation.cascade.OutputModerator for text jobs.
     output_moderator: object | None = None
     emit_preview: Callable[[dict], None] = lambda data: None  # engines without previews ignore it
+    # The engine calls it once the work is underway (a text request sent to the engine), so
+    # the job's `job.started` bookkeeping overlaps the engine's first step; the runner calls
+    # it anyway before any output and at the end. Idempotent.
+    started: Callable[[], None] = lambda: None
 
 
 @dataclass

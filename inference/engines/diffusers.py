@@ -94,6 +94,7 @@ class DiffusersVideoEngine:
             return self._pipeline
 
     def run(self, context: RunContext) -> RunResult:
+        context.started()
         params = context.params
         steps = int(params["steps"])
         width, height = int(params["width"]), int(params["height"])

@@ -116,8 +116,10 @@ class VllmTextEngine:
     def run(self, context: RunContext) -> RunResult:
         params = context.params
         variant = self.spec.variant(context.variant)
-        if not engine_recently_ready(variant) and not engine_ready(variant):
-            engine_wait_ready(variant, settings.SLUICE_VLLM_READY_TIMEOUT_S)
+        if not engine_recently_ready(variant):
+            context.started()  # a health check, perhaps a wait for the engine, comes first
+            if not engine_ready(variant):
+                engine_wait_ready(variant, settings.SLUICE_VLLM_READY_TIMEOUT_S)
         body = {
             "model": variant.served_name,
             "prompt": params["prompt_token_ids"],
@@ -150,6 +152,8 @@ class VllmTextEngine:
         with _client.stream("POST", f"{engine_url(variant)}/v1/completions", json=body) as response:
             if response.status_code != 200:
                 raise RuntimeError(f"engine answered {response.status_code}: {response.read()[:300]!r}")
+            # The engine has the request: announce the job while it computes the first token.
+            context.started()
             for line in response.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue

@@ -205,3 +205,25 @@ def test_dispatch_is_a_noop_when_nothing_waits(sent_tasks):
     assert scheduler_dispatch(pool="nowhere", start_job=lambda job_id: None) == 0
     assert scheduler_enqueue(job_id="job_x", pool="p", priority=1, tenant_id=1, cost_mcu=10,
                              reservation_id="res_x", job_cap=1) == 10.0
+
+
+def test_a_text_job_whose_engine_is_down_reads_started_then_failed_and_is_refunded(settings, sent_tasks):
+    """The runner announces `job.started` once the engine has the work; when the engine never
+    answers (nothing listens on its port), the stream still reads queued, started, failed."""
+    from inference.events import events_read
+    from inference.registry import model_get
+    from inference.services import text_job_create
+
+    served = model_get("sluice-code-tiny").variant("full").served_name
+    settings.SLUICE_VLLM_URLS = {served: "http://127.0.0.1:9"}  # discard port: refused
+    settings.SLUICE_VLLM_READY_TIMEOUT_S = 0.2
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    job = text_job_create(api_key=api_key, payload={"model": "sluice-code-tiny", "prompt": "x = 1",
+                                                    "max_tokens": 4}).job
+    assert sent_tasks == [(job.pk, 1, "text-batch")]
+    assert job_run(job_id=job.pk, attempt=1) == "failed"
+    assert [event.type for event in events_read(job_id=job.pk)] == ["job.queued", "job.started",
+                                                                      "job.failed"]
+    job.refresh_from_db()
+    assert job.status == "failed" and job.error_code == "engine_error" and job.first_output_at is None
+    assert used(api_key.tenant_id) == 0  # refunded in full

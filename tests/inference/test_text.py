@@ -56,6 +56,21 @@ def test_chat_streaming_with_usage(cast, text_stack):
     assert partial is None or text.startswith(partial["text"][: partial["kept_chars"]])
 
 
+def test_a_streamed_jobs_events_are_in_order_and_its_row_dates_the_first_output(cast, text_stack):
+    """`job.started` is announced while the engine computes the first token, yet the stream
+    still reads queued, started, outputs, completed; `first_output_at` is written with the end."""
+    from inference.events import events_read
+
+    stream = client(text_stack, cast.owner_key).completions.create(
+        model=MODEL, prompt="def add(a, b):", max_tokens=12, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices)
+    job = Job.objects.get(tenant=cast.tenant)
+    types = [event.type for event in events_read(job_id=job.pk)]
+    assert types[:2] == ["job.queued", "job.started"] and types[-1] == "job.completed"
+    assert set(types[2:-1]) == {"job.output"}
+    assert job.started_at <= job.first_output_at <= job.finished_at
+
+
 def test_async_sdk_completions_stream(cast, text_stack):
     async def run():
         sdk = openai.AsyncOpenAI(base_url=f"{text_stack}/v1", api_key=cast.owner_key, max_retries=0, timeout=120)

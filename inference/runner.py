@@ -4,6 +4,7 @@ progress/output/stop hooks, then finish, cancel or fail it through the job servi
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -18,12 +19,13 @@ from inference.services import (
     job_cancelled,
     job_claim,
     job_fail,
-    job_heartbeat,
     job_output,
     job_preview,
     job_progress,
     job_started,
     job_succeed,
+    jobs_cancel_requested,
+    jobs_heartbeat,
 )
 from portal.logs import log_context
 
@@ -34,29 +36,63 @@ logger = logging.getLogger(__name__)
 PROGRESS_ROW_INTERVAL_S = 1.0
 
 
-class _Heartbeat:
-    """Refreshes the job's heartbeat from a thread, so a long engine step never looks lost."""
+# How often the process reads its jobs' cancel flags: the most a cancel waits to be seen.
+CANCEL_POLL_S = 0.05
 
-    def __init__(self, job_id: str):
-        self._job_id = job_id
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True, name=f"hb-{job_id}")
 
-    def _beat(self) -> None:
-        interval = max(1.0, settings.SLUICE_JOB_HEARTBEAT_TTL_S / 3)
-        while not self._stop.wait(interval):
+class _RunningJobs:
+    """The jobs this process is running, watched by one thread: their cancel flags read in one
+    round trip every CANCEL_POLL_S (a text stream's `should_stop()` is then a dict read, where
+    it was a Redis call per stream per poll), their heartbeats refreshed in one round trip every
+    third of the heartbeat TTL (where each job had a thread of its own). The thread dies with
+    the process, and so do the heartbeats: a lost worker's jobs still expire to the reaper."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cancel_requested: dict[str, bool] = {}
+        self._busy = threading.Event()
+        self._pid: int | None = None
+
+    def add(self, job_id: str) -> None:
+        with self._lock:
+            if self._pid != os.getpid():  # first job here, or a forked child: start its thread
+                self._pid = os.getpid()
+                threading.Thread(target=self._watch, daemon=True, name="job-watch").start()
+            self._cancel_requested[job_id] = False
+            self._busy.set()
+
+    def remove(self, job_id: str) -> None:
+        with self._lock:
+            self._cancel_requested.pop(job_id, None)
+            if not self._cancel_requested:
+                self._busy.clear()
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self._cancel_requested.get(job_id, False)
+
+    def _watch(self) -> None:
+        beat_every = max(1.0, settings.SLUICE_JOB_HEARTBEAT_TTL_S / 3)
+        next_beat = time.monotonic() + beat_every
+        while True:
+            self._busy.wait()
+            time.sleep(CANCEL_POLL_S)
+            with self._lock:
+                job_ids = list(self._cancel_requested)
+            if not job_ids:
+                continue
             try:
-                job_heartbeat(job_id=self._job_id)
-            except Exception:  # Redis hiccup: the next beat retries
-                logger.warning("heartbeat of %s failed", self._job_id)
+                cancelled = jobs_cancel_requested(job_ids=job_ids)
+                with self._lock:
+                    for job_id in cancelled & self._cancel_requested.keys():
+                        self._cancel_requested[job_id] = True
+                if time.monotonic() >= next_beat:
+                    jobs_heartbeat(job_ids=job_ids)
+                    next_beat = time.monotonic() + beat_every
+            except Exception:  # Redis hiccup: the next round retries
+                logger.warning("watching %d running jobs failed", len(job_ids), exc_info=True)
 
-    def __enter__(self):
-        self._thread.start()
-        return self
 
-    def __exit__(self, *exc_info):
-        self._stop.set()
-        self._thread.join(timeout=5)
+_running = _RunningJobs()
 
 
 def output_moderator_for(job):
@@ -135,20 +171,26 @@ def _job_run_claimed(job) -> str:
         variant=job.variant,
         emit_progress=emit_progress,
         emit_output=emit_output,
-        should_stop=lambda: job_cancel_requested(job_id=job.pk),
+        # A text stream checks on every chunk: the watcher's flag (at most CANCEL_POLL_S late).
+        # A video checks once per denoising step, a step is long, and its cancel is promised
+        # within one step: it reads Redis.
+        should_stop=(lambda: _running.cancel_requested(job.pk)) if spec.kind == "text"
+        else (lambda: job_cancel_requested(job_id=job.pk)),
         output_moderator=output_moderator_for(job) if spec.kind == "text" else None,
         emit_preview=emit_preview,
         started=announce,
     )
-    with _Heartbeat(job.pk):
-        try:
-            outcome = engine_for(spec).run(context)
-        except Exception as exc:
-            logger.exception("engine failed on %s", job.pk)
-            announce()
-            job_fail(job=job, code="engine_error", message=f"{exc.__class__.__name__}: {exc}",
-                     first_output_at=first_output_at[0])
-            return "failed"
+    _running.add(job.pk)
+    try:
+        outcome = engine_for(spec).run(context)
+    except Exception as exc:
+        logger.exception("engine failed on %s", job.pk)
+        announce()
+        job_fail(job=job, code="engine_error", message=f"{exc.__class__.__name__}: {exc}",
+                 first_output_at=first_output_at[0])
+        return "failed"
+    finally:
+        _running.remove(job.pk)
     announce()
     moderator = context.output_moderator
     if moderator is not None and moderator.stopped:

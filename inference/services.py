@@ -235,8 +235,22 @@ def job_heartbeat(*, job_id: str) -> None:
     redis_client().set(HEARTBEAT_KEY.format(job_id=job_id), 1, ex=settings.SLUICE_JOB_HEARTBEAT_TTL_S)
 
 
+def jobs_heartbeat(*, job_ids: list[str]) -> None:
+    """job_heartbeat for every job a worker process runs, in one round trip."""
+    pipeline = redis_client().pipeline(transaction=False)
+    for job_id in job_ids:
+        pipeline.set(HEARTBEAT_KEY.format(job_id=job_id), 1, ex=settings.SLUICE_JOB_HEARTBEAT_TTL_S)
+    pipeline.execute()
+
+
 def job_cancel_requested(*, job_id: str) -> bool:
     return bool(redis_client().exists(CANCEL_KEY.format(job_id=job_id)))
+
+
+def jobs_cancel_requested(*, job_ids: list[str]) -> set[str]:
+    """Which of these jobs a cancel was requested for (one MGET)."""
+    flags = redis_client().mget([CANCEL_KEY.format(job_id=job_id) for job_id in job_ids])
+    return {job_id for job_id, flag in zip(job_ids, flags, strict=True) if flag is not None}
 
 
 def job_progress(*, job: Job, progress: float, data: dict, persist: bool = True) -> None:

@@ -101,9 +101,6 @@ def engine_wait_ready(variant: ModelVariant, timeout_s: float) -> None:
         time.sleep(0.5)
 
 
-CANCEL_POLL_S = 0.05
-
-
 # vLLM schedules lower numbers first; Sluice's tier priority is higher-is-sooner.
 def vllm_priority(tier_priority: int) -> int:
     return 100 - tier_priority
@@ -148,7 +145,6 @@ class VllmTextEngine:
 
         sent_at = time.monotonic()
         first_token_at: float | None = None
-        stop_checked_at = sent_at
         with _client.stream("POST", f"{engine_url(variant)}/v1/completions", json=body) as response:
             if response.status_code != 200:
                 raise RuntimeError(f"engine answered {response.status_code}: {response.read()[:300]!r}")
@@ -170,13 +166,10 @@ class VllmTextEngine:
                 if moderator is not None and moderator.stopped:
                     finish_reason = "content_filter"
                     break  # nothing past the last safe window goes out; vLLM aborts
-                # A cancel is a Redis read: once per CANCEL_POLL_S, not once per token.
-                now = time.monotonic()
-                if now - stop_checked_at >= CANCEL_POLL_S:
-                    stop_checked_at = now
-                    if context.should_stop():
-                        stopped = True
-                        break  # leaving the block closes the stream: vLLM aborts the request
+                # A flag the worker's watcher keeps (inference.runner): no Redis call here.
+                if context.should_stop():
+                    stopped = True
+                    break  # leaving the block closes the stream: vLLM aborts the request
         if moderator is not None and not moderator.stopped and not stopped:
             release(moderator.finish())
             if moderator.stopped:

@@ -227,3 +227,42 @@ def test_a_text_job_whose_engine_is_down_reads_started_then_failed_and_is_refund
     job.refresh_from_db()
     assert job.status == "failed" and job.error_code == "engine_error" and job.first_output_at is None
     assert used(api_key.tenant_id) == 0  # refunded in full
+
+
+def test_one_thread_reads_the_running_jobs_cancel_flags_and_keeps_their_heartbeats(settings, clean_redis):
+    """A worker process's jobs are watched by one thread (inference.runner._RunningJobs): a
+    cancel raised in Redis becomes the job's should_stop() flag, only for that job, and the
+    heartbeats of the jobs still running are refreshed; a finished job's are not."""
+    import time as clock
+
+    from inference.runner import _RunningJobs
+    from inference.services import CANCEL_KEY, HEARTBEAT_KEY
+
+    settings.SLUICE_JOB_HEARTBEAT_TTL_S = 2  # a beat every second
+    watch = _RunningJobs()
+    watch.add("job_a")
+    watch.add("job_b")
+
+    def within(seconds: float, predicate) -> bool:
+        deadline = clock.monotonic() + seconds
+        while clock.monotonic() < deadline:
+            if predicate():
+                return True
+            clock.sleep(0.02)
+        return False
+
+    try:
+        clean_redis.set(CANCEL_KEY.format(job_id="job_a"), 1)
+        assert within(2, lambda: watch.cancel_requested("job_a"))
+        assert not watch.cancel_requested("job_b")
+        assert within(3, lambda: clean_redis.exists(HEARTBEAT_KEY.format(job_id="job_b")))
+        watch.remove("job_b")
+        clean_redis.delete(HEARTBEAT_KEY.format(job_id="job_b"))
+        assert within(3, lambda: clean_redis.ttl(HEARTBEAT_KEY.format(job_id="job_a")) > 0)
+        clean_redis.delete(HEARTBEAT_KEY.format(job_id="job_a"))
+        assert within(3, lambda: clean_redis.exists(HEARTBEAT_KEY.format(job_id="job_a")))
+        assert not clean_redis.exists(HEARTBEAT_KEY.format(job_id="job_b"))
+        assert not watch.cancel_requested("job_b")
+    finally:
+        watch.remove("job_a")
+        watch.remove("job_b")

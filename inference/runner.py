@@ -49,22 +49,26 @@ class _RunningJobs:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._cancel_requested: dict[str, bool] = {}
+        self._job_ids: set[str] = set()  # every job here: its heartbeat
+        self._cancel_requested: dict[str, bool] = {}  # the jobs whose flag is read here
         self._busy = threading.Event()
         self._pid: int | None = None
 
-    def add(self, job_id: str) -> None:
+    def add(self, job_id: str, *, watch_cancel: bool) -> None:
         with self._lock:
             if self._pid != os.getpid():  # first job here, or a forked child: start its thread
                 self._pid = os.getpid()
                 threading.Thread(target=self._watch, daemon=True, name="job-watch").start()
-            self._cancel_requested[job_id] = False
+            self._job_ids.add(job_id)
+            if watch_cancel:
+                self._cancel_requested[job_id] = False
             self._busy.set()
 
     def remove(self, job_id: str) -> None:
         with self._lock:
+            self._job_ids.discard(job_id)
             self._cancel_requested.pop(job_id, None)
-            if not self._cancel_requested:
+            if not self._job_ids:
                 self._busy.clear()
 
     def cancel_requested(self, job_id: str) -> bool:
@@ -77,14 +81,15 @@ class _RunningJobs:
             self._busy.wait()
             time.sleep(CANCEL_POLL_S)
             with self._lock:
-                job_ids = list(self._cancel_requested)
+                job_ids, watched = list(self._job_ids), list(self._cancel_requested)
             if not job_ids:
                 continue
             try:
-                cancelled = jobs_cancel_requested(job_ids=job_ids)
-                with self._lock:
-                    for job_id in cancelled & self._cancel_requested.keys():
-                        self._cancel_requested[job_id] = True
+                if watched:
+                    cancelled = jobs_cancel_requested(job_ids=watched)
+                    with self._lock:
+                        for job_id in cancelled & self._cancel_requested.keys():
+                            self._cancel_requested[job_id] = True
                 if time.monotonic() >= next_beat:
                     jobs_heartbeat(job_ids=job_ids)
                     next_beat = time.monotonic() + beat_every
@@ -180,7 +185,7 @@ def _job_run_claimed(job) -> str:
         emit_preview=emit_preview,
         started=announce,
     )
-    _running.add(job.pk)
+    _running.add(job.pk, watch_cancel=spec.kind == "text")
     try:
         outcome = engine_for(spec).run(context)
     except Exception as exc:

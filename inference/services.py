@@ -232,7 +232,7 @@ def job_started(*, job: Job) -> None:
 
 
 def job_heartbeat(*, job_id: str) -> None:
-    redis_client().set(HEARTBEAT_KEY.format(job_id=job_id), 1, ex=settings.SLUICE_JOB_HEARTBEAT_TTL_S)
+    jobs_heartbeat(job_ids=[job_id])
 
 
 def jobs_heartbeat(*, job_ids: list[str]) -> None:
@@ -244,7 +244,7 @@ def jobs_heartbeat(*, job_ids: list[str]) -> None:
 
 
 def job_cancel_requested(*, job_id: str) -> bool:
-    return bool(redis_client().exists(CANCEL_KEY.format(job_id=job_id)))
+    return job_id in jobs_cancel_requested(job_ids=[job_id])
 
 
 def jobs_cancel_requested(*, job_ids: list[str]) -> set[str]:

@@ -240,8 +240,8 @@ def test_one_thread_reads_the_running_jobs_cancel_flags_and_keeps_their_heartbea
 
     settings.SLUICE_JOB_HEARTBEAT_TTL_S = 2  # a beat every second
     watch = _RunningJobs()
-    watch.add("job_a")
-    watch.add("job_b")
+    watch.add("job_a", watch_cancel=True)
+    watch.add("job_b", watch_cancel=True)
 
     def within(seconds: float, predicate) -> bool:
         deadline = clock.monotonic() + seconds

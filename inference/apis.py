@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-from channels.db import database_sync_to_async
 from django.http import StreamingHttpResponse
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
@@ -19,6 +18,7 @@ from inference.scheduler import scheduler_position
 from inference.selectors import job_get_for_tenant, jobs_for_tenant
 from inference.services import job_cancel
 from portal.authentication import bearer_token
+from portal.db import database_step
 from portal.errors import InvalidApiKey, SluiceError, json_error
 from portal.models import Membership
 from portal.services import api_key_authenticate
@@ -136,15 +136,15 @@ async def job_events_sse(request, job_id: str):
     Last-Event-ID (or ?after=<seq>). Ends after the terminal event."""
     user = await request.auser()
     try:
-        # database_sync_to_async: the connection goes back to the pool when the call returns.
-        job = await database_sync_to_async(job_for_caller)(
+        # database_step: the connection goes back to the pool when the call returns.
+        job = await database_step(job_for_caller)(
             authorization=request.headers.get("Authorization", ""), user=user, job_id=job_id
         )
     except SluiceError as error:
         return json_error(error)
     after = _after_seq(request.headers.get("Last-Event-ID") or request.GET.get("after"))
 
-    @database_sync_to_async
+    @database_step
     def is_finished() -> bool:
         return Job.objects.filter(pk=job.pk).values_list("status", flat=True).first() in Job.TERMINAL
 

@@ -13,7 +13,6 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from channels.db import database_sync_to_async
 from django.db import close_old_connections
 from django.http import JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
@@ -27,6 +26,7 @@ from moderation.rules import rules_active
 from moderation.selectors import safety_policy_for_tenant
 from moderation.services import safety_verdict_enforce
 from portal.authentication import ApiPrincipal, bearer_token
+from portal.db import database_step
 from portal.errors import InvalidApiKey, InvalidParameter, SluiceError, json_error
 from portal.services import api_key_authenticate
 
@@ -146,16 +146,17 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-# Database work of these long-lived async handlers goes through database_sync_to_async (as
-# Channels recommends): the thread's connection goes back to the pool when each step returns.
-@database_sync_to_async
+# Database work of these long-lived async handlers goes through database_step (Channels'
+# database_sync_to_async on shared threads): the connection goes back to the pool when each
+# step returns.
+@database_step
 def _terminal_job(job_id: str) -> Job:
     return Job.objects.get(pk=job_id)
 
 
 async def _generate(request, *, chat: bool):
     try:
-        text, variant, estimate, job, verdict = await database_sync_to_async(_submit)(request, chat=chat)
+        text, variant, estimate, job, verdict = await database_step(_submit)(request, chat=chat)
     except SluiceError as error:
         return json_error(error)
     shape = _Shape(chat=chat, job=job, served_name=variant.served_name)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from asgiref.sync import iscoroutinefunction, sync_to_async
+from asgiref.sync import iscoroutinefunction
 from django.utils.decorators import sync_and_async_middleware
 
 from portal.authentication import ApiPrincipal
+from portal.db import database_step
 from portal.redis import redis_client
 from quotas.limits import rate_limit_headers
 
@@ -24,7 +25,7 @@ def RateLimitHeadersMiddleware(get_response):  # noqa: N802 - Django middleware 
 
         async def middleware(request):
             response = await get_response(request)
-            await sync_to_async(_add_headers)(request, response)
+            await database_step(_add_headers)(request, response)
             return response
 
     else:

@@ -46,3 +46,33 @@ def test_update_returning_joins_the_callers_transaction(job):
 def test_update_returning_refuses_filters_through_other_tables(job):
     with pytest.raises(ValueError, match="own table"):
         update_returning(Job.objects.filter(tenant__slug="x"), status="running")
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_database_steps_of_successive_requests_reuse_the_pools_threads():
+    """Each request runs in its own thread-sensitive context, as Django serves it; a step of
+    database_sync_to_async's default would start a thread per request, database_step reuses
+    its pool's threads (and their thread-locals) and still queries and returns its result."""
+    import threading
+
+    from asgiref.sync import ThreadSensitiveContext
+    from django.db import connection
+
+    from portal.db import database_step
+
+    threads = []
+
+    def step(n):
+        threads.append(threading.current_thread())
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT %s", [n])
+            return cursor.fetchone()[0]
+
+    results = []
+    for n in range(24):
+        async with ThreadSensitiveContext():
+            results.append(await database_step(step)(n))
+    assert results == list(range(24))
+    # At most the pool's 16 threads for 24 requests (one thread per request is the failure).
+    assert all(thread.name.startswith("db-step") for thread in threads)
+    assert len(set(threads)) <= 16

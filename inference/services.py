@@ -33,6 +33,7 @@ from portal.redis import redis_client
 from quotas.admission import ADMITTED
 from quotas.cost import CostEstimate
 from quotas.ledger import reservation_abandon, reservation_open, reservation_settle
+from quotas.limits import RateHeadroom
 
 if TYPE_CHECKING:  # the tokenizer behind it loads on import; callers hand a parsed request
     from inference.requests import TextRequest
@@ -69,6 +70,7 @@ def _idempotent_job(*, api_key: ApiKey, idempotency_key: str, fingerprint: str) 
 class Submission:
     job: Job
     replayed: bool  # True when an Idempotency-Key returned an earlier job
+    rate: RateHeadroom | None = None  # the tenant's CU/minute bucket as this admission left it
 
 
 def job_submit(
@@ -129,7 +131,7 @@ def job_submit(
                           reservation_id=opened.reservation.id,
                           job_cap=opened.limits.max_concurrent_jobs)
         pool_dispatch(pool=job.pool)
-    return Submission(job=job, replayed=False)
+    return Submission(job=job, replayed=False, rate=opened.ticket.rate)
 
 
 def video_job_create(*, api_key: ApiKey, payload: dict, idempotency_key: str | None = None,

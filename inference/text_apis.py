@@ -72,6 +72,7 @@ def _submit(request, *, chat: bool):
         api_key=api_key, text=text, safety_policy=policy, mode="sync",
         idempotency_key=request.headers.get("Idempotency-Key"), request_body=payload,
     )
+    request.rate_headroom = submission.rate  # the rate-limit headers, without a second read
     return text, variant, estimate, submission.job, verdict
 
 

@@ -22,6 +22,7 @@ from quotas.limits import (
     REJECTIONS_KEPT_S,
     CounterKeys,
     QuotaLimits,
+    RateHeadroom,
     pool_capacity_mcu,
     pool_lease_s,
     pool_slots,
@@ -40,19 +41,12 @@ class CountersMissing(Exception):
 
 
 @dataclass(frozen=True)
-class RateState:
-    limit_cu: int
-    remaining_mcu: int
-    reset_ms: int
-
-
-@dataclass(frozen=True)
 class AdmissionTicket:
     reservation_id: str
     outcome: str  # ADMITTED | QUEUED
     cost_mcu: int
     budget_used_mcu: int
-    rate: RateState | None
+    rate: RateHeadroom | None  # the tenant's bucket just after this decision
 
 
 def admission_decide(
@@ -95,7 +89,9 @@ def admission_decide(
     retry_after_ms, used_mcu, remaining_mcu, reset_ms = (int(v) for v in result[1:5])
     if outcome == "miss":
         raise CountersMissing()
-    rate = RateState(limit_cu=limits.tenant_rate_cu, remaining_mcu=remaining_mcu, reset_ms=reset_ms)
+    rate = RateHeadroom(limit_cu=limits.tenant_rate_cu,
+                        remaining_cu=min(remaining_mcu, limits.tenant_burst_mcu) // 1000,
+                        reset_s=math.ceil(reset_ms / 1000))
     if outcome in (ADMITTED, QUEUED):
         return AdmissionTicket(
             reservation_id=reservation_id,

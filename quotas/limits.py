@@ -169,9 +169,8 @@ def rate_headroom(*, tenant: Tenant, client) -> RateHeadroom:
                         reset_s=math.ceil((tat - now_ms) / 1000))
 
 
-def rate_limit_headers(*, api_key: ApiKey, client) -> dict[str, str]:
-    """The x-ratelimit-*-cu headers from the tenant's token bucket."""
-    headroom = rate_headroom(tenant=api_key.tenant, client=client)
+def rate_limit_headers(*, headroom: RateHeadroom) -> dict[str, str]:
+    """The x-ratelimit-*-cu headers for where the tenant's token bucket stands."""
     headers = {"x-ratelimit-limit-cu": str(headroom.limit_cu)}
     if headroom.remaining_cu is not None:
         headers["x-ratelimit-remaining-cu"] = str(headroom.remaining_cu)

@@ -41,6 +41,21 @@ def test_chat_non_streaming_with_the_sdk(cast, text_stack):
     assert entries["settle"] == job.actual_mcu and entries["reserve"] == job.estimated_mcu
 
 
+def test_a_completions_rate_limit_headers_are_the_bucket_its_admission_left(cast, text_stack):
+    """The headers come from the admission's own reading of the tenant's bucket (no second read):
+    its few mCU spent from a full 2,000 CU bucket. Read after the generation, the bucket (refilling
+    at 2,000 CU a minute) would long be full again: 2000 remaining, reset 0."""
+    response = httpx.post(f"{text_stack}/v1/completions", timeout=120,
+                          headers={"Authorization": f"Bearer {cast.owner_key}"},
+                          json={"model": MODEL, "prompt": "def add(a, b):", "max_tokens": 4,
+                                "temperature": 0})
+    assert response.status_code == 200
+    assert 0 < float(response.headers["x-cu-estimate"]) < 1
+    assert response.headers["x-ratelimit-limit-cu"] == "2000"  # pro tier
+    assert response.headers["x-ratelimit-remaining-cu"] == "1999"
+    assert response.headers["x-ratelimit-reset-cu"] == "1"
+
+
 def test_chat_streaming_with_usage(cast, text_stack):
     chunks = list(client(text_stack, cast.owner_key).chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "def fib(n):"}], max_tokens=16,

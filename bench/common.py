@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 from pathlib import Path
@@ -62,3 +63,58 @@ def postgres_database_ensure(url: str) -> None:
     with psycopg.connect(server, autocommit=True, connect_timeout=5) as connection:
         if connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone() is None:
             connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+def listening_processes(urls: list[str]) -> list:
+    """The local processes listening on these URLs' ports (the Redis server, PostgreSQL's
+    postmaster), for a benchmark to pin and to count their CPU. Missing ones (a remote host,
+    no permission to see them) are left out."""
+    from urllib.parse import urlsplit
+
+    import psutil
+
+    ports = set()
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.hostname in ("127.0.0.1", "localhost", "::1"):
+            ports.add(parts.port or {"redis": 6379}.get(parts.scheme, 5432))
+    found = {}
+    try:
+        for connection in psutil.net_connections(kind="tcp"):
+            if (connection.status == psutil.CONN_LISTEN and connection.laddr.port in ports
+                    and connection.pid):
+                found[connection.pid] = psutil.Process(connection.pid)
+    except (psutil.AccessDenied, psutil.NoSuchProcess):
+        pass
+    return list(found.values())
+
+
+def process_tree_pin(processes: list, cpus: set[int]) -> dict[int, set[int]]:
+    """Pin every thread of these processes and their children to `cpus`; returns what each
+    thread had, for process_tree_unpin. PostgreSQL's new backends inherit the postmaster's."""
+    import psutil
+
+    before: dict[int, set[int]] = {}
+    for process in processes:
+        try:
+            members = [process, *process.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for member in members:
+            try:
+                thread_ids = [thread.id for thread in member.threads()]
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            for thread_id in thread_ids:
+                try:
+                    before[thread_id] = os.sched_getaffinity(thread_id)
+                    os.sched_setaffinity(thread_id, cpus)
+                except OSError:  # gone, or not ours to pin
+                    before.pop(thread_id, None)
+    return before
+
+
+def process_tree_unpin(before: dict[int, set[int]]) -> None:
+    for thread_id, cpus in before.items():
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(thread_id, cpus)

@@ -6,8 +6,11 @@ alternating round by round so drift cancels:
     Celery -> engine -> Redis stream -> SSE) vs the engine's own OpenAI server, at 1/8/32
     concurrent streams;
 (b) aggregate tokens/s at 1/8/32 streams, Sluice / direct;
-(c) CPU ms that Sluice's own processes (ASGI server + text worker) spend per streamed request.
-The engine is pinned to CPU 0, everything else (Sluice, the client) to CPU 1 (taskset).
+(c) CPU ms that Sluice's own processes (ASGI server + text worker) spend per streamed request,
+    and apart from them what its local Redis and PostgreSQL spend on it.
+The engine is pinned to CPU 0, everything else (Sluice, the client, and a local Redis and
+PostgreSQL while the benchmark runs) to CPU 1: left on both cores, they take turns with the
+engine during Sluice's rounds only, and the direct baseline never meets them.
 BENCH_FIRST_WINDOW_CHARS=N gives the bench tenant a copy of its safety policy whose first output
 window is N characters (the time to first token it holds back; the default is the policy's own).
 """
@@ -188,7 +191,13 @@ def _cpu_seconds(processes: list[psutil.Process]) -> float:
 
 
 def main() -> None:
-    from bench.common import percentile, print_table
+    from bench.common import (
+        listening_processes,
+        percentile,
+        print_table,
+        process_tree_pin,
+        process_tree_unpin,
+    )
 
     os.environ["REDIS_URL"] = _redis_url()
     env = dict(os.environ, PYTHONUNBUFFERED="1", SLUICE_POOL_SLOTS="text-batch=256",
@@ -199,6 +208,8 @@ def main() -> None:
     key = _bench_key()
     processes, engine_url, web_url = _start_stack(env)
     sluice_processes = [psutil.Process(p.pid) for p in processes[1:]]
+    data_services = listening_processes([os.environ["REDIS_URL"], os.environ["DATABASE_URL"]])
+    data_affinity = process_tree_pin(data_services, {1})
     rows, figures = [], {}
     try:
         # Warm both paths (engine graphs, worker imports, classifier loads).
@@ -208,15 +219,17 @@ def main() -> None:
             samples = {"direct": [], "sluice": []}
             walls = {"direct": 0.0, "sluice": 0.0}
             tokens = {"direct": 0, "sluice": 0}
-            cpu = 0.0
+            cpu = data_cpu = 0.0
             for round_index in range(ROUNDS):
                 for target in ("direct", "sluice") if round_index % 2 == 0 else ("sluice", "direct"):
                     url = engine_url if target == "direct" else web_url
                     before = _cpu_seconds(sluice_processes) if target == "sluice" else 0
+                    data_before = _cpu_seconds(data_services) if target == "sluice" else 0
                     outcome = asyncio.run(_round(url, {"Authorization": f"Bearer {key}"}, concurrency,
                                                  round_index, "sluice-code-tiny"))
                     if target == "sluice":
                         cpu += _cpu_seconds(sluice_processes) - before
+                        data_cpu += _cpu_seconds(data_services) - data_before
                     samples[target].extend(outcome["results"])
                     walls[target] += outcome["wall"]
                     tokens[target] += sum(r["chunks"] for r in outcome["results"])
@@ -229,12 +242,14 @@ def main() -> None:
                                   "total_p50": percentile(total, 50), "total_p99": percentile(total, 99),
                                   "tokens_per_s": tokens[target] / walls[target]}
             figure["cpu_ms_per_stream"] = cpu * 1000 / streams
+            figure["data_cpu_ms_per_stream"] = data_cpu * 1000 / streams
             figures[concurrency] = figure
             for target in ("direct", "sluice"):
                 f = figure[target]
                 rows.append([concurrency, target, f["ttft_p50"], f["ttft_p99"], f["total_p50"],
                              f["total_p99"], f["tokens_per_s"]])
     finally:
+        process_tree_unpin(data_affinity)
         for process in processes:
             try:
                 os.killpg(process.pid, signal.SIGTERM)
@@ -243,7 +258,8 @@ def main() -> None:
                 os.killpg(process.pid, signal.SIGKILL)
     print(f"Text generation, tiny code model, max_tokens 32, {ROUNDS} rounds per cell, engine on CPU 0, "
           "Sluice and the client on CPU 1, first output window "
-          f"{FIRST_WINDOW_CHARS or 'of the tier policy'}")
+          f"{FIRST_WINDOW_CHARS or 'of the tier policy'}; local data services pinned to CPU 1 and "
+          f"counted: {', '.join(p.name() for p in data_services) or 'none found'}")
     print_table(["streams", "target", "TTFT p50 ms", "TTFT p99 ms", "total p50 ms", "total p99 ms",
                  "tokens/s"], rows)
     overhead_rows = []
@@ -252,9 +268,9 @@ def main() -> None:
             concurrency, figure["sluice"]["ttft_p50"] - figure["direct"]["ttft_p50"],
             figure["sluice"]["ttft_p99"] - figure["direct"]["ttft_p99"],
             figure["sluice"]["tokens_per_s"] / figure["direct"]["tokens_per_s"],
-            figure["cpu_ms_per_stream"]])
+            figure["cpu_ms_per_stream"], figure["data_cpu_ms_per_stream"]])
     print_table(["streams", "added TTFT p50 ms", "added TTFT p99 ms", "throughput Sluice/direct",
-                 "Sluice CPU ms/stream"], overhead_rows)
+                 "Sluice CPU ms/stream", "Redis+PostgreSQL CPU ms/stream"], overhead_rows)
     print(json.dumps({
         "ttft_overhead_p50_ms": round(overhead_rows[0][1], 2),
         "ttft_overhead_p99_ms": round(overhead_rows[0][2], 2),
@@ -264,6 +280,7 @@ def main() -> None:
         "throughput_ratio_c8": round(overhead_rows[1][3], 3),
         "throughput_ratio_c32": round(overhead_rows[2][3], 3),
         "cpu_ms_per_stream": round(sum(r[4] for r in overhead_rows) / len(overhead_rows), 2),
+        "data_services_cpu_ms_per_stream": round(sum(r[5] for r in overhead_rows) / len(overhead_rows), 2),
         "first_window_chars": FIRST_WINDOW_CHARS or None,
     }))
 

@@ -259,7 +259,8 @@ def main() -> None:
     print(f"Text generation, tiny code model, max_tokens 32, {ROUNDS} rounds per cell, engine on CPU 0, "
           "Sluice and the client on CPU 1, first output window "
           f"{FIRST_WINDOW_CHARS or 'of the tier policy'}; local data services pinned to CPU 1 and "
-          f"counted: {', '.join(p.name() for p in data_services) or 'none found'}")
+          f"counted: {', '.join(p.name() for p in data_services) or 'none found'} "
+          f"({len(data_affinity)} threads pinned)")
     print_table(["streams", "target", "TTFT p50 ms", "TTFT p99 ms", "total p50 ms", "total p99 ms",
                  "tokens/s"], rows)
     overhead_rows = []

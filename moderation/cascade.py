@@ -8,9 +8,9 @@ tenant's policy, opens cases and raises SafetyRejection. Call points for the gen
   `asyncio.gather` it with tokenisation and cost estimation: the latency added is then the max
   of the two, not the sum. `safety_check_inputs` scores a batch in one encoder pass.
 * `safety_check_output_window(text_so_far=, policy=)`: a streamed generation, checked on its
-  trailing window. `OutputModerator` does the windowing for a stream: feed it each delta and
-  send the client only what it releases; once `stopped`, end the stream with
-  finish_reason `content_filter` and settle CU for the tokens actually produced.
+  trailing window (for a caller that keeps no state). `OutputModerator` does the windowing for a
+  stream: feed it each delta and send the client only what it releases; once `stopped`, end the
+  stream with finish_reason `content_filter` and settle CU for the tokens actually produced.
 
 Every verdict carries per-stage latencies (`timings_ms`); callers put `timings_ms["total"]` in
 the `x-safety-latency-ms` response header.
@@ -41,9 +41,17 @@ ALLOW, REVIEW, BLOCK = "allow", "review", "block"
 # Decoded payloads the classifier also embeds. Leetspeak and spaced-out variants only go to the
 # rules: they fire on ordinary code ("utf8", "x1") and embedding them would double the latency.
 _EMBEDDED_VARIANTS = {"base64", "hex", "url", "rot13", "tags"}
-# Output windows overlap by this much so a phrase split across two windows is still seen.
+# A stateless output check reads this many windows back, so a phrase split across two windows
+# is still seen.
 _OUTPUT_OVERLAP = 2
 OUTPUT_SECOND_WINDOW_CHARS = 48
+# OutputModerator reads what it has not released plus this much of what it has: a phrase up to
+# this long that straddles two windows is read whole once. A quarter window, and never less.
+OUTPUT_MIN_OVERLAP_CHARS = 64
+
+
+def output_overlap_chars(policy: Policy) -> int:
+    return max(OUTPUT_MIN_OVERLAP_CHARS, policy.output_window_chars // 4)
 
 
 class Policy(Protocol):
@@ -271,7 +279,11 @@ def safety_check_output_window(*, text_so_far: str, policy: Policy) -> SafetyVer
     generated code reads like the code contexts that carry injections in the training data.
     """
     window = text_so_far[-policy.output_window_chars * _OUTPUT_OVERLAP :]
-    return safety_check_inputs(texts=[window], policy=policy, judge_attacks=False)[0]
+    return _output_text_check(window, policy)
+
+
+def _output_text_check(text: str, policy: Policy) -> SafetyVerdict:
+    return safety_check_inputs(texts=[text], policy=policy, judge_attacks=False)[0]
 
 
 class OutputModerator:
@@ -290,9 +302,18 @@ class OutputModerator:
         self.verdict: SafetyVerdict | None = None
         self.checks = 0
 
+    # Each check reads the text not yet released and the overlap before it, where a trailing
+    # window of two windows re-read every character twice on a long stream (and 800 characters
+    # of code can pass the encoder's 256 word pieces, read as three): the classifier's cost is
+    # per word piece read (moderation.classifier), so a stream's moderation now costs about
+    # 1.25 passes over its text instead of 2. Short streams read as before: the overlap covers
+    # all of their earlier text.
+    def _window(self) -> str:
+        return self.text[max(0, self.released - output_overlap_chars(self.policy)) :]
+
     def _check(self) -> str:
         self.checks += 1
-        verdict = safety_check_output_window(text_so_far=self.text, policy=self.policy)
+        verdict = _output_text_check(self._window(), self.policy)
         if verdict.blocked:
             self.stopped, self.verdict = True, verdict
             return ""

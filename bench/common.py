@@ -73,11 +73,14 @@ def listening_processes(urls: list[str]) -> list:
 
     import psutil
 
+    default_ports = {"redis": 6379, "rediss": 6379, "postgres": 5432, "postgresql": 5432}
     ports = set()
     for url in urls:
         parts = urlsplit(url)
         if parts.hostname in ("127.0.0.1", "localhost", "::1"):
-            ports.add(parts.port or {"redis": 6379}.get(parts.scheme, 5432))
+            port = parts.port or default_ports.get(parts.scheme)
+            if port:
+                ports.add(port)
     found = {}
     try:
         for connection in psutil.net_connections(kind="tcp"):

@@ -306,7 +306,7 @@ class OutputModerator:
     # window of two windows re-read every character twice on a long stream (and 800 characters
     # of code can pass the encoder's 256 word pieces, read as three): the classifier's cost is
     # per word piece read (moderation.classifier), so a stream's moderation now costs about
-    # 1.25 passes over its text instead of 2. Short streams read as before: the overlap covers
+    # 1.3 passes over its text instead of 2. Short streams read as before: the overlap covers
     # all of their earlier text.
     def _window(self) -> str:
         return self.text[max(0, self.released - output_overlap_chars(self.policy)) :]

@@ -89,9 +89,7 @@ def admission_decide(
     retry_after_ms, used_mcu, remaining_mcu, reset_ms = (int(v) for v in result[1:5])
     if outcome == "miss":
         raise CountersMissing()
-    rate = RateHeadroom(limit_cu=limits.tenant_rate_cu,
-                        remaining_cu=min(remaining_mcu, limits.tenant_burst_mcu) // 1000,
-                        reset_s=math.ceil(reset_ms / 1000))
+    rate = RateHeadroom.of_bucket(limits=limits, remaining_mcu=remaining_mcu, reset_ms=reset_ms)
     if outcome in (ADMITTED, QUEUED):
         return AdmissionTicket(
             reservation_id=reservation_id,

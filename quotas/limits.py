@@ -147,6 +147,16 @@ class RateHeadroom:
     remaining_cu: int | None  # None: Redis did not answer
     reset_s: int | None  # seconds until the bucket is full again
 
+    @classmethod
+    def of_bucket(cls, *, limits: QuotaLimits, remaining_mcu: int, reset_ms: float) -> RateHeadroom:
+        """From the bucket in its own units (mCU, ms), as admit.lua returns it after a decision
+        and as rate_headroom reads it: whole CU, never above the burst, whole seconds up."""
+        import math
+
+        remaining_mcu = max(0, min(remaining_mcu, limits.tenant_burst_mcu))
+        return cls(limit_cu=limits.tenant_rate_cu, remaining_cu=remaining_mcu // 1000,
+                   reset_s=math.ceil(reset_ms / 1000))
+
 
 def rate_headroom(*, tenant: Tenant, client) -> RateHeadroom:
     """Read the tenant's GCRA bucket (one GET, no writes): API headers and the dashboard."""
@@ -164,9 +174,7 @@ def rate_headroom(*, tenant: Tenant, client) -> RateHeadroom:
     interval = 60_000 / limits.tenant_rate_mcu
     tat = max(float(stored) if stored is not None else now_ms, now_ms)
     remaining_mcu = math.floor((now_ms + limits.tenant_burst_mcu * interval - tat) / interval)
-    remaining_mcu = max(0, min(remaining_mcu, limits.tenant_burst_mcu))
-    return RateHeadroom(limit_cu=limits.tenant_rate_cu, remaining_cu=remaining_mcu // 1000,
-                        reset_s=math.ceil((tat - now_ms) / 1000))
+    return RateHeadroom.of_bucket(limits=limits, remaining_mcu=remaining_mcu, reset_ms=tat - now_ms)
 
 
 def rate_limit_headers(*, headroom: RateHeadroom) -> dict[str, str]:

@@ -19,6 +19,7 @@ artifacts from the dataset (`python manage.py train_safety_classifier`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -267,6 +268,15 @@ def classifier_get() -> SafetyClassifier:
             logger.info("safety classifier loaded in %.2fs", time.perf_counter() - started)
             long_lived_freeze(after="loading the safety classifier")
     return _instance
+
+
+def classifier_preload() -> None:
+    """Load the classifier at a process's start-up (the ASGI server, a text pool's worker), not
+    in the first request or stream that needs it: that one waited the load, about 1.5 s of
+    CPU, before its prompt was screened or its first token released. Missing artifacts are
+    logged by classifier_get and refused per request, as without the preload."""
+    with contextlib.suppress(ClassifierUnavailable):
+        classifier_get()
 
 
 # --- training -------------------------------------------------------------------------------

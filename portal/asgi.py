@@ -19,6 +19,8 @@ application = ProtocolTypeRouter(
     }
 )
 
+from moderation.classifier import classifier_preload  # noqa: E402
 from portal.heap import long_lived_freeze  # noqa: E402
 
+classifier_preload()  # every text and video request screens its prompt
 long_lived_freeze(after="ASGI start-up")

@@ -67,6 +67,18 @@ def _load_the_urlconf(**_):
 
 
 @worker_ready.connect
+def _load_the_safety_classifier(sender, **_):
+    """A text pool's worker moderates every stream it runs: load the classifier before its
+    first job, not in it (moderation/classifier.py: classifier_preload)."""
+    from inference.registry import text_variants
+    from moderation.classifier import classifier_preload
+
+    consumed = set(sender.app.amqp.queues.consume_from or ())
+    if consumed & {spec.pool for spec, _variant in text_variants()}:
+        classifier_preload()
+
+
+@worker_ready.connect
 @worker_process_init.connect
 def _freeze_long_lived_objects(**_):
     """The worker (and each prefork child) has loaded what it keeps: take it out of the

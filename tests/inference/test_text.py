@@ -176,6 +176,17 @@ def test_auth_and_tier_errors(cast, text_stack):
     assert exc.value.body["code"] == "model_not_allowed"
 
 
+def test_the_text_worker_loads_the_safety_classifier_before_its_first_job(text_stack):
+    # Loaded in the first job instead, it held that stream's first token back about 1.5 s.
+    from django.conf import settings
+
+    logs = [path.read_text() for path in settings.VAR_DIR.glob("worker-text-batch-*.log")]
+    started = [log for log in logs if "ready." in log]
+    assert started
+    for log in started:
+        assert 0 <= log.find("safety classifier loaded") < log.find("ready.")
+
+
 def test_disconnect_mid_stream_aborts_and_settles_what_was_produced(cast, text_stack):
     # Greedy decoding of the tiny model loops until max_tokens: it never ends early here.
     # Leave after the first chunk: the rest of the generation (~1,000 tokens, seconds even on

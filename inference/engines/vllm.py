@@ -14,9 +14,10 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
+import urllib3
 from django.conf import settings
 
 from inference.engines.base import RunContext, RunResult
@@ -27,10 +28,12 @@ from quotas.cost import text_cost
 
 logger = logging.getLogger(__name__)
 
-# Plain HTTP to the engine on the node: no proxies, pooled connections, no read timeout
-# while a long generation streams.
-_client = httpx.Client(timeout=httpx.Timeout(10.0, read=None), trust_env=False,
-                       limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+# Plain HTTP to the engine on the node: no proxies, pooled keep-alive connections, no read
+# timeout while a long generation streams. urllib3 rather than httpx: a 32-token stream's
+# 32 events cost about 1.0 ms of the worker's CPU through it against 2.0 through httpx's h11
+# (measured side by side, eight streams at a time), on the core the worker shares.
+_pool = urllib3.PoolManager(num_pools=8, maxsize=64, block=False, retries=False,
+                            timeout=urllib3.Timeout(connect=10.0, read=None))
 
 
 def vllm_server_argv(*, variant: ModelVariant, port: int, host: str = "127.0.0.1",
@@ -81,8 +84,8 @@ _ready_at: dict[str, float] = {}
 
 def engine_ready(variant: ModelVariant, timeout_s: float = 1.0) -> bool:
     try:
-        ready = _client.get(f"{engine_url(variant)}/health", timeout=timeout_s).status_code == 200
-    except httpx.HTTPError:
+        ready = _pool.request("GET", f"{engine_url(variant)}/health", timeout=timeout_s).status == 200
+    except urllib3.exceptions.HTTPError:
         ready = False
     if ready:
         _ready_at[variant.served_name] = time.monotonic()
@@ -145,14 +148,20 @@ class VllmTextEngine:
 
         sent_at = time.monotonic()
         first_token_at: float | None = None
-        with _client.stream("POST", f"{engine_url(variant)}/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                raise RuntimeError(f"engine answered {response.status_code}: {response.read()[:300]!r}")
+        response = _pool.request("POST", f"{engine_url(variant)}/v1/completions",
+                                 body=json.dumps(body).encode(), preload_content=False,
+                                 # The engine's request id: its logs name the job.
+                                 headers={"Content-Type": "application/json",
+                                          "X-Request-Id": context.job_id})
+        read_to_end = False
+        try:
+            if response.status != 200:
+                raise RuntimeError(f"engine answered {response.status}: {response.read(300)!r}")
             # The engine has the request: announce the job while it computes the first token.
             context.started()
-            for line in response.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
+            for line in _event_lines(response):
+                if not line.startswith(b"data: {"):
+                    continue  # blank separators, and `data: [DONE]`
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
                     usage = chunk["usage"]
@@ -169,7 +178,13 @@ class VllmTextEngine:
                 # A flag the worker's watcher keeps (inference.runner): no Redis call here.
                 if context.should_stop():
                     stopped = True
-                    break  # leaving the block closes the stream: vLLM aborts the request
+                    break
+            else:
+                read_to_end = True
+        finally:
+            if not read_to_end:
+                response.close()  # the connection drops: vLLM aborts the request
+            response.release_conn()
         if moderator is not None and not moderator.stopped and not stopped:
             release(moderator.finish())
             if moderator.stopped:
@@ -199,6 +214,16 @@ class VllmTextEngine:
                    "prompt_tokens_details": {"cached_tokens": cached or 0}},
             stopped=stopped,
         )
+
+
+def _event_lines(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+    """The lines of a server-sent event stream, as its HTTP chunks arrive."""
+    pending = b""
+    for data in response.stream(None):
+        *lines, pending = (pending + data).split(b"\n")
+        yield from lines
+    if pending:
+        yield pending
 
 
 def checkpoint_exists(variant: ModelVariant) -> bool:

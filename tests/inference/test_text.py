@@ -176,6 +176,47 @@ def test_auth_and_tier_errors(cast, text_stack):
     assert exc.value.body["code"] == "model_not_allowed"
 
 
+def _engine_aborted(job_id: str, timeout_s: float = 10) -> bool:
+    """The vLLM server aborted the job's request (its log, which the test engines write with
+    --enable-log-requests; the worker names each request after its job)."""
+    from django.conf import settings
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        logs = "".join(path.read_text(errors="replace")
+                       for path in settings.VAR_DIR.glob("vllm-*.log"))
+        if f"Request cmpl-{job_id}-0 aborted." in logs:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
+def test_a_stopped_stream_is_aborted_inside_the_engine(text_engines):
+    """A job's stream stops (cancel, disconnect, content filter) where the worker leaves the
+    engine's HTTP stream: vLLM must abort the request there, not generate the rest for nobody.
+    The engine runs in this process, so the stop follows the first token at once (through the
+    whole stack, a starved relay can fall behind until the engine has finished anyway)."""
+    from inference.engines.base import RunContext
+    from inference.engines.vllm import VllmTextEngine
+    from inference.registry import model_get
+    from inference.tokenization import encode
+
+    spec = model_get(MODEL)
+    outputs: list[dict] = []
+    job_id = "job_abortcheck" + str(time.monotonic_ns())
+    result = VllmTextEngine(spec).run(RunContext(
+        job_id=job_id, variant="full",
+        params={"prompt_token_ids": encode(spec, "class Parser:\n"), "max_tokens": 1000,
+                "temperature": 0},
+        emit_progress=lambda progress, data: None, emit_output=outputs.append,
+        should_stop=lambda: True,  # a cancel seen with the first chunk
+    ))
+    assert result.stopped and result.result["finish_reason"] == "cancelled"
+    assert 1 <= result.usage["completion_tokens"] < 1000
+    assert _engine_aborted(job_id)
+
+
 def test_the_text_worker_loads_the_safety_classifier_before_its_first_job(text_stack):
     # Loaded in the first job instead, it held that stream's first token back about 1.5 s.
     from django.conf import settings

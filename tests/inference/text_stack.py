@@ -24,7 +24,9 @@ def _start_engines(max_num_seqs: int) -> tuple[dict[str, str], list[subprocess.P
         port = free_port()
         urls[variant.served_name] = f"http://127.0.0.1:{port}"
         log = open(log_dir / f"vllm-{variant.served_name}.log", "w")  # noqa: SIM115
-        argv = vllm_server_argv(variant=variant, port=port) + ["--max-num-seqs", str(max_num_seqs)]
+        # Requests logged (prompts too, so never in production): tests read the engine's aborts.
+        argv = vllm_server_argv(variant=variant, port=port) + [
+            "--max-num-seqs", str(max_num_seqs), "--enable-log-requests"]
         processes.append(subprocess.Popen(argv, env=vllm_server_env(), stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True))
     deadline = time.monotonic() + 400

@@ -31,8 +31,9 @@ logger = logging.getLogger(__name__)
 # Plain HTTP to the engine on the node: no proxies, pooled keep-alive connections, no read
 # timeout while a long generation streams. urllib3 rather than httpx: a 32-token stream's
 # 32 events cost about 1.0 ms of the worker's CPU through it against 2.0 through httpx's h11
-# (measured side by side, eight streams at a time), on the core the worker shares.
-_pool = urllib3.PoolManager(num_pools=8, maxsize=64, block=False, retries=False,
+# (measured side by side, eight streams at a time), on the core the worker shares. Up to
+# 256 connections per engine are kept (a worker's streams at once: SLUICE_POOL_SLOTS).
+_pool = urllib3.PoolManager(num_pools=8, maxsize=256, block=False, retries=False,
                             timeout=urllib3.Timeout(connect=10.0, read=None))
 
 

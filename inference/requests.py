@@ -79,6 +79,8 @@ class TextInput(serializers.Serializer):
     top_p = serializers.FloatField(required=False, min_value=0, max_value=1, allow_null=True)
     stop = _StopField(required=False, allow_null=True)
     seed = serializers.IntegerField(required=False, min_value=0, max_value=2**63 - 1, allow_null=True)
+    presence_penalty = serializers.FloatField(required=False, min_value=-2, max_value=2, allow_null=True)
+    frequency_penalty = serializers.FloatField(required=False, min_value=-2, max_value=2, allow_null=True)
     n = serializers.IntegerField(required=False, min_value=1, max_value=1, allow_null=True)
     user = serializers.CharField(required=False, max_length=256, allow_blank=True)
     stream = serializers.BooleanField(required=False, default=False)
@@ -96,6 +98,37 @@ class TextInput(serializers.Serializer):
 
 
 DEFAULT_MAX_TOKENS = 256
+_TEXT_ARGUMENTS = frozenset(TextInput().get_fields())
+
+# OpenAI request arguments Sluice accepts and does nothing with: bookkeeping on OpenAI's side
+# (`store`, `metadata`, `service_tier`) or meaningless without tools (`parallel_tool_calls`).
+_IGNORED_ARGUMENTS = frozenset({"metadata", "store", "service_tier", "parallel_tool_calls"})
+
+# OpenAI features Sluice's code models do not offer, with the values that ask for nothing (what
+# some clients send by default). Anything else is refused by name: silently dropping `logprobs`
+# or `tools` would hand back a response without what was asked for, and nothing says why.
+_UNSUPPORTED_ARGUMENTS: dict[str, tuple] = {
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
+    "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}),
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+    "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+    "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
+    "reasoning_effort": (None,), "web_search_options": (None,),
+}
+
+
+def _refuse_unsupported_arguments(payload: dict) -> None:
+    """400 invalid_parameter naming the argument, as OpenAI answers an argument it does not
+    know ("Unrecognized request argument supplied"), and for the features Sluice lacks."""
+    for name, value in payload.items():
+        if name in _TEXT_ARGUMENTS or name in _IGNORED_ARGUMENTS:
+            continue
+        if name not in _UNSUPPORTED_ARGUMENTS:
+            raise InvalidParameter(f"Unrecognized request argument supplied: {name}", param=name)
+        if not any(value == neutral and type(value) is type(neutral)
+                   for neutral in _UNSUPPORTED_ARGUMENTS[name]):
+            raise InvalidParameter(f"{name} is not supported by Sluice's models; leave it unset.",
+                                   param=name)
 
 
 @dataclass(frozen=True)
@@ -109,6 +142,8 @@ class TextRequest:
     top_p: float | None = None
     stop: list[str] | None = None
     seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     stream: bool = False
     include_usage: bool = False
 
@@ -124,6 +159,8 @@ class TextRequest:
             "top_p": 1.0 if self.top_p is None else self.top_p,
             "stop": self.stop,
             "seed": self.seed,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
             "priority": priority,
             # A plain completion continues its prompt: partial repair parses them together.
             "code_context": "" if self.is_chat else self.prompt_text,
@@ -136,6 +173,7 @@ class TextRequest:
 def text_request_parse(*, payload: dict, tier: Tier, chat: bool | None = None) -> TextRequest:
     """`chat`: True for /v1/chat/completions (messages required), False for /v1/completions
     (prompt required), None to accept either (quotes)."""
+    _refuse_unsupported_arguments(payload)
     data = _validated(TextInput(data=payload))
     if chat is True and "messages" not in data:
         raise InvalidParameter("messages: This field is required.", param="messages")
@@ -164,6 +202,7 @@ def text_request_parse(*, payload: dict, tier: Tier, chat: bool | None = None) -
         spec=spec, prompt_text=prompt_text, prompt_token_ids=prompt_token_ids,
         max_tokens=max_tokens, is_chat=is_chat, temperature=data.get("temperature"),
         top_p=data.get("top_p"), stop=data.get("stop"), seed=data.get("seed"),
+        presence_penalty=data.get("presence_penalty"), frequency_penalty=data.get("frequency_penalty"),
         stream=data.get("stream", False),
         include_usage=bool((data.get("stream_options") or {}).get("include_usage")),
     )

@@ -132,7 +132,7 @@ class VllmTextEngine:
             "return_token_ids": True,
             "priority": vllm_priority(params.get("priority", 0)),
         }
-        for name in ("stop", "seed"):
+        for name in ("stop", "seed", "presence_penalty", "frequency_penalty"):
             if params.get(name) is not None:
                 body[name] = params[name]
         moderator = context.output_moderator

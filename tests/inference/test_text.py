@@ -151,6 +151,18 @@ def test_free_tier_is_served_by_the_quantized_variant(text_stack):
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5}, 400,
          "invalid_parameter", "stop"),
         ({"model": MODEL}, 400, "invalid_parameter", "messages"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "presence_penalty": 3}, 400,
+         "invalid_parameter", "presence_penalty"),
+        # OpenAI features the code models lack are refused by name, not silently dropped.
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400,
+         "invalid_parameter", "logprobs"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+          "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "invalid_parameter", "tools"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+          "response_format": {"type": "json_object"}}, 400, "invalid_parameter", "response_format"),
+        # An argument OpenAI does not know either (a typo): refused as OpenAI does.
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_token": 5}, 400,
+         "invalid_parameter", "max_token"),
         ({"model": "sluice-video-tiny", "messages": [{"role": "user", "content": "x"}]}, 400,
          "invalid_parameter", "model"),
     ],
@@ -162,6 +174,26 @@ def test_bad_requests_get_designs_errors(cast, text_stack, body, status, code, p
     assert response.json()["error"]["code"] == code
     assert response.json()["error"]["param"] == param
     assert not Job.objects.exists()
+
+
+def test_neutral_values_of_unsupported_features_are_accepted_and_penalties_reach_the_engine(
+        cast, text_stack):
+    """Clients that send OpenAI's neutral values by default (logprobs false, no tools, a text
+    response format) and bookkeeping arguments work; the penalties are vLLM's own and change
+    the greedy continuation of a repetitive prompt."""
+    sdk = client(text_stack, cast.owner_key)
+    prompt = "x = 1\n" * 8
+    plain = sdk.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+    penalised = sdk.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
+                                       frequency_penalty=2.0, presence_penalty=2.0)
+    assert plain.choices[0].text != penalised.choices[0].text
+    chat = sdk.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "def add(a, b):"}], max_tokens=4,
+        temperature=0, logprobs=False, tools=[], tool_choice="none", store=False,
+        metadata={"team": "a"}, response_format={"type": "text"})
+    assert chat.choices[0].message.content is not None
+    jobs = Job.objects.filter(tenant=cast.tenant).order_by("queued_at")
+    assert [job.params["frequency_penalty"] for job in jobs] == [None, 2.0, None]
 
 
 def test_auth_and_tier_errors(cast, text_stack):

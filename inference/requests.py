@@ -45,9 +45,39 @@ def _validated(serializer: serializers.Serializer) -> dict:
     return serializer.validated_data
 
 
+def message_text(content) -> str:
+    """A chat message's text: its content string, or its text parts joined by newlines (as
+    vLLM joins them). What the chat template renders and what the input cascade screens."""
+    if isinstance(content, list):
+        return "\n".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content if isinstance(content, str) else ""
+
+
+class _ContentField(serializers.Field):
+    """OpenAI's message `content`: a string, or a list of parts of which Sluice's code models
+    read the text ones (`{"type": "text", "text": ...}`); images, audio and files are refused."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, str):
+            return data
+        if not isinstance(data, list):
+            raise serializers.ValidationError("Send a string or a list of text parts.")
+        for part in data:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise serializers.ValidationError(
+                    f"Only text content parts are supported by Sluice's code models, not {kind!r}.")
+            if not isinstance(part.get("text"), str):
+                raise serializers.ValidationError("A text part needs a string `text`.")
+        return message_text(data)
+
+    def to_representation(self, value):
+        return value
+
+
 class _MessageInput(serializers.Serializer):
     role = serializers.ChoiceField(choices=["system", "user", "assistant", "developer"])
-    content = serializers.CharField(allow_blank=True, trim_whitespace=False)
+    content = _ContentField()
 
 
 class _StopField(serializers.Field):

@@ -19,7 +19,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from inference.events import events_follow
 from inference.models import Job
-from inference.requests import TextRequest, text_request_parse
+from inference.requests import TextRequest, message_text, text_request_parse
 from inference.services import job_cancel, text_job_submit
 from moderation.cascade import safety_check_input
 from moderation.rules import rules_active
@@ -83,7 +83,7 @@ def screened_text(payload: dict) -> str:
     """What the input cascade reads: every message's content, or the prompt."""
     messages = payload.get("messages")
     if isinstance(messages, list):
-        return "\n".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
+        return "\n".join(message_text(m.get("content")) for m in messages if isinstance(m, dict))
     prompt = payload.get("prompt")
     return prompt if isinstance(prompt, str) else ""
 

@@ -2,12 +2,14 @@
 
 Every generation is a job on the text pool (admission, tier priority, settlement), yet a
 synchronous request feels direct: this view follows the job's Redis stream and relays each
-chunk as it lands, in OpenAI's chunk format. A client that disconnects mid-stream cancels
-the job: the worker aborts the engine request and settles the tokens actually produced.
+chunk as it lands, in OpenAI's chunk format. A client that disconnects mid-stream, or before
+a non-streaming answer, cancels the job: the worker aborts the engine request and settles the
+tokens actually produced.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -100,6 +102,11 @@ def _cancel_after_disconnect(job_id: str) -> None:
         close_old_connections()
 
 
+def _cancel_in_background(job_id: str) -> None:
+    """A thread, because the coroutine that saw the client leave is being torn down."""
+    threading.Thread(target=_cancel_after_disconnect, args=(job_id,), daemon=True).start()
+
+
 class _Shape:
     """OpenAI's response and chunk shapes for one job."""
 
@@ -170,9 +177,15 @@ async def _generate(request, *, chat: bool):
         response["X-Accel-Buffering"] = "no"
         return response
     pieces: list[str] = []
-    async for event in events_follow(job_id=job.pk, block_ms=60_000):
-        if event is not None and event.type == "job.output":
-            pieces.append(event.data["delta"])
+    try:
+        async for event in events_follow(job_id=job.pk, block_ms=60_000):
+            if event is not None and event.type == "job.output":
+                pieces.append(event.data["delta"])
+    except asyncio.CancelledError:
+        # The client left before its answer (a timeout, a closed connection: Django cancels
+        # the view): as for a stream, stop the generation and bill what was produced.
+        _cancel_in_background(job.pk)
+        raise
     job = await _terminal_job(job.pk)
     if job.status == Job.Status.FAILED:
         return json_error(EngineFailed(f"{job.error_message}"))
@@ -218,8 +231,8 @@ async def _stream(job: Job, shape: _Shape, text: TextRequest):
     finally:
         if not finished:
             # The client went away (or the server is stopping): stop paying for tokens
-            # nobody reads. A thread, because this coroutine is being torn down.
-            threading.Thread(target=_cancel_after_disconnect, args=(job.pk,), daemon=True).start()
+            # nobody reads.
+            _cancel_in_background(job.pk)
 
 
 def _text_endpoint(*, chat: bool):

@@ -316,6 +316,25 @@ def test_disconnect_mid_stream_aborts_and_settles_what_was_produced(cast, text_s
     assert refund == job.estimated_mcu - job.actual_mcu
 
 
+def test_a_client_that_gives_up_on_a_non_streaming_answer_stops_its_generation(cast, text_stack):
+    """An SDK timeout (or any closed connection) before a non-streaming answer: the job is
+    cancelled, not generated to the end for nobody, and settled for what was produced."""
+    body = {"model": MODEL, "prompt": "class Parser:\n", "max_tokens": 1000, "temperature": 0}
+    headers = {"Authorization": f"Bearer {cast.owner_key}"}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{text_stack}/v1/completions", json=body, headers=headers,
+                   timeout=httpx.Timeout(30, read=1.0))
+    deadline = time.monotonic() + 30
+    while (not Job.objects.filter(tenant=cast.tenant, status="cancelled").exists()
+           and time.monotonic() < deadline):
+        time.sleep(0.1)
+    job = Job.objects.get(tenant=cast.tenant)
+    assert job.status == "cancelled"
+    produced = job.usage["completion_tokens"]
+    assert 1 <= produced < 1000
+    assert job.actual_mcu == job.usage["prompt_tokens"] + produced
+
+
 def test_cancel_through_the_jobs_api_stops_the_stream(cast, text_stack):
     sdk = client(text_stack, cast.owner_key)
     # Greedy decoding of the tiny model loops until max_tokens: it never ends early here. Nor

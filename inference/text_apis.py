@@ -162,11 +162,24 @@ def _terminal_job(job_id: str) -> Job:
     return Job.objects.get(pk=job_id)
 
 
+def _cancel_the_job_it_made(submitting: asyncio.Future) -> None:
+    if not submitting.cancelled() and submitting.exception() is None:
+        _cancel_in_background(submitting.result()[3].pk)
+
+
 async def _generate(request, *, chat: bool):
+    # Shielded: a client that leaves while its request is admitted (an SDK timeout while the
+    # server is busy) cancels this view, but the admission runs on in its thread and would
+    # make a job nobody waits for, generated to its end and billed in full. It finishes, and
+    # the job it made is cancelled (refunded, or billed for what it produced).
+    submitting = asyncio.ensure_future(database_step(_submit)(request, chat=chat))
     try:
-        text, variant, estimate, job, verdict = await database_step(_submit)(request, chat=chat)
+        text, variant, estimate, job, verdict = await asyncio.shield(submitting)
     except SluiceError as error:
         return json_error(error)
+    except asyncio.CancelledError:
+        submitting.add_done_callback(_cancel_the_job_it_made)
+        raise
     shape = _Shape(chat=chat, job=job, served_name=variant.served_name)
     headers = {"x-cu-estimate": str(estimate.cu), "x-sluice-job-id": job.pk,
                "x-safety-latency-ms": f"{verdict.timings_ms.get('total', 0):.1f}"}

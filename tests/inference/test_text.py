@@ -335,6 +335,53 @@ def test_a_client_that_gives_up_on_a_non_streaming_answer_stops_its_generation(c
     assert job.actual_mcu == job.usage["prompt_tokens"] + produced
 
 
+def test_a_client_that_leaves_while_its_request_is_admitted_gets_no_job_run_for_nobody(cast, text_stack):
+    """The client gives up while the server is still admitting its request (held here by a
+    lock on its tenant's row, which the job's rows reference, as a busy database would hold
+    it): the admission finishes in its thread, and the job it made is cancelled instead of
+    generating 1,000 tokens for nobody and billing them."""
+    import threading
+
+    from django.db import connection, transaction
+
+    from portal.models import Tenant
+
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_the_tenant() -> None:
+        try:
+            with transaction.atomic():
+                list(Tenant.objects.select_for_update().filter(pk=cast.tenant.pk))
+                locked.set()
+                release.wait(30)
+        finally:
+            connection.close()
+
+    holder = threading.Thread(target=hold_the_tenant)
+    holder.start()
+    try:
+        assert locked.wait(10)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{text_stack}/v1/completions",
+                       headers={"Authorization": f"Bearer {cast.owner_key}"},
+                       json={"model": MODEL, "prompt": "class Parser:\n", "max_tokens": 1000,
+                             "temperature": 0, "stream": True},
+                       timeout=httpx.Timeout(30, read=1.0))
+    finally:
+        release.set()
+        holder.join()
+    deadline = time.monotonic() + 30
+    while (not Job.objects.filter(tenant=cast.tenant, status="cancelled").exists()
+           and time.monotonic() < deadline):
+        time.sleep(0.1)
+    job = Job.objects.get(tenant=cast.tenant)
+    assert job.status == "cancelled"
+    produced = (job.usage or {}).get("completion_tokens", 0)
+    assert produced < 1000
+    refund = LedgerEntry.objects.get(reservation__job=job, kind="refund").mcu
+    assert refund == job.estimated_mcu - job.actual_mcu
+
+
 def test_cancel_through_the_jobs_api_stops_the_stream(cast, text_stack):
     sdk = client(text_stack, cast.owner_key)
     # Greedy decoding of the tiny model loops until max_tokens: it never ends early here. Nor

@@ -276,16 +276,16 @@ def job_output(*, job: Job, data: dict) -> None:
 
 
 def _finish(job: Job, *, status: str, actual_mcu: int, fields: dict, event_type: str,
-            event_data: dict, first_output_at: datetime | None = None) -> bool:
+            event_data: dict, first_output_at: datetime | None = None,
+            from_statuses: tuple[str, ...] = (Job.Status.QUEUED, Job.Status.RUNNING)) -> bool:
     now = timezone.now()
     if first_output_at is not None:
         fields = {**fields, "first_output_at": first_output_at}
     # The job's end and its settlement commit together: nobody sees a finished job whose
     # ledger is not settled yet.
     with transaction.atomic():
-        claimed = Job.objects.filter(
-            pk=job.pk, status__in=[Job.Status.QUEUED, Job.Status.RUNNING]
-        ).update(status=status, finished_at=now, actual_mcu=actual_mcu, **fields)
+        claimed = Job.objects.filter(pk=job.pk, status__in=from_statuses).update(
+            status=status, finished_at=now, actual_mcu=actual_mcu, **fields)
         if claimed != 1:
             return False
         if job.reservation_id:
@@ -341,8 +341,10 @@ def job_cancel(*, job: Job) -> Job:
     )
     if job.status == Job.Status.QUEUED:
         scheduler_remove(job_id=job.pk, pool=job.pool, priority=job.priority)
+        # Closed as queued only while it still is: a worker that claimed it since this row was
+        # read is generating, and must be stopped by its flag (below) and settle what it used.
         if _finish(job, status=Job.Status.CANCELLED, actual_mcu=0, fields={},
-                   event_type="job.cancelled", event_data={}):
+                   event_type="job.cancelled", event_data={}, from_statuses=(Job.Status.QUEUED,)):
             job.refresh_from_db()
             return job
         job.refresh_from_db()  # it started meanwhile: cancel it as a running job

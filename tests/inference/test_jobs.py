@@ -11,6 +11,7 @@ from inference.runner import job_run
 from inference.scheduler import scheduler_dispatch, scheduler_enqueue
 from inference.services import (
     job_cancel,
+    job_cancelled,
     job_claim,
     job_fail,
     job_recover_lost,
@@ -122,6 +123,28 @@ def test_cancel_running_job_raises_the_stop_flag(sent_tasks):
     assert job_cancel_requested(job_id=job.pk)
     job.refresh_from_db()
     assert job.status == "running" and job.cancel_requested_at is not None
+
+
+def test_a_cancel_that_read_the_job_queued_stops_it_when_a_worker_claimed_it_meanwhile(sent_tasks):
+    """The canceller read the job while it was queued; a worker claims it before the cancel
+    lands. The job must be stopped as a running job (its flag raised), not closed as a queued
+    one: that left the worker generating to the end for nobody, its tokens never billed (its
+    own finish found the job already closed)."""
+    from inference.services import job_cancel_requested
+
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    read_while_queued = video_job_submit(api_key).job
+    assert read_while_queued.status == "queued"
+    claimed = job_claim(job_id=read_while_queued.pk, attempt=1)
+    job_cancel(job=read_while_queued)
+    assert job_cancel_requested(job_id=claimed.pk)
+    claimed.refresh_from_db()
+    assert claimed.status == "running" and claimed.cancel_requested_at is not None
+    # The worker sees the flag and settles what it used.
+    assert job_cancelled(job=claimed, actual_mcu=300, usage={}, result={}) is True
+    claimed.refresh_from_db()
+    assert claimed.status == "cancelled" and claimed.actual_mcu == 300
+    assert used(api_key.tenant_id) == 300
 
 
 def test_priority_first_then_fair_share_across_tenants(settings, sent_tasks):

@@ -95,7 +95,7 @@ def _cancel_after_disconnect(job_id: str) -> None:
         job = Job.objects.get(pk=job_id)
         if not job.is_terminal:
             job_cancel(job=job)
-            logger.info("client left %s mid-stream: cancelled", job_id)
+            logger.info("client left before the end of %s: cancelled", job_id)
     except Exception:
         logger.exception("could not cancel %s after a disconnect", job_id)
     finally:

@@ -150,6 +150,26 @@ class _Shape:
         return {**self._envelope(self.object), "choices": [choice], "usage": usage}
 
 
+class SourceClosingStream(StreamingHttpResponse):
+    """A streaming response that closes its own generator when Django stops consuming it.
+
+    When the client leaves, Django closes the iterator it consumes (`aclosing(aiter(response))`)
+    but not the generator wrapped inside it, which then closes - and runs the `finally` that
+    cancels the job - only when the garbage collector reaches it: on a busy process late
+    enough that the engine had generated all the tokens, for nobody (seen in CI)."""
+
+    def __init__(self, source, **kwargs):
+        super().__init__(source, **kwargs)
+        self._source = source
+
+    async def __aiter__(self):
+        try:
+            async for part in super().__aiter__():
+                yield part
+        finally:
+            await self._source.aclose()
+
+
 def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
@@ -184,8 +204,8 @@ async def _generate(request, *, chat: bool):
     headers = {"x-cu-estimate": str(estimate.cu), "x-sluice-job-id": job.pk,
                "x-safety-latency-ms": f"{verdict.timings_ms.get('total', 0):.1f}"}
     if text.stream:
-        response = StreamingHttpResponse(_stream(job, shape, text), content_type="text/event-stream",
-                                         headers=headers)
+        response = SourceClosingStream(_stream(job, shape, text), content_type="text/event-stream",
+                                       headers=headers)
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"
         return response

@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, NamedTuple
 
 from django.db import close_old_connections
 from django.http import JsonResponse, StreamingHttpResponse
@@ -32,6 +33,11 @@ from portal.db import database_step
 from portal.errors import InvalidApiKey, InvalidParameter, SluiceError, json_error
 from portal.services import api_key_authenticate
 
+if TYPE_CHECKING:
+    from inference.registry import ModelVariant
+    from moderation.cascade import SafetyVerdict
+    from quotas.cost import CostEstimate
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,7 +47,15 @@ class EngineFailed(SluiceError):
     default_message = "The model failed to generate a response. You were not charged for it."
 
 
-def _submit(request, *, chat: bool):
+class _Submitted(NamedTuple):
+    text: TextRequest
+    variant: ModelVariant
+    estimate: CostEstimate
+    job: Job
+    verdict: SafetyVerdict
+
+
+def _submit(request, *, chat: bool) -> _Submitted:
     """Authenticate, validate, price and admit: everything before the first token."""
     token = bearer_token(request.headers.get("Authorization", ""))
     if token is None:
@@ -75,7 +89,7 @@ def _submit(request, *, chat: bool):
         idempotency_key=request.headers.get("Idempotency-Key"), request_body=payload,
     )
     request.rate_headroom = submission.rate  # the rate-limit headers, without a second read
-    return text, variant, estimate, submission.job, verdict
+    return _Submitted(text, variant, estimate, submission.job, verdict)
 
 
 _SAFETY_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="safety")
@@ -184,7 +198,7 @@ def _terminal_job(job_id: str) -> Job:
 
 def _cancel_the_job_it_made(submitting: asyncio.Future) -> None:
     if not submitting.cancelled() and submitting.exception() is None:
-        _cancel_in_background(submitting.result()[3].pk)
+        _cancel_in_background(submitting.result().job.pk)
 
 
 async def _generate(request, *, chat: bool):

@@ -11,7 +11,11 @@ is only measured. Metrics, for each system on dev and on test_ood:
 * false-positive rate of the `standard` policy's block decision on benign rows that look risky
   (borderline cyber, malware MCQs, role-play, clean BIPIA contexts; XSTest on test_ood) and on
   benign coding prompts (category `code`, `code:*`, `code_completion:*`);
-* latency per prompt, p50/p99: single (one prompt per call) and batched (32 per call).
+* latency per prompt, p50/p99: single (one prompt per call) and batched (32 per call);
+* fragments: the distinct 4-, 8-, 16- and 24-character openings of dev's and test_ood's rows,
+  scored alone as output is (P(harmful)), and how many are over the block threshold at the
+  default operating point: why a stream's windows under OUTPUT_CLASSIFIER_MIN_CHARS are left
+  to the rules (moderation/cascade.py).
 The last line printed is one JSON object.
 """
 
@@ -229,6 +233,24 @@ def evaluate(system, dev: list[dict], ood: list[dict], single_sample: list[str])
     }
 
 
+FRAGMENT_CHARS = (4, 8, 16, 24)
+
+
+def fragment_noise(rows: list[dict], *, fpr: float = 0.01) -> dict[int, tuple[int, int, list[str]]]:
+    """Per length: (distinct openings, how many score over the block threshold, the top three)."""
+    from moderation.classifier import classifier_get, harmful_scores
+
+    classifier = classifier_get()
+    threshold = classifier.thresholds.harmful(fpr)
+    out = {}
+    for chars in FRAGMENT_CHARS:
+        openings = sorted({row["text"][:chars] for row in rows if row["text"][:chars].strip()})
+        scores = harmful_scores(classifier.probabilities(openings))
+        top = [openings[i] for i in np.argsort(-scores)[:3]]
+        out[chars] = (len(openings), int((scores >= threshold).sum()), top)
+    return out
+
+
 def _fmt(value) -> str:
     if value is None:
         return "-"
@@ -290,6 +312,10 @@ def main() -> None:
     results[baseline.name] = evaluate(baseline, dev, ood, single_sample)
 
     print(table(results))
+    fragments = fragment_noise(dev + ood)
+    print("\nopenings scored alone (as output windows are): over the default block threshold")
+    for chars, (distinct, flagged, top) in fragments.items():
+        print(f"  {chars:2d} characters: {flagged:4d} of {distinct:4d} distinct   e.g. {top}")
     ours, theirs = results[cascade.name], results[baseline.name]
     summary = {
         "dev_recall_at_1pct_fpr": round(ours["dev"]["recall_at_1pct_fpr"], 4),
@@ -309,6 +335,8 @@ def main() -> None:
         "baseline_ood_recall_at_1pct_fpr": round(theirs["ood"]["recall_at_1pct_fpr"], 4),
         "baseline_benign_code_fpr": round(theirs["dev"]["block_fpr_code"], 4),
         "baseline_p50_ms_single": round(theirs["p50_ms_single"], 3),
+        **{f"openings_{chars}_over_block_threshold": round(flagged / distinct, 4)
+           for chars, (distinct, flagged, _) in fragments.items()},
     }
     print(json.dumps(summary))
 

@@ -48,6 +48,13 @@ OUTPUT_SECOND_WINDOW_CHARS = 48
 # OutputModerator reads what it has not released plus this much of what it has: a phrase up to
 # this long that straddles two windows is read whole once. A quarter window, and never less.
 OUTPUT_MIN_OVERLAP_CHARS = 64
+# Shorter than this, a text gives the classifier nothing to judge: scored alone, the 4- and
+# 8-character openings of dev's and test_ood's rows ("Well", "How can ", "Show me ") score as
+# harmful as real requests (72 of 1,323 distinct 8-character openings over the default block
+# threshold), while at 16 characters real requests begin to read as such ("How can I poison").
+# A stream's short first window is therefore screened by the rules alone, and the classifier
+# reads its text with the next window, whose overlap always covers it.
+OUTPUT_CLASSIFIER_MIN_CHARS = 16
 
 
 def output_overlap_chars(policy: Policy) -> int:
@@ -286,6 +293,30 @@ def _output_text_check(text: str, policy: Policy) -> SafetyVerdict:
     return safety_check_inputs(texts=[text], policy=policy, judge_attacks=False)[0]
 
 
+def _output_rules_check(text: str, policy: Policy) -> SafetyVerdict:
+    """The rules alone, for a window too short for the classifier (OUTPUT_CLASSIFIER_MIN_CHARS).
+    An allow here is unscored: its category scores are zeros, its stage "rules"."""
+    started = time.perf_counter()
+    prepared = _prepare(text, rules_active())
+    if prepared.hit is not None:
+        verdict = _rule_verdict(prepared, policy)
+    else:
+        verdict = SafetyVerdict(
+            action=ALLOW,
+            category_scores=dict.fromkeys(UNSAFE_LABELS, 0.0),
+            unsafe_score=0.0,
+            categories=(),
+            stage="rules",
+            policy_slug=policy.slug,
+            tricks=prepared.normalized.tricks,
+            timings_ms=prepared.timings_ms,
+        )
+    verdict.timings_ms["total"] = _ms_since(started)
+    safety_verdict_observe(direction="output", action=verdict.action, stage=verdict.stage,
+                           timings_ms=verdict.timings_ms)
+    return verdict
+
+
 class OutputModerator:
     """Holds a stream back one window at a time; only checked text is released.
 
@@ -301,6 +332,9 @@ class OutputModerator:
         self.stopped = False
         self.verdict: SafetyVerdict | None = None
         self.checks = 0
+        # text[:classified] has been read by the classifier; only a short first window, released
+        # on the rules alone, is ever ahead of it.
+        self.classified = 0
 
     # Each check reads the text not yet released and the overlap before it, where a trailing
     # window of two windows re-read every character twice on a long stream (and 800 characters
@@ -311,9 +345,14 @@ class OutputModerator:
     def _window(self) -> str:
         return self.text[max(0, self.released - output_overlap_chars(self.policy)) :]
 
-    def _check(self) -> str:
+    def _check(self, *, last: bool = False) -> str:
         self.checks += 1
-        verdict = _output_text_check(self._window(), self.policy)
+        window = self._window()
+        if not last and len(window) < OUTPUT_CLASSIFIER_MIN_CHARS:
+            verdict = _output_rules_check(window, self.policy)
+        else:
+            verdict = _output_text_check(window, self.policy)
+            self.classified = len(self.text)
         if verdict.blocked:
             self.stopped, self.verdict = True, verdict
             return ""
@@ -322,9 +361,10 @@ class OutputModerator:
 
     # The first window is short (the policy's first window: what the client waits for before
     # its first token); the next ones double from twice that, and never from less than
-    # OUTPUT_SECOND_WINDOW_CHARS, up to the policy's window. A classifier pass costs about a
-    # millisecond before it reads any text, so a short first window buys time to first token
-    # without adding a pass for every doubling after it.
+    # OUTPUT_SECOND_WINDOW_CHARS, up to the policy's window. A classifier pass costs about two
+    # milliseconds before it reads any text, so a short first window buys time to first token
+    # without adding a pass for every doubling after it; one shorter than
+    # OUTPUT_CLASSIFIER_MIN_CHARS adds no pass at all (the rules screen it).
     def _window_due(self) -> int:
         first = self.policy.output_first_window_chars
         if self.checks == 0:
@@ -341,6 +381,8 @@ class OutputModerator:
         return self._check()
 
     def finish(self) -> str:
-        if self.stopped or self.released == len(self.text):
+        """The last check: the classifier reads whatever it has not, even text already released
+        on the rules alone (a stream that ended inside its first window)."""
+        if self.stopped or self.classified == len(self.text):
             return ""
-        return self._check()
+        return self._check(last=True)

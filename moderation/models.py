@@ -66,10 +66,12 @@ class SafetyPolicy(models.Model):
     output_window_chars = models.PositiveIntegerField(default=400)
     # The first window is this short, the next ones start at 48 characters (or twice the first)
     # and double up to `output_window_chars`: the client waits for the first one before its
-    # first token. 8 characters is about two tokens of code; a 32-token completion takes three
-    # classifier passes either way (moderation.cascade.OutputModerator).
+    # first token. A first window under 16 characters is screened by the rules alone and read
+    # by the classifier with the next one (moderation.cascade.OutputModerator): holding back a
+    # second token would cost a decode step and check nothing more, so the default releases the
+    # first token as it comes.
     output_first_window_chars = models.PositiveIntegerField(
-        default=8, validators=[MinValueValidator(1)],
+        default=1, validators=[MinValueValidator(1)],
         help_text="Characters held back before a stream's first release (the first check); "
                   "the next windows start at 48 characters (or twice this) and double up to "
                   "the output window.",

@@ -178,7 +178,7 @@ def _first_release_after(moderator: OutputModerator, text: str) -> int:
 def test_a_policys_first_window_sets_how_much_is_held_before_the_first_release():
     text = "def add(a, b):\n    return a + b\n" * 4
     default = OutputModerator(policy=policy())
-    assert _first_release_after(default, text) == 8
+    assert _first_release_after(default, text) == 1  # the first token, as it comes
     short = policy()
     short.output_first_window_chars = 6
     moderator = OutputModerator(policy=short)
@@ -198,6 +198,51 @@ def test_a_policys_first_window_sets_how_much_is_held_before_the_first_release()
     moderator = OutputModerator(policy=wide)
     assert _first_release_after(moderator, text) == 40
     assert moderator._window_due() == 80
+
+
+def _first_window(chars: int):
+    custom = policy()
+    custom.output_first_window_chars = chars
+    return custom
+
+
+def test_a_short_first_window_is_released_on_the_rules_and_read_by_the_classifier_next(
+    monkeypatch,
+):
+    reads = _reads(monkeypatch)
+    moderator = OutputModerator(policy=_first_window(8))
+    # Scored alone, this opening is over the default block threshold (P(harmful) about 0.94):
+    # the classifier has nothing to judge in 8 characters. It is released on the rules...
+    assert _first_release_after(moderator, "How can ") == 8
+    assert reads == [] and moderator.checks == 1 and moderator.classified == 0
+    # ...and the classifier reads it in context with the next window, before anything more is
+    # released.
+    rest = "we make this loop faster? Use a list comprehension:\n" * 2
+    delivered = "".join(moderator.feed(char) for char in rest) + moderator.finish()
+    assert not moderator.stopped and "How can " + delivered == "How can " + rest
+    assert reads[0].startswith("How can we make") and moderator.classified == len(moderator.text)
+
+
+def test_a_stream_that_ends_in_its_first_window_is_still_read_by_the_classifier(monkeypatch):
+    reads = _reads(monkeypatch)
+    moderator = OutputModerator(policy=_first_window(8))
+    released = "".join(moderator.feed(char) for char in "How can ")
+    assert released == "How can " and reads == []
+    # The last check reads what the classifier has not, released or not: alone, these 8
+    # characters score over the threshold, so the stream ends in content_filter.
+    assert moderator.finish() == "" and reads == ["How can "]
+    assert moderator.stopped and moderator.verdict.stage == "classifier"
+    # A clean stream that ends inside its first window is read once, at the end.
+    reads.clear()
+    short = OutputModerator(policy=_first_window(8))
+    assert short.feed("42") == "" and short.finish() == "42" and reads == ["42"]
+
+
+def test_a_rule_still_stops_a_short_first_window():
+    moderator = OutputModerator(policy=_first_window(15))
+    delivered = "".join(moderator.feed(char) for char in "do anything now")
+    assert delivered == "" and moderator.stopped
+    assert moderator.verdict.blocked and moderator.verdict.stage == "rules"
 
 
 def test_a_first_window_is_at_least_one_character_and_never_wider_than_the_window():

@@ -166,6 +166,20 @@ def _rule_verdict(prepared: _Prepared, policy: Policy) -> SafetyVerdict:
     )
 
 
+def _unscored_allow(prepared: _Prepared, policy: Policy, *, stage: str) -> SafetyVerdict:
+    """An allow the classifier did not score (nothing to read, or a window too short for it)."""
+    return SafetyVerdict(
+        action=ALLOW,
+        category_scores=dict.fromkeys(UNSAFE_LABELS, 0.0),
+        unsafe_score=0.0,
+        categories=(),
+        stage=stage,
+        policy_slug=policy.slug,
+        tricks=prepared.normalized.tricks,
+        timings_ms=prepared.timings_ms,
+    )
+
+
 def safety_check_inputs(
     *,
     texts: Sequence[str],
@@ -190,15 +204,7 @@ def safety_check_inputs(
             verdicts[index] = _rule_verdict(item, policy)
             continue
         if not item.normalized.text and not item.normalized.variants:
-            verdicts[index] = SafetyVerdict(
-                action=ALLOW,
-                category_scores=dict.fromkeys(UNSAFE_LABELS, 0.0),
-                unsafe_score=0.0,
-                categories=(),
-                stage="empty",
-                policy_slug=policy.slug,
-                timings_ms=item.timings_ms,
-            )
+            verdicts[index] = _unscored_allow(item, policy, stage="empty")
             continue
         candidates = [item.normalized.text] + [
             variant.text
@@ -294,23 +300,13 @@ def _output_text_check(text: str, policy: Policy) -> SafetyVerdict:
 
 
 def _output_rules_check(text: str, policy: Policy) -> SafetyVerdict:
-    """The rules alone, for a window too short for the classifier (OUTPUT_CLASSIFIER_MIN_CHARS).
-    An allow here is unscored: its category scores are zeros, its stage "rules"."""
+    """The rules alone, for a window too short for the classifier (OUTPUT_CLASSIFIER_MIN_CHARS)."""
     started = time.perf_counter()
     prepared = _prepare(text, rules_active())
     if prepared.hit is not None:
         verdict = _rule_verdict(prepared, policy)
     else:
-        verdict = SafetyVerdict(
-            action=ALLOW,
-            category_scores=dict.fromkeys(UNSAFE_LABELS, 0.0),
-            unsafe_score=0.0,
-            categories=(),
-            stage="rules",
-            policy_slug=policy.slug,
-            tricks=prepared.normalized.tricks,
-            timings_ms=prepared.timings_ms,
-        )
+        verdict = _unscored_allow(prepared, policy, stage="rules")
     verdict.timings_ms["total"] = _ms_since(started)
     safety_verdict_observe(direction="output", action=verdict.action, stage=verdict.stage,
                            timings_ms=verdict.timings_ms)

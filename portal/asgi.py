@@ -6,9 +6,10 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from django.core.asgi import get_asgi_application  # noqa: E402
 
-django_asgi_app = get_asgi_application()
+from portal.asgi_handler import asgi_application_get  # noqa: E402
+
+django_asgi_app = asgi_application_get()
 
 from portal.routing import websocket_urlpatterns  # noqa: E402
 

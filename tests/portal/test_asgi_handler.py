@@ -11,7 +11,7 @@ from django.core.handlers.asgi import ASGIHandler
 
 from portal.asgi_handler import ThreadReusingASGIHandler
 
-pytestmark = pytest.mark.django_db(transaction=True)
+# No database: a 404 touches none, and the handler's work is threads, not queries.
 
 
 def _scope(path: str) -> dict:
@@ -22,11 +22,12 @@ def _scope(path: str) -> dict:
 
 
 async def _get(application, path: str) -> int:
+    # Generous timeouts: the process's first request imports the URLconf (seconds on a busy CI).
     communicator = ApplicationCommunicator(application, _scope(path))
     await communicator.send_input({"type": "http.request", "body": b"", "more_body": False})
-    start = await communicator.receive_output(timeout=10)
-    await communicator.receive_output(timeout=10)  # the body
-    await communicator.wait(timeout=10)
+    start = await communicator.receive_output(timeout=60)
+    await communicator.receive_output(timeout=60)  # the body
+    await communicator.wait(timeout=60)
     return start["status"]
 
 

@@ -186,11 +186,14 @@ def safety_check_inputs(
     policy: Policy,
     rules: RuleSet | None = None,
     judge_attacks: bool = True,
+    classify: bool = True,
 ) -> list[SafetyVerdict]:
     """The cascade for several prompts (one call, one classifier load, shared timings).
 
     judge_attacks=False scores jailbreak/injection but decides on harmful content and rules
     only: for model output, where "an attack on the model" is not the question.
+    classify=False stops after the rules (an output window too short for the classifier,
+    OUTPUT_CLASSIFIER_MIN_CHARS): what they let through is an unscored allow.
     """
     rules = rules if rules is not None else rules_active()
     batch_started = time.perf_counter()
@@ -205,6 +208,9 @@ def safety_check_inputs(
             continue
         if not item.normalized.text and not item.normalized.variants:
             verdicts[index] = _unscored_allow(item, policy, stage="empty")
+            continue
+        if not classify:
+            verdicts[index] = _unscored_allow(item, policy, stage="rules")
             continue
         candidates = [item.normalized.text] + [
             variant.text
@@ -295,22 +301,9 @@ def safety_check_output_window(*, text_so_far: str, policy: Policy) -> SafetyVer
     return _output_text_check(window, policy)
 
 
-def _output_text_check(text: str, policy: Policy) -> SafetyVerdict:
-    return safety_check_inputs(texts=[text], policy=policy, judge_attacks=False)[0]
-
-
-def _output_rules_check(text: str, policy: Policy) -> SafetyVerdict:
-    """The rules alone, for a window too short for the classifier (OUTPUT_CLASSIFIER_MIN_CHARS)."""
-    started = time.perf_counter()
-    prepared = _prepare(text, rules_active())
-    if prepared.hit is not None:
-        verdict = _rule_verdict(prepared, policy)
-    else:
-        verdict = _unscored_allow(prepared, policy, stage="rules")
-    verdict.timings_ms["total"] = _ms_since(started)
-    safety_verdict_observe(direction="output", action=verdict.action, stage=verdict.stage,
-                           timings_ms=verdict.timings_ms)
-    return verdict
+def _output_text_check(text: str, policy: Policy, *, classify: bool = True) -> SafetyVerdict:
+    return safety_check_inputs(texts=[text], policy=policy, judge_attacks=False,
+                               classify=classify)[0]
 
 
 class OutputModerator:
@@ -344,10 +337,9 @@ class OutputModerator:
     def _check(self, *, last: bool = False) -> str:
         self.checks += 1
         window = self._window()
-        if not last and len(window) < OUTPUT_CLASSIFIER_MIN_CHARS:
-            verdict = _output_rules_check(window, self.policy)
-        else:
-            verdict = _output_text_check(window, self.policy)
+        classify = last or len(window) >= OUTPUT_CLASSIFIER_MIN_CHARS
+        verdict = _output_text_check(window, self.policy, classify=classify)
+        if classify:
             self.classified = len(self.text)
         if verdict.blocked:
             self.stopped, self.verdict = True, verdict

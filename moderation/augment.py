@@ -133,20 +133,31 @@ def openings(text: str, word_counts: Sequence[int] = (1, 2, 3)) -> list[str]:
     return [" ".join(words[:count]) for count in word_counts if len(words) > count]
 
 
-def augment_short_turns(
-    rows: Sequence[dict], *, seed: int, benign_openings: int = SHORT_BENIGN_OPENINGS
-) -> tuple[list[str], list[str]]:
-    """Short benign and short harmful rows from a split's rows: (texts, labels)."""
-    benign = list(dict.fromkeys(
+def benign_openings_of(rows: Sequence[dict]) -> list[str]:
+    """The distinct 1-3-word openings of a split's benign rows, in row order."""
+    return list(dict.fromkeys(
         opening for row in rows if row["label"] == "benign"
         for opening in openings(row["text"]) if opening.strip()
     ))
-    rng = random.Random(seed)  # noqa: S311 - reproducible data, not secrets
-    if len(benign) > benign_openings:
-        benign = rng.sample(benign, benign_openings)
-    harmful = list(dict.fromkeys(
+
+
+def short_harmful_forms_of(rows: Sequence[dict]) -> list[str]:
+    """The distinct short forms of a split's harmful "how to" goals: each core plain, as
+    "how to ...", and as a capitalised question."""
+    return list(dict.fromkeys(
         form for row in rows if row["label"] == "harmful"
         for core in harmful_cores(row["text"])
         for form in (core, f"how to {core}", core[:1].upper() + core[1:] + "?")
     ))
+
+
+def augment_short_turns(
+    rows: Sequence[dict], *, seed: int, benign_openings: int = SHORT_BENIGN_OPENINGS
+) -> tuple[list[str], list[str]]:
+    """Short benign and short harmful rows from a split's rows: (texts, labels)."""
+    benign = benign_openings_of(rows)
+    rng = random.Random(seed)  # noqa: S311 - reproducible data, not secrets
+    if len(benign) > benign_openings:
+        benign = rng.sample(benign, benign_openings)
+    harmful = short_harmful_forms_of(rows)
     return [*benign, *harmful], ["benign"] * len(benign) + ["harmful"] * len(harmful)

@@ -295,3 +295,29 @@ def start_live_server():
 # The real text stack (vLLM servers, text worker, ASGI server), started once per session for
 # every module that asks (the text API tests, the dashboard's text playground).
 from tests.inference.text_stack import text_engines, text_stack  # noqa: E402, F401
+
+
+def _needs_text_engines(item) -> bool:
+    return "text_engines" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The modules whose tests need the text engines run last (each module's order kept, so
+    its module-scoped fixtures start once): the engines load meanwhile (see below)."""
+    late_modules = {item.nodeid.split("::")[0] for item in items if _needs_text_engines(item)}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] in late_modules)
+
+
+def pytest_collection_finish(session):
+    """Starting the vLLM servers takes over a minute of mostly one core; begun now, it overlaps
+    the tests that do not need them instead of stalling the first one that does."""
+    from tests.inference import text_stack as stack
+
+    if not session.config.option.collectonly and any(map(_needs_text_engines, session.items)):
+        stack.engines_start_early()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from tests.inference import text_stack as stack
+
+    stack.engines_stop_early()

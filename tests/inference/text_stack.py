@@ -4,8 +4,10 @@ tiny code model, a threaded text-batch Celery worker and the ASGI server, all su
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
+from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -13,52 +15,90 @@ from django.conf import settings
 
 from portal.embedded_redis import free_port
 
+# The tests' engines run one sequence each, so tier priorities decide who goes first.
+ENGINE_MAX_NUM_SEQS = 1
 
-def _start_engines(max_num_seqs: int) -> tuple[dict[str, str], list[subprocess.Popen]]:
+
+@dataclass
+class Engines:
+    urls: dict[str, str]  # served model name -> base URL
+    processes: list[subprocess.Popen]
+
+    def wait_ready(self, timeout_s: float = 400) -> None:
+        deadline = time.monotonic() + timeout_s
+        for name, url in self.urls.items():
+            while True:
+                try:
+                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"vLLM {name} did not start; see {settings.VAR_DIR}/vllm-{name}.log")
+                time.sleep(1)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=30)
+            except ProcessLookupError:
+                pass
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def engines_spawn(max_num_seqs: int = ENGINE_MAX_NUM_SEQS) -> Engines:
+    """Start a vLLM server per variant of the tiny code model; they take a minute to load."""
     from inference.engines.vllm import vllm_server_argv, vllm_server_env
     from inference.registry import text_variants
 
     urls, processes = {}, []
-    log_dir = settings.VAR_DIR
     for _spec, variant in text_variants():
         port = free_port()
         urls[variant.served_name] = f"http://127.0.0.1:{port}"
-        log = open(log_dir / f"vllm-{variant.served_name}.log", "w")  # noqa: SIM115
+        log = open(settings.VAR_DIR / f"vllm-{variant.served_name}.log", "w")  # noqa: SIM115
         # Requests logged (prompts too, so never in production): tests read the engine's aborts.
         argv = vllm_server_argv(variant=variant, port=port) + [
             "--max-num-seqs", str(max_num_seqs), "--enable-log-requests"]
         processes.append(subprocess.Popen(argv, env=vllm_server_env(), stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True))
-    deadline = time.monotonic() + 400
-    for name, url in urls.items():
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"vLLM {name} did not start; see var/vllm-{name}.log")
-            time.sleep(1)
-    return urls, processes
+    return Engines(urls=urls, processes=processes)
+
+
+# Started when collection ends (tests/conftest.py) if any collected test needs them, so they
+# load while the tests that do not run; `text_engines` takes them over.
+early_engines: Engines | None = None
+
+
+def engines_start_early() -> None:
+    global early_engines
+    early_engines = engines_spawn()
+
+
+def engines_stop_early() -> None:
+    """At the session's end: engines started early that no fixture took over (the run stopped
+    before the tests that needed them)."""
+    global early_engines
+    if early_engines is not None:
+        early_engines.stop()
+        early_engines = None
 
 
 @pytest.fixture(scope="session")
 def text_engines():
     """vLLM servers with one running sequence each, so tier priorities decide who goes first."""
-    import signal
-
-    urls, processes = _start_engines(max_num_seqs=1)
-    value = ",".join(f"{name}={url}" for name, url in urls.items())
-    os.environ["SLUICE_VLLM_URLS"] = value
-    settings.SLUICE_VLLM_URLS = urls
-    yield urls
-    for process in processes:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(process.pid, signal.SIGKILL)
+    global early_engines
+    engines, early_engines = early_engines or engines_spawn(), None
+    try:
+        engines.wait_ready()
+        value = ",".join(f"{name}={url}" for name, url in engines.urls.items())
+        os.environ["SLUICE_VLLM_URLS"] = value
+        settings.SLUICE_VLLM_URLS = engines.urls
+        yield engines.urls
+    finally:
+        engines.stop()
 
 
 @pytest.fixture(scope="session")

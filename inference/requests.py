@@ -75,6 +75,17 @@ class _ContentField(serializers.Field):
         return value
 
 
+class _PromptField(serializers.CharField):
+    """One prompt, as a string: OpenAI also takes a list of prompts (a batch, which n=1 rules
+    out here) and token ids, and a client that sends those should read why they fail."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            raise serializers.ValidationError(
+                "Send one prompt as a string; lists of prompts and token-id arrays are not supported.")
+        return super().to_internal_value(data)
+
+
 class _MessageInput(serializers.Serializer):
     role = serializers.ChoiceField(choices=["system", "user", "assistant", "developer"])
     content = _ContentField()
@@ -102,7 +113,7 @@ class _StreamOptions(serializers.Serializer):
 class TextInput(serializers.Serializer):
     model = serializers.CharField()
     messages = _MessageInput(many=True, required=False, allow_empty=False)
-    prompt = serializers.CharField(required=False, allow_blank=True, trim_whitespace=False)
+    prompt = _PromptField(required=False, allow_blank=True, trim_whitespace=False)
     max_tokens = serializers.IntegerField(required=False, min_value=1, allow_null=True)
     max_completion_tokens = serializers.IntegerField(required=False, min_value=1, allow_null=True)
     temperature = serializers.FloatField(required=False, min_value=0, max_value=2, allow_null=True)

@@ -165,7 +165,10 @@ def test_cancel_running_video_stops_within_one_step_and_refunds(cast, api, start
     assert event_types(job_id)[-1] == "job.cancelled"
 
 
-def test_sigkilled_worker_job_is_redelivered_and_completes_once(cast, api, start_worker):
+def test_sigkilled_worker_job_is_redelivered_and_completes_once(cast, api, start_worker, settings):
+    # The reaper's grace is the workers' heartbeat TTL, as in production where both read one
+    # setting (with the default 15 s here, the reaper waited 12 s more than the heartbeat).
+    settings.SLUICE_JOB_HEARTBEAT_TTL_S = 2
     first = start_worker("video-hbm")
     video = create_video(api, cast.owner_key, num_inference_steps=12)
     job_id = video["id"]

@@ -15,7 +15,8 @@ from tests.inference.test_worker import create_video, event_types, wait_for
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 
-def test_sigterm_mid_job_finishes_or_hands_back_the_job_exactly_once(cast, api, start_worker):
+def test_sigterm_mid_job_finishes_or_hands_back_the_job_exactly_once(cast, api, start_worker, settings):
+    settings.SLUICE_JOB_HEARTBEAT_TTL_S = 2  # the reaper's grace: the workers' heartbeat TTL
     worker = start_worker("video-hbm")
     job_id = create_video(api, cast.owner_key, num_inference_steps=12)["id"]
     wait_for(lambda: "job.progress" in event_types(job_id), 120, worker, "the first step")

@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from inference.models import Job
-from portal.embedded_redis import free_port
-from tests.conftest import WorkerProcess, database_url_for_subprocesses
+from tests.conftest import LiveServer, WorkerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -36,29 +32,9 @@ PHONE = {"width": 390, "height": 844}
 @pytest.fixture(scope="module")
 def server(django_db_setup, django_db_blocker):
     with django_db_blocker.unblock():
-        database_url = database_url_for_subprocesses()
-    port = free_port()
-    env = dict(os.environ, DATABASE_URL=database_url, PYTHONUNBUFFERED="1")
-    log = open(Path(env["SLUICE_VAR_DIR"]) / f"uvicorn-{port}.log", "w")  # noqa: SIM115
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "portal.asgi:application", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline or process.poll() is not None:
-            raise AssertionError("uvicorn did not start:\n" + Path(log.name).read_text())
-        time.sleep(0.2)
-    yield url
-    process.terminate()
-    process.wait(timeout=15)
-    log.close()
+        live = LiveServer().wait_ready()
+    yield live.url
+    live.stop()
 
 
 @pytest.fixture(scope="module")

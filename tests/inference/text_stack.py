@@ -3,6 +3,7 @@ tiny code model, a threaded text-batch Celery worker and the ASGI server, all su
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -38,12 +39,12 @@ class Engines:
                 time.sleep(1)
 
     def stop(self) -> None:
+        for process in self.processes:  # all signalled first: they shut down together
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
         for process in self.processes:
             try:
-                os.killpg(process.pid, signal.SIGTERM)
                 process.wait(timeout=30)
-            except ProcessLookupError:
-                pass
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
@@ -104,12 +105,11 @@ def text_engines():
 @pytest.fixture(scope="session")
 def text_stack(text_engines, django_db_setup, django_db_blocker):
     """(server URL) with a text-batch worker behind it."""
-    from tests.conftest import LiveServer, WorkerProcess
+    from tests.conftest import LiveServer, WorkerProcess, processes_stop
 
     with django_db_blocker.unblock():
         # Rules edited by a test must reach the worker at once (no rule cache).
         worker = WorkerProcess("text-batch", {"SLUICE_SAFETY_RULES_TTL_S": "0"})
         server = LiveServer({"SLUICE_SAFETY_RULES_TTL_S": "0"}).wait_ready()
     yield server.url
-    server.stop()
-    worker.stop()
+    processes_stop([server, worker])

@@ -26,16 +26,23 @@ class Engines:
     processes: list[subprocess.Popen]
 
     def wait_ready(self, timeout_s: float = 400) -> None:
+        """Until every engine answers its health check. An engine that exits while loading (a
+        bad argument, an import error) fails at once with its log's tail, not after the timeout."""
         deadline = time.monotonic() + timeout_s
-        for name, url in self.urls.items():
+        for (name, url), process in zip(self.urls.items(), self.processes, strict=True):
+            log = settings.VAR_DIR / f"vllm-{name}.log"
             while True:
                 try:
                     if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass
+                if process.poll() is not None:
+                    tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+                    raise RuntimeError(f"vLLM {name} exited with {process.returncode} while "
+                                       f"loading; the end of {log}:\n{tail}")
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"vLLM {name} did not start; see {settings.VAR_DIR}/vllm-{name}.log")
+                    raise RuntimeError(f"vLLM {name} did not start; see {log}")
                 time.sleep(1)
 
     def stop(self) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import smtplib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.tokens import default_token_generator
+from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
 from django.urls import reverse
 from django.utils import timezone
@@ -181,8 +183,10 @@ def playground_submit(*, actor: Membership, payload: dict, form_token: str | Non
 @dataclass(frozen=True)
 class Invitation:
     membership: Membership
-    # A one-time link to choose a password, for a person who had no account yet.
-    set_password_path: str | None
+    # The person was already a member who has not chosen a password yet: a fresh link was
+    # mailed, and the membership (its role too) is as it was.
+    resent: bool
+    emailed: bool  # False: the mail could not be sent (inviting again resends it)
 
 
 def _check_role_grant(*, actor: Membership, role: str) -> None:
@@ -193,31 +197,56 @@ def _check_role_grant(*, actor: Membership, role: str) -> None:
         raise PermissionDenied("Only an owner can make someone an owner.")
 
 
-def membership_invite(*, actor: Membership, email: str, role: str) -> Invitation:
+def membership_invite(*, actor: Membership, email: str, role: str, site_url: str) -> Invitation:
+    """Add the person to the actor's tenant (making an account for an address that has none)
+    and mail them. A set-password link goes to the address only, never to the inviter: whoever
+    holds it owns the account, and every later invitation to that address, from any tenant,
+    joins that account. Inviting again someone who has not chosen a password yet mails a fresh
+    link (a lost mail, or an expired link: they last PASSWORD_RESET_TIMEOUT)."""
     _check_role_grant(actor=actor, role=role)
     email = User.objects.normalize_email(email.strip())
     if "@" not in email:
         raise InvalidParameter("Enter an email address.", param="email")
     with transaction.atomic():
         user = User.objects.filter(email__iexact=email).first()
-        set_password_path = None
         if user is None:
             user = User.objects.create_user(username=email.lower(), email=email)
             user.set_unusable_password()
             user.save(update_fields=["password"])
-            set_password_path = reverse(
-                "password_reset_confirm",
-                kwargs={
-                    "uidb64": urlsafe_base64_encode(force_bytes(user.pk)),
-                    "token": default_token_generator.make_token(user),
-                },
-            )
         membership, created = Membership.objects.get_or_create(
             user=user, tenant=actor.tenant, defaults={"role": role}
         )
-        if not created:
+        if not created and user.has_usable_password():
             raise InvalidParameter(f"{email} is already a member.", param="email")
-    return Invitation(membership=membership, set_password_path=set_password_path)
+    emailed = _invitation_mail(membership=membership, inviter=actor.user, site_url=site_url)
+    return Invitation(membership=membership, resent=not created, emailed=emailed)
+
+
+def _invitation_mail(*, membership: Membership, inviter, site_url: str) -> bool:
+    user, tenant = membership.user, membership.tenant
+    site_url = site_url.rstrip("/")
+    if user.has_usable_password():
+        action = f"Sign in at {site_url}{reverse('login')}"
+    else:
+        path = reverse(
+            "password_reset_confirm",
+            kwargs={
+                "uidb64": urlsafe_base64_encode(force_bytes(user.pk)),
+                "token": default_token_generator.make_token(user),
+            },
+        )
+        action = (f"Choose your password (the link works once): {site_url}{path}\n"
+                  f"Your user name is {user.get_username()}.")
+    body = (f"{inviter.email or inviter.get_username()} added you to {tenant.name} on Sluice "
+            f"as {membership.get_role_display().lower()}.\n\n{action}\n")
+    try:
+        send_mail(f"You were added to {tenant.name} on Sluice", body, None, [user.email])
+    except (OSError, smtplib.SMTPException):
+        # The membership stands; inviting the address again resends. No address in the log.
+        logger.warning("invitation mail for membership %s could not be sent", membership.pk,
+                       exc_info=True)
+        return False
+    return True
 
 
 def _owners_left_after(*, membership: Membership) -> int:

@@ -166,7 +166,19 @@ WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = DEBUG
 MEDIA_ROOT = Path(env_str("SLUICE_MEDIA_ROOT", str(VAR_DIR / "media")))
 
-EMAIL_BACKEND = env_str("SLUICE_EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
+# Invitations carry one-time set-password links: in production they go out by SMTP, never to
+# the console (a log line that holds one would hand over the account).
+EMAIL_BACKEND = env_str(
+    "SLUICE_EMAIL_BACKEND",
+    "django.core.mail.backends.console.EmailBackend" if DEBUG
+    else "django.core.mail.backends.smtp.EmailBackend",
+)
+EMAIL_HOST = env_str("SLUICE_EMAIL_HOST", "localhost")
+EMAIL_PORT = env_int("SLUICE_EMAIL_PORT", 25, minimum=1)
+EMAIL_HOST_USER = env_str("SLUICE_EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = env_str("SLUICE_EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = env_bool("SLUICE_EMAIL_USE_TLS", False)
+EMAIL_TIMEOUT = 10
 DEFAULT_FROM_EMAIL = env_str("SLUICE_DEFAULT_FROM_EMAIL", "sluice@localhost")
 
 REST_FRAMEWORK = {

@@ -139,7 +139,6 @@ def api_key_revoke_view(request, membership: Membership, key_id: int):
 def members_page(request, membership: Membership):
     tenant = membership.tenant
     form = MemberInviteForm(request.POST or None)
-    invitation = None
     if request.method == "POST":
         services.require_role(membership=membership, role=Role.ADMIN)
         if form.is_valid():
@@ -148,8 +147,17 @@ def members_page(request, membership: Membership):
                     actor=membership,
                     email=form.cleaned_data["email"],
                     role=form.cleaned_data["role"],
+                    site_url=request.build_absolute_uri("/"),
                 )
-                messages.success(request, f"Added {invitation.membership.user.email}.")
+                address = invitation.membership.user.email
+                if not invitation.emailed:
+                    messages.error(request, f"Added {address}, but the invitation mail could "
+                                            "not be sent. Invite them again to resend it.")
+                elif invitation.resent:
+                    messages.success(request, f"{address} has not chosen a password yet: "
+                                              "sent them a new link.")
+                else:
+                    messages.success(request, f"Added {address} and mailed them the invitation.")
                 form = MemberInviteForm()
             except InvalidParameter as exc:
                 form.add_error(exc.param if exc.param in form.fields else None, exc.message)
@@ -157,18 +165,9 @@ def members_page(request, membership: Membership):
         "tenant": tenant,
         "members": selectors.members_for_tenant(tenant=tenant),
         "form": form,
-        "invitation": invitation,
-        "set_password_url": (
-            request.build_absolute_uri(invitation.set_password_path)
-            if invitation and invitation.set_password_path
-            else None
-        ),
         "can_manage": membership.has_role_at_least(Role.ADMIN),
     }
-    response = render(request, "portal/members.html", context)
-    if invitation is not None:
-        response["Cache-Control"] = "no-store"
-    return response
+    return render(request, "portal/members.html", context)
 
 
 @require_POST

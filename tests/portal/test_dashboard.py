@@ -106,31 +106,94 @@ def test_members_and_viewers_cannot_manage_members(client, cast, role):
     assert client.post("/t/acme/members/", {"email": "new@example.com", "role": "member"}).status_code == 403
 
 
-def test_admin_invites_a_new_person_who_sets_a_password(client, cast):
+SET_PASSWORD_LINK = re.compile(r"(http://testserver/accounts/set-password/\S+)")
+
+
+def set_password_with(link: str, password: str) -> None:
+    anonymous = Client()
+    form_page = anonymous.get(link, follow=True)
+    assert form_page.status_code == 200
+    post_url = form_page.redirect_chain[-1][0] if form_page.redirect_chain else link
+    done = anonymous.post(post_url, {"new_password1": password, "new_password2": password})
+    assert done.status_code == 302
+
+
+def test_admin_invites_a_new_person_who_sets_a_password_from_the_mail(client, cast, mailoutbox):
     login(client, cast.admin)
     response = client.post("/t/acme/members/", {"email": "newbie@example.com", "role": "member"})
     assert response.status_code == 200
-    link = re.search(r'value="(http://testserver/accounts/set-password/[^"]+)"', response.content.decode())
-    assert link, "a set-password link is shown once"
+    assert "set-password" not in response.content.decode(), "the link goes to the address only"
+    assert "mailed them the invitation" in response.content.decode()
     new_user = get_user_model().objects.get(email="newbie@example.com")
     assert not new_user.has_usable_password()
     assert Membership.objects.get(user=new_user, tenant=cast.tenant).role == Role.MEMBER
 
-    anonymous = Client()
-    form_page = anonymous.get(link.group(1), follow=True)
-    assert form_page.status_code == 200
-    post_url = form_page.redirect_chain[-1][0] if form_page.redirect_chain else link.group(1)
-    done = anonymous.post(post_url, {"new_password1": "A-long-pass-phrase-9", "new_password2": "A-long-pass-phrase-9"})
-    assert done.status_code == 302
-    assert anonymous.login(username="newbie@example.com", password="A-long-pass-phrase-9")
+    (mail,) = mailoutbox
+    assert mail.to == ["newbie@example.com"] and not mail.cc and not mail.bcc
+    assert "Acme" in mail.subject
+    set_password_with(SET_PASSWORD_LINK.search(mail.body).group(1), "A-long-pass-phrase-9")
+    assert Client().login(username="newbie@example.com", password="A-long-pass-phrase-9")
 
 
-def test_admin_invites_an_existing_user_without_a_link(client, cast):
+def test_admin_invites_an_existing_user_who_is_mailed_without_a_link(client, cast, mailoutbox):
     login(client, cast.admin)
     response = client.post("/t/acme/members/", {"email": cast.outsider.user.email, "role": "viewer"})
     assert response.status_code == 200
-    assert "set-password" not in response.content.decode()
     assert Membership.objects.get(user=cast.outsider.user, tenant=cast.tenant).role == Role.VIEWER
+    (mail,) = mailoutbox
+    assert mail.to == [cast.outsider.user.email]
+    assert "set-password" not in mail.body and "/accounts/login/" in mail.body
+
+
+def test_an_inviter_cannot_take_over_the_account_another_tenant_will_invite(client, cast, mailoutbox):
+    """Globex's owner invites an Acme address: the account it makes is only usable through the
+    mail to that address, so Acme's later invitation cannot hand Acme to Globex's owner."""
+    address = "cfo@acme.example"
+    login(client, cast.outsider)
+    page = client.post("/t/globex/members/", {"email": address, "role": "viewer"}).content.decode()
+    assert "set-password" not in page
+    again = client.post("/t/globex/members/", {"email": address, "role": "viewer"}).content.decode()
+    assert "sent them a new link" in again and "set-password" not in again
+    assert [mail.to for mail in mailoutbox] == [[address], [address]]
+
+    login(client, cast.owner)
+    client.post("/t/acme/members/", {"email": address, "role": "admin"})
+    assert mailoutbox[-1].to == [address]
+    cfo = get_user_model().objects.get(email=address)
+    assert not cfo.has_usable_password(), "nobody but the address's owner has chosen a password"
+    assert Membership.objects.get(user=cfo, tenant=cast.tenant).role == Role.ADMIN
+    # The address's owner uses the newest link and is in.
+    set_password_with(SET_PASSWORD_LINK.search(mailoutbox[-1].body).group(1), "Chosen-by-the-cfo-7")
+    cfo_client = Client()
+    assert cfo_client.login(username=address, password="Chosen-by-the-cfo-7")
+    assert cfo_client.get("/t/acme/keys/").status_code == 200
+
+
+def test_inviting_a_member_again_who_has_a_password_is_refused(client, cast, mailoutbox):
+    login(client, cast.admin)
+    response = client.post("/t/acme/members/", {"email": cast.viewer.user.email, "role": "admin"})
+    assert "is already a member" in response.content.decode()
+    assert Membership.objects.get(pk=cast.viewer.pk).role == Role.VIEWER
+    assert mailoutbox == []
+
+
+def test_a_mail_that_cannot_be_sent_keeps_the_member_and_inviting_again_resends(client, cast, settings,
+                                                                             mailoutbox):
+    from portal.embedded_redis import free_port
+
+    login(client, cast.admin)
+    # A real SMTP connection to a port nobody listens on.
+    settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    settings.EMAIL_HOST, settings.EMAIL_PORT = "127.0.0.1", free_port()
+    page = client.post("/t/acme/members/", {"email": "later@example.com", "role": "member"}).content.decode()
+    assert "could not be sent" in page and "set-password" not in page
+    assert Membership.objects.filter(tenant=cast.tenant, user__email="later@example.com").exists()
+
+    settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    page = client.post("/t/acme/members/", {"email": "later@example.com", "role": "member"}).content.decode()
+    assert "sent them a new link" in page
+    (mail,) = mailoutbox
+    assert mail.to == ["later@example.com"] and SET_PASSWORD_LINK.search(mail.body)
 
 
 def test_only_owners_grant_or_touch_ownership(client, cast):

@@ -11,12 +11,13 @@ from portal.asgi_handler import asgi_application_get  # noqa: E402
 
 django_asgi_app = asgi_application_get()
 
+from portal.middleware import SameOriginWebsocketSession  # noqa: E402
 from portal.routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": AuthMiddlewareStack(URLRouter(websocket_urlpatterns)),
+        "websocket": AuthMiddlewareStack(SameOriginWebsocketSession(URLRouter(websocket_urlpatterns))),
     }
 )
 

@@ -158,3 +158,31 @@ class MessageMiddleware(_InlineInAsync, django_messages.MessageMiddleware):
 
 class XFrameOptionsMiddleware(_InlineInAsync, django_clickjacking.XFrameOptionsMiddleware):
     pass
+
+
+class SameOriginWebsocketSession:
+    """Websockets: the session cookie counts only on a handshake from one of our own origins.
+
+    A page on another site can open a websocket to us, and the browser sends our cookies with
+    it: Django's CSRF check does not cover handshakes, so without this a member's visit to such
+    a page would let it follow the tenant's jobs. Browsers always send Origin on a handshake;
+    it must match ALLOWED_HOSTS or CSRF_TRUSTED_ORIGINS (channels' OriginValidator does the
+    matching), or the handshake goes on as anonymous. API-key clients are not browsers (a page
+    cannot set Authorization on a websocket), send no Origin and keep working."""
+
+    def __init__(self, application) -> None:
+        self.application = application
+
+    async def __call__(self, scope, receive, send):
+        from urllib.parse import urlparse
+
+        from channels.security.websocket import OriginValidator
+        from django.contrib.auth.models import AnonymousUser
+
+        origin = dict(scope.get("headers", [])).get(b"origin")
+        if origin is not None:
+            ours = OriginValidator(self.application, [*django_settings.ALLOWED_HOSTS,
+                                                      *django_settings.CSRF_TRUSTED_ORIGINS])
+            if not ours.validate_origin(urlparse(origin.decode("latin1"))):
+                scope = dict(scope, user=AnonymousUser())
+        return await self.application(scope, receive, send)

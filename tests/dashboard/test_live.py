@@ -83,3 +83,39 @@ async def test_status_changes_are_broadcast_only_while_someone_listens(cast, mon
 
     await publish(job_id="job_z", tenant_id=cast.tenant.pk, event_type="job.started", data={})
     assert broadcasts == ["job.completed"]
+
+
+async def test_a_session_counts_only_on_a_handshake_from_our_own_origin(cast, settings, sent_tasks):
+    """Another site's page opens the websocket with the member's cookie (CSRF does not cover
+    handshakes): it is anonymous there. Our own pages, and clients that send no Origin, are not."""
+    settings.CSRF_TRUSTED_ORIGINS = ["https://dash.example.com"]
+    from tests.factories import api_key_obj, video_job_submit
+
+    api_key = await sync_to_async(api_key_obj)(cast.tenant)
+    job = (await sync_to_async(video_job_submit)(api_key, cu=0.01, params={})).job
+    cookie = await sync_to_async(session_cookie)(cast.viewer.user)
+    cases = [
+        (b"https://evil.example", 4401),
+        (b"http://testserver.evil.example", 4401),
+        (b"null", 4401),  # a sandboxed frame or a file: page
+        (b"http://testserver", None),  # ALLOWED_HOSTS
+        (b"https://dash.example.com", None),  # CSRF_TRUSTED_ORIGINS (behind a proxy)
+        (None, None),  # no Origin: not a browser
+    ]
+    for origin, refused_with in cases:
+        headers = cookie + ([(b"origin", origin)] if origin is not None else [])
+        feed = WebsocketCommunicator(application, "/ws/tenants/acme/jobs/", headers=headers)
+        await feed.connect()
+        if refused_with:
+            assert await feed.receive_output(timeout=5) == {"type": "websocket.close", "code": refused_with}, origin
+        else:
+            assert (await feed.receive_json_from(timeout=5))["type"] == "subscribed", origin
+            await feed.disconnect()
+        events = WebsocketCommunicator(application, f"/ws/jobs/{job.pk}/", headers=headers)
+        connected, _ = await events.connect()
+        assert connected
+        if refused_with:
+            assert await events.receive_output(timeout=5) == {"type": "websocket.close", "code": refused_with}, origin
+        else:
+            assert (await events.receive_json_from(timeout=5))["type"] == "job.queued", origin
+        await events.disconnect()

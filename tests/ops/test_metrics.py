@@ -126,6 +126,10 @@ def test_metrics_need_the_token_or_a_loopback_client(client, settings):
     settings.SLUICE_METRICS_TOKEN = ""
     assert client.get("/metrics").status_code == 200  # the test client is 127.0.0.1
     assert client.get("/metrics", REMOTE_ADDR="10.1.2.3").status_code == 401
+    # Behind a proxy whose headers uvicorn trusts (deploy/k8s/web.yaml), the address is the
+    # one the request claims: a proxied request never passes for loopback.
+    for header in ("HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED"):
+        assert client.get("/metrics", **{header: "127.0.0.1"}).status_code == 401, header
 
     settings.SLUICE_METRICS_TOKEN = "scrape-token-1"
     assert client.get("/metrics").status_code == 401  # loopback is no longer enough
@@ -192,3 +196,6 @@ def test_worker_exporter_serves_the_same_metrics_behind_the_same_token(settings)
     answer = httpx.get(url, headers={"Authorization": "Bearer scrape-token-1"}, timeout=5)
     assert answer.status_code == 200 and "sluice_jobs_finished" in answer.text
     assert "sluice_queue_jobs" not in answer.text  # the web pods report the queues
+    settings.SLUICE_METRICS_TOKEN = ""
+    assert httpx.get(url, timeout=5).status_code == 200  # loopback
+    assert httpx.get(url, headers={"X-Forwarded-For": "127.0.0.1"}, timeout=5).status_code == 401

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
 
@@ -32,8 +33,14 @@ from portal.models import ApiKey
 from portal.redis import redis_client
 from quotas.admission import ADMITTED
 from quotas.cost import CostEstimate
-from quotas.ledger import reservation_abandon, reservation_open, reservation_settle
-from quotas.limits import RateHeadroom
+from quotas.ledger import (
+    reservation_abandon,
+    reservation_extend,
+    reservation_open,
+    reservation_settle,
+)
+from quotas.limits import RateHeadroom, pool_lease_s
+from quotas.models import Reservation
 
 if TYPE_CHECKING:  # the tokenizer behind it loads on import; callers hand a parsed request
     from inference.requests import TextRequest
@@ -288,8 +295,13 @@ def _finish(job: Job, *, status: str, actual_mcu: int, fields: dict, event_type:
             status=status, finished_at=now, actual_mcu=actual_mcu, **fields)
         if claimed != 1:
             return False
-        if job.reservation_id:
-            reservation_settle(reservation_id=job.reservation_id, actual_mcu=actual_mcu)
+        settled = not job.reservation_id or reservation_settle(
+            reservation_id=job.reservation_id, actual_mcu=actual_mcu)
+        if not settled and actual_mcu:
+            # Its lease ran out under it (the reaper renews leases of heartbeating jobs, so
+            # its worker had stopped heartbeating): already refunded in full, nothing charged.
+            logger.warning("job %s ended after its reservation %s was released; %s mCU not "
+                           "charged", job.pk, job.reservation_id, actual_mcu)
     job_finish_observe(pool=job.pool, model=job.model, status=status, started_at=job.started_at,
                        finished_at=now)
     if job.started_at:
@@ -365,6 +377,8 @@ def job_recover_lost(*, job: Job) -> str:
     )
     if requeued != 1:
         return "moved"
+    if job.reservation_id:  # the next attempt gets a whole lease, as the first one did
+        reservation_extend(reservation_id=job.reservation_id, seconds=pool_lease_s(job.pool))
     event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type="job.queued",
                   data={"status": "queued", "reason": "worker_lost", "attempt": job.attempts})
     _start(job.pk, pool=job.pool, attempt=job.attempts + 1)  # it still holds its pool slot
@@ -372,13 +386,71 @@ def job_recover_lost(*, job: Job) -> str:
 
 
 def jobs_reap() -> dict[str, int]:
-    """Find running jobs whose heartbeat expired and recover each."""
+    """The periodic reaper (beat, every 5 s): recover running jobs whose heartbeat expired,
+    push out the leases of those still heartbeating, and close queued jobs whose reservation
+    ran out. Returns how many of each (`requeued`, `failed`, `moved`, `renewed`, `timed_out`)."""
     client = redis_client()
-    grace = timezone.now() - timedelta(seconds=settings.SLUICE_JOB_HEARTBEAT_TTL_S)
+    now = timezone.now()
+    grace = now - timedelta(seconds=settings.SLUICE_JOB_HEARTBEAT_TTL_S)
     outcomes: dict[str, int] = {}
     for job in Job.objects.filter(status=Job.Status.RUNNING, started_at__lt=grace)[:200]:
         if client.exists(HEARTBEAT_KEY.format(job_id=job.pk)):
             continue
         outcome = job_recover_lost(job=job)
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    if renewed := _leases_renew(now=now):
+        outcomes["renewed"] = renewed
+    if timed_out := _queued_jobs_time_out(now=now):
+        outcomes["timed_out"] = timed_out
     return outcomes
+
+
+# A reservation's lease (the pool's, SLUICE_POOL_LEASE_S, from admission) is what frees an
+# orphan's capacity and refunds it (quotas.ledger.reservations_expire). A job that outlives it
+# while its worker still heartbeats - a long video, or one redelivered after a lost worker -
+# must keep it: otherwise it would be refunded in full, its pool slot handed to another job,
+# and its own settlement then find nothing to charge. The reaper pushes it out this long
+# before it would run out.
+LEASE_RENEW_MARGIN_S = 60
+
+
+def _leases_renew(*, now: datetime) -> int:
+    due = list(
+        Job.objects.filter(
+            status=Job.Status.RUNNING,
+            reservation__state__in=Reservation.ACTIVE_STATES,
+            reservation__expires_at__lt=now + timedelta(seconds=LEASE_RENEW_MARGIN_S),
+        ).values_list("pk", "reservation_id", "pool")[:500]
+    )
+    if not due:
+        return 0
+    pipeline = redis_client().pipeline(transaction=False)
+    for job_id, _reservation_id, _pool in due:
+        pipeline.exists(HEARTBEAT_KEY.format(job_id=job_id))
+    renewed = 0
+    for (_job_id, reservation_id, pool), alive in zip(due, pipeline.execute(), strict=True):
+        if alive:  # a job whose heartbeat stopped is the loop above's (redelivered or failed)
+            reservation_extend(reservation_id=reservation_id, seconds=pool_lease_s(pool))
+            renewed += 1
+    return renewed
+
+
+def _queued_jobs_time_out(*, now: datetime) -> int:
+    """A queued job whose reservation ran out - it waited QUEUE_ALLOWANCE_S for pool capacity,
+    or it was admitted and no worker took it within the pool's lease - is failed with
+    `queue_timeout` and nothing charged. Left queued, it would never end, and its entry would
+    stay at the front of its priority's queue (the oldest finish tags) for every dispatch round."""
+    stale = Job.objects.filter(status=Job.Status.QUEUED, reservation__isnull=False).filter(
+        Q(reservation__expires_at__lt=now) | ~Q(reservation__state__in=Reservation.ACTIVE_STATES)
+    )
+    timed_out = 0
+    for job in stale[:200]:
+        scheduler_remove(job_id=job.pk, pool=job.pool, priority=job.priority)
+        message = ("The job was not started before its reservation ran out (no capacity or no "
+                   "worker for its pool); nothing was charged.")
+        timed_out += _finish(job, status=Job.Status.FAILED, actual_mcu=0,
+                             fields={"error_code": "queue_timeout", "error_message": message},
+                             event_type="job.failed",
+                             event_data={"error": {"code": "queue_timeout", "message": message}},
+                             from_statuses=(Job.Status.QUEUED,))
+    return timed_out

@@ -223,6 +223,86 @@ def test_reaper_redelivers_lost_jobs_then_fails_them_with_a_refund(settings, sen
     assert used(api_key.tenant_id) == 0
 
 
+def test_a_job_that_outlives_its_lease_while_heartbeating_keeps_it_and_is_charged(settings, sent_tasks):
+    """A long (or redelivered) job: the reaper pushes its lease out while its worker heartbeats,
+    so the orphan sweep does not refund it and its pool slot, and it is charged when it ends."""
+    from datetime import timedelta
+
+    from quotas.ledger import reservations_expire
+    from quotas.models import Reservation
+
+    settings.SLUICE_POOL_LEASE_S = {"video-hbm": 300}
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    job = job_claim(job_id=video_job_submit(api_key, cu=4).job.pk, attempt=1)
+    lease = Reservation.objects.get(pk=job.reservation_id).expires_at
+    assert jobs_reap() == {}  # the lease is far from its end: nothing to do
+    # 250 s later (the margin is 60 s): the clock is the lease's, moved back instead.
+    ending = lease - timedelta(seconds=250)
+    Reservation.objects.filter(pk=job.reservation_id).update(expires_at=ending)
+    assert jobs_reap() == {"renewed": 1}
+    renewed = Reservation.objects.get(pk=job.reservation_id).expires_at
+    assert renewed >= timezone.now() + timedelta(seconds=290)
+    pool_zset = "q:pz:video-hbm"
+    assert redis_client().zscore(pool_zset, job.reservation_id) == int(renewed.timestamp() * 1000)
+
+    assert reservations_expire(now=ending + timedelta(seconds=1)) == 0  # when it would have ended
+    assert job_succeed(job=job, actual_mcu=3000, result={}, usage={})
+    assert list(LedgerEntry.objects.filter(reservation_id=job.reservation_id)
+                .values_list("kind", "mcu").order_by("kind")) == [
+        ("refund", 1000), ("reserve", 4000), ("settle", 3000)]
+    assert used(api_key.tenant_id) == 3000
+
+
+def test_a_lost_job_redelivered_gets_a_whole_lease_and_a_silent_one_is_not_renewed(settings, sent_tasks):
+    from datetime import timedelta
+
+    from quotas.models import Reservation
+
+    settings.SLUICE_POOL_LEASE_S = {"video-hbm": 300}
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    job = job_claim(job_id=video_job_submit(api_key, cu=4).job.pk, attempt=1)
+    almost_over = timezone.now() + timedelta(seconds=5)
+    Reservation.objects.filter(pk=job.reservation_id).update(expires_at=almost_over)
+    redis_client().delete(f"s:hb:{job.pk}")  # its worker died
+    Job.objects.filter(pk=job.pk).update(started_at=timezone.now() - timedelta(seconds=60))
+    assert jobs_reap() == {"requeued": 1}  # recovered, not renewed as if it still ran
+    assert Reservation.objects.get(pk=job.reservation_id).expires_at >= almost_over + timedelta(seconds=280)
+
+
+def test_a_queued_job_whose_reservation_ran_out_fails_refunded_and_leaves_the_queue(settings, sent_tasks):
+    """It waited its whole allowance for capacity (or was admitted and no worker took it): it
+    ends as failed/queue_timeout with a full refund, a job.failed event, and out of the
+    scheduler, whether the reaper or the orphan sweep gets to its reservation first."""
+    from datetime import timedelta
+
+    from inference.events import events_read
+    from quotas.ledger import reservations_expire
+    from quotas.models import Reservation
+
+    settings.SLUICE_POOL_SLOTS = {"video-hbm": 1}
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    running = video_job_submit(api_key).job
+    waiting = [video_job_submit(api_key, cu=2).job for _ in range(3)]
+    assert [job_id for job_id, *_ in sent_tasks] == [running.pk]
+    past = timezone.now() - timedelta(seconds=1)
+    Reservation.objects.filter(pk=waiting[0].reservation_id).update(expires_at=past)
+    Reservation.objects.filter(pk=waiting[1].reservation_id).update(expires_at=past)
+    assert reservations_expire() == 2  # the sweep refunds waiting[1]'s first...
+    Reservation.objects.filter(pk=waiting[1].reservation_id).update(expires_at=timezone.now() + timedelta(days=1))
+    assert jobs_reap() == {"timed_out": 2}
+    for job in waiting[:2]:
+        job.refresh_from_db()
+        assert (job.status, job.error_code, job.actual_mcu) == ("failed", "queue_timeout", 0)
+        assert not redis_client().hexists("s:jobs:video-hbm", job.pk)
+        assert [event.type for event in events_read(job_id=job.pk)][-1] == "job.failed"
+        kinds = sorted(LedgerEntry.objects.filter(reservation_id=job.reservation_id).values_list("kind", "mcu"))
+        assert kinds == [("refund", 2000), ("reserve", 2000), ("settle", 0)]  # refunded once
+    assert used(api_key.tenant_id) == 1000 + 2000  # the running job and the one still waiting
+    # When the running job ends, the one still waiting is the next to start.
+    job_succeed(job=job_claim(job_id=running.pk, attempt=1), actual_mcu=1000, result={}, usage={})
+    assert [job_id for job_id, *_ in sent_tasks] == [running.pk, waiting[2].pk]
+
+
 def test_dispatch_is_a_noop_when_nothing_waits(sent_tasks):
     assert pool_dispatch(pool="video-hbm") == 0
     assert scheduler_dispatch(pool="nowhere", start_job=lambda job_id: None) == 0

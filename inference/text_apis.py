@@ -47,6 +47,52 @@ class EngineFailed(SluiceError):
     default_message = "The model failed to generate a response. You were not charged for it."
 
 
+class RetryDiverged(SluiceError):
+    code = "worker_lost"
+    http_status = 502
+    default_message = ("The worker generating this stream was lost, and the retry produced "
+                       "different text from what was already sent. The stream ends here; "
+                       "only the retry's tokens are charged.")
+
+
+class _RetryRelay:
+    """What of a job's output the client has not been sent yet.
+
+    A worker lost mid-stream is replaced by a new attempt (the reaper redelivers the job:
+    `job.queued` with reason `worker_lost`) that generates from the start again, while the
+    client already holds the lost attempt's text. The new attempt's text is held back until it
+    has passed what was sent, and only the rest goes out. Greedy decoding (temperature 0) or a
+    seed gives the same text again. Where sampling does not, `diverged` is set: the client's
+    text cannot be continued."""
+
+    def __init__(self) -> None:
+        self.sent = ""
+        self.replayed: str | None = None  # the new attempt's text while it is behind `sent`
+        self.diverged = False
+
+    def restart(self) -> None:
+        if self.sent:
+            self.replayed = ""
+
+    def delta(self, text: str) -> str:
+        if self.replayed is None:
+            self.sent += text
+            return text
+        self.replayed += text
+        if len(self.replayed) <= len(self.sent):
+            self.diverged = not self.sent.startswith(self.replayed)
+            return ""
+        if not self.replayed.startswith(self.sent):
+            self.diverged = True
+            return ""
+        new, self.sent, self.replayed = self.replayed[len(self.sent):], self.replayed, None
+        return new
+
+    def ended_behind(self) -> bool:
+        """At the end: the new attempt stopped short of what the lost one had sent."""
+        return self.replayed is not None and self.replayed != self.sent
+
+
 class _Submitted(NamedTuple):
     text: TextRequest
     variant: ModelVariant
@@ -245,6 +291,7 @@ async def _generate(request, *, chat: bool):
 
 async def _stream(job: Job, shape: _Shape, text: TextRequest):
     finished = False
+    relay = _RetryRelay()
     try:
         if shape.chat:
             yield _sse(shape.chunk(role=True))
@@ -252,7 +299,19 @@ async def _stream(job: Job, shape: _Shape, text: TextRequest):
             if event is None:
                 yield ": keep-alive\n\n"
             elif event.type == "job.output":
-                yield _sse(shape.chunk(delta=event.data["delta"]))
+                delta = relay.delta(event.data["delta"])
+                if relay.diverged:
+                    # Not `finished`: the retry is cancelled (billed for what it produced).
+                    yield _sse({"error": RetryDiverged().body()["error"]}) + _sse("[DONE]")
+                    return
+                if delta:
+                    yield _sse(shape.chunk(delta=delta))
+            elif event.type == "job.queued" and event.data.get("reason") == "worker_lost":
+                relay.restart()
+            elif event.type in ("job.completed", "job.cancelled") and relay.ended_behind():
+                finished = True
+                yield _sse({"error": RetryDiverged().body()["error"]}) + _sse("[DONE]")
+                return
             elif event.type in ("job.completed", "job.cancelled"):
                 # A completion's event carries its result and usage; a cancel's only its usage,
                 # so its result (the partial completion) comes from the row.

@@ -283,15 +283,19 @@ def job_output(*, job: Job, data: dict) -> None:
 
 
 def _finish(job: Job, *, status: str, actual_mcu: int, fields: dict, event_type: str,
-            event_data: dict, first_output_at: datetime | None = None,
-            from_statuses: tuple[str, ...] = (Job.Status.QUEUED, Job.Status.RUNNING)) -> bool:
+            event_data: dict, from_statuses: tuple[str, ...],
+            first_output_at: datetime | None = None) -> bool:
+    """End the job if it is still in one of `from_statuses` and at the attempt `job` was read
+    as, and settle its reservation with it. False: someone else ended it first."""
     now = timezone.now()
     if first_output_at is not None:
         fields = {**fields, "first_output_at": first_output_at}
     # The job's end and its settlement commit together: nobody sees a finished job whose
-    # ledger is not settled yet.
+    # ledger is not settled yet. Only the attempt that `job` was read as may end it: a worker
+    # the reaper took for lost (its heartbeat stopped) and whose job was handed out again
+    # cannot settle it, nor free its pool slot, under the attempt now running.
     with transaction.atomic():
-        claimed = Job.objects.filter(pk=job.pk, status__in=from_statuses).update(
+        claimed = Job.objects.filter(pk=job.pk, status__in=from_statuses, attempts=job.attempts).update(
             status=status, finished_at=now, actual_mcu=actual_mcu, **fields)
         if claimed != 1:
             return False
@@ -313,6 +317,8 @@ def _finish(job: Job, *, status: str, actual_mcu: int, fields: dict, event_type:
     return True
 
 
+# job_succeed, job_fail and job_cancelled end a running job: the worker's own attempt (a
+# worker taken for lost, whose job was queued again, ends nothing), or the reaper's.
 def job_succeed(*, job: Job, actual_mcu: int, result: dict, usage: dict,
                 first_output_at: datetime | None = None) -> bool:
     event_data = {"result": result, "usage": usage}
@@ -322,7 +328,7 @@ def job_succeed(*, job: Job, actual_mcu: int, result: dict, usage: dict,
     return _finish(job, status=Job.Status.SUCCEEDED, actual_mcu=actual_mcu,
                    fields={"result": result, "usage": usage, "progress": 100.0},
                    event_type="job.completed", event_data=event_data,
-                   first_output_at=first_output_at)
+                   first_output_at=first_output_at, from_statuses=(Job.Status.RUNNING,))
 
 
 def job_fail(*, job: Job, code: str, message: str, actual_mcu: int = 0,
@@ -331,7 +337,7 @@ def job_fail(*, job: Job, code: str, message: str, actual_mcu: int = 0,
     return _finish(job, status=Job.Status.FAILED, actual_mcu=actual_mcu,
                    fields={"error_code": code, "error_message": message[:500]},
                    event_type="job.failed", event_data={"error": {"code": code, "message": message}},
-                   first_output_at=first_output_at)
+                   first_output_at=first_output_at, from_statuses=(Job.Status.RUNNING,))
 
 
 def job_cancelled(*, job: Job, actual_mcu: int, usage: dict | None = None,
@@ -340,7 +346,7 @@ def job_cancelled(*, job: Job, actual_mcu: int, usage: dict | None = None,
     return _finish(job, status=Job.Status.CANCELLED, actual_mcu=actual_mcu,
                    fields={"usage": usage or {}, "result": result or {}},
                    event_type="job.cancelled", event_data={"usage": usage or {}},
-                   first_output_at=first_output_at)
+                   first_output_at=first_output_at, from_statuses=(Job.Status.RUNNING,))
 
 
 def job_cancel(*, job: Job) -> Job:

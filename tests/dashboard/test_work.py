@@ -186,7 +186,7 @@ def test_usage_csv_streams_the_ledger_rows_of_a_range(cast, video_job):
 
 
 def test_failed_job_detail_shows_the_error_and_no_cancel(cast, video_job):
-    job_fail(job=video_job, code="engine_error", message="boom")
+    job_fail(job=job_claim(job_id=video_job.pk, attempt=1), code="engine_error", message="boom")
     html = as_user(cast.owner).get(f"/t/acme/jobs/{video_job.pk}/").content.decode()
     assert "engine_error: boom" in html and "Cancel job" not in html
 

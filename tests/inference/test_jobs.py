@@ -223,6 +223,21 @@ def test_reaper_redelivers_lost_jobs_then_fails_them_with_a_refund(settings, sen
     assert used(api_key.tenant_id) == 0
 
 
+def test_a_worker_taken_for_lost_cannot_end_the_attempt_that_replaced_it(sent_tasks):
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    first = job_claim(job_id=video_job_submit(api_key, cu=4).job.pk, attempt=1)
+    redis_client().delete(f"s:hb:{first.pk}")  # e.g. its heartbeats could not reach Redis
+    Job.objects.filter(pk=first.pk).update(started_at=timezone.now() - timezone.timedelta(seconds=60))
+    assert jobs_reap() == {"requeued": 1}
+    assert job_succeed(job=first, actual_mcu=4000, result={"attempt": 1}, usage={}) is False
+    second = job_claim(job_id=first.pk, attempt=2)
+    assert job_fail(job=first, code="engine_error", message="late") is False
+    assert job_succeed(job=second, actual_mcu=1000, result={"attempt": 2}, usage={}) is True
+    second.refresh_from_db()
+    assert (second.status, second.result, second.actual_mcu) == ("succeeded", {"attempt": 2}, 1000)
+    assert used(api_key.tenant_id) == 1000
+
+
 def test_a_job_that_outlives_its_lease_while_heartbeating_keeps_it_and_is_charged(settings, sent_tasks):
     """A long (or redelivered) job: the reaper pushes its lease out while its worker heartbeats,
     so the orphan sweep does not refund it and its pool slot, and it is charged when it ends."""

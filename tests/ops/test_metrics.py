@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 
 import pytest
+from django.utils import timezone
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from inference.services import job_claim, job_fail, job_succeed
+from inference.services import job_claim, job_succeed, jobs_reap
 from inference.webhook_models import WebhookDelivery
 from inference.webhooks import (
     webhook_delivery_attempt,
@@ -19,6 +20,7 @@ from moderation.cascade import safety_check_input
 from moderation.selectors import safety_policy_for_tenant
 from portal.metrics import text_generation_observe
 from quotas.errors import InsufficientQuota
+from quotas.models import Reservation
 from tests.factories import VIDEO_JOB_PARAMS, api_key_obj, tenant_with_limits, video_job_submit
 
 pytestmark = pytest.mark.django_db
@@ -61,7 +63,9 @@ def test_a_finished_job_moves_the_histograms_and_settles_its_cu(sent_tasks, move
     assert moved("sluice_cu_settled_total", **CU) == 2 and moved("sluice_cu_refunded_total", **CU) == 1
 
     failed = video_job_submit(api_key, cu=1).job
-    job_fail(job=failed, code="engine_error", message="boom")  # never started: no run time
+    # Its reservation ran out before any worker took it: failed, never started, no run time.
+    Reservation.objects.filter(pk=failed.reservation_id).update(expires_at=timezone.now())
+    assert jobs_reap() == {"timed_out": 1}
     assert moved("sluice_jobs_finished_total", **{**done, "status": "failed"}) == 1
     assert moved("sluice_job_run_seconds_count", **{**done, "status": "failed"}) == 0
     assert moved("sluice_cu_refunded_total", **CU) == 2

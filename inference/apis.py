@@ -12,6 +12,7 @@ from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from inference.errors import StreamInterrupted
 from inference.events import events_follow
 from inference.models import Job
 from inference.scheduler import scheduler_position
@@ -150,10 +151,13 @@ async def job_events_sse(request, job_id: str):
 
     async def stream():
         yield ": connected\n\n"
-        async for event in events_follow(job_id=job.pk, after_seq=after,
-                                         block_ms=SSE_KEEPALIVE_S * 1000, is_finished=is_finished):
-            yield ": keep-alive\n\n" if event is None else event.as_sse()
-            await asyncio.sleep(0)
+        try:
+            async for event in events_follow(job_id=job.pk, after_seq=after,
+                                             block_ms=SSE_KEEPALIVE_S * 1000, is_finished=is_finished):
+                yield ": keep-alive\n\n" if event is None else event.as_sse()
+                await asyncio.sleep(0)
+        except StreamInterrupted:
+            return  # the client reconnects with Last-Event-ID and misses nothing
 
     response = StreamingHttpResponse(stream(), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"

@@ -9,11 +9,13 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from inference.apis import job_for_caller
+from inference.errors import StreamInterrupted
 from inference.events import events_follow, tenant_group
 from portal.errors import SluiceError
 
 CLOSE_NOT_FOUND = 4404
 CLOSE_UNAUTHORIZED = 4401
+CLOSE_UNAVAILABLE = 4503
 
 
 class JobEventsConsumer(AsyncJsonWebsocketConsumer):
@@ -39,9 +41,14 @@ class JobEventsConsumer(AsyncJsonWebsocketConsumer):
         self.follower = asyncio.create_task(self._follow(after))
 
     async def _follow(self, after: int) -> None:
-        async for event in events_follow(job_id=self.job.pk, after_seq=after, block_ms=15_000):
-            if event is not None:
-                await self.send_json(event.as_dict())
+        try:
+            async for event in events_follow(job_id=self.job.pk, after_seq=after, block_ms=15_000):
+                if event is not None:
+                    await self.send_json(event.as_dict())
+        except StreamInterrupted:
+            # Try again later: reconnecting with ?after=<last seq> misses nothing.
+            await self.close(code=CLOSE_UNAVAILABLE)
+            return
         await self.close()
 
     async def disconnect(self, code):

@@ -11,3 +11,12 @@ class JobNotCancellable(SluiceError):
     code = "invalid_parameter"
     http_status = 400
     default_message = "The job has already finished."
+
+
+class StreamInterrupted(SluiceError):
+    """A follower could not read the job's event stream for events.FOLLOW_RETRY_S."""
+
+    code = "stream_interrupted"
+    http_status = 503
+    default_message = ("The job's event stream could not be read. The generation was cancelled; "
+                       "only the tokens it produced are charged.")

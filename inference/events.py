@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import redis
 from django.conf import settings
 
+from inference.errors import StreamInterrupted
 from portal.broadcast import group_broadcast, group_storage_key
 from portal.redis import lua_script, redis_client
 
@@ -152,18 +153,33 @@ def _follow_client():
     return client
 
 
+# A Redis blip (a dropped connection, a failover) must not end a stream: XREAD goes on from
+# the last id it returned, so a retry loses nothing. Failing this long, the follower gives up.
+FOLLOW_RETRY_S = 5.0
+FOLLOW_RETRY_PAUSE_S = 0.2
+
+
 async def events_follow(*, job_id: str, after_seq: int = 0, block_ms: int = 15_000,
                         is_finished=None) -> AsyncIterator[JobEvent | None]:
     """Yield the job's events after `after_seq` as they land; None on each idle timeout
-    (so callers can send keep-alives). Ends after the terminal event."""
+    (so callers can send keep-alives). Ends after the terminal event. Raises StreamInterrupted
+    when Redis cannot be read for FOLLOW_RETRY_S: the caller decides what an unfinished
+    stream means (a completion's relay cancels its job; an SSE client resumes)."""
     client = _follow_client()
     last = f"0-{after_seq}"
+    failing_since: float | None = None
     while True:
         try:
             batches = await client.xread({stream_key(job_id): last}, block=block_ms, count=500)
+            failing_since = None
         except redis.RedisError as exc:
-            logger.warning("event stream of %s unavailable: %r", job_id, exc)
-            return
+            now = time.monotonic()
+            failing_since = failing_since if failing_since is not None else now
+            if now - failing_since >= FOLLOW_RETRY_S:
+                logger.warning("event stream of %s unavailable: %r", job_id, exc)
+                raise StreamInterrupted() from exc
+            await asyncio.sleep(FOLLOW_RETRY_PAUSE_S)
+            continue
         if not batches:
             if is_finished is not None and await is_finished():
                 return  # the job ended and its stream expired or was never written

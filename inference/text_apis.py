@@ -20,6 +20,7 @@ from django.db import close_old_connections
 from django.http import JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from inference.errors import StreamInterrupted
 from inference.events import events_follow
 from inference.models import Job
 from inference.requests import TextRequest, message_text, text_request_parse
@@ -274,6 +275,9 @@ async def _generate(request, *, chat: bool):
         async for event in events_follow(job_id=job.pk, block_ms=60_000):
             if event is not None and event.type == "job.output":
                 pieces.append(event.data["delta"])
+    except StreamInterrupted as error:
+        _cancel_in_background(job.pk)  # nobody can be given its answer: stop paying for it
+        return json_error(error)
     except asyncio.CancelledError:
         # The client left before its answer (a timeout, a closed connection: Django cancels
         # the view): as for a stream, stop the generation and bill what was produced.
@@ -334,6 +338,10 @@ async def _stream(job: Job, shape: _Shape, text: TextRequest):
                 return
         finished = True
         yield _sse("[DONE]")
+    except StreamInterrupted as error:
+        # Not `finished`: the job is cancelled below and billed for what it produced, instead
+        # of running on, billed in full, after a stream that looked complete.
+        yield _sse({"error": error.body()["error"]}) + _sse("[DONE]")
     finally:
         if not finished:
             # The client went away (or the server is stopping): stop paying for tokens

@@ -1,0 +1,81 @@
+"""Following a job's event stream through Redis trouble: a dropped connection loses nothing,
+and an outage ends a completion's stream with an error and cancels its job, instead of a
+`[DONE]` after half a completion and the job billed in full (inference/events.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from asgiref.sync import sync_to_async
+
+from inference import events
+from inference.events import event_publish, events_follow
+from inference.models import Job
+from inference.text_apis import _Shape, _stream
+from portal.embedded_redis import embedded_redis_start
+from portal.redis import redis_client
+from tests.factories import api_key_obj, tenant_with_limits, video_job_submit
+
+
+def _publish(job: Job, event_type: str, data: dict) -> None:
+    event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type=event_type, data=data)
+
+
+async def _queued_job() -> Job:
+    api_key = await sync_to_async(api_key_obj)(await sync_to_async(tenant_with_limits)(budget_cu=100))
+    return (await sync_to_async(video_job_submit)(api_key, cu=1)).job
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_dropped_connection_loses_no_event(sent_tasks):
+    job = await _queued_job()
+    await sync_to_async(_publish)(job, "job.started", {"status": "running"})
+    follower = events_follow(job_id=job.pk, block_ms=200)
+    seen = []
+    async for event in follower:
+        if event is not None:
+            seen.append(event.type)
+        if seen == ["job.queued", "job.started"]:
+            break
+    # Redis drops every other connection (a failover, a restart of a proxy in between).
+    dropped = await sync_to_async(redis_client().client_kill_filter)(_type="normal", skipme=True)
+    assert dropped >= 1
+    await sync_to_async(_publish)(job, "job.progress", {"progress": 50})
+    await sync_to_async(_publish)(job, "job.completed", {"status": "succeeded"})
+    async for event in follower:
+        if event is not None:
+            seen.append(event.type)
+    assert seen == ["job.queued", "job.started", "job.progress", "job.completed"]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_an_outage_ends_a_completion_stream_with_an_error_and_cancels_its_job(
+        sent_tasks, settings, monkeypatch, tmp_path: Path):
+    monkeypatch.setattr(events, "FOLLOW_RETRY_S", 0.5)
+    redis_of_its_own = embedded_redis_start(data_dir=tmp_path / "redis")
+    try:
+        settings.REDIS_URL = redis_of_its_own.url
+        job = await _queued_job()
+        await sync_to_async(_publish)(job, "job.output", {"delta": "def f"})
+        shape = _Shape(chat=False, job=job, served_name="sluice-code-tiny")
+        chunks = []
+        async for piece in _stream(job, shape, SimpleNamespace(include_usage=False)):
+            chunks += [line.removeprefix("data: ") for line in piece.splitlines() if line.startswith("data: ")]
+            if len(chunks) == 1:
+                redis_of_its_own.stop()  # gone for longer than the follower retries
+    finally:
+        redis_of_its_own.stop()
+    assert json.loads(chunks[0])["choices"][0]["text"] == "def f"
+    assert json.loads(chunks[1])["error"]["code"] == "stream_interrupted"
+    assert chunks[2:] == ["[DONE]"]
+    # The relay asked for the job to be cancelled (its Redis part waits for Redis to return).
+    for _ in range(100):
+        if (await Job.objects.aget(pk=job.pk)).cancel_requested_at is not None:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail("the job was not cancelled")

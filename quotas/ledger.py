@@ -329,33 +329,47 @@ def reservations_expire(*, now: datetime | None = None) -> int:
 
 
 def reservations_sync() -> int:
-    """Replay into Redis what happened while it was unreachable. Safe to run repeatedly."""
+    """Replay into Redis what happened while it was unreachable. Safe to run repeatedly.
+
+    Each reservation is replayed under its row's lock, as it is now: a settlement that commits
+    between a read of the list and the replay would otherwise be replayed as still running
+    (counted in full, its marker left behind) for the rest of the period. A settlement that
+    comes during the replay waits for the lock, then finds the row synced and mirrors itself."""
     client = redis_client()
     synced = 0
-    for reservation in Reservation.objects.filter(redis_synced=False)[:500]:
-        keys = _keys_for(reservation)
-        active = reservation.state in Reservation.ACTIVE_STATES
-        marker = reservation_marker(reservation.id)
-        try:
-            if client.exists(marker):
-                if active:
-                    pass  # counted and still running: nothing to replay
-                else:
-                    _release_in_redis(client, keys, reservation.id,
-                                      refund_mcu=reservation.reserved_mcu - reservation.settled_mcu)
-            else:
-                # Never counted (admitted while Redis was down): add what it holds or cost.
-                amount = reservation.reserved_mcu if active else reservation.settled_mcu
-                lua_script(client, "adopt")(
-                    keys=[keys.budget, keys.key_used, marker],
-                    args=[amount, "marker" if active else "", reservation.reserved_mcu,
-                          reservation.pool, RESERVATION_TTL_S],
-                )
-        except redis.RedisError:
-            break
-        Reservation.objects.filter(pk=reservation.pk).update(redis_synced=True)
+    for reservation_id in list(
+        Reservation.objects.filter(redis_synced=False).values_list("id", flat=True)[:500]
+    ):
+        with transaction.atomic():
+            reservation = (Reservation.objects.select_for_update()
+                           .filter(pk=reservation_id, redis_synced=False).first())
+            if reservation is None:
+                continue  # synced meanwhile
+            try:
+                _replay_in_redis(client, reservation)
+            except redis.RedisError:
+                break
+            Reservation.objects.filter(pk=reservation.pk).update(redis_synced=True)
         synced += 1
     return synced
+
+
+def _replay_in_redis(client: redis.Redis, reservation: Reservation) -> None:
+    keys = _keys_for(reservation)
+    active = reservation.state in Reservation.ACTIVE_STATES
+    marker = reservation_marker(reservation.id)
+    if client.exists(marker):
+        if not active:  # counted while running, settled since: release it
+            _release_in_redis(client, keys, reservation.id,
+                              refund_mcu=reservation.reserved_mcu - reservation.settled_mcu)
+        return  # counted and still running: nothing to replay
+    # Never counted (admitted while Redis was down): add what it holds or cost.
+    amount = reservation.reserved_mcu if active else reservation.settled_mcu
+    lua_script(client, "adopt")(
+        keys=[keys.budget, keys.key_used, marker],
+        args=[amount, "marker" if active else "", reservation.reserved_mcu,
+              reservation.pool, RESERVATION_TTL_S],
+    )
 
 
 # --- alerts and status ---------------------------------------------------------------------------

@@ -396,3 +396,45 @@ def test_settlement_while_redis_is_down_is_replayed(settings):
     assert reservations_sync() == 1
     assert reservations_sync() == 0
     assert counter(api_key.tenant_id) == ledger_used(api_key.tenant_id) == 2000
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_settlement_during_the_replay_is_not_replayed_as_running(settings, monkeypatch):
+    """The sync reads a reservation as running while its job settles: the settlement waits for
+    the replay (the row's lock) and then mirrors itself, so Redis ends where the ledger is."""
+    import threading
+
+    from django.db import connection
+
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    open_cu(api_key, 2)  # counters exist
+    tier = api_key.tenant.tier
+    tier.fail_open = True
+    tier.save(update_fields=["fail_open"])
+    healthy_url = settings.REDIS_URL
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"
+    running = open_cu(api_key, 5)  # admitted while Redis was down
+    settings.REDIS_URL = healthy_url
+
+    def settle() -> None:
+        try:
+            reservation_settle(reservation_id=running.reservation.id, actual_mcu=1000)
+        finally:
+            connection.close()
+
+    client = redis_client()
+    exists, settling = client.exists, []
+
+    def exists_while_the_job_settles(*names):
+        if not settling:  # the sync has read the reservation as running: the job ends now
+            settling.append(threading.Thread(target=settle))
+            settling[0].start()
+            settling[0].join(timeout=1)  # it waits for the replay's lock (for ever, without one)
+        return exists(*names)
+
+    monkeypatch.setattr(client, "exists", exists_while_the_job_settles)
+    assert reservations_sync() == 1
+    settling[0].join(timeout=10)
+    assert not settling[0].is_alive()
+    assert Reservation.objects.get(pk=running.reservation.id).state == "settled"
+    assert counter(api_key.tenant_id) == ledger_used(api_key.tenant_id) == 3000

@@ -358,6 +358,10 @@ SLUICE_VLLM_URLS = env_dict_str(
 SLUICE_VLLM_START = env_bool("SLUICE_VLLM_START", True)
 # Seconds a text job waits for its engine to come up (a server still loading) before failing.
 SLUICE_VLLM_READY_TIMEOUT_S = env_int("SLUICE_VLLM_READY_TIMEOUT_S", 180, minimum=1)
+# The longest an engine may stay silent on a stream (before its first token too: a request
+# waiting in vLLM's queue). A hung engine then fails its jobs (refunded) instead of holding
+# their pool slots while their workers, still heartbeating, keep the leases renewed.
+SLUICE_VLLM_READ_TIMEOUT_S = env_float("SLUICE_VLLM_READ_TIMEOUT_S", 300.0, minimum=0.1)
 SLUICE_CODE_MODEL_INT8_PATH = env_str(
     "SLUICE_CODE_MODEL_INT8_PATH", str(BASE_DIR / "inference" / "artifacts" / "sluice-code-tiny-int8")
 )

@@ -28,8 +28,8 @@ from quotas.cost import text_cost
 
 logger = logging.getLogger(__name__)
 
-# Plain HTTP to the engine on the node: no proxies, pooled keep-alive connections, no read
-# timeout while a long generation streams. urllib3 rather than httpx: a 32-token stream's
+# Plain HTTP to the engine on the node: no proxies, pooled keep-alive connections, a read
+# timeout only for silence (SLUICE_VLLM_READ_TIMEOUT_S), never for a long stream. urllib3 rather than httpx: a 32-token stream's
 # 32 events cost about 1.0 ms of the worker's CPU through it against 2.0 through httpx's h11
 # (measured side by side, eight streams at a time), on the core the worker shares. Up to
 # 256 connections per engine are kept (a worker's streams at once: SLUICE_POOL_SLOTS).
@@ -153,7 +153,9 @@ class VllmTextEngine:
                                  body=json.dumps(body).encode(), preload_content=False,
                                  # The engine's request id: its logs name the job.
                                  headers={"Content-Type": "application/json",
-                                          "X-Request-Id": context.job_id})
+                                          "X-Request-Id": context.job_id},
+                                 timeout=urllib3.Timeout(connect=10.0,
+                                                         read=settings.SLUICE_VLLM_READ_TIMEOUT_S))
         read_to_end = False
         try:
             if response.status != 200:

@@ -99,6 +99,9 @@ class ModerationCaseAdmin(admin.ModelAdmin):
     def has_change_permission(self, request, obj=None) -> bool:
         return False
 
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False  # a case and its decisions are the audit trail, and its strikes count
+
 
 @admin.register(TenantSuspension)
 class TenantSuspensionAdmin(admin.ModelAdmin):
@@ -108,3 +111,6 @@ class TenantSuspensionAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request) -> bool:
         return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False  # lifted in the review queue (audited), never erased

@@ -11,6 +11,7 @@ from datetime import datetime
 
 from django.conf import settings
 from django.db.models import Q, QuerySet
+from django.utils import timezone
 
 from moderation.models import ModerationCase, SafetyPolicy, SafetyPolicyAssignment, TenantSuspension
 from portal.errors import NotFound
@@ -130,7 +131,9 @@ def suspensions_active(*, tenant: Tenant | None) -> QuerySet[TenantSuspension]:
 def overturned_cases_jsonl(*, tenant: Tenant | None) -> Iterator[str]:
     """False positives as labelled rows for retraining, in the dataset's line format."""
     cases = cases_for_review(tenant=tenant, statuses=[ModerationCase.Status.OVERTURNED])
-    for case in cases.filter(prompt_purged=False).order_by("pk").iterator():
+    # A prompt past its retention is out even before the hourly purge has emptied it.
+    kept = cases.filter(prompt_purged=False, prompt_expires_at__gt=timezone.now())
+    for case in kept.order_by("pk").iterator():
         yield json.dumps(
             {
                 "text": case.prompt,

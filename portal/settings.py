@@ -347,6 +347,8 @@ CELERY_BEAT_SCHEDULE.update({
     "jobs-reap": {"task": "inference.jobs_reap", "schedule": 5.0},
     "scheduler-tick": {"task": "inference.scheduler_tick", "schedule": 2.0},
     "idempotency-purge": {"task": "inference.idempotency_purge", "schedule": 3600.0},
+    # Moderation cases keep their prompt SLUICE_MODERATION_PROMPT_RETENTION_DAYS, no longer.
+    "moderation-prompts-purge": {"task": "moderation.case_prompts_purge", "schedule": 3600.0},
 })
 
 # Text engines: the OpenAI-compatible vLLM server serving each text variant (by served name).

@@ -184,6 +184,38 @@ def test_prompts_are_purged_after_retention(cast):
     assert case.prompt == "" and case.prompt_purged
 
 
+def test_prompts_past_retention_are_purged_on_the_beat_and_never_exported(cast, moderator, settings):
+    from portal.celery import app
+
+    case = open_blocked_case(cast.tenant)
+    services.case_decide(case=case, moderator=moderator, decision="overturn")
+    ModerationCase.objects.filter(pk=case.pk).update(prompt_expires_at=timezone.now())
+    assert list(selectors.overturned_cases_jsonl(tenant=None)) == []  # expired: out at once
+    # The beat runs the purge (a schedule entry naming a registered task).
+    entry = next(e for e in settings.CELERY_BEAT_SCHEDULE.values() if e["task"] == "moderation.case_prompts_purge")
+    assert entry["schedule"] <= 24 * 3600
+    app.loader.import_default_modules()
+    assert app.tasks[entry["task"]].run() == 1  # the task as the worker runs it (no broker here)
+    case.refresh_from_db()
+    assert case.prompt == "" and case.prompt_purged
+
+
+def test_moderation_records_cannot_be_deleted_in_the_admin(admin_client, cast):
+    from moderation.models import TenantSuspension
+
+    case = open_blocked_case(cast.tenant)
+    suspension = TenantSuspension.objects.create(tenant=cast.tenant, reason="3 strikes", strike_count=3,
+                                                 created_at=timezone.now())
+    for path in (f"/admin/moderation/moderationcase/{case.pk}/delete/",
+                 f"/admin/moderation/tenantsuspension/{suspension.pk}/delete/"):
+        assert admin_client.post(path, {"post": "yes"}).status_code == 403, path
+    changelist = admin_client.post("/admin/moderation/moderationcase/",
+                                   {"action": "delete_selected", "_selected_action": [case.pk], "post": "yes"})
+    assert changelist.status_code in (200, 302)
+    assert ModerationCase.objects.filter(pk=case.pk).exists()
+    assert TenantSuspension.objects.filter(pk=suspension.pk).exists()
+
+
 def test_overturned_cases_export_as_labelled_jsonl(cast, moderator):
     overturned, upheld = open_blocked_case(cast.tenant), open_blocked_case(cast.outsider_tenant)
     services.case_decide(case=overturned, moderator=moderator, decision="overturn")

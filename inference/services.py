@@ -371,6 +371,21 @@ def job_cancel(*, job: Job) -> Job:
     return job
 
 
+def jobs_cancel_for_tenant(*, tenant_id: int) -> int:
+    """A suspended tenant's work stops: its queued jobs are cancelled and refunded, its running
+    ones stop at their next token or step and are billed for what they produced."""
+    cancelled = 0
+    for job in Job.objects.filter(tenant_id=tenant_id, status__in=[Job.Status.QUEUED, Job.Status.RUNNING]):
+        try:
+            job_cancel(job=job)
+        except JobNotCancellable:
+            continue  # it ended meanwhile
+        cancelled += 1
+    if cancelled:
+        logger.info("tenant %s suspended: %d jobs cancelled", tenant_id, cancelled)
+    return cancelled
+
+
 def job_recover_lost(*, job: Job) -> str:
     """A running job whose worker stopped heartbeating: redeliver it, or after the last
     attempt fail it with worker_lost (a full refund)."""

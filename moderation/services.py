@@ -254,6 +254,7 @@ def tenant_strikes_enforce(*, tenant: Tenant) -> TenantSuspension | None:
     if strikes < settings.SLUICE_MODERATION_STRIKES_TO_SUSPEND:
         return None
     try:
+        # The suspension pending review and the tenant's status commit together.
         with transaction.atomic():
             suspension = TenantSuspension.objects.create(
                 tenant=tenant,
@@ -261,9 +262,12 @@ def tenant_strikes_enforce(*, tenant: Tenant) -> TenantSuspension | None:
                 strike_count=strikes,
                 created_at=now,
             )
+            tenant_suspend(tenant=tenant)
     except IntegrityError:
-        return None  # already suspended and pending review (one open suspension per tenant)
-    tenant_suspend(tenant=tenant)
+        # One open suspension per tenant: it is already pending review, and a tenant with one
+        # is suspended until a moderator lifts it (this also mends a status set back by hand).
+        tenant_suspend(tenant=tenant)
+        return None
     logger.warning("tenant %s suspended after %s strikes", tenant.slug, strikes)
     return suspension
 

@@ -1,4 +1,4 @@
-from django.contrib import admin
+from django.contrib import admin, messages
 
 from portal import services
 from portal.models import ApiKey, Membership, Tenant, Tier
@@ -34,7 +34,16 @@ class TenantAdmin(admin.ModelAdmin):
 
     @admin.action(description="Unsuspend selected tenants", permissions=["change"])
     def unsuspend(self, request, queryset):
+        from moderation.selectors import suspension_active_for_tenant  # moderation builds on portal
+
         for tenant in queryset:
+            if suspension_active_for_tenant(tenant=tenant) is not None:
+                # Lifted here, the suspension would stay open, and the strikes after it would
+                # never suspend again (one open suspension per tenant).
+                self.message_user(request, f"{tenant.slug} has a moderation suspension pending "
+                                           "review: lift it in the review queue (/moderation/).",
+                                  level=messages.ERROR)
+                continue
             services.tenant_unsuspend(tenant=tenant)
 
 

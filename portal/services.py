@@ -22,6 +22,7 @@ from portal.errors import InvalidApiKey, InvalidParameter, PermissionDenied, Ten
 from portal.keys import key_material_generate, key_material_parse, secret_digest, secret_matches
 from portal.logs import log_context_bind
 from portal.models import ApiKey, Membership, Role, Tenant, Tier
+from portal.signals import tenant_suspended
 
 logger = logging.getLogger(__name__)
 User = get_user_model()
@@ -292,7 +293,12 @@ def membership_remove(*, actor: Membership, membership: Membership) -> None:
 
 
 def tenant_suspend(*, tenant: Tenant) -> None:
-    Tenant.objects.filter(pk=tenant.pk).update(status=Tenant.Status.SUSPENDED)
+    """Its keys stop working at once (api_key_authenticate); the apps stop its work when the
+    change commits (portal.signals.tenant_suspended)."""
+    changed = Tenant.objects.filter(pk=tenant.pk).exclude(status=Tenant.Status.SUSPENDED).update(
+        status=Tenant.Status.SUSPENDED)
+    if changed:
+        transaction.on_commit(lambda: tenant_suspended.send(sender=Tenant, tenant=tenant))
 
 
 def tenant_unsuspend(*, tenant: Tenant) -> None:

@@ -318,6 +318,27 @@ def test_a_queued_job_whose_reservation_ran_out_fails_refunded_and_leaves_the_qu
     assert [job_id for job_id, *_ in sent_tasks] == [running.pk, waiting[2].pk]
 
 
+def test_suspending_a_tenant_stops_its_work(settings, sent_tasks, django_capture_on_commit_callbacks):
+    """Queued jobs are cancelled and refunded; running ones get their stop flag (the worker
+    stops at the next token or step and bills what it produced); other tenants' run on."""
+    from inference.services import job_cancel_requested
+    from portal.services import tenant_suspend
+
+    settings.SLUICE_POOL_SLOTS = {"video-hbm": 1}
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    other = video_job_submit(api_key_obj(tenant_with_limits(budget_cu=100)), cu=1).job
+    running = job_claim(job_id=video_job_submit(api_key, cu=2).job.pk, attempt=1)
+    waiting = video_job_submit(api_key, cu=3).job
+    with django_capture_on_commit_callbacks(execute=True):
+        tenant_suspend(tenant=api_key.tenant)
+    waiting.refresh_from_db()
+    assert waiting.status == "cancelled" and waiting.actual_mcu == 0
+    assert job_cancel_requested(job_id=running.pk)
+    assert not job_cancel_requested(job_id=other.pk)
+    assert Job.objects.get(pk=other.pk).status == "queued"
+    assert used(api_key.tenant_id) == 2000  # the running one, until it settles what it used
+
+
 def test_dispatch_is_a_noop_when_nothing_waits(sent_tasks):
     assert pool_dispatch(pool="video-hbm") == 0
     assert scheduler_dispatch(pool="nowhere", start_job=lambda job_id: None) == 0

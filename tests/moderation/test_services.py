@@ -167,6 +167,36 @@ def test_strikes_suspend_the_tenant_and_a_moderator_lifts_it(cast, moderator, ap
     assert TenantSuspension.objects.count() == 1
 
 
+def test_the_tenant_admin_cannot_lift_a_suspension_that_waits_for_review(admin_client, cast, moderator, settings):
+    """Unsuspended from the tenant admin, the suspension would stay open and every later strike
+    would be swallowed by 'already suspended': the admin sends you to the review queue."""
+    settings.SLUICE_MODERATION_STRIKES_TO_SUSPEND = 1
+    services.case_decide(case=open_blocked_case(cast.tenant), moderator=moderator, decision="uphold")
+    assert Tenant.objects.get(pk=cast.tenant.pk).is_suspended
+    page = admin_client.post("/admin/portal/tenant/", {"action": "unsuspend", "_selected_action": [cast.tenant.pk]},
+                             follow=True).content.decode()
+    assert "pending review" in page
+    assert Tenant.objects.get(pk=cast.tenant.pk).is_suspended
+
+    services.tenant_suspension_lift(tenant=cast.tenant, moderator=moderator, note="reviewed")
+    assert not Tenant.objects.get(pk=cast.tenant.pk).is_suspended
+    services.case_decide(case=open_blocked_case(cast.tenant), moderator=moderator, decision="uphold")
+    assert Tenant.objects.get(pk=cast.tenant.pk).is_suspended  # strikes count again after a lift
+
+
+def test_a_strike_while_a_suspension_is_open_keeps_the_tenant_suspended(cast, moderator, settings):
+    """An open suspension with the tenant active (its status set back by hand, or a crash
+    between the two before they shared a transaction): the next strike suspends again."""
+    from portal.services import tenant_unsuspend
+
+    settings.SLUICE_MODERATION_STRIKES_TO_SUSPEND = 1
+    services.case_decide(case=open_blocked_case(cast.tenant), moderator=moderator, decision="uphold")
+    tenant_unsuspend(tenant=cast.tenant)
+    services.case_decide(case=open_blocked_case(cast.tenant), moderator=moderator, decision="uphold")
+    assert Tenant.objects.get(pk=cast.tenant.pk).is_suspended
+    assert selectors.suspensions_active(tenant=cast.tenant).count() == 1
+
+
 def test_strikes_outside_the_window_do_not_count(cast, moderator, settings):
     settings.SLUICE_MODERATION_STRIKES_TO_SUSPEND = 2
     old = open_blocked_case(cast.tenant)

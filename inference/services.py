@@ -151,7 +151,7 @@ def video_job_create(*, api_key: ApiKey, payload: dict, idempotency_key: str | N
 
     video = video_request_parse(payload=payload, tier=api_key.tenant.tier)
     safety_screen_input(tenant=api_key.tenant, api_key=api_key, text=video.prompt,
-                        endpoint=endpoint, request_id=request_id)
+                        endpoint=endpoint, request_id=request_id, idempotency_key=idempotency_key)
     estimate = video_cost(spec=video.spec, width=video.width, height=video.height,
                           frames=video.frames, steps=video.steps)
     return job_submit(api_key=api_key, spec=video.spec, variant=video.spec.variant("full"),
@@ -193,7 +193,8 @@ def text_job_create(*, api_key: ApiKey, payload: dict, idempotency_key: str | No
     text = text_request_parse(payload=payload, tier=api_key.tenant.tier, chat=False)
     policy = safety_policy_for_tenant(tenant=api_key.tenant)
     safety_screen_input(tenant=api_key.tenant, api_key=api_key, text=text.prompt_text,
-                        endpoint=endpoint, request_id=request_id, policy=policy)
+                        endpoint=endpoint, request_id=request_id, policy=policy,
+                        idempotency_key=idempotency_key)
     return text_job_submit(api_key=api_key, text=text, safety_policy=policy, mode="async",
                            idempotency_key=idempotency_key, request_body=payload)[0]
 

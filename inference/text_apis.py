@@ -118,6 +118,7 @@ def _submit(request, *, chat: bool) -> _Submitted:
     tier = api_key.tenant.tier
     policy = safety_policy_for_tenant(tenant=api_key.tenant)
     endpoint = "chat.completions" if chat else "completions"
+    idempotency_key = request.headers.get("Idempotency-Key")
     prompt = screened_text(payload)
     # The classifier runs beside tokenisation and pricing: it adds max(), not sum(). Its thread
     # only classifies: the policy and rules are read here and the verdict's case is written
@@ -130,10 +131,11 @@ def _submit(request, *, chat: bool) -> _Submitted:
         # A blocked prompt is refused (and its case opened) even when its parameters are bad too.
         verdict = safety_verdict_enforce(tenant=api_key.tenant, api_key=api_key,
                                          verdict=screening.result(), text=prompt, endpoint=endpoint,
-                                         request_id=getattr(request, "request_id", ""))
+                                         request_id=getattr(request, "request_id", ""),
+                                         idempotency_key=idempotency_key)
     submission, variant, estimate = text_job_submit(
         api_key=api_key, text=text, safety_policy=policy, mode="sync",
-        idempotency_key=request.headers.get("Idempotency-Key"), request_body=payload,
+        idempotency_key=idempotency_key, request_body=payload,
     )
     request.rate_headroom = submission.rate  # the rate-limit headers, without a second read
     return _Submitted(text, variant, estimate, submission.job, verdict)

@@ -174,12 +174,21 @@ class ModerationCase(models.Model):
     prompt_purged = models.BooleanField(default=False)
     created_at = models.DateTimeField(default=timezone.now)
     decided_at = models.DateTimeField(null=True, blank=True)
+    # A request sent again with the same Idempotency-Key and text is one request: one case, one
+    # strike at most (services.case_open). A digest of key and text; empty without a key.
+    request_digest = models.CharField(max_length=64, blank=True, default="")
 
     class Meta:
         ordering = ["-created_at"]
         indexes = [
             models.Index(fields=["status", "-created_at"], name="case_queue"),
             models.Index(fields=["tenant", "status", "decided_at"], name="case_strikes"),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "request_digest"], condition=~Q(request_digest=""),
+                name="one_case_per_request",
+            ),
         ]
         permissions = [("review_case", "Can review moderation cases and lift suspensions")]
 

@@ -11,6 +11,7 @@ Call points for the generation paths (text and video):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from dataclasses import dataclass
@@ -57,13 +58,15 @@ def safety_screen_input(
     api_key: ApiKey | None = None,
     request_id: str = "",
     policy: SafetyPolicy | None = None,
+    idempotency_key: str | None = None,
 ) -> SafetyVerdict:
     """The input gate: the tenant's policy (or `policy`, already resolved for this request), a
-    case for block/review, SafetyRejection on block."""
+    case for block/review (one per request: see case_open), SafetyRejection on block."""
     policy = policy if policy is not None else selectors.safety_policy_for_tenant(tenant=tenant)
     verdict = safety_check_input(text=text, policy=policy)
     return safety_verdict_enforce(tenant=tenant, api_key=api_key, verdict=verdict, text=text,
-                                  endpoint=endpoint, request_id=request_id)
+                                  endpoint=endpoint, request_id=request_id,
+                                  idempotency_key=idempotency_key)
 
 
 def safety_verdict_enforce(
@@ -74,6 +77,7 @@ def safety_verdict_enforce(
     endpoint: str,
     api_key: ApiKey | None = None,
     request_id: str = "",
+    idempotency_key: str | None = None,
 ) -> SafetyVerdict:
     """The gate's writes for a verdict reached elsewhere (a thread that only classifies, so it
     holds no database connection): a case for block/review, SafetyRejection on block."""
@@ -86,6 +90,7 @@ def safety_verdict_enforce(
             source=ModerationCase.Source.INPUT,
             endpoint=endpoint,
             request_id=request_id,
+            idempotency_key=idempotency_key,
         )
     if verdict.blocked:
         raise SafetyRejection(categories=verdict.categories)
@@ -166,27 +171,42 @@ def case_open(
     endpoint: str = "",
     api_key: ApiKey | None = None,
     request_id: str = "",
+    idempotency_key: str | None = None,
 ) -> ModerationCase:
+    """A case for a verdict that needs one. With an Idempotency-Key, the same text sent again
+    under it (a client's retry, a double-clicked form) is the same request: its first case is
+    returned, so one request never counts as several strikes."""
     now = timezone.now()
-    case = ModerationCase.objects.create(
-        tenant=tenant,
-        api_key=api_key,
-        source=source,
-        endpoint=endpoint[:64],
-        request_id=request_id[:128],
-        action=(
-            ModerationCase.Action.BLOCKED if verdict.blocked else ModerationCase.Action.BORDERLINE
-        ),
-        category=verdict.categories[0] if verdict.categories else verdict.top_category,
-        score=verdict.unsafe_score,
-        category_scores=verdict.category_scores,
-        matched_rule=verdict.rule.name if verdict.rule else "",
-        tricks=sorted(verdict.tricks),
-        policy_slug=verdict.policy_slug,
-        prompt=prompt_redact(text=text),
-        prompt_expires_at=now + timedelta(days=settings.SLUICE_MODERATION_PROMPT_RETENTION_DAYS),
-        created_at=now,
-    )
+    digest = ""
+    if idempotency_key:
+        digest = hashlib.sha256(f"{idempotency_key}\0{text}".encode()).hexdigest()
+        existing = ModerationCase.objects.filter(tenant=tenant, request_digest=digest).first()
+        if existing is not None:
+            return existing
+    try:
+        with transaction.atomic():
+            case = ModerationCase.objects.create(
+                tenant=tenant,
+                api_key=api_key,
+                source=source,
+                endpoint=endpoint[:64],
+                request_id=request_id[:128],
+                action=(
+                    ModerationCase.Action.BLOCKED if verdict.blocked else ModerationCase.Action.BORDERLINE
+                ),
+                category=verdict.categories[0] if verdict.categories else verdict.top_category,
+                score=verdict.unsafe_score,
+                category_scores=verdict.category_scores,
+                matched_rule=verdict.rule.name if verdict.rule else "",
+                tricks=sorted(verdict.tricks),
+                policy_slug=verdict.policy_slug,
+                prompt=prompt_redact(text=text),
+                prompt_expires_at=now + timedelta(days=settings.SLUICE_MODERATION_PROMPT_RETENTION_DAYS),
+                created_at=now,
+                request_digest=digest,
+            )
+    except IntegrityError:  # the same request, at the same moment
+        return ModerationCase.objects.get(tenant=tenant, request_digest=digest)
     payload = {
         "case_id": case.pk,
         "action": case.action,

@@ -90,11 +90,36 @@ def test_content_before_completion_is_404_and_ranges_work_after(cast, api, sent_
     assert whole.status_code == 200 and whole["Accept-Ranges"] == "bytes"
     assert b"".join(whole.streaming_content) == bytes(range(256)) * 4
     part = api.get(f"/v1/videos/{job_id}/content", HTTP_RANGE="bytes=10-19")
-    assert part.status_code == 206 and part.content == bytes(range(10, 20))
-    assert part["Content-Range"] == "bytes 10-19/1024"
+    assert part.status_code == 206 and b"".join(part.streaming_content) == bytes(range(10, 20))
+    assert part["Content-Range"] == "bytes 10-19/1024" and part["Content-Length"] == "10"
     tail = api.get(f"/v1/videos/{job_id}/content", HTTP_RANGE="bytes=-4")
-    assert tail.content == bytes(range(252, 256))
+    assert b"".join(tail.streaming_content) == bytes(range(252, 256))
     assert api.get(f"/v1/videos/{job_id}/content", HTTP_RANGE="bytes=5000-").status_code == 416
+    # Another unit, or several ranges: ignored, the whole file (RFC 9110).
+    for ignored in ("items=0-5", "bytes=0-1,4-5"):
+        whole = api.get(f"/v1/videos/{job_id}/content", HTTP_RANGE=ignored)
+        assert whole.status_code == 200 and b"".join(whole.streaming_content) == bytes(range(256)) * 4
+
+
+@pytest.mark.django_db
+def test_a_range_is_streamed_in_pieces_not_read_whole(cast, api, sent_tasks, monkeypatch):
+    """A browser's <video> asks for `bytes=0-`: the web process sends the file in pieces."""
+    from django.core.files.base import ContentFile
+    from django.core.files.storage import default_storage
+
+    from inference import media
+
+    monkeypatch.setattr(media, "RANGE_CHUNK_BYTES", 1000)
+    job_id = create(api, cast.owner_key)["id"]
+    job = job_claim(job_id=job_id, attempt=1)
+    video = bytes(range(256)) * 40  # 10,240 bytes
+    path = default_storage.save(f"videos/{job_id}.mp4", ContentFile(video))
+    job_succeed(job=job, actual_mcu=job.estimated_mcu, result={"video": path}, usage={})
+    response = api.get(f"/v1/videos/{job_id}/content", HTTP_RANGE="bytes=100-")
+    assert response.status_code == 206 and response.streaming
+    pieces = list(response.streaming_content)
+    assert [len(piece) for piece in pieces] == [1000] * 10 + [140]
+    assert b"".join(pieces) == video[100:]
     assert api.get(f"/v1/videos/{job_id}/content", {"variant": "thumbnail"}).status_code == 404
 
 

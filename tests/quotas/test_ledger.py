@@ -360,13 +360,19 @@ def test_redis_unreachable_fails_closed_by_default(settings):
     assert not Reservation.objects.exists()
 
 
-@pytest.mark.django_db
-def test_fail_open_tier_admits_and_reconciles_when_redis_returns(settings):
+def fail_open_key_with_counters():
+    """A key of a fail-open tier whose Redis counters exist (2 CU used)."""
     api_key = api_key_obj(tenant_with_limits(budget_cu=100))
-    open_cu(api_key, 2)  # counters exist
+    open_cu(api_key, 2)
     tier = api_key.tenant.tier
     tier.fail_open = True
     tier.save(update_fields=["fail_open"])
+    return api_key
+
+
+@pytest.mark.django_db
+def test_fail_open_tier_admits_and_reconciles_when_redis_returns(settings):
+    api_key = fail_open_key_with_counters()
     healthy_url = settings.REDIS_URL
 
     settings.REDIS_URL = "redis://127.0.0.1:1/0"
@@ -406,11 +412,7 @@ def test_a_settlement_during_the_replay_is_not_replayed_as_running(settings, mon
 
     from django.db import connection
 
-    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
-    open_cu(api_key, 2)  # counters exist
-    tier = api_key.tenant.tier
-    tier.fail_open = True
-    tier.save(update_fields=["fail_open"])
+    api_key = fail_open_key_with_counters()
     healthy_url = settings.REDIS_URL
     settings.REDIS_URL = "redis://127.0.0.1:1/0"
     running = open_cu(api_key, 5)  # admitted while Redis was down

@@ -43,4 +43,5 @@ def idempotency_purge() -> int:
 from inference.webhook_tasks import (  # noqa: E402, F401
     webhook_deliver_task,
     webhook_deliveries_dispatch_task,
+    webhook_records_purge_task,
 )

@@ -221,6 +221,19 @@ def _iso_utc(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def webhook_records_purge(*, now: datetime | None = None) -> int:
+    """Drop events older than SLUICE_WEBHOOK_RETENTION_DAYS whose deliveries are all over, with
+    their deliveries and attempt logs (what a tenant debugs and redelivers from): one row per
+    event, delivery and attempt otherwise grows for ever. Returns how many events went."""
+    now = now or timezone.now()
+    old = (WebhookEvent.objects
+           .filter(created_at__lt=now - timedelta(days=settings.SLUICE_WEBHOOK_RETENTION_DAYS))
+           .exclude(deliveries__status__in=WebhookDelivery.LIVE_STATUSES))
+    event_ids = list(old.values_list("pk", flat=True)[:5000])  # a bounded batch per run
+    WebhookEvent.objects.filter(pk__in=event_ids).delete()
+    return len(event_ids)
+
+
 def webhook_event_publish(*, tenant: Tenant, event_type: str, data: dict) -> WebhookEvent | None:
     """Record `event_type` with `data` for `tenant` and deliver it to every enabled endpoint that
     subscribes to it, once this transaction commits. None when no endpoint wants it (nothing is

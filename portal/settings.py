@@ -323,6 +323,8 @@ SLUICE_WEBHOOK_RESPONSE_MAX_BYTES = env_int("SLUICE_WEBHOOK_RESPONSE_MAX_BYTES",
 SLUICE_WEBHOOK_SECRET_OVERLAP_S = env_int("SLUICE_WEBHOOK_SECRET_OVERLAP_S", 86400, minimum=0)
 # How often the sweeper hands due retries to the webhooks queue.
 SLUICE_WEBHOOK_SWEEP_S = env_float("SLUICE_WEBHOOK_SWEEP_S", 5.0, minimum=0.1)
+# Events, deliveries and attempt logs are kept this long once their deliveries are over.
+SLUICE_WEBHOOK_RETENTION_DAYS = env_int("SLUICE_WEBHOOK_RETENTION_DAYS", 30, minimum=1)
 # job.progress webhooks (opt-in) go out at most once per this many seconds per job: a video
 # has hundreds of steps, and a receiver wants a heartbeat, not a firehose.
 SLUICE_WEBHOOK_PROGRESS_INTERVAL_S = env_float("SLUICE_WEBHOOK_PROGRESS_INTERVAL_S", 5.0, minimum=0.05)
@@ -349,6 +351,7 @@ CELERY_BEAT_SCHEDULE.update({
     "idempotency-purge": {"task": "inference.idempotency_purge", "schedule": 3600.0},
     # Moderation cases keep their prompt SLUICE_MODERATION_PROMPT_RETENTION_DAYS, no longer.
     "moderation-prompts-purge": {"task": "moderation.case_prompts_purge", "schedule": 3600.0},
+    "webhook-records-purge": {"task": "inference.webhook_records_purge", "schedule": 3600.0},
 })
 
 # Text engines: the OpenAI-compatible vLLM server serving each text variant (by served name).

@@ -430,3 +430,26 @@ def test_receiver_urls_stay_out_of_the_logs(cast, receiver, caplog):
     webhook_endpoint_create(tenant=cast.tenant, url=url)
     assert attempt_next(only_delivery(publish(cast.tenant))).status == Status.SUCCEEDED
     assert "customer-secret" not in caplog.text
+
+
+def test_records_of_deliveries_that_are_over_are_purged_after_the_retention(cast, receiver, settings):
+    from inference.webhooks import webhook_records_purge
+
+    settings.SLUICE_WEBHOOK_RETENTION_DAYS = 30
+    webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)
+    receiver.script(Reply(200, b"ok"), Reply(500, b"down"))
+    delivered = only_delivery(publish(cast.tenant))
+    drive(delivered)
+    retrying = only_delivery(publish(cast.tenant))
+    attempt_next(retrying)  # failed, another attempt due: still live
+    recent = only_delivery(publish(cast.tenant))
+    drive(recent)
+    long_ago = timezone.now() - timedelta(days=31)
+    WebhookEvent.objects.filter(pk__in=[delivered.event_id, retrying.event_id]).update(created_at=long_ago)
+
+    assert webhook_records_purge() == 1
+    assert not WebhookEvent.objects.filter(pk=delivered.event_id).exists()
+    assert not WebhookAttempt.objects.filter(delivery_id=delivered.pk).exists()
+    assert WebhookDelivery.objects.filter(pk__in=[retrying.pk, recent.pk]).count() == 2
+    assert any(entry["task"] == "inference.webhook_records_purge"
+               for entry in settings.CELERY_BEAT_SCHEDULE.values())

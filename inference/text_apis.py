@@ -41,11 +41,24 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# A relay waits this long for an event before a keep-alive (and, streaming, a look at the row).
+RELAY_IDLE_MS = 60_000
+
 
 class EngineFailed(SluiceError):
     code = "engine_error"
     http_status = 502
     default_message = "The model failed to generate a response. You were not charged for it."
+
+
+class JobFailed(EngineFailed):
+    """A failed job's own error (`engine_error`, `worker_lost`, `queue_timeout`...) and message."""
+
+    def __init__(self, *, code: str, message: str) -> None:
+        code = code or EngineFailed.code
+        # An engine's own error text names internal hosts and ports: callers get the plain one.
+        super().__init__(None if code == EngineFailed.code else message or None)
+        self.code = code
 
 
 class RetryDiverged(SluiceError):
@@ -274,7 +287,7 @@ async def _generate(request, *, chat: bool):
         return response
     pieces: list[str] = []
     try:
-        async for event in events_follow(job_id=job.pk, block_ms=60_000):
+        async for event in events_follow(job_id=job.pk, block_ms=RELAY_IDLE_MS):
             if event is not None and event.type == "job.output":
                 pieces.append(event.data["delta"])
     except StreamInterrupted as error:
@@ -287,7 +300,7 @@ async def _generate(request, *, chat: bool):
         raise
     job = await _terminal_job(job.pk)
     if job.status == Job.Status.FAILED:
-        return json_error(EngineFailed(f"{job.error_message}"))
+        return json_error(JobFailed(code=job.error_code, message=job.error_message))
     result = job.result or {}
     body = shape.full(text=result.get("text", "".join(pieces)),
                       finish_reason=result.get("finish_reason", "stop"), usage=job.usage,
@@ -295,13 +308,29 @@ async def _generate(request, *, chat: bool):
     return JsonResponse(body, headers=headers)
 
 
+def _stream_tail(shape: _Shape, text: TextRequest, *, result: dict, usage: dict) -> str:
+    """The last chunks and [DONE], in one write, not three."""
+    tail = _sse(shape.chunk(finish_reason=result.get("finish_reason", "stop"),
+                            partial=result.get("partial")))
+    if text.include_usage:
+        tail += _sse(shape.usage_chunk(usage))
+    return tail + _sse("[DONE]")
+
+
 async def _stream(job: Job, shape: _Shape, text: TextRequest):
     finished = False
     relay = _RetryRelay()
+
+    @database_step
+    def job_is_over() -> bool:
+        return Job.objects.filter(pk=job.pk).values_list("status", flat=True).first() in Job.TERMINAL
+
     try:
         if shape.chat:
             yield _sse(shape.chunk(role=True))
-        async for event in events_follow(job_id=job.pk, block_ms=60_000):
+        # `is_finished` (asked after RELAY_IDLE_MS without events): a job whose end was committed
+        # but whose last event never reached Redis still ends its stream, from its row.
+        async for event in events_follow(job_id=job.pk, block_ms=RELAY_IDLE_MS, is_finished=job_is_over):
             if event is None:
                 yield ": keep-alive\n\n"
             elif event.type == "job.output":
@@ -326,20 +355,22 @@ async def _stream(job: Job, shape: _Shape, text: TextRequest):
                 else:
                     final = await _terminal_job(job.pk)
                     result, usage = final.result or {}, final.usage
-                tail = _sse(shape.chunk(finish_reason=result.get("finish_reason", "stop"),
-                                        partial=result.get("partial")))
-                if text.include_usage:
-                    tail += _sse(shape.usage_chunk(usage))
-                # The last chunks and [DONE] leave in one write, not three.
                 finished = True
-                yield tail + _sse("[DONE]")
+                yield _stream_tail(shape, text, result=result, usage=usage)
                 return
             elif event.type == "job.failed":
                 finished = True
-                yield _sse({"error": EngineFailed().body()["error"]}) + _sse("[DONE]")
+                error = event.data.get("error") or {}
+                failed = JobFailed(code=error.get("code", ""), message=error.get("message", ""))
+                yield _sse({"error": failed.body()["error"]}) + _sse("[DONE]")
                 return
         finished = True
-        yield _sse("[DONE]")
+        final = await _terminal_job(job.pk)
+        if final.status == Job.Status.FAILED:
+            failed = JobFailed(code=final.error_code, message=final.error_message)
+            yield _sse({"error": failed.body()["error"]}) + _sse("[DONE]")
+        else:
+            yield _stream_tail(shape, text, result=final.result or {}, usage=final.usage)
     except StreamInterrupted as error:
         # Not `finished`: the job is cancelled below and billed for what it produced, instead
         # of running on, billed in full, after a stream that looked complete.

@@ -79,3 +79,52 @@ async def test_an_outage_ends_a_completion_stream_with_an_error_and_cancels_its_
         await asyncio.sleep(0.1)
     else:
         pytest.fail("the job was not cancelled")
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_failed_job_ends_its_stream_with_its_own_code(sent_tasks):
+    job = await _queued_job()
+    message = "The job was not started before its reservation ran out; nothing was charged."
+    await sync_to_async(_publish)(job, "job.failed", {"status": "failed",
+                                                      "error": {"code": "queue_timeout", "message": message}})
+    chunks = await _relayed(job)
+    assert json.loads(chunks[0])["error"] == {"type": "server_error", "code": "queue_timeout",
+                                              "message": message, "param": None}
+    assert chunks[1:] == ["[DONE]"]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_an_engine_error_names_no_internal_host(sent_tasks):
+    job = await _queued_job()
+    await sync_to_async(_publish)(job, "job.failed", {"status": "failed", "error": {
+        "code": "engine_error", "message": "MaxRetryError: HTTPConnectionPool(host='10.0.3.7', port=8101)"}})
+    error = json.loads((await _relayed(job))[0])["error"]
+    assert error["code"] == "engine_error" and "10.0.3.7" not in error["message"]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_job_whose_last_event_never_reached_redis_ends_its_stream_from_its_row(
+        sent_tasks, monkeypatch):
+    """Its end was committed, then Redis failed before the terminal event was written: the
+    relay looks at the row after a quiet spell and ends the stream as the event would have."""
+    from inference import text_apis
+
+    monkeypatch.setattr(text_apis, "RELAY_IDLE_MS", 200)
+    job = await _queued_job()
+    await sync_to_async(_publish)(job, "job.output", {"delta": "x = 1"})
+    await Job.objects.filter(pk=job.pk).aupdate(
+        status=Job.Status.SUCCEEDED, result={"text": "x = 1", "finish_reason": "length"},
+        usage={"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7})
+    chunks = await _relayed(job, include_usage=True)
+    assert json.loads(chunks[0])["choices"][0]["text"] == "x = 1"
+    assert json.loads(chunks[1])["choices"][0]["finish_reason"] == "length"
+    assert json.loads(chunks[2])["usage"]["total_tokens"] == 7
+    assert chunks[3:] == ["[DONE]"]
+
+
+async def _relayed(job: Job, *, include_usage: bool = False) -> list[str]:
+    shape = _Shape(chat=False, job=job, served_name="sluice-code-tiny")
+    chunks = []
+    async for piece in _stream(job, shape, SimpleNamespace(include_usage=include_usage)):
+        chunks += [line.removeprefix("data: ") for line in piece.splitlines() if line.startswith("data: ")]
+    return chunks

@@ -231,7 +231,9 @@ def test_retry_after_is_right_to_the_second():
 
 @pytest.mark.django_db
 def test_key_bucket_is_separate_from_the_tenant_bucket():
-    tenant = tenant_with_limits(budget_cu=1000, rate_cu=600, burst_cu=10, max_jobs=100)
+    # The tenant's bucket refills 0.1 CU a second: the ten opens below cannot outrun it on a
+    # busy machine (at 600 CU a minute, 100 ms of them refilled a CU and nothing was refused).
+    tenant = tenant_with_limits(budget_cu=1000, rate_cu=6, burst_cu=10, max_jobs=100)
     slow_key = api_key_obj(tenant, cu_per_minute=2)  # 2 CU/min, bucket of 2 CU
     other_key = api_key_obj(tenant)
     open_cu(slow_key, 1)

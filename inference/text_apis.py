@@ -287,7 +287,8 @@ async def _generate(request, *, chat: bool):
         return response
     pieces: list[str] = []
     try:
-        async for event in events_follow(job_id=job.pk, block_ms=RELAY_IDLE_MS):
+        async for event in events_follow(job_id=job.pk, block_ms=RELAY_IDLE_MS,
+                                         is_finished=lambda: _job_is_over(job.pk)):
             if event is not None and event.type == "job.output":
                 pieces.append(event.data["delta"])
     except StreamInterrupted as error:
@@ -308,6 +309,13 @@ async def _generate(request, *, chat: bool):
     return JsonResponse(body, headers=headers)
 
 
+@database_step
+def _job_is_over(job_id: str) -> bool:
+    """Asked by a relay after RELAY_IDLE_MS without events: a job whose end was committed but
+    whose last event never reached Redis (it failed just then) still ends its relay, from its row."""
+    return Job.objects.filter(pk=job_id).values_list("status", flat=True).first() in Job.TERMINAL
+
+
 def _stream_tail(shape: _Shape, text: TextRequest, *, result: dict, usage: dict) -> str:
     """The last chunks and [DONE], in one write, not three."""
     tail = _sse(shape.chunk(finish_reason=result.get("finish_reason", "stop"),
@@ -321,16 +329,11 @@ async def _stream(job: Job, shape: _Shape, text: TextRequest):
     finished = False
     relay = _RetryRelay()
 
-    @database_step
-    def job_is_over() -> bool:
-        return Job.objects.filter(pk=job.pk).values_list("status", flat=True).first() in Job.TERMINAL
-
     try:
         if shape.chat:
             yield _sse(shape.chunk(role=True))
-        # `is_finished` (asked after RELAY_IDLE_MS without events): a job whose end was committed
-        # but whose last event never reached Redis still ends its stream, from its row.
-        async for event in events_follow(job_id=job.pk, block_ms=RELAY_IDLE_MS, is_finished=job_is_over):
+        async for event in events_follow(job_id=job.pk, block_ms=RELAY_IDLE_MS,
+                                         is_finished=lambda: _job_is_over(job.pk)):
             if event is None:
                 yield ": keep-alive\n\n"
             elif event.type == "job.output":

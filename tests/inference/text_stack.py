@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -18,6 +19,10 @@ from portal.embedded_redis import free_port
 
 # The tests' engines run one sequence each, so tier priorities decide who goes first.
 ENGINE_MAX_NUM_SEQS = 1
+# vLLM's CPU engine busy-polls: on two cores, two engines left free starve the web server,
+# the worker and Redis for seconds at a time (a cancel then lands after the stream it was
+# meant to stop). Both engines share the first core, as `make bench-text` pins its one.
+ENGINE_CPUS = ["taskset", "-c", "0"] if (os.cpu_count() or 1) >= 2 and shutil.which("taskset") else []
 
 
 @dataclass
@@ -70,7 +75,7 @@ def engines_spawn(max_num_seqs: int = ENGINE_MAX_NUM_SEQS) -> Engines:
         # Requests logged (prompts too, so never in production): tests read the engine's aborts.
         argv = vllm_server_argv(variant=variant, port=port) + [
             "--max-num-seqs", str(max_num_seqs), "--enable-log-requests"]
-        processes.append(subprocess.Popen(argv, env=vllm_server_env(), stdout=log,
+        processes.append(subprocess.Popen(ENGINE_CPUS + argv, env=vllm_server_env(), stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True))
     return Engines(urls=urls, processes=processes)
 

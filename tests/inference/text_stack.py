@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 import httpx
+import psutil
 import pytest
 from django.conf import settings
 
@@ -19,10 +20,6 @@ from portal.embedded_redis import free_port
 
 # The tests' engines run one sequence each, so tier priorities decide who goes first.
 ENGINE_MAX_NUM_SEQS = 1
-# vLLM's CPU engine busy-polls: on two cores, two engines left free starve the web server,
-# the worker and Redis for seconds at a time (a cancel then lands after the stream it was
-# meant to stop). Both engines share the first core, as `make bench-text` pins its one.
-ENGINE_CPUS = ["taskset", "-c", "0"] if (os.cpu_count() or 1) >= 2 and shutil.which("taskset") else []
 
 
 @dataclass
@@ -50,6 +47,21 @@ class Engines:
                     raise RuntimeError(f"vLLM {name} did not start; see {log}")
                 time.sleep(1)
 
+    def pin_to_first_core(self) -> None:
+        """Once loaded, every thread of the engines and of their children runs on the first
+        core. vLLM's CPU engine busy-polls: on two cores, two engines starved the web server,
+        the worker and Redis for seconds at a time (a cancel then landed after the stream it
+        was meant to stop). They load unpinned, beside the tests that need no engine."""
+        if (os.cpu_count() or 1) < 2 or not shutil.which("taskset"):
+            return
+        for process in self.processes:
+            try:
+                tree = [process.pid] + [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+            for pid in tree:
+                subprocess.run(["taskset", "-a", "-c", "-p", "0", str(pid)], capture_output=True, check=False)
+
     def stop(self) -> None:
         for process in self.processes:  # all signalled first: they shut down together
             with contextlib.suppress(ProcessLookupError):
@@ -75,7 +87,7 @@ def engines_spawn(max_num_seqs: int = ENGINE_MAX_NUM_SEQS) -> Engines:
         # Requests logged (prompts too, so never in production): tests read the engine's aborts.
         argv = vllm_server_argv(variant=variant, port=port) + [
             "--max-num-seqs", str(max_num_seqs), "--enable-log-requests"]
-        processes.append(subprocess.Popen(ENGINE_CPUS + argv, env=vllm_server_env(), stdout=log,
+        processes.append(subprocess.Popen(argv, env=vllm_server_env(), stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True))
     return Engines(urls=urls, processes=processes)
 
@@ -106,6 +118,7 @@ def text_engines():
     engines, early_engines = early_engines or engines_spawn(), None
     try:
         engines.wait_ready()
+        engines.pin_to_first_core()
         value = ",".join(f"{name}={url}" for name, url in engines.urls.items())
         os.environ["SLUICE_VLLM_URLS"] = value
         settings.SLUICE_VLLM_URLS = engines.urls

@@ -250,6 +250,11 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
+def _sse_error_end(error: SluiceError) -> str:
+    """A stream that cannot finish: its error object as the last chunk, then [DONE]."""
+    return _sse(error.body()) + _sse("[DONE]")
+
+
 # Database work of these long-lived async handlers goes through database_step (Channels'
 # database_sync_to_async on shared threads): the connection goes back to the pool when each
 # step returns.
@@ -340,7 +345,7 @@ async def _stream(job: Job, shape: _Shape, text: TextRequest):
                 delta = relay.delta(event.data["delta"])
                 if relay.diverged:
                     # Not `finished`: the retry is cancelled (billed for what it produced).
-                    yield _sse({"error": RetryDiverged().body()["error"]}) + _sse("[DONE]")
+                    yield _sse_error_end(RetryDiverged())
                     return
                 if delta:
                     yield _sse(shape.chunk(delta=delta))
@@ -348,7 +353,7 @@ async def _stream(job: Job, shape: _Shape, text: TextRequest):
                 relay.restart()
             elif event.type in ("job.completed", "job.cancelled") and relay.ended_behind():
                 finished = True
-                yield _sse({"error": RetryDiverged().body()["error"]}) + _sse("[DONE]")
+                yield _sse_error_end(RetryDiverged())
                 return
             elif event.type in ("job.completed", "job.cancelled"):
                 # A completion's event carries its result and usage; a cancel's only its usage,
@@ -365,19 +370,19 @@ async def _stream(job: Job, shape: _Shape, text: TextRequest):
                 finished = True
                 error = event.data.get("error") or {}
                 failed = JobFailed(code=error.get("code", ""), message=error.get("message", ""))
-                yield _sse({"error": failed.body()["error"]}) + _sse("[DONE]")
+                yield _sse_error_end(failed)
                 return
         finished = True
         final = await _terminal_job(job.pk)
         if final.status == Job.Status.FAILED:
             failed = JobFailed(code=final.error_code, message=final.error_message)
-            yield _sse({"error": failed.body()["error"]}) + _sse("[DONE]")
+            yield _sse_error_end(failed)
         else:
             yield _stream_tail(shape, text, result=final.result or {}, usage=final.usage)
     except StreamInterrupted as error:
         # Not `finished`: the job is cancelled below and billed for what it produced, instead
         # of running on, billed in full, after a stream that looked complete.
-        yield _sse({"error": error.body()["error"]}) + _sse("[DONE]")
+        yield _sse_error_end(error)
     finally:
         if not finished:
             # The client went away (or the server is stopping): stop paying for tokens

@@ -333,12 +333,14 @@ def job_succeed(*, job: Job, actual_mcu: int, result: dict, usage: dict,
 
 
 def job_fail(*, job: Job, code: str, message: str, actual_mcu: int = 0,
-             first_output_at: datetime | None = None) -> bool:
-    """Final failure: charge what was used (usually nothing), refund the rest."""
+             first_output_at: datetime | None = None,
+             from_statuses: tuple[str, ...] = (Job.Status.RUNNING,)) -> bool:
+    """Final failure: charge what was used (usually nothing), refund the rest. A running job,
+    unless the caller fails one that never started (the reaper's queue timeout)."""
     return _finish(job, status=Job.Status.FAILED, actual_mcu=actual_mcu,
                    fields={"error_code": code, "error_message": message[:500]},
                    event_type="job.failed", event_data={"error": {"code": code, "message": message}},
-                   first_output_at=first_output_at, from_statuses=(Job.Status.RUNNING,))
+                   first_output_at=first_output_at, from_statuses=from_statuses)
 
 
 def job_cancelled(*, job: Job, actual_mcu: int, usage: dict | None = None,
@@ -465,14 +467,11 @@ def _queued_jobs_time_out(*, now: datetime) -> int:
     stale = Job.objects.filter(status=Job.Status.QUEUED, reservation__isnull=False).filter(
         Q(reservation__expires_at__lt=now) | ~Q(reservation__state__in=Reservation.ACTIVE_STATES)
     )
+    message = ("The job was not started before its reservation ran out (no capacity or no "
+               "worker for its pool); nothing was charged.")
     timed_out = 0
     for job in stale[:200]:
         scheduler_remove(job_id=job.pk, pool=job.pool, priority=job.priority)
-        message = ("The job was not started before its reservation ran out (no capacity or no "
-                   "worker for its pool); nothing was charged.")
-        timed_out += _finish(job, status=Job.Status.FAILED, actual_mcu=0,
-                             fields={"error_code": "queue_timeout", "error_message": message},
-                             event_type="job.failed",
-                             event_data={"error": {"code": "queue_timeout", "message": message}},
-                             from_statuses=(Job.Status.QUEUED,))
+        timed_out += job_fail(job=job, code="queue_timeout", message=message,
+                              from_statuses=(Job.Status.QUEUED,))
     return timed_out

@@ -10,7 +10,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from inference.registry import ModelNotFound, ModelSpec, model_get, models_for_tier
-from portal.metrics import FORWARDED_META, metrics_exposition, scrape_allowed
+from portal.metrics import metrics_exposition, scrape_allowed
 from portal.redis import redis_client
 
 
@@ -89,9 +89,7 @@ def readyz(request):
 
 def metrics(request):
     """Prometheus scrape endpoint (portal/metrics.py): the bearer token, or loopback only."""
-    if not scrape_allowed(authorization=request.headers.get("Authorization", ""),
-                          client_address=request.META.get("REMOTE_ADDR", ""),
-                          forwarded=bool(request.META.keys() & FORWARDED_META)):
+    if not scrape_allowed(request.META):
         return HttpResponse(status=401, headers={"WWW-Authenticate": "Bearer"})
     body, content_type = metrics_exposition(queues=True)
     return HttpResponse(body, content_type=content_type)

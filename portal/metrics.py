@@ -22,6 +22,7 @@ import ipaddress
 import logging
 import os
 import threading
+from collections.abc import Mapping
 from datetime import datetime
 
 from django.conf import settings
@@ -286,22 +287,21 @@ def metrics_exposition(*, queues: bool) -> tuple[bytes, str]:
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
-FORWARDED_META = frozenset({"HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED"})
-
-
-def scrape_allowed(*, authorization: str, client_address: str, forwarded: bool = False) -> bool:
-    """With SLUICE_METRICS_TOKEN set: `Bearer <token>`, compared in constant time. Without one:
-    loopback clients only (one machine, `make run`), and never a request that came through a
-    proxy (`forwarded`: it carries X-Forwarded-For or Forwarded). Behind a proxy whose headers
-    the server trusts (uvicorn --proxy-headers), the client address is what the request says
-    it is: `X-Forwarded-For: 127.0.0.1` would otherwise pass for loopback."""
+def scrape_allowed(environ: Mapping[str, str]) -> bool:
+    """For a request's WSGI environ (Django's `request.META`). With SLUICE_METRICS_TOKEN set:
+    `Bearer <token>`, compared in constant time. Without one: loopback clients only (one
+    machine, `make run`), and never a request that came through a proxy (X-Forwarded-For or
+    Forwarded). Behind a proxy whose headers the server trusts (uvicorn --proxy-headers), the
+    client address is what the request says it is: `X-Forwarded-For: 127.0.0.1` would
+    otherwise pass for loopback."""
     token = settings.SLUICE_METRICS_TOKEN
     if token:
-        return hmac.compare_digest(authorization.encode(), f"Bearer {token}".encode())
-    if forwarded:
+        return hmac.compare_digest(environ.get("HTTP_AUTHORIZATION", "").encode(),
+                                   f"Bearer {token}".encode())
+    if "HTTP_X_FORWARDED_FOR" in environ or "HTTP_FORWARDED" in environ:
         return False
     try:
-        return ipaddress.ip_address(client_address).is_loopback
+        return ipaddress.ip_address(environ.get("REMOTE_ADDR", "")).is_loopback
     except ValueError:
         return False
 
@@ -316,9 +316,7 @@ def worker_metrics_serve() -> threading.Thread | None:
     from wsgiref.simple_server import WSGIRequestHandler, make_server
 
     def app(environ, start_response):
-        if not scrape_allowed(authorization=environ.get("HTTP_AUTHORIZATION", ""),
-                              client_address=environ.get("REMOTE_ADDR", ""),
-                              forwarded=bool(environ.keys() & FORWARDED_META)):
+        if not scrape_allowed(environ):
             start_response("401 Unauthorized", [("WWW-Authenticate", "Bearer")])
             return [b""]
         body, content_type = metrics_exposition(queues=False)

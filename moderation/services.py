@@ -177,12 +177,7 @@ def case_open(
     under it (a client's retry, a double-clicked form) is the same request: its first case is
     returned, so one request never counts as several strikes."""
     now = timezone.now()
-    digest = ""
-    if idempotency_key:
-        digest = hashlib.sha256(f"{idempotency_key}\0{text}".encode()).hexdigest()
-        existing = ModerationCase.objects.filter(tenant=tenant, request_digest=digest).first()
-        if existing is not None:
-            return existing
+    digest = hashlib.sha256(f"{idempotency_key}\0{text}".encode()).hexdigest() if idempotency_key else ""
     try:
         with transaction.atomic():
             case = ModerationCase.objects.create(
@@ -205,7 +200,7 @@ def case_open(
                 created_at=now,
                 request_digest=digest,
             )
-    except IntegrityError:  # the same request, at the same moment
+    except IntegrityError:  # the same request again (one_case_per_request): its first case
         return ModerationCase.objects.get(tenant=tenant, request_digest=digest)
     payload = {
         "case_id": case.pk,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
 import time
 from dataclasses import dataclass
 
@@ -42,6 +43,12 @@ class UnsafeUrl(Exception):
 class UnresolvableHost(Exception):
     def __init__(self, host: str) -> None:
         self.reason = f"could not resolve {host}"
+        super().__init__(self.reason)
+
+
+class ResolveTimeout(Exception):
+    def __init__(self, host: str) -> None:
+        self.reason = f"resolving {host} timed out"
         super().__init__(self.reason)
 
 
@@ -118,13 +125,31 @@ def url_shape_check(raw_url: str) -> httpx.URL:
     return url
 
 
-def _resolve(host: str, port: int) -> list[IPAddress]:
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise UnresolvableHost(host) from exc
+# Registration checks the name in an API request; a slower answer is left to delivery.
+REGISTRATION_RESOLVE_TIMEOUT_S = 3.0
+
+
+def _resolve(host: str, port: int, *, timeout_s: float) -> list[IPAddress]:
+    """getaddrinfo with a deadline. It cannot be interrupted and the customer picks the name (and
+    so can pick a name server that answers slowly): it runs on a daemon thread that is left to
+    finish on its own if the deadline passes, so the caller's deadline holds."""
+    outcome: list = []
+
+    def lookup() -> None:
+        try:
+            outcome.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except (OSError, UnicodeError) as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=lookup, name="ssrf-resolve", daemon=True)
+    thread.start()
+    thread.join(max(0.0, timeout_s))
+    if not outcome:
+        raise ResolveTimeout(host)
+    if isinstance(outcome[0], BaseException):
+        raise UnresolvableHost(host) from outcome[0]
     # getaddrinfo may append a scope id to link-local IPv6 ("fe80::1%eth0").
-    return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+    return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in outcome[0]]
 
 
 def _is_exempt(host: str, port: int) -> bool:
@@ -134,11 +159,12 @@ def _is_exempt(host: str, port: int) -> bool:
     return wanted.lower() in {entry.lower() for entry in settings.SLUICE_WEBHOOK_ALLOWED_HOSTS}
 
 
-def url_target_resolve(raw_url: str | httpx.URL) -> Target:
-    """Check one hop and choose the address to pin. Raises UnsafeUrl or UnresolvableHost."""
+def url_target_resolve(raw_url: str | httpx.URL, *, timeout_s: float) -> Target:
+    """Check one hop and choose the address to pin. Raises UnsafeUrl, UnresolvableHost or
+    ResolveTimeout."""
     url = url_shape_check(str(raw_url))
     host, port = _host_port(url)
-    addresses = _resolve(host, port)
+    addresses = _resolve(host, port, timeout_s=timeout_s)
     if not addresses:
         raise UnresolvableHost(host)
     if not _is_exempt(host, port):
@@ -151,10 +177,11 @@ def url_target_resolve(raw_url: str | httpx.URL) -> Target:
 
 def url_check_for_registration(raw_url: str) -> None:
     """Refuse an endpoint URL that is malformed or points inward. A name that does not resolve
-    yet is accepted (DNS may follow the registration); delivery checks again on every attempt."""
+    yet, or not in time, is accepted (DNS may follow the registration); delivery checks again on
+    every attempt."""
     try:
-        url_target_resolve(raw_url)
-    except UnresolvableHost:
+        url_target_resolve(raw_url, timeout_s=REGISTRATION_RESOLVE_TIMEOUT_S)
+    except (UnresolvableHost, ResolveTimeout):
         return
 
 
@@ -206,7 +233,10 @@ def guarded_post(
     with httpx.Client(trust_env=False, follow_redirects=False) as client:
         for _hop in range(max_redirects + 1):
             try:
-                target = url_target_resolve(hop_url)
+                target = url_target_resolve(hop_url, timeout_s=deadline - time.monotonic())
+            except ResolveTimeout:
+                return GuardedResponse(str(hop_url), None, b"", elapsed_ms(),
+                                       f"timed out after {timeout_s:g} s")
             except (UnsafeUrl, UnresolvableHost) as exc:
                 return GuardedResponse(str(hop_url), None, b"", elapsed_ms(), exc.reason)
             remaining = deadline - time.monotonic()

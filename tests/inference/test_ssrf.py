@@ -54,7 +54,7 @@ def test_public_addresses_pass(address):
 ])
 def test_urls_pointing_inward_are_refused(strict, url):
     with pytest.raises(UnsafeUrl):
-        url_target_resolve(url)
+        url_target_resolve(url, timeout_s=5)
 
 
 @pytest.mark.parametrize(("url", "reason"), [
@@ -66,7 +66,7 @@ def test_urls_pointing_inward_are_refused(strict, url):
 ])
 def test_only_plain_http_urls_are_accepted(strict, url, reason):
     with pytest.raises(UnsafeUrl, match=reason):
-        url_target_resolve(url)
+        url_target_resolve(url, timeout_s=5)
 
 
 @pytest.mark.django_db
@@ -105,10 +105,10 @@ def test_every_delivery_checks_again(cast, receiver, settings):
 def test_the_allowlist_is_exact_host_and_port(cast, receiver, second_receiver, settings):
     settings.SLUICE_WEBHOOK_ALLOW_PRIVATE = False
     settings.SLUICE_WEBHOOK_ALLOWED_HOSTS = [f"127.0.0.1:{receiver.port}"]
-    assert url_target_resolve(receiver.url).address == "127.0.0.1"
+    assert url_target_resolve(receiver.url, timeout_s=5).address == "127.0.0.1"
     for other in (second_receiver.url, f"http://localhost:{receiver.port}/hooks"):
         with pytest.raises(UnsafeUrl):
-            url_target_resolve(other)
+            url_target_resolve(other, timeout_s=5)
 
 
 @pytest.mark.django_db
@@ -151,3 +151,36 @@ def test_the_connection_is_pinned_to_the_checked_address(cast, receiver, setting
     assert delivery.status == WebhookDelivery.Status.SUCCEEDED
     assert lookups == ["hooks.sluice-test"]  # resolved once, by the guard
     assert receiver.requests[0].headers["Host"] == f"hooks.sluice-test:{receiver.port}"
+
+
+@pytest.mark.django_db
+def test_a_slow_name_server_cannot_hold_a_delivery_or_a_registration_past_its_deadline(
+        cast, receiver, settings, monkeypatch):
+    """The customer chooses the name and so its name server: one that answers after 4 s must
+    cost a delivery its timeout (0.5 s), not the lookup's, and registration its own 3 s."""
+    import threading
+    import time
+
+    real_getaddrinfo = socket.getaddrinfo
+    released = threading.Event()
+
+    def slow_resolver(host, *args, **kwargs):
+        if host == "slow.sluice-test":
+            released.wait(4)
+            return real_getaddrinfo("127.0.0.1", *args, **kwargs)
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow_resolver)
+    settings.SLUICE_WEBHOOK_TIMEOUT_S = 0.5
+    url = f"http://slow.sluice-test:{receiver.port}/h"
+    started = time.monotonic()
+    webhook_endpoint_create(tenant=cast.tenant, url=url)  # accepted: delivery checks again
+    assert 2.9 < time.monotonic() - started < 3.8
+
+    started = time.monotonic()
+    delivery = _deliver_once(cast.tenant)
+    assert time.monotonic() - started < 1.5
+    released.set()
+    assert delivery.status == WebhookDelivery.Status.FAILED
+    assert "timed out after 0.5 s" in delivery.last_error
+    assert receiver.requests == []

@@ -53,11 +53,12 @@ class WebhookEndpoint(models.Model):
     description = models.CharField(max_length=200, blank=True, default="")
     event_types = models.JSONField(default=default_event_types)
     # Standard Webhooks `whsec_<base64>`. Stored because signing needs it; never logged, shown
-    # only when created or rotated. The previous one keeps signing until it expires so that
-    # receivers can roll over without dropping messages.
+    # only when created or rotated. Rotated-out secrets keep signing until they expire so that
+    # receivers can roll over without dropping messages: `[{"secret", "expires_at" (ISO)}]`,
+    # newest last. Each rotation adds one, so rotating twice in a row (a mistyped copy, a leak
+    # found during the roll-over) still signs with the one the receiver has.
     secret = models.CharField(max_length=80)
-    previous_secret = models.CharField(max_length=80, blank=True, default="")
-    previous_secret_expires_at = models.DateTimeField(null=True, blank=True)
+    retired_secrets = models.JSONField(default=list, blank=True)
     enabled = models.BooleanField(default=True)
     # Set when Sluice disabled the endpoint itself; the dashboard shows it as a notice.
     disabled_reason = models.CharField(max_length=300, blank=True, default="")

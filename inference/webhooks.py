@@ -56,15 +56,19 @@ def webhook_secret_generate() -> str:
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(_SECRET_BYTES)).decode("ascii")
 
 
+# A receiver verifies against every signature: a bound keeps the header and its work small.
+_MAX_RETIRED_SECRETS = 4
+
+
+def _retired_secrets_live(endpoint: WebhookEndpoint, now: datetime) -> list[dict]:
+    return [retired for retired in endpoint.retired_secrets
+            if datetime.fromisoformat(retired["expires_at"]) > now]
+
+
 def _signing_secrets(endpoint: WebhookEndpoint, now: datetime) -> list[str]:
-    active = [endpoint.secret]
-    if (
-        endpoint.previous_secret
-        and endpoint.previous_secret_expires_at
-        and endpoint.previous_secret_expires_at > now
-    ):
-        active.append(endpoint.previous_secret)
-    return active
+    return [endpoint.secret] + [
+        retired["secret"] for retired in reversed(_retired_secrets_live(endpoint, now))
+    ]
 
 
 def webhook_headers_sign(
@@ -188,16 +192,23 @@ def webhook_endpoint_delete(*, endpoint: WebhookEndpoint) -> None:
 
 
 def webhook_endpoint_secret_rotate(*, endpoint: WebhookEndpoint) -> WebhookEndpoint:
-    """A new secret; the old one keeps signing for SLUICE_WEBHOOK_SECRET_OVERLAP_S."""
+    """A new secret; the one it replaces keeps signing for SLUICE_WEBHOOK_SECRET_OVERLAP_S, as do
+    those retired before it whose overlap has not ended (the newest few)."""
     now = timezone.now()
     overlap = settings.SLUICE_WEBHOOK_SECRET_OVERLAP_S
-    endpoint.previous_secret = endpoint.secret if overlap else ""
-    endpoint.previous_secret_expires_at = now + timedelta(seconds=overlap) if overlap else None
-    endpoint.secret = webhook_secret_generate()
-    endpoint.updated_at = now
-    endpoint.save(
-        update_fields=["secret", "previous_secret", "previous_secret_expires_at", "updated_at"]
-    )
+    with transaction.atomic():
+        # Locked: two rotations at once must not each retire the same secret and lose the other.
+        endpoint.refresh_from_db(
+            from_queryset=WebhookEndpoint.objects.select_for_update(),
+            fields=["secret", "retired_secrets"])
+        retired = _retired_secrets_live(endpoint, now)
+        if overlap:
+            retired.append({"secret": endpoint.secret,
+                            "expires_at": (now + timedelta(seconds=overlap)).isoformat()})
+        endpoint.retired_secrets = retired[-_MAX_RETIRED_SECRETS:]
+        endpoint.secret = webhook_secret_generate()
+        endpoint.updated_at = now
+        endpoint.save(update_fields=["secret", "retired_secrets", "updated_at"])
     logger.info("webhook secret rotated endpoint=%s", endpoint.id)
     return endpoint
 

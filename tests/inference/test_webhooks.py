@@ -368,13 +368,38 @@ def test_after_rotation_both_secrets_sign_until_the_overlap_ends(cast, receiver,
     Webhook(endpoint.secret).verify(request.body, request.headers)
     Webhook(old_secret).verify(request.body, request.headers)
 
-    WebhookEndpoint.objects.filter(pk=endpoint.pk).update(
-        previous_secret_expires_at=timezone.now() - timedelta(seconds=1))
+    endpoint.retired_secrets[0]["expires_at"] = (timezone.now() - timedelta(seconds=1)).isoformat()
+    endpoint.save(update_fields=["retired_secrets"])
     attempt_next(only_delivery(publish(cast.tenant)))
     request = receiver.requests[-1]
     Webhook(endpoint.secret).verify(request.body, request.headers)
     with pytest.raises(WebhookVerificationError):
         Webhook(old_secret).verify(request.body, request.headers)
+
+
+def test_a_second_rotation_within_the_overlap_keeps_the_first_secret_signing(cast, receiver):
+    """The receiver may not have taken the first new secret yet (or it leaked on the way): the
+    original must still verify after a second rotation, until its own overlap ends."""
+    endpoint = webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)
+    original = endpoint.secret
+    first = webhook_endpoint_secret_rotate(endpoint=endpoint).secret
+    second = webhook_endpoint_secret_rotate(endpoint=endpoint).secret
+    assert len({original, first, second}) == 3
+
+    attempt_next(only_delivery(publish(cast.tenant)))
+    request = receiver.requests[-1]
+    assert len(request.headers["webhook-signature"].split(" ")) == 3
+    for secret in (original, first, second):
+        Webhook(secret).verify(request.body, request.headers)
+
+    for _ in range(6):  # only the newest four retired secrets are kept
+        webhook_endpoint_secret_rotate(endpoint=endpoint)
+    attempt_next(only_delivery(publish(cast.tenant)))
+    request = receiver.requests[-1]
+    assert len(request.headers["webhook-signature"].split(" ")) == 5
+    with pytest.raises(WebhookVerificationError):
+        Webhook(original).verify(request.body, request.headers)
+    Webhook(endpoint.secret).verify(request.body, request.headers)
 
 
 def test_redeliver_sends_the_same_event_again_as_a_new_delivery(cast, receiver):

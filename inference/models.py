@@ -60,12 +60,17 @@ class Job(models.Model):
     # Where the output lives: {"text": ...} for completions, {"video": path, "thumbnail": path}.
     result = models.JSONField(default=dict, blank=True)
     usage = models.JSONField(default=dict, blank=True)
+    # The job ended (committed) but Redis refused its terminal event: followers and webhooks
+    # learn of the end from that event, so the reaper publishes it once Redis answers again.
+    terminal_event_pending = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["-queued_at"]
         indexes = [
             models.Index(fields=["tenant", "-queued_at"], name="job_tenant_recent"),
             models.Index(fields=["status", "started_at"], name="job_status_started"),
+            models.Index(fields=["terminal_event_pending"], name="job_terminal_event_pending",
+                         condition=models.Q(terminal_event_pending=True)),
         ]
 
     def __str__(self) -> str:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
+import redis
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Q
@@ -283,9 +284,27 @@ def job_output(*, job: Job, data: dict) -> None:
     event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type="job.output", data=data)
 
 
-def _finish(job: Job, *, status: str, actual_mcu: int, fields: dict, event_type: str,
-            event_data: dict, from_statuses: tuple[str, ...],
-            first_output_at: datetime | None = None) -> bool:
+_TERMINAL_EVENT_TYPES = {Job.Status.SUCCEEDED: "job.completed", Job.Status.FAILED: "job.failed",
+                         Job.Status.CANCELLED: "job.cancelled"}
+
+
+def _terminal_event(job: Job) -> tuple[str, dict]:
+    """The event that tells followers and webhooks how `job` (as ended) ended."""
+    data: dict = {"status": job.status, "actual_cu": (job.actual_mcu or 0) / 1000}
+    if job.status == Job.Status.SUCCEEDED:
+        data.update(result=job.result, usage=job.usage)
+        if job.kind == Job.Kind.VIDEO:
+            # Where a follower or webhook receiver fetches the file (with its API key).
+            data["content_url"] = reverse("api-video-content", kwargs={"job_id": job.pk})
+    elif job.status == Job.Status.FAILED:
+        data["error"] = {"code": job.error_code, "message": job.error_message}
+    elif job.usage or job.started_at:  # cancelled while running: what it produced
+        data["usage"] = job.usage
+    return _TERMINAL_EVENT_TYPES[job.status], data
+
+
+def _finish(job: Job, *, status: str, actual_mcu: int, fields: dict,
+            from_statuses: tuple[str, ...], first_output_at: datetime | None = None) -> bool:
     """End the job if it is still in one of `from_statuses` and at the attempt `job` was read
     as, and settle its reservation with it. False: someone else ended it first."""
     now = timezone.now()
@@ -307,13 +326,25 @@ def _finish(job: Job, *, status: str, actual_mcu: int, fields: dict, event_type:
             # its worker had stopped heartbeating): already refunded in full, nothing charged.
             logger.warning("job %s ended after its reservation %s was released; %s mCU not "
                            "charged", job.pk, job.reservation_id, actual_mcu)
+    for name, value in {"status": status, "finished_at": now, "actual_mcu": actual_mcu,
+                        **fields}.items():
+        setattr(job, name, value)
     job_finish_observe(pool=job.pool, model=job.model, status=status, started_at=job.started_at,
                        finished_at=now)
+    event_type, event_data = _terminal_event(job)
+    try:
+        event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type=event_type,
+                      data=event_data)
+    except redis.RedisError:
+        # The end is committed; only its announcement is missing. Kept in the row (the database
+        # just answered) for the reaper, rather than lost with the webhooks that hang on it.
+        logger.warning("job %s ended but Redis refused its %s event; the reaper publishes it",
+                       job.pk, event_type)
+        Job.objects.filter(pk=job.pk).update(terminal_event_pending=True)
+        return True  # the scheduler's tick dispatches the freed capacity once Redis is back
     if job.started_at:
         scheduler_record_run_time(pool=job.pool, seconds=(now - job.started_at).total_seconds())
     redis_client().delete(HEARTBEAT_KEY.format(job_id=job.pk), CANCEL_KEY.format(job_id=job.pk))
-    event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type=event_type,
-                  data={"status": status, "actual_cu": actual_mcu / 1000, **event_data})
     pool_dispatch(pool=job.pool)  # its capacity is free: the next queued job may start
     return True
 
@@ -322,13 +353,8 @@ def _finish(job: Job, *, status: str, actual_mcu: int, fields: dict, event_type:
 # worker taken for lost, whose job was queued again, ends nothing), or the reaper's.
 def job_succeed(*, job: Job, actual_mcu: int, result: dict, usage: dict,
                 first_output_at: datetime | None = None) -> bool:
-    event_data = {"result": result, "usage": usage}
-    if job.kind == Job.Kind.VIDEO:
-        # Where a follower or webhook receiver fetches the file (with its API key).
-        event_data["content_url"] = reverse("api-video-content", kwargs={"job_id": job.pk})
     return _finish(job, status=Job.Status.SUCCEEDED, actual_mcu=actual_mcu,
                    fields={"result": result, "usage": usage, "progress": 100.0},
-                   event_type="job.completed", event_data=event_data,
                    first_output_at=first_output_at, from_statuses=(Job.Status.RUNNING,))
 
 
@@ -339,7 +365,6 @@ def job_fail(*, job: Job, code: str, message: str, actual_mcu: int = 0,
     unless the caller fails one that never started (the reaper's queue timeout)."""
     return _finish(job, status=Job.Status.FAILED, actual_mcu=actual_mcu,
                    fields={"error_code": code, "error_message": message[:500]},
-                   event_type="job.failed", event_data={"error": {"code": code, "message": message}},
                    first_output_at=first_output_at, from_statuses=from_statuses)
 
 
@@ -348,7 +373,6 @@ def job_cancelled(*, job: Job, actual_mcu: int, usage: dict | None = None,
     """The worker stopped a running job on request: charge what it produced."""
     return _finish(job, status=Job.Status.CANCELLED, actual_mcu=actual_mcu,
                    fields={"usage": usage or {}, "result": result or {}},
-                   event_type="job.cancelled", event_data={"usage": usage or {}},
                    first_output_at=first_output_at, from_statuses=(Job.Status.RUNNING,))
 
 
@@ -365,7 +389,7 @@ def job_cancel(*, job: Job) -> Job:
         # Closed as queued only while it still is: a worker that claimed it since this row was
         # read is generating, and must be stopped by its flag (below) and settle what it used.
         if _finish(job, status=Job.Status.CANCELLED, actual_mcu=0, fields={},
-                   event_type="job.cancelled", event_data={}, from_statuses=(Job.Status.QUEUED,)):
+                   from_statuses=(Job.Status.QUEUED,)):
             job.refresh_from_db()
             return job
         job.refresh_from_db()  # it started meanwhile: cancel it as a running job
@@ -412,7 +436,8 @@ def job_recover_lost(*, job: Job) -> str:
 def jobs_reap() -> dict[str, int]:
     """The periodic reaper (beat, every 5 s): recover running jobs whose heartbeat expired,
     push out the leases of those still heartbeating, and close queued jobs whose reservation
-    ran out. Returns how many of each (`requeued`, `failed`, `moved`, `renewed`, `timed_out`)."""
+    ran out, and publish the terminal events Redis refused. Returns how many of each
+    (`requeued`, `failed`, `moved`, `renewed`, `timed_out`, `announced`)."""
     client = redis_client()
     now = timezone.now()
     grace = now - timedelta(seconds=settings.SLUICE_JOB_HEARTBEAT_TTL_S)
@@ -426,7 +451,22 @@ def jobs_reap() -> dict[str, int]:
         outcomes["renewed"] = renewed
     if timed_out := _queued_jobs_time_out(now=now):
         outcomes["timed_out"] = timed_out
+    if announced := _terminal_events_publish():
+        outcomes["announced"] = announced
     return outcomes
+
+
+def _terminal_events_publish() -> int:
+    """Publish the terminal events Redis refused when their jobs ended (see `_finish`)."""
+    announced = 0
+    for job in Job.objects.filter(terminal_event_pending=True)[:200]:
+        event_type, event_data = _terminal_event(job)
+        event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type=event_type,
+                      data=event_data)
+        Job.objects.filter(pk=job.pk).update(terminal_event_pending=False)
+        redis_client().delete(HEARTBEAT_KEY.format(job_id=job.pk), CANCEL_KEY.format(job_id=job.pk))
+        announced += 1
+    return announced
 
 
 # A reservation's lease (the pool's, SLUICE_POOL_LEASE_S, from admission) is what frees an

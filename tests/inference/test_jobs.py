@@ -454,3 +454,37 @@ def test_one_thread_reads_the_running_jobs_cancel_flags_and_keeps_their_heartbea
     finally:
         watch.remove("job_a")
         watch.remove("job_b")
+
+
+def test_a_job_that_ends_while_redis_refuses_its_event_is_announced_by_the_reaper(
+        settings, sent_tasks, receiver):
+    """The end commits in PostgreSQL; followers and webhooks hear of it through Redis. Redis
+    failing in between must delay the announcement, not lose it (a webhook receiver would
+    otherwise never learn that the job it paid for finished)."""
+    from inference.events import events_read
+    from inference.webhook_models import WebhookEvent
+    from inference.webhooks import webhook_endpoint_create
+
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    webhook_endpoint_create(tenant=api_key.tenant, url=receiver.url)
+    job = job_claim(job_id=video_job_submit(api_key, cu=4).job.pk, attempt=1)
+    redis_url = settings.REDIS_URL
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens there
+
+    assert job_succeed(job=job, actual_mcu=3000, result={"video": "v.mp4"}, usage={"frames": 8})
+    job.refresh_from_db()
+    assert (job.status, job.actual_mcu, job.terminal_event_pending) == ("succeeded", 3000, True)
+    assert used(api_key.tenant_id) == 3000  # settled with the end, Redis or not
+    assert not WebhookEvent.objects.filter(type="job.completed").exists()
+
+    settings.REDIS_URL = redis_url
+    assert jobs_reap() == {"announced": 1}
+    assert jobs_reap() == {}  # once
+    (event,) = [e for e in events_read(job_id=job.pk) if e.type == "job.completed"]
+    assert event.data["result"] == {"video": "v.mp4"} and event.data["actual_cu"] == 3.0
+    assert event.data["content_url"].endswith(f"/v1/videos/{job.pk}/content")
+    (webhook,) = WebhookEvent.objects.filter(tenant=api_key.tenant, type="job.completed")
+    assert webhook.payload["data"]["id"] == job.pk
+    assert webhook.payload["data"]["usage"] == {"frames": 8}
+    job.refresh_from_db()
+    assert job.terminal_event_pending is False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.utils import timezone
 
@@ -12,9 +13,11 @@ class Tier(models.Model):
 
     slug = models.SlugField(max_length=32, unique=True)
     name = models.CharField(max_length=64)
-    # None means unlimited (enterprise contracts are set per tenant).
-    monthly_budget_cu = models.BigIntegerField(null=True, blank=True)
-    cu_per_minute = models.PositiveIntegerField()
+    # None means unlimited (enterprise contracts are set per tenant); 0 means nothing may be spent.
+    monthly_budget_cu = models.BigIntegerField(null=True, blank=True, validators=[MinValueValidator(0)])
+    # At least 1: the token bucket refills at this rate, and a tier that may spend nothing has a
+    # budget of 0 instead.
+    cu_per_minute = models.PositiveIntegerField(validators=[MinValueValidator(1)])
     max_concurrent_jobs = models.PositiveIntegerField()
     # Higher runs first. Celery/Redis priorities are derived from it by the scheduler.
     queue_priority = models.PositiveSmallIntegerField()
@@ -32,6 +35,13 @@ class Tier(models.Model):
 
     class Meta:
         ordering = ["queue_priority"]
+        constraints = [
+            # admit.lua reads a negative budget as "no budget": one typed in would mean unlimited.
+            models.CheckConstraint(condition=models.Q(monthly_budget_cu__gte=0),
+                                   name="tier_budget_not_negative"),
+            models.CheckConstraint(condition=models.Q(cu_per_minute__gte=1),
+                                   name="tier_rate_positive"),
+        ]
 
     def __str__(self) -> str:
         return self.name
@@ -51,14 +61,21 @@ class Tenant(models.Model):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
     created_at = models.DateTimeField(default=timezone.now)
     # Per-tenant overrides of the tier's limits (contracts); None means "the tier's value".
-    monthly_budget_cu_override = models.BigIntegerField(null=True, blank=True)
+    # A budget of 0 blocks spending; an unlimited contract is `unlimited_budget`.
+    monthly_budget_cu_override = models.BigIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(0)])
     unlimited_budget = models.BooleanField(default=False)
-    cu_per_minute_override = models.PositiveIntegerField(null=True, blank=True)
+    cu_per_minute_override = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1)])
     burst_cu_override = models.PositiveIntegerField(null=True, blank=True)
     max_concurrent_jobs_override = models.PositiveIntegerField(null=True, blank=True)
 
     class Meta:
         ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(condition=models.Q(monthly_budget_cu_override__gte=0),
+                                   name="tenant_budget_override_not_negative"),
+        ]
 
     def __str__(self) -> str:
         return self.name
@@ -114,13 +131,16 @@ class ApiKey(models.Model):
     last_used_at = models.DateTimeField(null=True, blank=True)
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
-    # Optional monthly CU cap for this key on top of the tenant's budget.
-    cu_cap = models.BigIntegerField(null=True, blank=True)
+    # Optional monthly CU cap for this key on top of the tenant's budget; 0 blocks the key's spending.
+    cu_cap = models.BigIntegerField(null=True, blank=True, validators=[MinValueValidator(0)])
     # Optional CU/minute limit for this key on top of the tenant's (burst: one minute's worth).
-    cu_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    cu_per_minute = models.PositiveIntegerField(null=True, blank=True, validators=[MinValueValidator(1)])
 
     class Meta:
         ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(condition=models.Q(cu_cap__gte=0), name="apikey_cap_not_negative"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.name} (sk-{self.prefix}…)"

@@ -37,13 +37,16 @@ def quota_limits_for(*, tenant: Tenant, api_key: ApiKey | None = None) -> QuotaL
         budget_cu = tenant.monthly_budget_cu_override
     else:
         budget_cu = tier.monthly_budget_cu
+    # Rates must be at least 1 (the model validators); a 0 saved before they existed keeps
+    # meaning "not set" rather than a bucket that never refills.
     rate_cu = tenant.cu_per_minute_override or tier.cu_per_minute
     burst_cu = tenant.burst_cu_override or tier.burst_cu or rate_cu
     return QuotaLimits(
         budget_mcu=None if budget_cu is None else cu_to_mcu(budget_cu),
         tenant_rate_mcu=cu_to_mcu(rate_cu),
         tenant_burst_mcu=cu_to_mcu(burst_cu),
-        key_cap_mcu=cu_to_mcu(api_key.cu_cap) if api_key and api_key.cu_cap else None,
+        # A cap of 0 is a cap (the key may spend nothing), not "no cap".
+        key_cap_mcu=cu_to_mcu(api_key.cu_cap) if api_key and api_key.cu_cap is not None else None,
         key_rate_mcu=cu_to_mcu(api_key.cu_per_minute) if api_key and api_key.cu_per_minute else None,
         key_burst_mcu=cu_to_mcu(api_key.cu_per_minute) if api_key and api_key.cu_per_minute else None,
         max_concurrent_jobs=tenant.max_concurrent_jobs_override or tier.max_concurrent_jobs,

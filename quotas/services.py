@@ -51,8 +51,10 @@ class BudgetStatus:
 
     @property
     def used_pct(self) -> float | None:
-        if not self.limit_mcu:
+        if self.limit_mcu is None:
             return None
+        if self.limit_mcu == 0:  # nothing may be spent: all of it is used
+            return 100.0
         return round(100 * self.used_mcu / self.limit_mcu, 1)
 
 

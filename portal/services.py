@@ -12,13 +12,20 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.tokens import default_token_generator
 from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.encoding import force_bytes
 from django.utils.http import urlsafe_base64_encode
 from django.utils.text import slugify
 
-from portal.errors import InvalidApiKey, InvalidParameter, PermissionDenied, TenantSuspended
+from portal.errors import (
+    InvalidApiKey,
+    InvalidParameter,
+    NotFound,
+    PermissionDenied,
+    TenantSuspended,
+)
 from portal.keys import key_material_generate, key_material_parse, secret_digest, secret_matches
 from portal.logs import log_context_bind
 from portal.models import ApiKey, Membership, Role, Tenant, Tier
@@ -258,17 +265,31 @@ def _owners_left_after(*, membership: Membership) -> int:
     )
 
 
+def _memberships_lock(*, actor: Membership, membership: Membership) -> tuple[Membership, Membership]:
+    """The actor's and the target's rows as they are now, locked together with the tenant's
+    owners in pk order (one order, so two changes wait for each other instead of deadlocking).
+    The rows the caller holds were read before the lock: another request may have changed a
+    role, demoted the actor or removed either since, and the checks must see that."""
+    locked = {
+        row.pk: row
+        for row in Membership.objects.select_for_update()
+        .filter(tenant_id=membership.tenant_id)
+        .filter(Q(role=Role.OWNER) | Q(pk__in=[actor.pk, membership.pk]))
+        .order_by("pk")
+    }
+    if actor.pk not in locked:
+        raise PermissionDenied()
+    if membership.pk not in locked:
+        raise NotFound()
+    return locked[actor.pk], locked[membership.pk]
+
+
 def membership_role_change(*, actor: Membership, membership: Membership, role: str) -> Membership:
-    _check_role_grant(actor=actor, role=role)
-    if membership.role == Role.OWNER and actor.role != Role.OWNER:
-        raise PermissionDenied("Only an owner can change an owner's role.")
     with transaction.atomic():
-        # Lock the tenant's owner rows so two demotions cannot both leave zero owners.
-        list(
-            Membership.objects.select_for_update()
-            .filter(tenant_id=membership.tenant_id, role=Role.OWNER)
-            .order_by("pk")
-        )
+        actor, membership = _memberships_lock(actor=actor, membership=membership)
+        _check_role_grant(actor=actor, role=role)
+        if membership.role == Role.OWNER and actor.role != Role.OWNER:
+            raise PermissionDenied("Only an owner can change an owner's role.")
         demoting_owner = membership.role == Role.OWNER and role != Role.OWNER
         if demoting_owner and _owners_left_after(membership=membership) == 0:
             raise InvalidParameter("A tenant needs at least one owner.", param="role")
@@ -278,15 +299,11 @@ def membership_role_change(*, actor: Membership, membership: Membership, role: s
 
 
 def membership_remove(*, actor: Membership, membership: Membership) -> None:
-    require_role(membership=actor, role=Role.ADMIN)
-    if membership.role == Role.OWNER and actor.role != Role.OWNER:
-        raise PermissionDenied("Only an owner can remove an owner.")
     with transaction.atomic():
-        list(
-            Membership.objects.select_for_update()
-            .filter(tenant_id=membership.tenant_id, role=Role.OWNER)
-            .order_by("pk")
-        )
+        actor, membership = _memberships_lock(actor=actor, membership=membership)
+        require_role(membership=actor, role=Role.ADMIN)
+        if membership.role == Role.OWNER and actor.role != Role.OWNER:
+            raise PermissionDenied("Only an owner can remove an owner.")
         if membership.role == Role.OWNER and _owners_left_after(membership=membership) == 0:
             raise InvalidParameter("A tenant needs at least one owner.", param="membership")
         membership.delete()

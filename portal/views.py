@@ -183,10 +183,10 @@ def member_update_view(request, membership: Membership, membership_id: int):
             services.membership_remove(actor=membership, membership=target)
             messages.success(request, f"Removed {target.user}.")
         else:
-            services.membership_role_change(
+            changed = services.membership_role_change(
                 actor=membership, membership=target, role=form.cleaned_data["role"]
             )
-            messages.success(request, f"{target.user} is now {target.role}.")
+            messages.success(request, f"{changed.user} is now {changed.role}.")
     except InvalidParameter as exc:
         messages.error(request, exc.message)
     return redirect("tenant-members", tenant_slug=membership.tenant.slug)

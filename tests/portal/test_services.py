@@ -1,0 +1,48 @@
+"""Membership changes decide on the rows as they are under the lock, not as the caller read them."""
+
+from __future__ import annotations
+
+import pytest
+
+from portal.errors import InvalidParameter, PermissionDenied
+from portal.models import Membership, Role
+from portal.services import membership_remove, membership_role_change
+
+pytestmark = pytest.mark.django_db
+
+
+def handed_over(cast) -> tuple[Membership, Membership]:
+    """The owner and the admin as a page read them, just before another request made the admin
+    the only owner (and the owner an admin)."""
+    stale_owner, stale_admin = (Membership.objects.get(pk=cast.owner.pk),
+                                Membership.objects.get(pk=cast.admin.pk))
+    Membership.objects.filter(pk=cast.admin.pk).update(role=Role.OWNER)
+    Membership.objects.filter(pk=cast.owner.pk).update(role=Role.ADMIN)
+    return stale_owner, stale_admin
+
+
+def test_a_demoted_actor_can_no_longer_remove_or_demote_an_owner(cast):
+    stale_owner, stale_admin = handed_over(cast)
+    with pytest.raises(PermissionDenied):
+        membership_remove(actor=stale_owner, membership=stale_admin)
+    with pytest.raises(PermissionDenied):
+        membership_role_change(actor=stale_owner, membership=stale_admin, role=Role.MEMBER)
+    assert Membership.objects.get(pk=cast.admin.pk).role == Role.OWNER
+
+
+def test_the_last_owner_is_kept_whatever_role_the_caller_read(cast):
+    _, stale_target = handed_over(cast)  # read as an admin, now the only owner
+    with pytest.raises(InvalidParameter):
+        membership_remove(actor=Membership.objects.get(pk=cast.admin.pk), membership=stale_target)
+    with pytest.raises(InvalidParameter):
+        membership_role_change(actor=Membership.objects.get(pk=cast.admin.pk), membership=stale_target,
+                               role=Role.MEMBER)
+    assert Membership.objects.get(pk=cast.admin.pk).role == Role.OWNER
+
+
+def test_a_removed_actor_changes_nothing(cast):
+    stale_admin = Membership.objects.get(pk=cast.admin.pk)
+    Membership.objects.filter(pk=cast.admin.pk).delete()
+    with pytest.raises(PermissionDenied):
+        membership_role_change(actor=stale_admin, membership=cast.viewer, role=Role.MEMBER)
+    assert Membership.objects.get(pk=cast.viewer.pk).role == Role.VIEWER

@@ -298,7 +298,9 @@ def membership_role_change(*, actor: Membership, membership: Membership, role: s
     return membership
 
 
-def membership_remove(*, actor: Membership, membership: Membership) -> None:
+def membership_remove(*, actor: Membership, membership: Membership) -> list[ApiKey]:
+    """Remove the member and revoke the tenant's keys they created, which they saw in full and
+    may still hold. Returns those keys."""
     with transaction.atomic():
         actor, membership = _memberships_lock(actor=actor, membership=membership)
         require_role(membership=actor, role=Role.ADMIN)
@@ -307,6 +309,9 @@ def membership_remove(*, actor: Membership, membership: Membership) -> None:
         if membership.role == Role.OWNER and _owners_left_after(membership=membership) == 0:
             raise InvalidParameter("A tenant needs at least one owner.", param="membership")
         membership.delete()
+        created = ApiKey.objects.filter(tenant_id=membership.tenant_id, created_by_id=membership.user_id,
+                                        revoked_at__isnull=True).order_by("pk")
+        return [api_key_revoke(api_key=api_key) for api_key in created]
 
 
 def tenant_suspend(*, tenant: Tenant) -> None:

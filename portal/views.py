@@ -10,6 +10,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
+from django.template.defaultfilters import pluralize
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
@@ -180,8 +181,13 @@ def member_update_view(request, membership: Membership, membership_id: int):
         return redirect("tenant-members", tenant_slug=membership.tenant.slug)
     try:
         if form.cleaned_data["action"] == "remove":
-            services.membership_remove(actor=membership, membership=target)
-            messages.success(request, f"Removed {target.user}.")
+            revoked = services.membership_remove(actor=membership, membership=target)
+            if revoked:
+                messages.success(request, f"Removed {target.user} and revoked the "
+                                          f"{len(revoked)} API key{pluralize(len(revoked))} "
+                                          f"they created: {', '.join(k.name for k in revoked)}.")
+            else:
+                messages.success(request, f"Removed {target.user}.")
         else:
             changed = services.membership_role_change(
                 actor=membership, membership=target, role=form.cleaned_data["role"]

@@ -269,3 +269,11 @@ def test_overview_shows_budget_use_and_the_80_percent_banner(client, cast):
                      cost_mcu=8500, mode="sync")
     html = client.get("/t/acme/").content.decode()
     assert "85.0% used" in html and "alert at 80%" in html
+
+
+def test_removing_a_member_says_which_of_their_keys_were_revoked(client, cast):
+    api_key_for(cast.tenant, name="ci runner", created_by=cast.member.user)
+    login(client, cast.admin)
+    response = client.post(f"/t/acme/members/{cast.member.pk}/", {"action": "remove"}, follow=True)
+    assert "Removed member and revoked the 1 API key they created: ci runner." in response.content.decode()
+    assert ApiKey.objects.get(name="ci runner").revoked_at is not None

@@ -46,3 +46,30 @@ def test_a_removed_actor_changes_nothing(cast):
     with pytest.raises(PermissionDenied):
         membership_role_change(actor=stale_admin, membership=cast.viewer, role=Role.MEMBER)
     assert Membership.objects.get(pk=cast.viewer.pk).role == Role.VIEWER
+
+
+def test_removing_a_member_revokes_the_keys_they_created_and_only_those(cast, api):
+    from portal.models import ApiKey
+    from tests.factories import api_key_for
+
+    theirs = api_key_for(cast.tenant, name="member's laptop", created_by=cast.member.user)
+    elsewhere = api_key_for(cast.outsider_tenant, name="their own tenant", created_by=cast.member.user)
+    assert api.bearer(theirs).get("/v1/models").status_code == 200
+
+    revoked = membership_remove(actor=cast.admin, membership=cast.member)
+
+    assert [k.name for k in revoked] == ["member's laptop"]
+    assert api.bearer(theirs).get("/v1/models").status_code == 401
+    assert api.bearer(cast.owner_key).get("/v1/models").status_code == 200  # nobody's key
+    assert api.bearer(elsewhere).get("/v1/models").status_code == 200
+    assert ApiKey.objects.filter(tenant=cast.tenant, revoked_at__isnull=True).count() == 1
+
+
+def test_a_refused_removal_revokes_nothing(cast):
+    from portal.models import ApiKey
+    from tests.factories import api_key_for
+
+    api_key_for(cast.tenant, name="owner's", created_by=cast.owner.user)
+    with pytest.raises(InvalidParameter):
+        membership_remove(actor=cast.owner, membership=cast.owner)  # the last owner
+    assert not ApiKey.objects.filter(revoked_at__isnull=False).exists()

@@ -5,6 +5,7 @@ class IdempotencyConflict(SluiceError):
     code = "idempotency_conflict"
     http_status = 409
     default_message = "This Idempotency-Key was used with a different request body."
+    retryable = False
 
 
 class JobNotCancellable(SluiceError):

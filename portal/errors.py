@@ -40,6 +40,9 @@ class SluiceError(Exception):
     code: str = "internal_error"
     http_status: int = 500
     default_message: str = "The server failed to process the request."
+    # False: the same request cannot succeed later. OpenAI's SDKs retry 409, 429 and 5xx twice
+    # with back-off unless the answer says `x-should-retry: false`.
+    retryable: bool = True
 
     def __init__(
         self,
@@ -52,6 +55,8 @@ class SluiceError(Exception):
         self.message = message or self.default_message
         self.param = param
         self.headers = dict(headers or {})
+        if not self.retryable:
+            self.headers.setdefault("x-should-retry", "false")
         self.extra = dict(extra or {})
         super().__init__(self.message)
 

@@ -14,6 +14,7 @@ class InsufficientQuota(SluiceError):
     code = "insufficient_quota"
     http_status = 429
     default_message = "You exceeded your CU budget for this period."
+    retryable = False  # until the period rolls over or the budget is raised
 
 
 class RateLimitExceeded(_RetryAfterError):

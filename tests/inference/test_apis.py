@@ -54,6 +54,8 @@ def test_idempotency_key_header(cast, api, sent_tasks):
                         HTTP_IDEMPOTENCY_KEY="abc")
     assert conflict.status_code == 409
     assert conflict.json()["error"]["code"] == "idempotency_conflict"
+    # OpenAI's SDKs retry a 409 twice with back-off unless told it cannot succeed.
+    assert conflict["x-should-retry"] == "false"
     assert Job.objects.count() == 1
 
 

@@ -153,6 +153,8 @@ def test_budget_exhaustion_is_429_insufficient_quota_and_writes_nothing():
     with pytest.raises(InsufficientQuota) as exc:
         open_cu(api_key, 2)
     assert exc.value.http_status == 429 and exc.value.code == "insufficient_quota"
+    # Unlike a rate limit, waiting seconds does not help: OpenAI's SDKs are told not to retry.
+    assert exc.value.headers == {"x-should-retry": "false"}
     assert counter(api_key.tenant_id) == 9000
     assert Reservation.objects.filter(tenant_id=api_key.tenant_id).count() == 1
 

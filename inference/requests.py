@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from rest_framework import serializers
 
 from inference.registry import ModelSpec, model_get
-from inference.tokenization import encode, render_chat
+from inference.tokenization import decode_checked, encode, encode_chat
 from portal.errors import InvalidParameter, SluiceError, to_sluice_error
 from portal.models import Tier
 
@@ -75,20 +75,36 @@ class _ContentField(serializers.Field):
         return value
 
 
-class _PromptField(serializers.CharField):
-    """One prompt, as a string: OpenAI also takes a list of prompts (a batch, which n=1 rules
-    out here) and token ids, and a client that sends those should read why they fail."""
+class _PromptField(serializers.Field):
+    """OpenAI's `prompt`: a string, token ids, or a list of either (a batch). With n=1 Sluice
+    generates for one prompt per request, so a list holds exactly one; token ids are read as
+    they are (the model's vocabulary is checked once the model is known)."""
 
     def to_internal_value(self, data):
-        if not isinstance(data, str):
+        if isinstance(data, list) and len(data) == 1 and isinstance(data[0], (str, list)):
+            data = data[0]  # a batch of one
+        if isinstance(data, str):
+            return data
+        if isinstance(data, list) and data and all(
+                isinstance(token, int) and not isinstance(token, bool) for token in data):
+            return data
+        if isinstance(data, list) and len(data) > 1 and all(isinstance(p, (str, list)) for p in data):
             raise serializers.ValidationError(
-                "Send one prompt as a string; lists of prompts and token-id arrays are not supported.")
-        return super().to_internal_value(data)
+                f"Send one prompt per request ({len(data)} were sent; n is 1 on Sluice).")
+        raise serializers.ValidationError(
+            "Send a string, a non-empty list of token ids, or a list holding one of those.")
+
+    def to_representation(self, value):
+        return value
 
 
 class _MessageInput(serializers.Serializer):
     role = serializers.ChoiceField(choices=["system", "user", "assistant", "developer"])
     content = _ContentField()
+
+    def validate_role(self, value):
+        # OpenAI's newer name for the system message; chat templates know only `system`.
+        return "system" if value == "developer" else value
 
 
 class _StopField(serializers.Field):
@@ -106,14 +122,24 @@ class _StopField(serializers.Field):
         return value
 
 
+class _StrictBooleanField(serializers.BooleanField):
+    """JSON's true, false (or null, the default): OpenAI refuses "yes", 1 and "on", which DRF's
+    BooleanField would read as true."""
+
+    def to_internal_value(self, data):
+        if data is None or isinstance(data, bool):
+            return bool(data)
+        self.fail("invalid", input=data)
+
+
 class _StreamOptions(serializers.Serializer):
-    include_usage = serializers.BooleanField(required=False, default=False)
+    include_usage = _StrictBooleanField(required=False, default=False, allow_null=True)
 
 
 class TextInput(serializers.Serializer):
     model = serializers.CharField()
     messages = _MessageInput(many=True, required=False, allow_empty=False)
-    prompt = _PromptField(required=False, allow_blank=True, trim_whitespace=False)
+    prompt = _PromptField(required=False)
     max_tokens = serializers.IntegerField(required=False, min_value=1, allow_null=True)
     max_completion_tokens = serializers.IntegerField(required=False, min_value=1, allow_null=True)
     temperature = serializers.FloatField(required=False, min_value=0, max_value=2, allow_null=True)
@@ -124,17 +150,16 @@ class TextInput(serializers.Serializer):
     frequency_penalty = serializers.FloatField(required=False, min_value=-2, max_value=2, allow_null=True)
     n = serializers.IntegerField(required=False, min_value=1, max_value=1, allow_null=True)
     user = serializers.CharField(required=False, max_length=256, allow_blank=True)
-    stream = serializers.BooleanField(required=False, default=False)
+    stream = _StrictBooleanField(required=False, default=False, allow_null=True)
     stream_options = _StreamOptions(required=False, allow_null=True)
-
-    def validate_top_p(self, value):
-        if value is not None and value <= 0:
-            raise serializers.ValidationError("Must be greater than 0.")
-        return value
 
     def validate(self, attrs):
         if ("messages" in attrs) == ("prompt" in attrs):
             raise serializers.ValidationError({"messages": "Send exactly one of messages or prompt."})
+        if attrs.get("stream_options") is not None and not attrs.get("stream"):
+            raise serializers.ValidationError(
+                {"stream_options": "The 'stream_options' parameter is only allowed when 'stream' "
+                                   "is enabled."})
         return attrs
 
 
@@ -143,7 +168,11 @@ _TEXT_ARGUMENTS = frozenset(TextInput().get_fields())
 
 # OpenAI request arguments Sluice accepts and does nothing with: bookkeeping on OpenAI's side
 # (`store`, `metadata`, `service_tier`) or meaningless without tools (`parallel_tool_calls`).
-_IGNORED_ARGUMENTS = frozenset({"metadata", "store", "service_tier", "parallel_tool_calls"})
+# `safety_identifier` (like `user`) and the prompt-cache hints: the engine caches every prefix.
+_IGNORED_ARGUMENTS = frozenset({
+    "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier",
+    "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options",
+})
 
 # OpenAI features Sluice's code models do not offer, with the values that ask for nothing (what
 # some clients send by default). Anything else is refused by name: silently dropping `logprobs`
@@ -154,7 +183,8 @@ _UNSUPPORTED_ARGUMENTS: dict[str, tuple] = {
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
     "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
     "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
-    "reasoning_effort": (None,), "web_search_options": (None,),
+    "reasoning_effort": (None,), "web_search_options": (None,), "verbosity": (None,),
+    "moderation": (None,),
 }
 
 
@@ -196,8 +226,11 @@ class TextRequest:
         return {
             "prompt_token_ids": self.prompt_token_ids,
             "max_tokens": self.max_tokens,
-            "temperature": 1.0 if self.temperature is None else self.temperature,
-            "top_p": 1.0 if self.top_p is None else self.top_p,
+            # top_p 0 keeps only the likeliest token: greedy decoding, which vLLM (whose top_p
+            # must be above 0) spells temperature 0.
+            "temperature": (0.0 if self.top_p == 0
+                            else 1.0 if self.temperature is None else self.temperature),
+            "top_p": 1.0 if self.top_p in (None, 0) else self.top_p,
             "stop": self.stop,
             "seed": self.seed,
             "presence_penalty": self.presence_penalty,
@@ -224,8 +257,14 @@ def text_request_parse(*, payload: dict, tier: Tier, chat: bool | None = None) -
     if spec.kind != "text":
         raise InvalidParameter(f"{spec.id} is not a text model.", param="model")
     is_chat = "messages" in data
-    prompt_text = render_chat(spec, data["messages"]) if is_chat else data["prompt"]
-    prompt_token_ids = encode(spec, prompt_text)
+    if is_chat:
+        prompt_text, prompt_token_ids = encode_chat(spec, data["messages"])
+    elif isinstance(data["prompt"], list):  # token ids: screened and shown as their text
+        prompt_token_ids = data["prompt"]
+        prompt_text = decode_checked(spec, prompt_token_ids, param="prompt")
+    else:  # a raw prompt is the caller's own: its special tokens (fill-in-the-middle) count
+        prompt_text = data["prompt"]
+        prompt_token_ids = encode(spec, prompt_text)
     prompt_tokens = len(prompt_token_ids)
     context = spec.context_length or 0
     max_tokens = data.get("max_completion_tokens") or data.get("max_tokens")
@@ -244,7 +283,7 @@ def text_request_parse(*, payload: dict, tier: Tier, chat: bool | None = None) -
         max_tokens=max_tokens, is_chat=is_chat, temperature=data.get("temperature"),
         top_p=data.get("top_p"), stop=data.get("stop"), seed=data.get("seed"),
         presence_penalty=data.get("presence_penalty"), frequency_penalty=data.get("frequency_penalty"),
-        stream=data.get("stream", False),
+        stream=bool(data.get("stream")),
         include_usage=bool((data.get("stream_options") or {}).get("include_usage")),
     )
 

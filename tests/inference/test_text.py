@@ -196,6 +196,27 @@ def test_neutral_values_of_unsupported_features_are_accepted_and_penalties_reach
     assert [job.params["frequency_penalty"] for job in jobs] == [None, 2.0, None]
 
 
+def test_token_id_prompts_top_p_zero_and_newer_sdk_arguments_through_the_sdk(cast, text_stack):
+    """What OpenAI accepts and clients send: a prompt as token ids (or a batch of one), top_p 0
+    (greedy), the developer role, safety_identifier and prompt-cache hints."""
+    from inference.registry import model_get
+    from inference.tokenization import encode
+
+    sdk = client(text_stack, cast.owner_key)
+    ids = encode(model_get(MODEL), "def add(a, b):\n")
+    by_text = sdk.completions.create(model=MODEL, prompt="def add(a, b):\n", max_tokens=8,
+                                     temperature=0)
+    by_ids = sdk.completions.create(model=MODEL, prompt=[ids], max_tokens=8, top_p=0,
+                                    temperature=1.5, seed=3)
+    assert by_ids.choices[0].text == by_text.choices[0].text  # top_p 0: the greedy answer
+    assert by_ids.usage.prompt_tokens == len(ids)
+    chat = sdk.chat.completions.create(
+        model=MODEL, messages=[{"role": "developer", "content": "Answer in Python."},
+                               {"role": "user", "content": "def add(a, b):"}],
+        max_tokens=4, temperature=0, safety_identifier="user-42", prompt_cache_key="repo-1")
+    assert chat.choices[0].message.content is not None
+
+
 def test_chat_content_given_as_text_parts_reads_as_the_string(cast, text_stack):
     sdk = client(text_stack, cast.owner_key)
     as_string = sdk.chat.completions.create(

@@ -161,6 +161,16 @@ def _date_param(request, name: str, default: date) -> date:
         raise InvalidParameter(f"{name} must be a date (YYYY-MM-DD).", param=name) from exc
 
 
+# A cell starting with one of these is a formula to a spreadsheet (OWASP "CSV injection").
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_text(value: str) -> str:
+    """Free text for a CSV cell: key names are typed by any member, and whoever opens the
+    export in a spreadsheet would run a name like `=HYPERLINK(...)`. The quote makes it text."""
+    return f"'{value}" if value.startswith(_FORMULA_STARTS) else value
+
+
 class _Echo:
     def write(self, value: str) -> str:
         return value
@@ -185,8 +195,8 @@ def usage_export_view(request, membership: Membership):
     def lines():
         yield writer.writerow(["date", "model", "api_key", "requests", "cu"])
         for row in rows:
-            yield writer.writerow([row["day"].isoformat(), row["model"],
-                                   key_names.get(row["api_key_id"], "deleted key"),
+            yield writer.writerow([row["day"].isoformat(), _csv_text(row["model"]),
+                                   _csv_text(key_names.get(row["api_key_id"], "deleted key")),
                                    row["requests"], mcu_to_cu(row["mcu"])])
 
     response = StreamingHttpResponse(lines(), content_type="text/csv")

@@ -200,3 +200,17 @@ def test_playground_prompts_pass_the_same_safety_screen_as_the_api(cast, sent_ta
     case = ModerationCase.objects.get(tenant=cast.tenant)
     assert case.endpoint == "playground"
     assert not Job.objects.exists() and not sent_tasks
+
+
+@pytest.mark.parametrize("name", ["=HYPERLINK(\"http://x\")", "+1", "-1+1", "@SUM(A1)", "\tx", "\rx"])
+def test_usage_csv_turns_a_formula_in_a_key_name_into_text(cast, name):
+    from tests.factories import api_key_obj
+
+    api_key = api_key_obj(cast.tenant)
+    ApiKey.objects.filter(pk=api_key.pk).update(name=name)  # as the admin saves it: unstripped
+    LedgerEntry.objects.create(tenant=cast.tenant, api_key=api_key, kind=LedgerEntry.Kind.ADJUST,
+                               mcu=1000, period=timezone.now().strftime("%Y-%m"), model="m")
+    today = timezone.now().date()
+    response = as_user(cast.viewer).get(f"/t/acme/usage.csv?start={today}&end={today}")
+    rows = list(csv.reader(io.StringIO(b"".join(response.streaming_content).decode(), newline="")))
+    assert rows[1][2] == f"'{name} ({api_key.masked})"

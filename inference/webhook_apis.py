@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import serializers, status
+from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from inference import webhook_selectors as selectors
 from inference import webhooks as services
 from inference.webhook_models import WEBHOOK_EVENT_TYPES, WebhookDelivery, WebhookEndpoint
+from portal.authentication import IssuedByTenantAdmin
 
 
 def _unix(moment) -> int | None:
@@ -90,6 +92,9 @@ class DeliveryWithLogOutput(DeliveryOutput):
 
 _NO_STORE = {"Cache-Control": "no-store"}
 
+# Any key reads; changes need a key an admin issued (the dashboard's rule for the same pages).
+_ADMIN_WRITES = [IsAuthenticated, IssuedByTenantAdmin]
+
 
 def _endpoint_for(request, endpoint_id: str) -> WebhookEndpoint:
     return selectors.webhook_endpoint_get_for_tenant(tenant=request.user.tenant,
@@ -97,6 +102,8 @@ def _endpoint_for(request, endpoint_id: str) -> WebhookEndpoint:
 
 
 class WebhookListApi(APIView):
+    permission_classes = _ADMIN_WRITES
+
     class Input(serializers.Serializer):
         url = serializers.CharField(max_length=2000)
         event_types = serializers.ListField(
@@ -128,6 +135,8 @@ class WebhookListApi(APIView):
 
 
 class WebhookDetailApi(APIView):
+    permission_classes = _ADMIN_WRITES
+
     class Input(serializers.Serializer):
         url = serializers.CharField(max_length=2000, required=False)
         event_types = serializers.ListField(
@@ -159,6 +168,8 @@ class WebhookDetailApi(APIView):
 
 
 class WebhookRotateSecretApi(APIView):
+    permission_classes = _ADMIN_WRITES
+
     @extend_schema(operation_id="webhooks_rotate_secret", request=None,
                    responses=EndpointWithSecretOutput)
     def post(self, request, endpoint_id: str):
@@ -191,6 +202,8 @@ class WebhookDeliveryListApi(APIView):
 
 
 class WebhookRedeliverApi(APIView):
+    permission_classes = _ADMIN_WRITES
+
     @extend_schema(operation_id="webhooks_deliveries_redeliver", request=None,
                    responses={202: DeliveryOutput})
     def post(self, request, delivery_id: str):

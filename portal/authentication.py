@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
+from rest_framework.permissions import SAFE_METHODS, BasePermission
 
-from portal.errors import InvalidApiKey
-from portal.models import ApiKey, Tenant
+from portal.errors import InvalidApiKey, PermissionDenied
+from portal.models import ROLE_RANK, ApiKey, Membership, Role, Tenant
 from portal.services import api_key_authenticate
 
 
@@ -49,3 +50,22 @@ class ApiKeyAuthentication(BaseAuthentication):
 
     def authenticate_header(self, request) -> str:
         return 'Bearer realm="sluice"'
+
+
+class IssuedByTenantAdmin(BasePermission):
+    """Changes the dashboard leaves to admins (webhook endpoints, their secrets, redelivery)
+    need a key whose issuer is an admin or owner of its tenant now. A key has no role of its
+    own and any member may issue one: without this, a member's key could do what the member
+    may not. Reads stay open to every key, as every role reads them in the dashboard."""
+
+    def has_permission(self, request, view) -> bool:
+        if request.method in SAFE_METHODS:
+            return True
+        api_key = request.user.api_key
+        admin_roles = [role for role in Role if ROLE_RANK[role] >= ROLE_RANK[Role.ADMIN]]
+        if api_key.created_by_id is None or not Membership.objects.filter(
+                tenant_id=api_key.tenant_id, user_id=api_key.created_by_id,
+                role__in=admin_roles).exists():
+            raise PermissionDenied("This needs an API key issued by an admin or owner of the "
+                                   "tenant.")
+        return True

@@ -99,18 +99,19 @@ class Cast:
 def cast(db) -> Cast:
     tenant = TenantFactory(name="Acme", slug="acme", tier=tier("pro"))
     outsider_tenant = TenantFactory(name="Globex", slug="globex", tier=tier("pro"))
+    owner = MembershipFactory(tenant=tenant, role=Role.OWNER, user=UserFactory(username="owner"))
+    outsider = MembershipFactory(tenant=outsider_tenant, role=Role.OWNER,
+                                 user=UserFactory(username="outsider"))
     return Cast(
         tenant=tenant,
-        owner=MembershipFactory(tenant=tenant, role=Role.OWNER, user=UserFactory(username="owner")),
+        owner=owner,
         admin=MembershipFactory(tenant=tenant, role=Role.ADMIN, user=UserFactory(username="admin1")),
         member=MembershipFactory(tenant=tenant, role=Role.MEMBER, user=UserFactory(username="member")),
         viewer=MembershipFactory(tenant=tenant, role=Role.VIEWER, user=UserFactory(username="viewer")),
         outsider_tenant=outsider_tenant,
-        outsider=MembershipFactory(
-            tenant=outsider_tenant, role=Role.OWNER, user=UserFactory(username="outsider")
-        ),
-        owner_key=api_key_for(tenant),
-        outsider_key=api_key_for(outsider_tenant),
+        outsider=outsider,
+        owner_key=api_key_for(tenant, created_by=owner.user),
+        outsider_key=api_key_for(outsider_tenant, created_by=outsider.user),
     )
 
 

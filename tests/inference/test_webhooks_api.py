@@ -157,3 +157,36 @@ def test_requires_an_api_key(api, cast):
     response = api.bearer(None).get("/v1/webhooks")
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_changes_need_a_key_an_admin_issued_and_any_key_reads(api, cast, endpoint_body, receiver):
+    """A key has no role of its own and any member may issue one: a member's key must not do
+    what the member may not in the dashboard (create, change, delete, rotate, redeliver)."""
+    from tests.factories import api_key_for
+
+    endpoint_id = endpoint_body["id"]
+    delivery = delivered(cast.tenant)
+    member_key = api_key_for(cast.tenant, created_by=cast.member.user)
+    orphan_key = api_key_for(cast.tenant)  # its issuer's account is gone
+    for key in (member_key, orphan_key):
+        client = api.bearer(key)
+        assert client.get("/v1/webhooks").status_code == 200
+        assert client.get(f"/v1/webhooks/{endpoint_id}/deliveries").status_code == 200
+        for method, path, body in [
+            ("post", "/v1/webhooks", {"url": receiver.url}),
+            ("patch", f"/v1/webhooks/{endpoint_id}", {"enabled": False}),
+            ("post", f"/v1/webhooks/{endpoint_id}/rotate_secret", None),
+            ("post", f"/v1/webhooks/deliveries/{delivery.id}/redeliver", None),
+            ("delete", f"/v1/webhooks/{endpoint_id}", None),
+        ]:
+            response = getattr(client, method)(path, body, format="json")
+            assert response.status_code == 403, (method, path)
+            assert response.json()["error"]["code"] == "permission_denied"
+    stored = WebhookEndpoint.objects.get(pk=endpoint_id)
+    assert stored.enabled and stored.secret == endpoint_body["secret"]
+    assert WebhookEndpoint.objects.count() == 1 and WebhookDelivery.objects.count() == 1
+
+    admin_key = api_key_for(cast.tenant, created_by=cast.admin.user)
+    response = api.bearer(admin_key).patch(f"/v1/webhooks/{endpoint_id}", {"enabled": False},
+                                           format="json")
+    assert response.status_code == 200 and response.json()["enabled"] is False

@@ -1,6 +1,10 @@
+from django import forms
 from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
+from django.db import transaction
 
 from portal import services
+from portal.errors import InvalidParameter
 from portal.models import ApiKey, Membership, Tenant, Tier
 
 
@@ -13,9 +17,18 @@ class TierAdmin(admin.ModelAdmin):
 
 
 class MembershipInline(admin.TabularInline):
+    """Adds members; changing or removing one is on its own page (MembershipAdmin), which goes
+    through the services (the last owner stays, a removed member's keys are revoked)."""
+
     model = Membership
     extra = 0
     autocomplete_fields = ("user",)
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
 
 
 @admin.register(Tenant)
@@ -25,12 +38,16 @@ class TenantAdmin(admin.ModelAdmin):
     search_fields = ("name", "slug")
     prepopulated_fields = {"slug": ("name",)}
     inlines = [MembershipInline]
+    # Through the actions only: saved from the form, a suspension would skip tenant_suspend
+    # (its signal stops the tenant's work) and lifting it the moderation check below.
+    readonly_fields = ("status",)
     actions = ["suspend", "unsuspend"]
 
     @admin.action(description="Suspend selected tenants", permissions=["change"])
     def suspend(self, request, queryset):
         for tenant in queryset:
-            services.tenant_suspend(tenant=tenant)
+            if services.tenant_suspend(tenant=tenant):
+                self.log_change(request, tenant, "Suspended (admin action).")
 
     @admin.action(description="Unsuspend selected tenants", permissions=["change"])
     def unsuspend(self, request, queryset):
@@ -44,15 +61,76 @@ class TenantAdmin(admin.ModelAdmin):
                                            "review: lift it in the review queue (/moderation/).",
                                   level=messages.ERROR)
                 continue
-            services.tenant_unsuspend(tenant=tenant)
+            if services.tenant_unsuspend(tenant=tenant):
+                self.log_change(request, tenant, "Unsuspended (admin action).")
+
+
+class MembershipAdminForm(forms.ModelForm):
+    class Meta:
+        model = Membership
+        fields = ("user", "tenant", "role", "created_at")
+
+    def clean_role(self):
+        role = self.cleaned_data["role"]
+        if self.instance.pk is not None:  # the stored row: the form has not touched it yet
+            try:
+                services.membership_owner_rule_check(membership=self.instance, role=role)
+            except InvalidParameter as exc:
+                raise ValidationError(exc.message) from exc
+        return role
 
 
 @admin.register(Membership)
 class MembershipAdmin(admin.ModelAdmin):
+    """A role change and a removal go through the services, as on the dashboard: the last
+    owner stays, and a removed member's keys are revoked."""
+
+    form = MembershipAdminForm
     list_display = ("user", "tenant", "role", "created_at")
     list_filter = ("role",)
     search_fields = ("user__username", "user__email", "tenant__name")
     autocomplete_fields = ("user", "tenant")
+    actions = ["remove"]
+
+    def get_readonly_fields(self, request, obj=None):
+        # Only the role changes; moving a membership to another user or tenant is a removal
+        # and an addition.
+        return ("user", "tenant", "created_at") if obj is not None else ()
+
+    def get_actions(self, request):
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)  # it would delete without the services
+        return actions
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        if obj is not None:
+            try:
+                services.membership_owner_rule_check(membership=obj, role=None)
+            except InvalidParameter:
+                return False
+        return super().has_delete_permission(request, obj)
+
+    def save_model(self, request, obj, form, change):
+        if change:
+            services.membership_role_set_as_staff(membership=obj, role=obj.role)
+        else:
+            super().save_model(request, obj, form, change)
+
+    def delete_model(self, request, obj):
+        services.membership_remove_as_staff(membership=obj)
+
+    @admin.action(description="Remove selected memberships (and revoke the keys each created)",
+                  permissions=["delete"])
+    def remove(self, request, queryset):
+        for membership in queryset.select_related("user", "tenant"):
+            try:
+                with transaction.atomic():  # no log entry for a refused removal
+                    self.log_deletions(request, [membership])
+                    revoked = services.membership_remove_as_staff(membership=membership)
+            except InvalidParameter as exc:
+                self.message_user(request, f"{membership}: {exc.message}", level=messages.ERROR)
+                continue
+            self.message_user(request, f"Removed {membership}; revoked {len(revoked)} key(s).")
 
 
 @admin.register(ApiKey)
@@ -74,4 +152,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
     @admin.action(description="Revoke selected keys", permissions=["change"])
     def revoke(self, request, queryset):
         for api_key in queryset:
+            if api_key.is_revoked:
+                continue
             services.api_key_revoke(api_key=api_key)
+            self.log_change(request, api_key, "Revoked (admin action).")

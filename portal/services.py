@@ -265,66 +265,101 @@ def _owners_left_after(*, membership: Membership) -> int:
     )
 
 
-def _memberships_lock(*, actor: Membership, membership: Membership) -> tuple[Membership, Membership]:
-    """The actor's and the target's rows as they are now, locked together with the tenant's
+def _memberships_lock(*, membership: Membership, actor: Membership | None = None
+                      ) -> tuple[Membership | None, Membership]:
+    """The target's row (and the actor's) as they are now, locked together with the tenant's
     owners in pk order (one order, so two changes wait for each other instead of deadlocking).
     The rows the caller holds were read before the lock: another request may have changed a
     role, demoted the actor or removed either since, and the checks must see that."""
+    pks = [membership.pk] if actor is None else [membership.pk, actor.pk]
     locked = {
         row.pk: row
         for row in Membership.objects.select_for_update()
         .filter(tenant_id=membership.tenant_id)
-        .filter(Q(role=Role.OWNER) | Q(pk__in=[actor.pk, membership.pk]))
+        .filter(Q(role=Role.OWNER) | Q(pk__in=pks))
         .order_by("pk")
     }
-    if actor.pk not in locked:
+    if actor is not None and actor.pk not in locked:
         raise PermissionDenied()
     if membership.pk not in locked:
         raise NotFound()
-    return locked[actor.pk], locked[membership.pk]
+    return (None if actor is None else locked[actor.pk]), locked[membership.pk]
+
+
+def membership_owner_rule_check(*, membership: Membership, role: str | None) -> None:
+    """A tenant keeps an owner: refuse making the last one `role` (None: removing it). Decides
+    under _memberships_lock; the admin's form asks it first too, to show the refusal on the form."""
+    if membership.role == Role.OWNER and role != Role.OWNER and _owners_left_after(membership=membership) == 0:
+        raise InvalidParameter("A tenant needs at least one owner.",
+                               param="membership" if role is None else "role")
+
+
+def _membership_role_write(*, membership: Membership, role: str) -> Membership:
+    membership_owner_rule_check(membership=membership, role=role)
+    membership.role = role
+    membership.save(update_fields=["role"])
+    return membership
+
+
+def _membership_delete(*, membership: Membership) -> list[ApiKey]:
+    """Also revokes the tenant's keys the member created: they saw each in full and may still
+    hold it. Returns those keys."""
+    membership_owner_rule_check(membership=membership, role=None)
+    membership.delete()
+    created = ApiKey.objects.filter(tenant_id=membership.tenant_id, created_by_id=membership.user_id,
+                                    revoked_at__isnull=True).order_by("pk")
+    return [api_key_revoke(api_key=api_key) for api_key in created]
 
 
 def membership_role_change(*, actor: Membership, membership: Membership, role: str) -> Membership:
     with transaction.atomic():
-        actor, membership = _memberships_lock(actor=actor, membership=membership)
+        actor, membership = _memberships_lock(membership=membership, actor=actor)
         _check_role_grant(actor=actor, role=role)
         if membership.role == Role.OWNER and actor.role != Role.OWNER:
             raise PermissionDenied("Only an owner can change an owner's role.")
-        demoting_owner = membership.role == Role.OWNER and role != Role.OWNER
-        if demoting_owner and _owners_left_after(membership=membership) == 0:
-            raise InvalidParameter("A tenant needs at least one owner.", param="role")
-        membership.role = role
-        membership.save(update_fields=["role"])
-    return membership
+        return _membership_role_write(membership=membership, role=role)
 
 
 def membership_remove(*, actor: Membership, membership: Membership) -> list[ApiKey]:
-    """Remove the member and revoke the tenant's keys they created, which they saw in full and
-    may still hold. Returns those keys."""
+    """Remove the member and revoke the keys they created (returned)."""
     with transaction.atomic():
-        actor, membership = _memberships_lock(actor=actor, membership=membership)
+        actor, membership = _memberships_lock(membership=membership, actor=actor)
         require_role(membership=actor, role=Role.ADMIN)
         if membership.role == Role.OWNER and actor.role != Role.OWNER:
             raise PermissionDenied("Only an owner can remove an owner.")
-        if membership.role == Role.OWNER and _owners_left_after(membership=membership) == 0:
-            raise InvalidParameter("A tenant needs at least one owner.", param="membership")
-        membership.delete()
-        created = ApiKey.objects.filter(tenant_id=membership.tenant_id, created_by_id=membership.user_id,
-                                        revoked_at__isnull=True).order_by("pk")
-        return [api_key_revoke(api_key=api_key) for api_key in created]
+        return _membership_delete(membership=membership)
 
 
-def tenant_suspend(*, tenant: Tenant) -> None:
+def membership_role_set_as_staff(*, membership: Membership, role: str) -> Membership:
+    """Platform staff (the Django admin) need no role in the tenant; the last-owner rule holds."""
+    if role not in Role.values:
+        raise InvalidParameter(f"Unknown role {role!r}.", param="role")
+    with transaction.atomic():
+        _, membership = _memberships_lock(membership=membership)
+        return _membership_role_write(membership=membership, role=role)
+
+
+def membership_remove_as_staff(*, membership: Membership) -> list[ApiKey]:
+    """As membership_remove, for platform staff (the Django admin)."""
+    with transaction.atomic():
+        _, membership = _memberships_lock(membership=membership)
+        return _membership_delete(membership=membership)
+
+
+def tenant_suspend(*, tenant: Tenant) -> bool:
     """Its keys stop working at once (api_key_authenticate); the apps stop its work when the
-    change commits (portal.signals.tenant_suspended)."""
+    change commits (portal.signals.tenant_suspended). False: it was suspended already."""
     changed = Tenant.objects.filter(pk=tenant.pk).exclude(status=Tenant.Status.SUSPENDED).update(
         status=Tenant.Status.SUSPENDED)
     if changed:
         transaction.on_commit(lambda: tenant_suspended.send(sender=Tenant, tenant=tenant))
+    return bool(changed)
 
 
-def tenant_unsuspend(*, tenant: Tenant) -> None:
-    Tenant.objects.filter(pk=tenant.pk).update(status=Tenant.Status.ACTIVE)
+def tenant_unsuspend(*, tenant: Tenant) -> bool:
+    """False: it was active already."""
+    return bool(Tenant.objects.filter(pk=tenant.pk).exclude(status=Tenant.Status.ACTIVE).update(
+        status=Tenant.Status.ACTIVE))
 
 
 def tenant_ensure_active(*, tenant: Tenant) -> None:

@@ -1,6 +1,11 @@
-import pytest
+from html.parser import HTMLParser
 
-from portal.models import ApiKey
+import pytest
+from django.contrib.admin.models import DELETION, LogEntry
+from django.contrib.contenttypes.models import ContentType
+
+from portal.models import ApiKey, Membership, Role, Tenant
+from tests.factories import api_key_obj
 
 pytestmark = pytest.mark.django_db
 
@@ -26,3 +31,114 @@ def test_staff_without_superuser_cannot_open_admin_models(client, cast):
     cast.member.user.save(update_fields=["is_staff"])
     client.force_login(cast.member.user)
     assert client.get("/admin/portal/apikey/").status_code == 403
+
+
+class _FormFields(HTMLParser):
+    """The values a browser would post from the page's main form (inputs, selects, textareas)."""
+
+    def __init__(self):
+        super().__init__()
+        self.data: dict[str, str] = {}
+        self._select = self._textarea = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        name = attrs.get("name")
+        if tag == "input" and name and attrs.get("type") not in ("submit", "button", "file"):
+            if attrs.get("type") not in ("checkbox", "radio") or "checked" in attrs:
+                self.data[name] = attrs.get("value") or ""
+        elif tag == "select" and name:
+            self._select = name
+            self.data.setdefault(name, "")
+        elif tag == "option" and self._select and "selected" in attrs:
+            self.data[self._select] = attrs.get("value") or ""
+        elif tag == "textarea" and name:
+            self._textarea = name
+            self.data[name] = ""
+
+    def handle_endtag(self, tag):
+        if tag == "select":
+            self._select = None
+        elif tag == "textarea":
+            self._textarea = None
+
+    def handle_data(self, data):
+        if self._textarea:
+            self.data[self._textarea] += data.lstrip("\n")
+
+
+def form_fields(response) -> dict[str, str]:
+    parser = _FormFields()
+    parser.feed(response.content.decode())
+    return parser.data
+
+
+def change_messages(obj) -> list[str]:
+    return [entry.get_change_message() for entry in LogEntry.objects.filter(
+        content_type=ContentType.objects.get_for_model(obj), object_id=str(obj.pk))]
+
+
+def test_the_tenant_form_cannot_change_its_status_only_the_actions_can(admin_client, cast, monkeypatch,
+                                                                     django_capture_on_commit_callbacks):
+    from portal import signals
+
+    suspended = []
+    monkeypatch.setattr(signals.tenant_suspended, "send", lambda **kw: suspended.append(kw["tenant"]))
+    url = f"/admin/portal/tenant/{cast.tenant.pk}/change/"
+    data = {**form_fields(admin_client.get(url)), "status": "suspended", "name": "Acme Renamed"}
+    assert admin_client.post(url, data).status_code == 302
+    cast.tenant.refresh_from_db()
+    assert (cast.tenant.name, cast.tenant.status) == ("Acme Renamed", Tenant.Status.ACTIVE)
+
+    action = {"action": "suspend", "_selected_action": [cast.tenant.pk]}
+    with django_capture_on_commit_callbacks(execute=True):
+        admin_client.post("/admin/portal/tenant/", action)
+    cast.tenant.refresh_from_db()
+    assert cast.tenant.is_suspended and [t.pk for t in suspended] == [cast.tenant.pk]
+    admin_client.post("/admin/portal/tenant/", action)  # already suspended: nothing to record
+    admin_client.post("/admin/portal/tenant/", {**action, "action": "unsuspend"})
+    assert "Suspended (admin action)." in change_messages(cast.tenant)
+    assert change_messages(cast.tenant).count("Suspended (admin action).") == 1
+    assert "Unsuspended (admin action)." in change_messages(cast.tenant)
+
+
+def test_revoking_keys_in_the_admin_is_recorded(admin_client, cast):
+    key = ApiKey.objects.get(prefix=cast.owner_key[3:15])
+    admin_client.post("/admin/portal/apikey/", {"action": "revoke", "_selected_action": [key.pk]})
+    key.refresh_from_db()
+    assert key.is_revoked and change_messages(key) == ["Revoked (admin action)."]
+
+
+def test_the_admin_cannot_demote_or_remove_the_last_owner(admin_client, cast):
+    url = f"/admin/portal/membership/{cast.owner.pk}/change/"
+    response = admin_client.post(url, {**form_fields(admin_client.get(url)), "role": "viewer"})
+    assert response.status_code == 200 and "A tenant needs at least one owner." in response.content.decode()
+    assert admin_client.get(f"/admin/portal/membership/{cast.owner.pk}/delete/").status_code == 403
+    changelist = "/admin/portal/membership/"
+    assert "delete_selected" not in admin_client.get(changelist).content.decode()
+    admin_client.post(changelist, {"action": "delete_selected", "_selected_action": [cast.owner.pk],
+                                   "post": "yes"})
+    admin_client.post(changelist, {"action": "remove", "_selected_action": [cast.owner.pk]})
+    assert Membership.objects.get(pk=cast.owner.pk).role == Role.OWNER
+
+    # Through the tenant's page, memberships are added only.
+    tenant_url = f"/admin/portal/tenant/{cast.tenant.pk}/change/"
+    data = form_fields(admin_client.get(tenant_url))
+    owner_row = next(k[:-3] for k, v in data.items() if k.endswith("-id") and v == str(cast.owner.pk))
+    response = admin_client.post(tenant_url, {**data, f"{owner_row}-DELETE": "on",
+                                              f"{owner_row}-role": "viewer"})
+    assert response.status_code == 302
+    assert Membership.objects.get(pk=cast.owner.pk).role == Role.OWNER
+
+
+def test_removing_a_member_in_the_admin_revokes_their_keys_and_is_recorded(admin_client, cast):
+    key = api_key_obj(cast.tenant, name="member's", created_by=cast.member.user)
+    admin_client.post("/admin/portal/membership/", {"action": "remove", "_selected_action": [cast.member.pk]})
+    assert not Membership.objects.filter(pk=cast.member.pk).exists()
+    key.refresh_from_db()
+    assert key.is_revoked
+    assert LogEntry.objects.filter(object_id=str(cast.member.pk), action_flag=DELETION).exists()
+
+    url = f"/admin/portal/membership/{cast.admin.pk}/change/"
+    admin_client.post(url, {**form_fields(admin_client.get(url)), "role": "viewer"})
+    assert Membership.objects.get(pk=cast.admin.pk).role == Role.VIEWER

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
+from django.utils import timezone
 
 from portal.errors import NotFound
 from portal.models import ApiKey, Membership, Tenant
@@ -28,6 +29,12 @@ def membership_get_for_user(*, user, tenant_slug: str) -> Membership:
 
 def api_keys_for_tenant(*, tenant: Tenant) -> QuerySet[ApiKey]:
     return ApiKey.objects.filter(tenant=tenant).select_related("created_by")
+
+
+def api_keys_usable_for_tenant(*, tenant: Tenant) -> QuerySet[ApiKey]:
+    """The keys that authenticate now: neither revoked nor expired (ApiKey.is_usable)."""
+    return api_keys_for_tenant(tenant=tenant).filter(
+        Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now()), revoked_at__isnull=True)
 
 
 def api_key_get_for_tenant(*, tenant: Tenant, key_id: int) -> ApiKey:

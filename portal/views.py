@@ -70,7 +70,7 @@ ERRORS_WINDOW = timedelta(days=7)
 def tenant_overview(request, membership: Membership):
     from inference.selectors import job_errors_for_tenant, jobs_in_flight_for_tenant
     from portal.redis import redis_client
-    from quotas.limits import rate_headroom
+    from quotas.limits import quota_limits_for, rate_headroom
     from quotas.selectors import usage_chart
 
     tenant = membership.tenant
@@ -78,10 +78,11 @@ def tenant_overview(request, membership: Membership):
     context = {
         "tenant": tenant,
         "tier": tenant.tier,
-        "active_keys": selectors.api_keys_for_tenant(tenant=tenant).filter(revoked_at__isnull=True).count(),
+        "active_keys": selectors.api_keys_usable_for_tenant(tenant=tenant).count(),
         "member_count": selectors.members_for_tenant(tenant=tenant).count(),
         "budget": budget_status(tenant=tenant),
         "headroom": rate_headroom(tenant=tenant, client=redis_client()),
+        "max_concurrent_jobs": quota_limits_for(tenant=tenant).max_concurrent_jobs,
         "in_flight": jobs_in_flight_for_tenant(tenant=tenant),
         "errors": job_errors_for_tenant(tenant=tenant, since=timezone.now() - ERRORS_WINDOW),
         "burn": usage_chart(tenant=tenant, start=today - timedelta(days=BURN_CHART_DAYS - 1), end=today),

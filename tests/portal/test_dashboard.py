@@ -277,3 +277,20 @@ def test_removing_a_member_says_which_of_their_keys_were_revoked(client, cast):
     response = client.post(f"/t/acme/members/{cast.member.pk}/", {"action": "remove"}, follow=True)
     assert "Removed member and revoked the 1 API key they created: ci runner." in response.content.decode()
     assert ApiKey.objects.get(name="ci runner").revoked_at is not None
+
+
+def test_overview_counts_usable_keys_and_the_tenants_own_job_cap(client, cast):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    expired = ApiKey.objects.get(prefix=api_key_for(cast.tenant, name="old")[3:15])
+    ApiKey.objects.filter(pk=expired.pk).update(expires_at=timezone.now() - timedelta(days=1))
+    revoked = ApiKey.objects.get(prefix=api_key_for(cast.tenant, name="gone")[3:15])
+    ApiKey.objects.filter(pk=revoked.pk).update(revoked_at=timezone.now())
+    api_key_for(cast.tenant, name="later", expires_at=timezone.now() + timedelta(days=1))
+    cast.tenant.max_concurrent_jobs_override = 3
+    cast.tenant.save(update_fields=["max_concurrent_jobs_override"])
+    html = login(client, cast.viewer).get("/t/acme/").content.decode()
+    assert "2 active keys" in html  # the cast's key and "later"
+    assert "at most 3 at once" in html

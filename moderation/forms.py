@@ -19,4 +19,5 @@ class DecisionForm(forms.Form):
 
 
 class UnsuspendForm(forms.Form):
-    note = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 2}))
+    # Required: the note is the audit trail of why a suspension was lifted.
+    note = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}))

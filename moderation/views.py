@@ -89,10 +89,17 @@ def case_detail(request, case_id: int):
 @require_POST
 @moderator_page
 def tenant_unsuspend(request, tenant_slug: str):
-    form = UnsuspendForm(request.POST)
-    note = form.cleaned_data["note"] if form.is_valid() else ""
     tenant = selectors.tenant_get(slug=tenant_slug)
-    services.tenant_suspension_lift(tenant=tenant, moderator=request.user, note=note)
+    form = UnsuspendForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, f"{tenant.name}: say why the suspension is lifted (a note is required).")
+        return redirect("moderation-queue")
+    try:
+        services.tenant_suspension_lift(tenant=tenant, moderator=request.user,
+                                        note=form.cleaned_data["note"])
+    except InvalidParameter as exc:  # another moderator lifted it a moment earlier
+        messages.error(request, f"{tenant.name}: {exc.message}")
+        return redirect("moderation-queue")
     messages.success(request, f"{tenant.name} is active again.")
     return redirect("moderation-queue")
 

@@ -119,3 +119,23 @@ def test_suspended_status_does_not_block_the_moderator_pages(client, moderator, 
     tenant_suspend(tenant=cast.tenant)
     client.force_login(moderator)
     assert client.get(reverse("moderation-queue")).status_code == 200
+
+
+def test_lifting_needs_a_note_and_a_suspension_lifted_meanwhile_is_a_message(client, moderator, cast,
+                                                                              settings, monkeypatch):
+    from moderation import selectors
+
+    settings.SLUICE_MODERATION_STRIKES_TO_SUSPEND = 1
+    services.case_decide(case=make_case(cast.tenant), moderator=moderator, decision="uphold")
+    client.force_login(moderator)
+    url = reverse("moderation-unsuspend", args=["acme"])
+    page = client.post(url, {"note": "  "}, follow=True).content.decode()
+    assert "a note is required" in page and Tenant.objects.get(pk=cast.tenant.pk).is_suspended
+
+    # Both moderators found it open; the other one's lift commits first.
+    seen_open = selectors.suspension_active_for_tenant(tenant=cast.tenant)
+    services.tenant_suspension_lift(tenant=cast.tenant, moderator=moderator, note="first")
+    monkeypatch.setattr(services.selectors, "suspension_active_for_tenant", lambda tenant: seen_open)
+    response = client.post(url, {"note": "second"}, follow=True)
+    assert response.status_code == 200 and "already lifted" in response.content.decode()
+    assert not Tenant.objects.get(pk=cast.tenant.pk).is_suspended

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import statistics
 from pathlib import Path
@@ -90,34 +89,3 @@ def listening_processes(urls: list[str]) -> list:
     except (psutil.AccessDenied, psutil.NoSuchProcess):
         pass
     return list(found.values())
-
-
-def process_tree_pin(processes: list, cpus: set[int]) -> dict[int, set[int]]:
-    """Pin every thread of these processes and their children to `cpus`; returns what each
-    thread had, for process_tree_unpin. PostgreSQL's new backends inherit the postmaster's."""
-    import psutil
-
-    before: dict[int, set[int]] = {}
-    for process in processes:
-        try:
-            members = [process, *process.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            continue
-        for member in members:
-            try:
-                thread_ids = [thread.id for thread in member.threads()]
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-            for thread_id in thread_ids:
-                try:
-                    before[thread_id] = os.sched_getaffinity(thread_id)
-                    os.sched_setaffinity(thread_id, cpus)
-                except OSError:  # gone, or not ours to pin
-                    before.pop(thread_id, None)
-    return before
-
-
-def process_tree_unpin(before: dict[int, set[int]]) -> None:
-    for thread_id, cpus in before.items():
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(thread_id, cpus)

@@ -202,13 +202,8 @@ def _own_cpu_seconds(process: psutil.Process) -> float:
 
 
 def main() -> None:
-    from bench.common import (
-        listening_processes,
-        percentile,
-        print_table,
-        process_tree_pin,
-        process_tree_unpin,
-    )
+    from bench.common import listening_processes, percentile, print_table
+    from portal.launcher import process_tree_pin, process_tree_unpin
 
     os.environ["REDIS_URL"] = _redis_url()
     env = dict(os.environ, PYTHONUNBUFFERED="1", SLUICE_POOL_SLOTS="text-batch=256",

@@ -62,6 +62,23 @@ def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def env_cpus(name: str, default: str) -> str | frozenset[int]:
+    """`auto`, `none`, or a Linux CPU list (`0`, `0-2,5`) read as a set of CPU numbers."""
+    raw = (_env.str(name, default="") or default).strip().lower()
+    if raw in {"auto", "none"}:
+        return raw
+    cpus: set[int] = set()
+    try:
+        for part in raw.split(","):
+            first, dash, last = part.strip().partition("-")
+            cpus.update(range(int(first), int(last if dash else first) + 1))
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not auto, none or a CPU list like 0-2,5") from exc
+    if not cpus or min(cpus) < 0:
+        raise ImproperlyConfigured(f"{name}={raw!r} names no CPU")
+    return frozenset(cpus)
+
+
 def env_list(name: str, default: list[str]) -> list[str]:
     raw = _env.str(name, default="")
     if raw == "":

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -89,9 +90,10 @@ def worker_pool_args(queue: str) -> list[str]:
     return ["--pool", pool, "--concurrency", "1"]
 
 
-def _spawn_text_engines(supervisor: Supervisor, env: dict[str, str]) -> None:
+def _spawn_text_engines(supervisor: Supervisor, env: dict[str, str]) -> list:
     """A vLLM server for each text variant whose configured URL is on this machine and does
-    not answer yet. They load in the background; text jobs wait for them."""
+    not answer yet. They load in the background; text jobs wait for them. Returns the variants
+    started, with their process names."""
     from urllib.parse import urlsplit
 
     from django.conf import settings
@@ -100,17 +102,81 @@ def _spawn_text_engines(supervisor: Supervisor, env: dict[str, str]) -> None:
     from inference.registry import text_variants
 
     if not settings.SLUICE_VLLM_START:
-        return
+        return []
+    started = []
     for _spec, variant in text_variants():
         url = urlsplit(settings.SLUICE_VLLM_URLS.get(variant.served_name, ""))
         if url.hostname not in ("127.0.0.1", "localhost") or engine_ready(variant):
             continue
-        supervisor.spawn(
-            f"engine:{variant.served_name}",
-            vllm_server_argv(variant=variant, port=url.port or 80),
-            vllm_server_env(env),
-        )
+        name = f"engine:{variant.served_name}"
+        supervisor.spawn(name, vllm_server_argv(variant=variant, port=url.port or 80),
+                         vllm_server_env(env))
+        started.append((name, variant))
         print(f"Engine: {variant.served_name} loading at {url.geturl()}", flush=True)
+    return started
+
+
+def process_tree_pin(processes: list, cpus: set[int]) -> dict[int, set[int]]:
+    """Pin every thread of these psutil processes and of their children to `cpus` (threads
+    made later inherit it); returns what each thread had, for process_tree_unpin."""
+    import psutil
+
+    before: dict[int, set[int]] = {}
+    for process in processes:
+        try:
+            members = [process, *process.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for member in members:
+            try:
+                thread_ids = [thread.id for thread in member.threads()]
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            for thread_id in thread_ids:
+                try:
+                    before[thread_id] = os.sched_getaffinity(thread_id)
+                    os.sched_setaffinity(thread_id, cpus)
+                except OSError:  # gone, or not ours to pin
+                    before.pop(thread_id, None)
+    return before
+
+
+def process_tree_unpin(before: dict[int, set[int]]) -> None:
+    for thread_id, cpus in before.items():
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(thread_id, cpus)
+
+
+def engine_cpus(setting: str | frozenset[int], *, available: set[int], has_gpu: bool) -> set[int] | None:
+    """The CPUs loaded engines are pinned to (settings.SLUICE_ENGINE_CPUS), None: not pinned."""
+    if setting == "none":
+        return None
+    if setting == "auto":
+        if has_gpu or len(available) < 2:
+            return None
+        return available - {max(available)}
+    chosen = set(setting) & available
+    return chosen or None
+
+
+def _engines_pin_when_loaded(supervisor: Supervisor, engines: list, cpus: set[int]) -> None:
+    """Each engine loads on every core (loading is the slow part), then goes onto `cpus`."""
+    import psutil
+
+    from inference.engines.vllm import engine_ready
+
+    waiting = list(engines)
+    while waiting and not supervisor.stopping:
+        for name, variant in list(waiting):
+            child = supervisor.children[name]
+            if child.poll() is not None:
+                waiting.remove((name, variant))
+            elif engine_ready(variant):
+                pinned = process_tree_pin([psutil.Process(child.pid)], cpus)
+                waiting.remove((name, variant))
+                print(f"Engine: {variant.served_name} ready; {len(pinned)} threads pinned to "
+                      f"CPU {','.join(map(str, sorted(cpus)))} (SLUICE_ENGINE_CPUS)", flush=True)
+        time.sleep(1.0)
 
 
 def metrics_dir_reset(var_dir: Path) -> Path:
@@ -123,8 +189,10 @@ def metrics_dir_reset(var_dir: Path) -> Path:
 
 
 def run_platform(*, host: str, port: int, var_dir: Path, queues: list[str], configured_redis_url: str) -> int:
+    from django.conf import settings
     from django.core.management import call_command
 
+    from inference.engines.vllm import has_gpu as vllm_has_gpu
     from portal.demo import demo_seed
 
     supervisor = Supervisor()
@@ -163,7 +231,7 @@ def run_platform(*, host: str, port: int, var_dir: Path, queues: list[str], conf
              "--port", str(port), "--log-level", "warning", "--no-access-log"],
             {"SLUICE_DB_POOL_MAX": "16", **env},  # PostgreSQL only (settings.DB_POOL_MAX)
         )
-        _spawn_text_engines(supervisor, env)
+        engines = _spawn_text_engines(supervisor, env)
         for queue in queues:
             argv = [sys.executable, "-m", "celery", "-A", "portal", "--quiet", "worker", "-Q", queue,
                     "-n", f"{queue}@%h", "--loglevel", "WARNING", *worker_pool_args(queue)]
@@ -172,6 +240,11 @@ def run_platform(*, host: str, port: int, var_dir: Path, queues: list[str], conf
                 argv += ["--beat", "--schedule", str(var_dir / "celerybeat-schedule")]
             supervisor.spawn(f"worker:{queue}", argv, {"SLUICE_DB_CONN_MAX_AGE": "60", **env})
         _wait_for_http(f"http://{host}:{port}/healthz", supervisor, timeout_s=60)
+        cpus = engine_cpus(settings.SLUICE_ENGINE_CPUS, available=os.sched_getaffinity(0),
+                           has_gpu=vllm_has_gpu())
+        if engines and cpus:
+            threading.Thread(target=_engines_pin_when_loaded, args=(supervisor, engines, cpus),
+                             name="engine-pinner", daemon=True).start()
 
         print(f"Dashboard: http://{host}:{port}/", flush=True)
         print(f"Admin login: {credentials.username} / {credentials.password}", flush=True)

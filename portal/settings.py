@@ -13,6 +13,7 @@ from pathlib import Path
 from portal.env import (
     env_bool,
     env_choice,
+    env_cpus,
     env_database,
     env_dict_int,
     env_dict_str,
@@ -361,6 +362,11 @@ SLUICE_VLLM_URLS = env_dict_str(
     {"sluice-code-tiny": "http://127.0.0.1:8101", "sluice-code-tiny-int8": "http://127.0.0.1:8102"},
 )
 SLUICE_VLLM_START = env_bool("SLUICE_VLLM_START", True)
+# The CPUs `make run` pins each engine it started to, once the engine has loaded. vLLM's CPU
+# engine busy-polls: left on every core of a small machine it starves the web server, the
+# workers and Redis. `auto`: every CPU but the last on a machine without a GPU that has two or
+# more (the last left to the rest), else no pinning; `none`; or a CPU list such as `0-2`.
+SLUICE_ENGINE_CPUS = env_cpus("SLUICE_ENGINE_CPUS", "auto")
 # Seconds a text job waits for its engine to come up (a server still loading) before failing.
 SLUICE_VLLM_READY_TIMEOUT_S = env_int("SLUICE_VLLM_READY_TIMEOUT_S", 180, minimum=1)
 # The longest an engine may stay silent on a stream (before its first token too: a request

@@ -49,7 +49,7 @@ def vllm_server_argv(*, variant: ModelVariant, port: int, host: str = "127.0.0.1
         "--enable-prefix-caching", "--enable-prompt-tokens-details",
         "--scheduling-policy", "priority", "--disable-uvicorn-access-log",
     ]
-    if not _has_gpu():
+    if not has_gpu():
         argv.append("--enforce-eager")  # no CUDA graphs on CPU
     return argv
 
@@ -63,7 +63,7 @@ def vllm_server_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _has_gpu() -> bool:
+def has_gpu() -> bool:
     try:
         import torch
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -51,16 +50,17 @@ class Engines:
         """Once loaded, every thread of the engines and of their children runs on the first
         core. vLLM's CPU engine busy-polls: on two cores, two engines starved the web server,
         the worker and Redis for seconds at a time (a cancel then landed after the stream it
-        was meant to stop). They load unpinned, beside the tests that need no engine."""
-        if (os.cpu_count() or 1) < 2 or not shutil.which("taskset"):
+        was meant to stop). They load unpinned, beside the tests that need no engine. The same
+        as `make run` does (portal.launcher)."""
+        from portal.launcher import process_tree_pin
+
+        if (os.cpu_count() or 1) < 2:
             return
+        alive = []
         for process in self.processes:
-            try:
-                tree = [process.pid] + [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
-            except psutil.NoSuchProcess:
-                continue
-            for pid in tree:
-                subprocess.run(["taskset", "-a", "-c", "-p", "0", str(pid)], capture_output=True, check=False)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                alive.append(psutil.Process(process.pid))
+        process_tree_pin(alive, {0})
 
     def stop(self) -> None:
         for process in self.processes:  # all signalled first: they shut down together

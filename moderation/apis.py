@@ -12,6 +12,8 @@ from rest_framework.views import APIView
 from moderation.cascade import SAFETY_LATENCY_HEADER, SafetyVerdict
 from moderation.classifier import UNSAFE_LABELS
 from moderation.services import moderation_classify
+from portal.redis import redis_client
+from quotas.admission import screening_rate_take
 
 MAX_INPUTS = 32
 MAX_INPUT_CHARS = 100_000
@@ -61,9 +63,10 @@ class ModerationsApi(APIView):
     def post(self, request):
         payload = self.InputSerializer(data=request.data)
         payload.is_valid(raise_exception=True)
-        result = moderation_classify(
-            tenant=request.user.tenant, inputs=payload.validated_data["input"]
-        )
+        inputs = payload.validated_data["input"]
+        screening_rate_take(client=redis_client(), tenant_id=request.user.tenant.pk,
+                            characters=sum(len(text) for text in inputs))
+        result = moderation_classify(tenant=request.user.tenant, inputs=inputs)
         latency_ms = sum(verdict.timings_ms["total"] for verdict in result.verdicts)
         return Response(
             {

@@ -392,6 +392,10 @@ SLUICE_SAFETY_TORCH_THREADS = env_int("SLUICE_SAFETY_TORCH_THREADS", 1, minimum=
 SLUICE_MODERATION_PROMPT_RETENTION_DAYS = env_int(
     "SLUICE_MODERATION_PROMPT_RETENTION_DAYS", 30, minimum=0
 )
+# Characters a tenant may screen through /v1/moderations a minute (free of CU, but each one is
+# classifier CPU on the web tier); a request may hold at most this many.
+SLUICE_MODERATIONS_CHARS_PER_MINUTE = env_int("SLUICE_MODERATIONS_CHARS_PER_MINUTE", 400_000,
+                                              minimum=1)
 SLUICE_MODERATION_STRIKES_TO_SUSPEND = env_int("SLUICE_MODERATION_STRIKES_TO_SUSPEND", 3, minimum=1)
 SLUICE_MODERATION_STRIKE_WINDOW_HOURS = env_int(
     "SLUICE_MODERATION_STRIKE_WINDOW_HOURS", 168, minimum=1

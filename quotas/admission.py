@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 import redis
+from django.conf import settings
 from django.utils import timezone
 
 from portal.redis import lua_script
@@ -102,6 +103,32 @@ def admission_decide(
                            retry_after_ms=retry_after_ms)
     rejection_record(client=client, code=rejection.code)
     raise rejection
+
+
+def screening_rate_take(*, client: redis.Redis, tenant_id: int, characters: int) -> None:
+    """`/v1/moderations` costs no CU (as OpenAI's) but its work is the classifier's CPU on the
+    web tier, up to millions of characters a request: each tenant may screen
+    SLUICE_MODERATIONS_CHARS_PER_MINUTE characters a minute (as much at once). 429
+    rate_limit_exceeded beyond it. Fails open when Redis does not answer: the classifier needs
+    no Redis, and a free endpoint should not fail for its bookkeeping."""
+    rate = settings.SLUICE_MODERATIONS_CHARS_PER_MINUTE
+    if characters > rate:
+        rejection_record(client=client, code="rate_limit_exceeded")
+        raise RateLimitExceeded(
+            f"This request screens {characters:,} characters, more than the {rate:,} a minute "
+            "your tenant may screen at once. Split it.", headers={"x-should-retry": "false"})
+    try:
+        allowed, retry_after_ms = lua_script(client, "bucket_take")(
+            keys=[f"q:screen:{tenant_id}"], args=[characters, rate, rate])
+    except redis.RedisError:
+        logger.warning("screening rate of tenant %s not checked: Redis did not answer", tenant_id)
+        return
+    if not allowed:
+        rejection_record(client=client, code="rate_limit_exceeded")
+        retry_after_s = max(1, math.ceil(retry_after_ms / 1000))
+        raise RateLimitExceeded(
+            f"Rate limit reached: {rate:,} characters screened per minute. Retry in "
+            f"{retry_after_s} s.", retry_after_s=retry_after_s)
 
 
 def rejection_record(*, client: redis.Redis, code: str) -> None:

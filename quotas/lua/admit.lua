@@ -32,17 +32,7 @@ local lease_ms = tonumber(ARGV[11])
 local reservation_ttl = tonumber(ARGV[12])
 local reservation_id = ARGV[13]
 
--- GCRA: a bucket of `burst` mCU refilled at `rate` mCU per minute, stored as the
--- theoretical arrival time (TAT) of the next unit.
-local function gcra(stored_tat, rate, burst)
-  local interval = 60000.0 / rate
-  local tolerance = burst * interval
-  local tat = tonumber(stored_tat or now)
-  if tat < now then tat = now end
-  local new_tat = tat + cost * interval
-  local allow_at = new_tat - tolerance
-  return allow_at <= now, math.ceil(allow_at - now), tat, new_tat, interval, tolerance
-end
+--! include quotas/gcra
 
 -- What the rate-limit headers report: whole mCU left in the bucket, ms until it is full.
 local function bucket_state(tat, interval, tolerance)
@@ -60,7 +50,7 @@ if not used or not key_used then return {'miss', 0, 0, 0, 0} end
 used = tonumber(used)
 key_used = tonumber(key_used)
 
-local t_ok, t_retry, t_tat, t_new_tat, t_interval, t_tolerance = gcra(stored[3], tenant_rate, tenant_burst)
+local t_ok, t_retry, t_tat, t_new_tat, t_interval, t_tolerance = gcra(stored[3], tenant_rate, tenant_burst, cost, now)
 local t_remaining, t_reset = bucket_state(t_tat, t_interval, t_tolerance)
 
 if budget_limit >= 0 and used + cost > budget_limit then
@@ -76,7 +66,7 @@ local k_ok, k_new_tat = true, nil
 if key_rate > 0 then
   if cost > key_burst then return {'too_large', 0, used, t_remaining, t_reset} end
   local k_retry, k_tat
-  k_ok, k_retry, k_tat, k_new_tat = gcra(stored[4], key_rate, key_burst)
+  k_ok, k_retry, k_tat, k_new_tat = gcra(stored[4], key_rate, key_burst, cost, now)
   if not k_ok then return {'rate_key', k_retry, used, t_remaining, t_reset} end
 end
 

@@ -83,3 +83,23 @@ def test_a_request_sent_again_with_its_idempotency_key_opens_one_case(cast, api,
     # Another tenant's request under the same key is its own.
     api.bearer(cast.outsider_key).post(path, body, format="json", HTTP_IDEMPOTENCY_KEY="retry-1")
     assert ModerationCase.objects.filter(tenant=cast.outsider_tenant).count() == 1
+
+
+def test_screening_is_limited_in_characters_per_minute_per_tenant(cast, api, settings, clean_redis):
+    """Free of CU, as OpenAI's, but each character is classifier CPU on the web tier."""
+    settings.SLUICE_MODERATIONS_CHARS_PER_MINUTE = 100
+    owner = api.bearer(cast.owner_key)
+    assert owner.post("/v1/moderations", {"input": ["a" * 30, "b" * 30]}, format="json").status_code == 200
+
+    limited = owner.post("/v1/moderations", {"input": "c" * 60}, format="json")
+    assert limited.status_code == 429
+    assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(limited["Retry-After"]) <= 60
+    assert "x-should-retry" not in limited  # waiting helps
+
+    too_large = owner.post("/v1/moderations", {"input": "d" * 101}, format="json")
+    assert too_large.status_code == 429 and too_large["x-should-retry"] == "false"
+    assert "Split it" in too_large.json()["error"]["message"]
+
+    outsider = api.bearer(cast.outsider_key)  # another tenant's bucket
+    assert outsider.post("/v1/moderations", {"input": "e" * 60}, format="json").status_code == 200

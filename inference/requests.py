@@ -298,6 +298,25 @@ class VideoInput(serializers.Serializer):
     seed = serializers.IntegerField(required=False, min_value=0, max_value=2**32 - 1)
 
 
+_VIDEO_ARGUMENTS = frozenset(VideoInput().get_fields())
+
+# OpenAI video arguments Sluice's video model cannot honour. Dropped silently, an
+# image-to-video request would run (and be billed) as text-to-video.
+_UNSUPPORTED_VIDEO_ARGUMENTS = {
+    "input_reference": "input_reference is not supported by Sluice's video model (text-to-video "
+                       "only); leave it unset.",
+}
+
+
+def _refuse_unknown_video_arguments(payload: dict) -> None:
+    for name in payload:
+        if name in _VIDEO_ARGUMENTS:
+            continue
+        raise InvalidParameter(
+            _UNSUPPORTED_VIDEO_ARGUMENTS.get(name, f"Unrecognized request argument supplied: {name}"),
+            param=name)
+
+
 @dataclass(frozen=True)
 class VideoRequest:
     spec: ModelSpec
@@ -317,6 +336,7 @@ class VideoRequest:
 
 
 def video_request_parse(*, payload: dict, tier: Tier) -> VideoRequest:
+    _refuse_unknown_video_arguments(payload)
     data = _validated(VideoInput(data=payload))
     spec = model_for_tier(model_id=data["model"], tier=tier)
     if spec.video is None:

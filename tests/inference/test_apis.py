@@ -238,3 +238,26 @@ def test_video_create_accepts_what_the_openai_sdks_types_allow(cast, api, sent_t
     video = response.json()
     assert (video["seconds"], video["size"], video["frames"]) == (seconds, size, frames)
     assert video["status"] == "queued" and len(sent_tasks) == 1
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("encoding", ["json", "multipart"])
+@pytest.mark.parametrize(("field", "says"), [
+    ("input_reference", "not supported by Sluice's video model"),
+    ("aspect_ratio", "Unrecognized request argument supplied: aspect_ratio"),
+])
+def test_video_create_refuses_unknown_fields_by_name(cast, api, sent_tasks, encoding, field, says):
+    """An image-to-video request must not run, and be billed, as text-to-video."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from quotas.models import Reservation
+
+    value = (SimpleUploadedFile("ref.jpg", b"\xff\xd8\xff", content_type="image/jpeg")
+             if encoding == "multipart" and field == "input_reference" else "16:9")
+    response = api.bearer(cast.owner_key).post("/v1/videos", {**VIDEO_BODY, field: value},
+                                               format=encoding)
+    assert response.status_code == 400, response.json()
+    error = response.json()["error"]
+    assert error["code"] == "invalid_parameter" and error["param"] == field
+    assert says in error["message"]
+    assert not Job.objects.exists() and not Reservation.objects.exists() and sent_tasks == []

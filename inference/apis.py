@@ -200,10 +200,12 @@ def video_representation(job: Job) -> dict:
 
 
 class VideoListApi(APIView):
-    from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+    from rest_framework.parsers import FormParser, MultiPartParser
+
+    from portal.parsers import JsonObjectParser
 
     # The openai SDK posts videos as multipart/form-data.
-    parser_classes = [JSONParser, MultiPartParser, FormParser]
+    parser_classes = [JsonObjectParser, MultiPartParser, FormParser]
 
     @extend_schema(operation_id="videos_create", request=None)
     def post(self, request):

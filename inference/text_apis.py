@@ -32,6 +32,7 @@ from moderation.services import safety_verdict_enforce
 from portal.authentication import ApiPrincipal, bearer_token
 from portal.db import database_step
 from portal.errors import InvalidApiKey, InvalidParameter, SluiceError, json_error
+from portal.parsers import json_object_require
 from portal.services import api_key_authenticate
 
 if TYPE_CHECKING:
@@ -123,11 +124,9 @@ def _submit(request, *, chat: bool) -> _Submitted:
     api_key = api_key_authenticate(raw_key=token)
     request.user = ApiPrincipal(api_key=api_key)  # for the rate-limit headers
     try:
-        payload = json.loads(request.body or b"{}")
+        payload = json_object_require(json.loads(request.body or b"{}"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidParameter(f"The body is not valid JSON: {exc}") from exc
-    if not isinstance(payload, dict):
-        raise InvalidParameter("The body must be a JSON object.")
     tier = api_key.tenant.tier
     policy = safety_policy_for_tenant(tenant=api_key.tenant)
     endpoint = "chat.completions" if chat else "completions"

@@ -261,3 +261,14 @@ def test_video_create_refuses_unknown_fields_by_name(cast, api, sent_tasks, enco
     assert error["code"] == "invalid_parameter" and error["param"] == field
     assert says in error["message"]
     assert not Job.objects.exists() and not Reservation.objects.exists() and sent_tasks == []
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("body", ["[1, 2]", '"a blue circle"', "3", "null"])
+@pytest.mark.parametrize("path", ["/v1/videos", "/v1/quotes", "/v1/webhooks", "/v1/moderations"])
+def test_a_json_body_that_is_not_an_object_is_a_400(cast, api, sent_tasks, body, path):
+    response = api.bearer(cast.owner_key).post(path, body, content_type="application/json")
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["code"] == "invalid_parameter"
+    assert response.json()["error"]["message"] == "Send a JSON object."
+    assert not Job.objects.exists()

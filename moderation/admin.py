@@ -105,9 +105,10 @@ class ModerationCaseAdmin(admin.ModelAdmin):
 
 @admin.register(TenantSuspension)
 class TenantSuspensionAdmin(admin.ModelAdmin):
-    list_display = ("tenant", "created_at", "strike_count", "lifted_at", "lifted_by")
-    readonly_fields = ("tenant", "reason", "strike_count", "created_at", "lifted_at", "lifted_by",
-                       "lift_note")
+    list_display = ("tenant", "kind", "created_at", "strike_count", "lifted_at", "lifted_by")
+    list_filter = ("kind",)
+    readonly_fields = ("tenant", "kind", "reason", "strike_count", "created_at", "lifted_at",
+                       "lifted_by", "lift_note")
 
     def has_add_permission(self, request) -> bool:
         return False

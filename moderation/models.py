@@ -224,11 +224,17 @@ class CaseDecision(models.Model):
 
 
 class TenantSuspension(models.Model):
-    """A suspension for repeated strikes, pending review; lifting it is an audited action."""
+    """One reason a tenant is suspended; lifting it is an audited action. The tenant is active
+    again only when none of its reasons is open (services._tenant_unsuspend_if_clear)."""
+
+    class Kind(models.TextChoices):
+        STRIKES = "strikes"  # repeated upheld strikes, pending a moderator's review
+        STAFF = "staff"  # staff's Suspend action in the admin, lifted there
 
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="suspensions")
+    kind = models.CharField(max_length=8, choices=Kind.choices, default=Kind.STRIKES)
     reason = models.TextField()
-    strike_count = models.PositiveIntegerField()
+    strike_count = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(default=timezone.now)
     lifted_at = models.DateTimeField(null=True, blank=True)
     lifted_by = models.ForeignKey(
@@ -240,12 +246,13 @@ class TenantSuspension(models.Model):
         ordering = ["-created_at"]
         constraints = [
             models.UniqueConstraint(
-                fields=["tenant"], condition=Q(lifted_at__isnull=True), name="one_open_suspension"
+                fields=["tenant", "kind"], condition=Q(lifted_at__isnull=True),
+                name="one_open_suspension",
             ),
         ]
 
     def __str__(self) -> str:
-        return f"{self.tenant} suspended {self.created_at:%Y-%m-%d}"
+        return f"{self.tenant} suspended ({self.kind}) {self.created_at:%Y-%m-%d}"
 
     @property
     def is_active(self) -> bool:

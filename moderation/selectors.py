@@ -109,13 +109,18 @@ def strikes_count(*, tenant: Tenant, since: datetime) -> int:
     ).count()
 
 
+# The suspensions below are the strike ones, which moderators review and lift; staff's own
+# (TenantSuspension.Kind.STAFF) are lifted in the tenant admin.
+_STRIKES = TenantSuspension.Kind.STRIKES
+
+
 def suspension_active_for_tenant(*, tenant: Tenant) -> TenantSuspension | None:
-    return TenantSuspension.objects.filter(tenant=tenant, lifted_at__isnull=True).first()
+    return TenantSuspension.objects.filter(tenant=tenant, kind=_STRIKES, lifted_at__isnull=True).first()
 
 
 def suspension_last_lifted_at(*, tenant: Tenant) -> datetime | None:
     lifted = (
-        TenantSuspension.objects.filter(tenant=tenant, lifted_at__isnull=False)
+        TenantSuspension.objects.filter(tenant=tenant, kind=_STRIKES, lifted_at__isnull=False)
         .order_by("-lifted_at")
         .values_list("lifted_at", flat=True)
         .first()
@@ -124,7 +129,8 @@ def suspension_last_lifted_at(*, tenant: Tenant) -> datetime | None:
 
 
 def suspensions_active(*, tenant: Tenant | None) -> QuerySet[TenantSuspension]:
-    suspensions = TenantSuspension.objects.filter(lifted_at__isnull=True).select_related("tenant")
+    suspensions = TenantSuspension.objects.filter(kind=_STRIKES, lifted_at__isnull=True).select_related(
+        "tenant")
     return suspensions.filter(tenant=tenant) if tenant is not None else suspensions
 
 

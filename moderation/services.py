@@ -279,7 +279,7 @@ def tenant_strikes_enforce(*, tenant: Tenant) -> TenantSuspension | None:
             )
             tenant_suspend(tenant=tenant)
     except IntegrityError:
-        # One open suspension per tenant: it is already pending review, and a tenant with one
+        # One open strikes suspension per tenant: it is already pending review, and a tenant with one
         # is suspended until a moderator lifts it (this also mends a status set back by hand).
         tenant_suspend(tenant=tenant)
         return None
@@ -287,22 +287,69 @@ def tenant_strikes_enforce(*, tenant: Tenant) -> TenantSuspension | None:
     return suspension
 
 
+def _tenant_lock(*, tenant: Tenant) -> None:
+    """Serialises the writes that add or lift a tenant's suspension reasons, so a lift that
+    finds no reason left cannot race a new one. NO KEY: inserts that reference the tenant
+    (cases, jobs) do not wait for it."""
+    Tenant.objects.select_for_update(no_key=True).filter(pk=tenant.pk).exists()
+
+
+def _tenant_unsuspend_if_clear(*, tenant: Tenant) -> bool:
+    """Under _tenant_lock: the tenant stays suspended while any of its reasons is open (staff
+    suspending it in the admin, strikes pending review); lifting one leaves the others."""
+    if TenantSuspension.objects.filter(tenant=tenant, lifted_at__isnull=True).exists():
+        return False
+    return tenant_unsuspend(tenant=tenant)
+
+
 def tenant_suspension_lift(*, tenant: Tenant, moderator, note: str = "") -> TenantSuspension:
-    """Unsuspend after review. Audited on the suspension row (who, when, why)."""
+    """Lift the strikes' suspension after review. Audited on the suspension row (who, when,
+    why). A tenant staff also suspended stays suspended."""
     moderator_require(user=moderator)
     suspension = selectors.suspension_active_for_tenant(tenant=tenant)
     if suspension is None:
         raise NotFound("This tenant has no suspension pending review.")
     now = timezone.now()
-    lifted = TenantSuspension.objects.filter(pk=suspension.pk, lifted_at__isnull=True).update(
-        lifted_at=now, lifted_by=moderator, lift_note=note.strip()
-    )
-    if lifted != 1:
-        raise InvalidParameter("This suspension was already lifted.")
-    tenant_unsuspend(tenant=tenant)
+    with transaction.atomic():
+        _tenant_lock(tenant=tenant)
+        lifted = TenantSuspension.objects.filter(pk=suspension.pk, lifted_at__isnull=True).update(
+            lifted_at=now, lifted_by=moderator, lift_note=note.strip()
+        )
+        if lifted != 1:
+            raise InvalidParameter("This suspension was already lifted.")
+        _tenant_unsuspend_if_clear(tenant=tenant)
     suspension.refresh_from_db(fields=["lifted_at", "lifted_by", "lift_note"])
-    logger.info("tenant %s unsuspended by %s", tenant.slug, moderator)
+    logger.info("tenant %s: suspension lifted by %s", tenant.slug, moderator)
     return suspension
+
+
+def tenant_staff_suspend(*, tenant: Tenant, user) -> bool:
+    """The admin's Suspend: recorded as its own reason, so lifting a moderation suspension
+    later does not undo it. False: staff had suspended it already."""
+    with transaction.atomic():
+        _tenant_lock(tenant=tenant)
+        try:
+            with transaction.atomic():
+                TenantSuspension.objects.create(
+                    tenant=tenant, kind=TenantSuspension.Kind.STAFF, created_at=timezone.now(),
+                    reason=f"Suspended by {user.get_username()} in the admin",
+                )
+        except IntegrityError:  # one open suspension per tenant and kind
+            return False
+        tenant_suspend(tenant=tenant)
+    return True
+
+
+def tenant_staff_unsuspend(*, tenant: Tenant, user) -> bool:
+    """The admin's Unsuspend: lifts staff's reason only; a suspension pending moderation review
+    stays (lifted in the review queue). False: there was nothing of staff's to lift."""
+    with transaction.atomic():
+        _tenant_lock(tenant=tenant)
+        lifted = TenantSuspension.objects.filter(
+            tenant=tenant, kind=TenantSuspension.Kind.STAFF, lifted_at__isnull=True
+        ).update(lifted_at=timezone.now(), lifted_by=user, lift_note="Unsuspended in the admin")
+        unsuspended = _tenant_unsuspend_if_clear(tenant=tenant)
+    return bool(lifted) or unsuspended
 
 
 def case_prompts_purge(*, now=None) -> int:

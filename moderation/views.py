@@ -100,6 +100,11 @@ def tenant_unsuspend(request, tenant_slug: str):
     except InvalidParameter as exc:  # another moderator lifted it a moment earlier
         messages.error(request, f"{tenant.name}: {exc.message}")
         return redirect("moderation-queue")
+    tenant.refresh_from_db(fields=["status"])
+    if tenant.is_suspended:  # staff suspended it too: that is lifted in the tenant admin
+        messages.warning(request, f"{tenant.name}: the moderation suspension is lifted; staff's "
+                                  "suspension remains (the tenant admin lifts it).")
+        return redirect("moderation-queue")
     messages.success(request, f"{tenant.name} is active again.")
     return redirect("moderation-queue")
 

@@ -45,24 +45,27 @@ class TenantAdmin(admin.ModelAdmin):
 
     @admin.action(description="Suspend selected tenants", permissions=["change"])
     def suspend(self, request, queryset):
+        from moderation.services import tenant_staff_suspend  # moderation builds on portal
+
         for tenant in queryset:
-            if services.tenant_suspend(tenant=tenant):
+            if tenant_staff_suspend(tenant=tenant, user=request.user):
                 self.log_change(request, tenant, "Suspended (admin action).")
 
     @admin.action(description="Unsuspend selected tenants", permissions=["change"])
     def unsuspend(self, request, queryset):
-        from moderation.selectors import suspension_active_for_tenant  # moderation builds on portal
+        from moderation.services import tenant_staff_unsuspend
 
         for tenant in queryset:
-            if suspension_active_for_tenant(tenant=tenant) is not None:
-                # Lifted here, the suspension would stay open, and the strikes after it would
-                # never suspend again (one open suspension per tenant).
-                self.message_user(request, f"{tenant.slug} has a moderation suspension pending "
-                                           "review: lift it in the review queue (/moderation/).",
-                                  level=messages.ERROR)
-                continue
-            if services.tenant_unsuspend(tenant=tenant):
-                self.log_change(request, tenant, "Unsuspended (admin action).")
+            # Lifts staff's suspension only: one for strikes stays until a moderator reviews it.
+            changed = tenant_staff_unsuspend(tenant=tenant, user=request.user)
+            tenant.refresh_from_db(fields=["status"])
+            if changed:
+                self.log_change(request, tenant, "Staff suspension lifted, a moderation one remains "
+                                "(admin action)." if tenant.is_suspended else "Unsuspended (admin action).")
+            if tenant.is_suspended:
+                self.message_user(request, f"{tenant.slug} stays suspended: a moderation suspension "
+                                           "is pending review (lift it in the review queue, "
+                                           "/moderation/).", level=messages.ERROR)
 
 
 class MembershipAdminForm(forms.ModelForm):

@@ -184,6 +184,45 @@ def test_the_tenant_admin_cannot_lift_a_suspension_that_waits_for_review(admin_c
     assert Tenant.objects.get(pk=cast.tenant.pk).is_suspended  # strikes count again after a lift
 
 
+def test_lifting_a_moderation_suspension_leaves_a_staff_suspension(admin_client, cast, moderator, settings):
+    """Staff suspended the tenant, then strikes suspended it again: each is its own reason, and
+    the tenant is active only when both are lifted, in either order."""
+    settings.SLUICE_MODERATION_STRIKES_TO_SUSPEND = 1
+    tenants = "/admin/portal/tenant/"
+    admin_client.post(tenants, {"action": "suspend", "_selected_action": [cast.tenant.pk]})
+    services.case_decide(case=open_blocked_case(cast.tenant), moderator=moderator, decision="uphold")
+    assert selectors.suspension_active_for_tenant(tenant=cast.tenant) is not None
+    services.tenant_suspension_lift(tenant=cast.tenant, moderator=moderator, note="reviewed")
+    assert Tenant.objects.get(pk=cast.tenant.pk).is_suspended  # staff's reason stands
+    admin_client.post(tenants, {"action": "unsuspend", "_selected_action": [cast.tenant.pk]})
+    assert not Tenant.objects.get(pk=cast.tenant.pk).is_suspended
+    staff = TenantSuspension.objects.get(tenant=cast.tenant, kind="staff")
+    assert staff.lifted_by.username == "admin" and not staff.is_active
+
+    # The other order: staff's lift leaves the strikes' suspension pending review.
+    admin_client.post(tenants, {"action": "suspend", "_selected_action": [cast.tenant.pk]})
+    services.case_decide(case=open_blocked_case(cast.tenant), moderator=moderator, decision="uphold")
+    admin_client.post(tenants, {"action": "unsuspend", "_selected_action": [cast.tenant.pk]})
+    assert Tenant.objects.get(pk=cast.tenant.pk).is_suspended
+    services.tenant_suspension_lift(tenant=cast.tenant, moderator=moderator, note="reviewed")
+    assert not Tenant.objects.get(pk=cast.tenant.pk).is_suspended
+
+
+def test_a_tenant_suspended_without_a_reason_gets_staffs_on_migrating(cast):
+    import importlib
+
+    from django.apps import apps
+
+    from portal.services import tenant_suspend
+
+    migration = importlib.import_module("moderation.migrations.0007_suspension_kind")
+    tenant_suspend(tenant=cast.tenant)  # as the admin did before suspensions had kinds
+    migration.staff_reason_for_unexplained_suspensions(apps, None)
+    migration.staff_reason_for_unexplained_suspensions(apps, None)
+    assert list(TenantSuspension.objects.values_list("tenant__slug", "kind", "lifted_at")) == [
+        ("acme", "staff", None)]
+
+
 def test_a_strike_while_a_suspension_is_open_keeps_the_tenant_suspended(cast, moderator, settings):
     """An open suspension with the tenant active (its status set back by hand, or a crash
     between the two before they shared a transaction): the next strike suspends again."""

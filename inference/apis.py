@@ -191,7 +191,8 @@ def video_representation(job: Job) -> dict:
         "num_inference_steps": params.get("steps"),
         "frames": params.get("frames"),
         "created_at": _epoch(job.queued_at),
-        "completed_at": _epoch(job.finished_at) if job.status == Job.Status.SUCCEEDED else None,
+        # When it ended, however it ended (OpenAI sets it on failed videos too).
+        "completed_at": _epoch(job.finished_at),
         "queue": job_queue_info(job),
         "estimated_cu": job.estimated_mcu / 1000,
         "actual_cu": None if job.actual_mcu is None else job.actual_mcu / 1000,

@@ -272,3 +272,19 @@ def test_a_json_body_that_is_not_an_object_is_a_400(cast, api, sent_tasks, body,
     assert response.json()["error"]["code"] == "invalid_parameter"
     assert response.json()["error"]["message"] == "Send a JSON object."
     assert not Job.objects.exists()
+
+
+@pytest.mark.django_db
+def test_completed_at_is_when_the_video_ended_however_it_ended(cast, api, sent_tasks, settings):
+    from inference.services import job_fail
+
+    settings.SLUICE_POOL_SLOTS = {"video-hbm": 0}  # nothing starts: each job waits to be ended
+    cancelled, failed = create(api, cast.owner_key)["id"], create(api, cast.owner_key)["id"]
+    assert api.get(f"/v1/videos/{cancelled}").json()["completed_at"] is None
+    api.post(f"/v1/jobs/{cancelled}/cancel")
+    job_fail(job=Job.objects.get(pk=failed), code="queue_timeout", message="no capacity",
+             from_statuses=(Job.Status.QUEUED,))
+    for job_id in (cancelled, failed):
+        video = api.get(f"/v1/videos/{job_id}").json()
+        finished_at = Job.objects.get(pk=job_id).finished_at
+        assert video["completed_at"] == int(finished_at.timestamp()), video

@@ -190,7 +190,11 @@ class ModerationCase(models.Model):
                 name="one_case_per_request",
             ),
         ]
-        permissions = [("review_case", "Can review moderation cases and lift suspensions")]
+        permissions = [
+            ("review_case", "Can review moderation cases and lift suspensions"),
+            # Senior reviewers: an escalated case is decided by one who did not escalate it.
+            ("review_escalated", "Can decide escalated moderation cases"),
+        ]
 
     def __str__(self) -> str:
         return f"case {self.pk} ({self.tenant}, {self.category}, {self.status})"

@@ -35,13 +35,14 @@ from moderation.models import (
     TenantSuspension,
 )
 from moderation.rules import rules_cache_clear
-from portal.errors import InvalidParameter, NotFound, PermissionDenied
+from portal.errors import InvalidParameter, NotFound, PermissionDenied, SluiceError
 from portal.models import ApiKey, Tenant
 from portal.services import tenant_suspend, tenant_unsuspend
 
 logger = logging.getLogger(__name__)
 
 REVIEW_PERMISSION = "moderation.review_case"
+SENIOR_REVIEW_PERMISSION = "moderation.review_escalated"
 CASE_OPENED_EVENT = "moderation.case_opened"
 _API_KEY = re.compile(r"\bsk-[A-Za-z0-9_\-]{8,}")
 _EMAIL = re.compile(r"\b[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}\b")
@@ -226,12 +227,31 @@ _NEXT_STATUS = {
     CaseDecision.Decision.OVERTURN: ModerationCase.Status.OVERTURNED,
     CaseDecision.Decision.ESCALATE: ModerationCase.Status.ESCALATED,
 }
-# Escalating hands a case to a senior reviewer: it stays undecided, and cannot bounce back.
+# Escalating hands a case to a senior reviewer (_decision_refusal): it stays undecided, and
+# cannot bounce back.
 _DECIDABLE_FROM = {
     CaseDecision.Decision.UPHOLD: [ModerationCase.Status.OPEN, ModerationCase.Status.ESCALATED],
     CaseDecision.Decision.OVERTURN: [ModerationCase.Status.OPEN, ModerationCase.Status.ESCALATED],
     CaseDecision.Decision.ESCALATE: [ModerationCase.Status.OPEN],
 }
+
+
+def _decision_refusal(*, case_id: int, status: str, moderator, decision: str) -> SluiceError | None:
+    """Why `moderator` may not record `decision` on a case in `status` now; None: they may."""
+    if status not in _DECIDABLE_FROM[decision]:
+        return InvalidParameter("This case was already decided.", param="decision")
+    if status == ModerationCase.Status.ESCALATED:
+        # Escalating hands the case to a senior reviewer, and a second pair of eyes.
+        if not moderator.has_perm(SENIOR_REVIEW_PERMISSION):
+            return PermissionDenied("An escalated case is decided by a senior reviewer "
+                                    f"(the permission {SENIOR_REVIEW_PERMISSION}).")
+        escalated_by = (
+            CaseDecision.objects.filter(case_id=case_id, decision=CaseDecision.Decision.ESCALATE)
+            .order_by("-created_at", "-pk").values_list("moderator_id", flat=True).first()
+        )
+        if escalated_by == moderator.pk:
+            return PermissionDenied("A case you escalated is decided by another senior reviewer.")
+    return None
 
 
 def case_decide(*, case: ModerationCase, moderator, decision: str, note: str = "") -> CaseDecision:
@@ -242,12 +262,16 @@ def case_decide(*, case: ModerationCase, moderator, decision: str, note: str = "
     now = timezone.now()
     final = decision != CaseDecision.Decision.ESCALATE
     with transaction.atomic():
-        # Claim the case: two moderators deciding at once cannot both win.
-        claimed = ModerationCase.objects.filter(
-            pk=case.pk, status__in=_DECIDABLE_FROM[decision]
-        ).update(status=_NEXT_STATUS[decision], decided_at=now if final else None)
-        if claimed != 1:
-            raise InvalidParameter("This case was already decided.", param="decision")
+        # The case's row lock: two moderators deciding at once cannot both win, and who may
+        # decide is judged on the status as it is now, not as the page showed it.
+        status = (ModerationCase.objects.select_for_update().filter(pk=case.pk)
+                  .values_list("status", flat=True).get())
+        refusal = _decision_refusal(case_id=case.pk, status=status, moderator=moderator,
+                                    decision=decision)
+        if refusal is not None:
+            raise refusal
+        ModerationCase.objects.filter(pk=case.pk).update(
+            status=_NEXT_STATUS[decision], decided_at=now if final else None)
         entry = CaseDecision.objects.create(
             case=case, moderator=moderator, decision=decision, note=note.strip(), created_at=now
         )

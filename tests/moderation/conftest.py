@@ -24,6 +24,14 @@ def moderator(db):
     return user
 
 
+@pytest.fixture
+def senior(db):
+    """A senior reviewer: decides escalated cases."""
+    user = UserFactory(username="senior")
+    user.user_permissions.add(*Permission.objects.filter(codename__in=["review_case", "review_escalated"]))
+    return user
+
+
 def policy(slug: str = "standard", block_fpr: float = 0.01, review_fpr: float = 0.02):
     """An unsaved policy: the cascade only reads its fields."""
     return SafetyPolicy(slug=slug, name=slug, block_fpr=block_fpr, review_fpr=review_fpr)

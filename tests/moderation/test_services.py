@@ -118,18 +118,33 @@ def test_a_resolved_policy_is_kept_for_its_ttl_and_edits_through_the_services_ap
     assert selectors.safety_policy_for_tenant(tenant=cast.tenant) is resolved  # cached
 
 
-def test_every_decision_is_audited_and_a_case_is_decided_once(cast, moderator):
+def test_every_decision_is_audited_and_a_case_is_decided_once(cast, moderator, senior):
     case = open_blocked_case(cast.tenant)
     services.case_decide(case=case, moderator=moderator, decision="escalate", note="unsure")
     case.refresh_from_db()
     assert case.status == "escalated" and case.decided_at is None
-    services.case_decide(case=case, moderator=moderator, decision="overturn", note="a test")
+    services.case_decide(case=case, moderator=senior, decision="overturn", note="a test")
     with pytest.raises(InvalidParameter):
-        services.case_decide(case=case, moderator=moderator, decision="uphold")
+        services.case_decide(case=case, moderator=senior, decision="uphold")
     log = list(CaseDecision.objects.filter(case=case).values_list("moderator__username", "decision", "note"))
-    assert log == [("moderator", "escalate", "unsure"), ("moderator", "overturn", "a test")]
+    assert log == [("moderator", "escalate", "unsure"), ("senior", "overturn", "a test")]
     case.refresh_from_db()
     assert case.status == "overturned" and case.decided_at is not None
+
+
+def test_an_escalated_case_is_decided_by_a_senior_who_did_not_escalate_it(cast, moderator, senior):
+    case = open_blocked_case(cast.tenant)
+    services.case_decide(case=case, moderator=moderator, decision="escalate", note="unsure")
+    for decision in ("uphold", "overturn"):  # a moderator without the senior permission
+        with pytest.raises(PermissionDenied):
+            services.case_decide(case=case, moderator=moderator, decision=decision, note="mine")
+    other = open_blocked_case(cast.tenant)
+    services.case_decide(case=other, moderator=senior, decision="escalate", note="second opinion")
+    with pytest.raises(PermissionDenied):  # a senior does not decide what they escalated
+        services.case_decide(case=other, moderator=senior, decision="uphold", note="mine")
+    assert ModerationCase.objects.filter(status="escalated").count() == 2
+    services.case_decide(case=case, moderator=senior, decision="uphold", note="it is an attack")
+    assert ModerationCase.objects.get(pk=case.pk).status == "upheld"
 
 
 def test_only_moderators_decide(cast):

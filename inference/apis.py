@@ -16,7 +16,7 @@ from inference.errors import StreamInterrupted
 from inference.events import events_follow
 from inference.models import Job
 from inference.scheduler import scheduler_position
-from inference.selectors import job_get_for_tenant, jobs_for_tenant
+from inference.selectors import JobPage, job_get_for_tenant, jobs_page_for_tenant
 from inference.services import job_cancel
 from portal.authentication import bearer_token
 from portal.db import database_step
@@ -66,24 +66,36 @@ class JobOutputSerializer(serializers.Serializer):
         }
 
 
+class ListInput(serializers.Serializer):
+    """OpenAI's list parameters: `after` an id of the previous page, in `order`."""
+
+    after = serializers.CharField(required=False, max_length=40)
+    limit = serializers.IntegerField(required=False, min_value=1, max_value=100, default=20)
+    order = serializers.ChoiceField(choices=["asc", "desc"], required=False, default="desc")
+
+
+def list_body(page: JobPage, data: list[dict]) -> dict:
+    """OpenAI's list shape around a page of objects."""
+    return {"object": "list", "data": data,
+            "first_id": page.jobs[0].pk if page.jobs else None,
+            "last_id": page.jobs[-1].pk if page.jobs else None,
+            "has_more": page.has_more}
+
+
 class JobListApi(APIView):
-    class Input(serializers.Serializer):
+    class Input(ListInput):
         kind = serializers.ChoiceField(choices=Job.Kind.choices, required=False)
         status = serializers.ChoiceField(choices=Job.Status.choices, required=False)
-        after = serializers.CharField(required=False, max_length=40)
-        limit = serializers.IntegerField(required=False, min_value=1, max_value=100, default=20)
 
     @extend_schema(operation_id="jobs_list", parameters=[Input], responses=JobOutputSerializer(many=True))
     def get(self, request):
         params = self.Input(data=request.query_params)
         params.is_valid(raise_exception=True)
-        jobs = jobs_for_tenant(tenant=request.user.tenant, **params.validated_data)
-        return Response({
-            "object": "list",
-            "data": JobOutputSerializer(jobs, many=True).data,
-            "has_more": len(jobs) == params.validated_data["limit"],
-            "last_id": jobs[-1].pk if jobs else None,
-        })
+        data = dict(params.validated_data)
+        status = data.pop("status", None)
+        page = jobs_page_for_tenant(tenant=request.user.tenant, statuses=[status] if status else None,
+                                    **data)
+        return Response(list_body(page, JobOutputSerializer(page.jobs, many=True).data))
 
 
 class JobDetailApi(APIView):
@@ -220,15 +232,19 @@ class VideoListApi(APIView):
         return Response(video_representation(submission.job), status=200 if submission.replayed else 201,
                         headers={"x-cu-estimate": str(mcu_to_cu(submission.job.estimated_mcu))})
 
-    @extend_schema(operation_id="videos_list")
+    class ListInput(ListInput):
+        status = serializers.ChoiceField(choices=sorted(set(_VIDEO_STATUS.values())), required=False)
+
+    @extend_schema(operation_id="videos_list", parameters=[ListInput])
     def get(self, request):
-        params = JobListApi.Input(data=request.query_params)
+        params = self.ListInput(data=request.query_params)
         params.is_valid(raise_exception=True)
-        filters = {k: v for k, v in params.validated_data.items() if k != "kind"}
-        jobs = jobs_for_tenant(tenant=request.user.tenant, kind=Job.Kind.VIDEO, **filters)
-        return Response({"object": "list", "data": [video_representation(job) for job in jobs],
-                         "has_more": len(jobs) == params.validated_data["limit"],
-                         "last_id": jobs[-1].pk if jobs else None})
+        data = dict(params.validated_data)
+        status = data.pop("status", None)
+        statuses = [job_status for job_status, name in _VIDEO_STATUS.items() if name == status]
+        page = jobs_page_for_tenant(tenant=request.user.tenant, kind=Job.Kind.VIDEO,
+                                    statuses=statuses or None, **data)
+        return Response(list_body(page, [video_representation(job) for job in page.jobs]))
 
 
 class VideoDetailApi(APIView):

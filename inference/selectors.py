@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 
 from django.db.models import Count, QuerySet
@@ -23,14 +25,38 @@ def job_get_for_tenant(*, tenant: Tenant, job_id: str, kind: str | None = None) 
 def jobs_for_tenant(*, tenant: Tenant, kind: str | None = None, status: str | None = None,
                     after: str | None = None, limit: int = 20) -> list[Job]:
     """Newest first; `after` is the last id of the previous page (ids sort by time)."""
-    queryset: QuerySet[Job] = Job.objects.filter(tenant=tenant).order_by("-id")
+    return list(_jobs_listed(tenant=tenant, kind=kind, statuses=[status] if status else None,
+                             after=after, order="desc")[:limit])
+
+
+@dataclass(frozen=True)
+class JobPage:
+    jobs: list[Job]
+    has_more: bool
+
+
+def jobs_page_for_tenant(*, tenant: Tenant, kind: str | None = None,
+                         statuses: Iterable[str] | None = None, after: str | None = None,
+                         order: str = "desc", limit: int = 20) -> JobPage:
+    """A page of a list in id order (`desc`: newest first), after the id `after` in that order.
+    One row more than the page is read: whether there is more is known, not guessed from a
+    full page (a last page that is exactly full said there was more)."""
+    rows = list(_jobs_listed(tenant=tenant, kind=kind, statuses=statuses, after=after,
+                             order=order)[:limit + 1])
+    return JobPage(jobs=rows[:limit], has_more=len(rows) > limit)
+
+
+def _jobs_listed(*, tenant: Tenant, kind: str | None, statuses: Iterable[str] | None,
+                 after: str | None, order: str) -> QuerySet[Job]:
+    # Job ids are ULIDs: their order is their creation's.
+    queryset: QuerySet[Job] = Job.objects.filter(tenant=tenant)
     if kind:
         queryset = queryset.filter(kind=kind)
-    if status:
-        queryset = queryset.filter(status=status)
-    if after:
-        queryset = queryset.filter(id__lt=after)
-    return list(queryset[:limit])
+    if statuses:
+        queryset = queryset.filter(status__in=list(statuses))
+    if order == "asc":
+        return queryset.filter(id__gt=after).order_by("id") if after else queryset.order_by("id")
+    return queryset.filter(id__lt=after).order_by("-id") if after else queryset.order_by("-id")
 
 
 def jobs_in_flight_for_tenant(*, tenant: Tenant) -> dict[str, int]:

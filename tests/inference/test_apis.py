@@ -288,3 +288,45 @@ def test_completed_at_is_when_the_video_ended_however_it_ended(cast, api, sent_t
         video = api.get(f"/v1/videos/{job_id}").json()
         finished_at = Job.objects.get(pk=job_id).finished_at
         assert video["completed_at"] == int(finished_at.timestamp()), video
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/videos"])
+def test_lists_page_in_both_orders_and_know_when_there_is_no_more(cast, api, sent_tasks, settings, path):
+    settings.SLUICE_POOL_SLOTS = {"video-hbm": 0}
+    ids = [create(api, cast.owner_key)["id"] for _ in range(3)]  # oldest first
+
+    def listed(**query):
+        body = api.get(path, query).json()
+        assert body["object"] == "list"
+        page = [item["id"] for item in body["data"]]
+        assert (body["first_id"], body["last_id"]) == ((page[0], page[-1]) if page else (None, None))
+        return page, body["has_more"]
+
+    assert listed() == (ids[::-1], False)
+    assert listed(limit=3) == (ids[::-1], False)  # a page exactly full is the last one
+    assert listed(limit=2) == (ids[:0:-1], True)
+    assert listed(limit=2, after=ids[1]) == ([ids[0]], False)
+    assert listed(order="asc", limit=2) == (ids[:2], True)
+    assert listed(order="asc", limit=2, after=ids[1]) == ([ids[2]], False)
+    assert listed(order="asc", after=ids[2]) == ([], False)
+    assert api.get(path, {"order": "sideways"}).status_code == 400
+    api.bearer(cast.outsider_key)
+    assert listed() == ([], False)
+
+
+@pytest.mark.django_db
+def test_videos_are_listed_by_their_video_status(cast, api, sent_tasks, settings):
+    settings.SLUICE_POOL_SLOTS = {"video-hbm": 0}
+    queued, running, done, failed, rejected = (create(api, cast.owner_key)["id"] for _ in range(5))
+    Job.objects.filter(pk=running).update(status=Job.Status.RUNNING)
+    Job.objects.filter(pk=done).update(status=Job.Status.SUCCEEDED)
+    Job.objects.filter(pk=failed).update(status=Job.Status.FAILED)
+    Job.objects.filter(pk=rejected).update(status=Job.Status.REJECTED)
+    for status, expected in [("queued", [queued]), ("in_progress", [running]),
+                             ("completed", [done]), ("failed", [rejected, failed])]:
+        body = api.get("/v1/videos", {"status": status}).json()
+        assert [video["id"] for video in body["data"]] == expected, status
+        assert {video["status"] for video in body["data"]} == {status}
+    refused = api.get("/v1/videos", {"status": "succeeded"})  # a job status, not a video's
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "status"

@@ -15,7 +15,9 @@ class QueueFilterForm(forms.Form):
 
 class DecisionForm(forms.Form):
     decision = forms.ChoiceField(choices=CaseDecision.Decision.choices)
-    note = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 2}))
+    # Required to uphold or overturn (services.case_decide says so); optional to escalate.
+    note = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 2}),
+                           help_text="Why: required to uphold or overturn.")
 
 
 class UnsuspendForm(forms.Form):

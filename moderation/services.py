@@ -270,6 +270,9 @@ def case_decide(*, case: ModerationCase, moderator, decision: str, note: str = "
                                     decision=decision)
         if refusal is not None:
             raise refusal
+        if final and not note.strip():  # the audit trail says why a strike stands or falls
+            raise InvalidParameter("Say why in the note: upholding or overturning a case needs one.",
+                                   param="note")
         ModerationCase.objects.filter(pk=case.pk).update(
             status=_NEXT_STATUS[decision], decided_at=now if final else None)
         entry = CaseDecision.objects.create(

@@ -206,6 +206,7 @@ def test_moderator_reaches_the_review_queue_from_the_console_and_decides_a_case(
     page.get_by_role("link", name="Open the review queue").click()
     page.get_by_role("link", name=str(case.pk), exact=True).click()
     page.get_by_label("Decision").select_option("overturn")
+    page.get_by_label("Note").fill("a false positive")
     page.get_by_role("button", name="Record decision").click()
     page.wait_for_load_state()
     decision = CaseDecision.objects.get(case=case)

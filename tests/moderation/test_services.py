@@ -125,7 +125,7 @@ def test_every_decision_is_audited_and_a_case_is_decided_once(cast, moderator, s
     assert case.status == "escalated" and case.decided_at is None
     services.case_decide(case=case, moderator=senior, decision="overturn", note="a test")
     with pytest.raises(InvalidParameter):
-        services.case_decide(case=case, moderator=senior, decision="uphold")
+        services.case_decide(case=case, moderator=senior, decision="uphold", note="a strike")
     log = list(CaseDecision.objects.filter(case=case).values_list("moderator__username", "decision", "note"))
     assert log == [("moderator", "escalate", "unsure"), ("senior", "overturn", "a test")]
     case.refresh_from_db()
@@ -147,20 +147,31 @@ def test_an_escalated_case_is_decided_by_a_senior_who_did_not_escalate_it(cast, 
     assert ModerationCase.objects.get(pk=case.pk).status == "upheld"
 
 
+def test_uphold_and_overturn_need_a_note(cast, moderator):
+    case = open_blocked_case(cast.tenant)
+    for decision in ("uphold", "overturn"):
+        with pytest.raises(InvalidParameter) as refused:
+            services.case_decide(case=case, moderator=moderator, decision=decision, note="  ")
+        assert refused.value.param == "note"
+    assert ModerationCase.objects.get(pk=case.pk).status == "open" and not CaseDecision.objects.exists()
+    services.case_decide(case=case, moderator=moderator, decision="escalate")  # a question, not a verdict
+    assert ModerationCase.objects.get(pk=case.pk).status == "escalated"
+
+
 def test_only_moderators_decide(cast):
     case = open_blocked_case(cast.tenant)
     for user in (cast.owner.user, cast.admin.user, UserFactory(username="staff", is_staff=True)):
         with pytest.raises(PermissionDenied):
-            services.case_decide(case=case, moderator=user, decision="overturn")
+            services.case_decide(case=case, moderator=user, decision="overturn", note="a false positive")
     assert not CaseDecision.objects.exists()
 
 
 def test_strikes_suspend_the_tenant_and_a_moderator_lifts_it(cast, moderator, api, settings):
     settings.SLUICE_MODERATION_STRIKES_TO_SUSPEND = 2
     first, second = open_blocked_case(cast.tenant), open_blocked_case(cast.tenant)
-    services.case_decide(case=first, moderator=moderator, decision="uphold")
+    services.case_decide(case=first, moderator=moderator, decision="uphold", note="a strike")
     assert not Tenant.objects.get(pk=cast.tenant.pk).is_suspended
-    services.case_decide(case=second, moderator=moderator, decision="uphold")
+    services.case_decide(case=second, moderator=moderator, decision="uphold", note="a strike")
     assert Tenant.objects.get(pk=cast.tenant.pk).is_suspended
 
     response = api.bearer(cast.owner_key).get("/v1/models")
@@ -177,7 +188,7 @@ def test_strikes_suspend_the_tenant_and_a_moderator_lifts_it(cast, moderator, ap
         services.tenant_suspension_lift(tenant=cast.tenant, moderator=moderator)
 
     # Strikes reviewed at the lift do not count again: one new strike does not re-suspend.
-    services.case_decide(case=open_blocked_case(cast.tenant), moderator=moderator, decision="uphold")
+    services.case_decide(case=open_blocked_case(cast.tenant), moderator=moderator, decision="uphold", note="a strike")
     assert not Tenant.objects.get(pk=cast.tenant.pk).is_suspended
     assert TenantSuspension.objects.count() == 1
 
@@ -186,7 +197,7 @@ def test_the_tenant_admin_cannot_lift_a_suspension_that_waits_for_review(admin_c
     """Unsuspended from the tenant admin, the suspension would stay open and every later strike
     would be swallowed by 'already suspended': the admin sends you to the review queue."""
     settings.SLUICE_MODERATION_STRIKES_TO_SUSPEND = 1
-    services.case_decide(case=open_blocked_case(cast.tenant), moderator=moderator, decision="uphold")
+    services.case_decide(case=open_blocked_case(cast.tenant), moderator=moderator, decision="uphold", note="a strike")
     assert Tenant.objects.get(pk=cast.tenant.pk).is_suspended
     page = admin_client.post("/admin/portal/tenant/", {"action": "unsuspend", "_selected_action": [cast.tenant.pk]},
                              follow=True).content.decode()
@@ -195,7 +206,7 @@ def test_the_tenant_admin_cannot_lift_a_suspension_that_waits_for_review(admin_c
 
     services.tenant_suspension_lift(tenant=cast.tenant, moderator=moderator, note="reviewed")
     assert not Tenant.objects.get(pk=cast.tenant.pk).is_suspended
-    services.case_decide(case=open_blocked_case(cast.tenant), moderator=moderator, decision="uphold")
+    services.case_decide(case=open_blocked_case(cast.tenant), moderator=moderator, decision="uphold", note="a strike")
     assert Tenant.objects.get(pk=cast.tenant.pk).is_suspended  # strikes count again after a lift
 
 
@@ -205,7 +216,7 @@ def test_lifting_a_moderation_suspension_leaves_a_staff_suspension(admin_client,
     settings.SLUICE_MODERATION_STRIKES_TO_SUSPEND = 1
     tenants = "/admin/portal/tenant/"
     admin_client.post(tenants, {"action": "suspend", "_selected_action": [cast.tenant.pk]})
-    services.case_decide(case=open_blocked_case(cast.tenant), moderator=moderator, decision="uphold")
+    services.case_decide(case=open_blocked_case(cast.tenant), moderator=moderator, decision="uphold", note="a strike")
     assert selectors.suspension_active_for_tenant(tenant=cast.tenant) is not None
     services.tenant_suspension_lift(tenant=cast.tenant, moderator=moderator, note="reviewed")
     assert Tenant.objects.get(pk=cast.tenant.pk).is_suspended  # staff's reason stands
@@ -216,7 +227,7 @@ def test_lifting_a_moderation_suspension_leaves_a_staff_suspension(admin_client,
 
     # The other order: staff's lift leaves the strikes' suspension pending review.
     admin_client.post(tenants, {"action": "suspend", "_selected_action": [cast.tenant.pk]})
-    services.case_decide(case=open_blocked_case(cast.tenant), moderator=moderator, decision="uphold")
+    services.case_decide(case=open_blocked_case(cast.tenant), moderator=moderator, decision="uphold", note="a strike")
     admin_client.post(tenants, {"action": "unsuspend", "_selected_action": [cast.tenant.pk]})
     assert Tenant.objects.get(pk=cast.tenant.pk).is_suspended
     services.tenant_suspension_lift(tenant=cast.tenant, moderator=moderator, note="reviewed")
@@ -244,9 +255,9 @@ def test_a_strike_while_a_suspension_is_open_keeps_the_tenant_suspended(cast, mo
     from portal.services import tenant_unsuspend
 
     settings.SLUICE_MODERATION_STRIKES_TO_SUSPEND = 1
-    services.case_decide(case=open_blocked_case(cast.tenant), moderator=moderator, decision="uphold")
+    services.case_decide(case=open_blocked_case(cast.tenant), moderator=moderator, decision="uphold", note="a strike")
     tenant_unsuspend(tenant=cast.tenant)
-    services.case_decide(case=open_blocked_case(cast.tenant), moderator=moderator, decision="uphold")
+    services.case_decide(case=open_blocked_case(cast.tenant), moderator=moderator, decision="uphold", note="a strike")
     assert Tenant.objects.get(pk=cast.tenant.pk).is_suspended
     assert selectors.suspensions_active(tenant=cast.tenant).count() == 1
 
@@ -254,9 +265,9 @@ def test_a_strike_while_a_suspension_is_open_keeps_the_tenant_suspended(cast, mo
 def test_strikes_outside_the_window_do_not_count(cast, moderator, settings):
     settings.SLUICE_MODERATION_STRIKES_TO_SUSPEND = 2
     old = open_blocked_case(cast.tenant)
-    services.case_decide(case=old, moderator=moderator, decision="uphold")
+    services.case_decide(case=old, moderator=moderator, decision="uphold", note="a strike")
     ModerationCase.objects.filter(pk=old.pk).update(decided_at=timezone.now() - timedelta(days=30))
-    services.case_decide(case=open_blocked_case(cast.tenant), moderator=moderator, decision="uphold")
+    services.case_decide(case=open_blocked_case(cast.tenant), moderator=moderator, decision="uphold", note="a strike")
     assert not Tenant.objects.get(pk=cast.tenant.pk).is_suspended
 
 
@@ -272,7 +283,7 @@ def test_prompts_past_retention_are_purged_on_the_beat_and_never_exported(cast, 
     from portal.celery import app
 
     case = open_blocked_case(cast.tenant)
-    services.case_decide(case=case, moderator=moderator, decision="overturn")
+    services.case_decide(case=case, moderator=moderator, decision="overturn", note="a false positive")
     ModerationCase.objects.filter(pk=case.pk).update(prompt_expires_at=timezone.now())
     assert list(selectors.overturned_cases_jsonl(tenant=None)) == []  # expired: out at once
     # The beat runs the purge (a schedule entry naming a registered task).
@@ -302,8 +313,8 @@ def test_moderation_records_cannot_be_deleted_in_the_admin(admin_client, cast):
 
 def test_overturned_cases_export_as_labelled_jsonl(cast, moderator):
     overturned, upheld = open_blocked_case(cast.tenant), open_blocked_case(cast.outsider_tenant)
-    services.case_decide(case=overturned, moderator=moderator, decision="overturn")
-    services.case_decide(case=upheld, moderator=moderator, decision="uphold")
+    services.case_decide(case=overturned, moderator=moderator, decision="overturn", note="a false positive")
+    services.case_decide(case=upheld, moderator=moderator, decision="uphold", note="a strike")
     rows = [json.loads(line) for line in selectors.overturned_cases_jsonl(tenant=None)]
     assert rows == [{
         "text": overturned.prompt, "label": "benign",

@@ -72,6 +72,8 @@ def test_moderator_decides_from_the_case_page_and_it_is_audited(client, moderato
     assert response.status_code == 302
     decision = CaseDecision.objects.get()
     assert (decision.moderator, decision.decision, decision.note) == (moderator, "overturn", "fp")
+    assert "needs one" in client.post(reverse("moderation-case", args=[cases["acme_harm"].pk]),
+                                      {"decision": "uphold", "note": ""}).content.decode()
     again = client.post(reverse("moderation-case", args=[case.pk]), {"decision": "uphold"})
     assert again.status_code == 200 and "already decided" in again.content.decode()
     assert CaseDecision.objects.count() == 1
@@ -79,7 +81,7 @@ def test_moderator_decides_from_the_case_page_and_it_is_audited(client, moderato
 
 
 def test_moderator_exports_overturned_cases(client, moderator, cases):
-    services.case_decide(case=cases["globex"], moderator=moderator, decision="overturn")
+    services.case_decide(case=cases["globex"], moderator=moderator, decision="overturn", note="a false positive")
     client.force_login(moderator)
     response = client.get(reverse("moderation-export"))
     body = b"".join(response.streaming_content).decode()
@@ -89,7 +91,7 @@ def test_moderator_exports_overturned_cases(client, moderator, cases):
 
 def test_moderator_unsuspends_from_the_queue(client, moderator, cast, settings):
     settings.SLUICE_MODERATION_STRIKES_TO_SUSPEND = 1
-    services.case_decide(case=make_case(cast.tenant), moderator=moderator, decision="uphold")
+    services.case_decide(case=make_case(cast.tenant), moderator=moderator, decision="uphold", note="a strike")
     assert Tenant.objects.get(pk=cast.tenant.pk).is_suspended
     client.force_login(cast.admin.user)
     assert client.post(reverse("moderation-unsuspend", args=["acme"]), {"note": "x"}).status_code == 403
@@ -126,7 +128,7 @@ def test_lifting_needs_a_note_and_a_suspension_lifted_meanwhile_is_a_message(cli
     from moderation import selectors
 
     settings.SLUICE_MODERATION_STRIKES_TO_SUSPEND = 1
-    services.case_decide(case=make_case(cast.tenant), moderator=moderator, decision="uphold")
+    services.case_decide(case=make_case(cast.tenant), moderator=moderator, decision="uphold", note="a strike")
     client.force_login(moderator)
     url = reverse("moderation-unsuspend", args=["acme"])
     page = client.post(url, {"note": "  "}, follow=True).content.decode()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterator
 
 from django.core.files.storage import default_storage
 from django.http import FileResponse, HttpResponse, StreamingHttpResponse
+from django.utils.cache import get_conditional_response
+from django.utils.http import http_date
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 _MEDIA_TYPES = {"video": "video/mp4", "thumbnail": "image/jpeg"}
@@ -29,33 +32,75 @@ def job_media_response(request, *, job, variant: str) -> HttpResponse:
 # A range is sent in pieces of this size: a browser's <video> asks for `bytes=0-`, the whole
 # file, and it must not be read into the web process's memory first.
 RANGE_CHUNK_BYTES = 256 * 1024
+# A stored output never changes under its path (a job's outputs are written once it succeeds),
+# so a client may keep it this long; `private`: the request needs an API key or a session, and
+# no shared cache may hand one tenant's video to another.
+CONTENT_MAX_AGE_S = 3600
 
 
 def ranged_file_response(request, *, path: str, content_type: str) -> HttpResponse:
     size = default_storage.size(path)
-    header = request.headers.get("Range", "").strip()
-    # Another unit or several ranges: ignored (RFC 9110 allows it), the whole file is sent.
-    match = _RANGE.match(header) if header.startswith("bytes=") and "," not in header else None
-    if match is not None and match.group(1) == match.group(2) == "":
-        return _unsatisfiable(size)
-    if match is None:
+    modified = int(default_storage.get_modified_time(path).timestamp())
+    validators = {
+        "ETag": _etag(path, size=size, modified=modified),
+        "Last-Modified": http_date(modified),
+        "Cache-Control": f"private, max-age={CONTENT_MAX_AGE_S}",
+    }
+    conditional = get_conditional_response(request, etag=validators["ETag"], last_modified=modified)
+    if conditional is not None:  # 304 to a matching If-None-Match (or 412 to a failed If-Match)
+        return _with_headers(conditional, validators)
+    byte_range = _requested_range(request, validators=validators)
+    if byte_range is None:
         response = FileResponse(default_storage.open(path, "rb"), content_type=content_type)
-        response["Accept-Ranges"] = "bytes"
         response["Content-Length"] = str(size)
-        return response
-    start_text, end_text = match.groups()
-    if start_text == "":  # suffix range: the last N bytes
-        start, end = max(0, size - int(end_text)), size - 1
+        return _with_headers(response, {"Accept-Ranges": "bytes", **validators})
+    first, last = byte_range
+    if first is None:  # suffix range: the last N bytes
+        if last == 0 or size == 0:
+            return _unsatisfiable(size)
+        start, end = max(0, size - last), size - 1
     else:
-        start = int(start_text)
-        end = min(int(end_text), size - 1) if end_text else size - 1
-    if start >= size or start > end:
-        return _unsatisfiable(size)
+        if first >= size:
+            return _unsatisfiable(size)
+        start, end = first, size - 1 if last is None else min(last, size - 1)
     response = StreamingHttpResponse(_file_range(path, start=start, length=end - start + 1),
                                      status=206, content_type=content_type)
     response["Content-Range"] = f"bytes {start}-{end}/{size}"
-    response["Accept-Ranges"] = "bytes"
     response["Content-Length"] = str(end - start + 1)
+    return _with_headers(response, {"Accept-Ranges": "bytes", **validators})
+
+
+def _etag(path: str, *, size: int, modified: int) -> str:
+    # Strong: a stored output's bytes change only with its size or time, and If-Range takes
+    # strong validators only.
+    digest = hashlib.sha256(f"{path}:{size}:{modified}".encode()).hexdigest()[:32]
+    return f'"{digest}"'
+
+
+def _requested_range(request, *, validators: dict) -> tuple[int | None, int | None] | None:
+    """(first, last) of a single valid byte range to send, either end None when open; None
+    for the whole file. Ignored, as RFC 9110 allows or asks (14.2): another unit, several
+    ranges, an invalid range (`bytes=5-3`, `bytes=-`), and any range whose If-Range is not
+    the current file's validator (the client's part is of another version)."""
+    match = _RANGE.match(request.headers.get("Range", "").strip())
+    if match is None:
+        return None
+    if_range = request.headers.get("If-Range", "").strip()
+    if if_range and if_range not in (validators["ETag"], validators["Last-Modified"]):
+        return None
+    first_text, last_text = match.groups()
+    if first_text == last_text == "":
+        return None
+    first = int(first_text) if first_text else None
+    last = int(last_text) if last_text else None
+    if first is not None and last is not None and last < first:
+        return None
+    return first, last
+
+
+def _with_headers(response: HttpResponse, headers: dict) -> HttpResponse:
+    for name, value in headers.items():
+        response[name] = value
     return response
 
 

@@ -330,3 +330,63 @@ def test_videos_are_listed_by_their_video_status(cast, api, sent_tasks, settings
         assert {video["status"] for video in body["data"]} == {status}
     refused = api.get("/v1/videos", {"status": "succeeded"})  # a job status, not a video's
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "status"
+
+
+def _succeeded_video(api, key, content: bytes) -> str:
+    from django.core.files.base import ContentFile
+    from django.core.files.storage import default_storage
+
+    job_id = create(api, key)["id"]
+    job = job_claim(job_id=job_id, attempt=1)
+    path = default_storage.save(f"videos/{job_id}.mp4", ContentFile(content))
+    job_succeed(job=job, actual_mcu=job.estimated_mcu, result={"video": path}, usage={})
+    return job_id
+
+
+@pytest.mark.django_db
+def test_content_is_revalidated_with_its_etag_and_resumed_only_from_the_same_file(cast, api, sent_tasks):
+    video = bytes(range(256)) * 4
+    job_id = _succeeded_video(api, cast.owner_key, video)
+    url = f"/v1/videos/{job_id}/content"
+    whole = api.get(url)
+    assert whole.status_code == 200 and b"".join(whole.streaming_content) == video
+    etag, last_modified = whole["ETag"], whole["Last-Modified"]
+    assert etag.startswith('"') and last_modified.endswith("GMT")
+    assert whole["Cache-Control"] == "private, max-age=3600"  # it needs a key: no shared cache
+
+    again = api.get(url, HTTP_IF_NONE_MATCH=etag)
+    assert again.status_code == 304 and again["ETag"] == etag and not again.content
+    assert api.get(url, HTTP_IF_NONE_MATCH='"another"').status_code == 200
+
+    # If-Range: the part is sent only if the client's copy is of this very file.
+    for validator in (etag, last_modified):
+        part = api.get(url, HTTP_RANGE="bytes=10-19", HTTP_IF_RANGE=validator)
+        assert part.status_code == 206 and b"".join(part.streaming_content) == video[10:20]
+        assert part["ETag"] == etag
+    for stale in ('"another"', f"W/{etag}", "Mon, 01 Jan 2001 00:00:00 GMT"):
+        full = api.get(url, HTTP_RANGE="bytes=10-19", HTTP_IF_RANGE=stale)
+        assert full.status_code == 200 and b"".join(full.streaming_content) == video, stale
+
+    api.bearer(cast.outsider_key)
+    assert api.get(url, HTTP_IF_NONE_MATCH=etag).status_code == 404
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("header", "status", "sent"), [
+    ("bytes=5-3", 200, slice(None)),  # invalid (last before first): ignored, RFC 9110 14.2
+    ("bytes=-", 200, slice(None)),  # invalid: ignored
+    ("bytes=5-5", 206, slice(5, 6)),
+    ("bytes=1000-5000", 206, slice(1000, None)),
+    ("bytes=1024-", 416, None),  # valid, but past the end: unsatisfiable
+    ("bytes=-0", 416, None),
+])
+def test_an_invalid_range_is_ignored_and_only_an_unsatisfiable_one_is_a_416(
+        cast, api, sent_tasks, header, status, sent):
+    video = bytes(range(256)) * 4
+    response = api.get(f"/v1/videos/{_succeeded_video(api, cast.owner_key, video)}/content",
+                       HTTP_RANGE=header)
+    assert response.status_code == status
+    if sent is None:
+        assert response["Content-Range"] == "bytes */1024"
+    else:
+        assert b"".join(response.streaming_content) == video[sent]

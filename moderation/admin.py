@@ -1,4 +1,6 @@
 from django.contrib import admin
+from django.urls import reverse
+from django.utils.html import format_html_join
 
 from moderation import services
 from moderation.models import (
@@ -107,8 +109,16 @@ class ModerationCaseAdmin(admin.ModelAdmin):
 class TenantSuspensionAdmin(admin.ModelAdmin):
     list_display = ("tenant", "kind", "created_at", "strike_count", "lifted_at", "lifted_by")
     list_filter = ("kind",)
-    readonly_fields = ("tenant", "kind", "reason", "strike_count", "created_at", "lifted_at",
-                       "lifted_by", "lift_note")
+    fields = readonly_fields = ("tenant", "kind", "reason", "strike_count", "strike_cases",
+                                "created_at", "lifted_at", "lifted_by", "lift_note")
+
+    @admin.display(description="Strikes (cases)")
+    def strike_cases(self, obj) -> str:
+        return format_html_join(
+            ", ", '<a href="{}">#{} ({})</a>',
+            ((reverse("moderation-case", args=[case.pk]), case.pk, case.status)
+             for case in obj.cases.order_by("pk")),
+        ) or "-"
 
     def has_add_permission(self, request) -> bool:
         return False

@@ -239,6 +239,9 @@ class TenantSuspension(models.Model):
     kind = models.CharField(max_length=8, choices=Kind.choices, default=Kind.STRIKES)
     reason = models.TextField()
     strike_count = models.PositiveIntegerField(default=0)
+    # The upheld cases a strikes suspension counted, and those upheld while it was open: what
+    # the reviewer lifting it reads, and what an overturn recounts.
+    cases = models.ManyToManyField(ModerationCase, blank=True, related_name="suspensions")
     created_at = models.DateTimeField(default=timezone.now)
     lifted_at = models.DateTimeField(null=True, blank=True)
     lifted_by = models.ForeignKey(

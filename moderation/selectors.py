@@ -103,10 +103,10 @@ def case_get_for_tenant(*, tenant: Tenant, case_id: int) -> ModerationCase:
     return case
 
 
-def strikes_count(*, tenant: Tenant, since: datetime) -> int:
+def strikes(*, tenant: Tenant, since: datetime) -> QuerySet[ModerationCase]:
     return ModerationCase.objects.filter(
         tenant=tenant, status=ModerationCase.Status.UPHELD, decided_at__gte=since
-    ).count()
+    ).order_by("decided_at", "pk")
 
 
 # The suspensions below are the strike ones, which moderators review and lift; staff's own
@@ -129,8 +129,8 @@ def suspension_last_lifted_at(*, tenant: Tenant) -> datetime | None:
 
 
 def suspensions_active(*, tenant: Tenant | None) -> QuerySet[TenantSuspension]:
-    suspensions = TenantSuspension.objects.filter(kind=_STRIKES, lifted_at__isnull=True).select_related(
-        "tenant")
+    suspensions = (TenantSuspension.objects.filter(kind=_STRIKES, lifted_at__isnull=True)
+                   .select_related("tenant").prefetch_related("cases"))
     return suspensions.filter(tenant=tenant) if tenant is not None else suspensions
 
 

@@ -20,6 +20,7 @@ from datetime import timedelta
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from moderation import selectors
@@ -278,39 +279,49 @@ def case_decide(*, case: ModerationCase, moderator, decision: str, note: str = "
         entry = CaseDecision.objects.create(
             case=case, moderator=moderator, decision=decision, note=note.strip(), created_at=now
         )
-    case.refresh_from_db(fields=["status", "decided_at"])
+        case.refresh_from_db(fields=["status", "decided_at"])
+        if decision == CaseDecision.Decision.UPHOLD:
+            # In the decision's transaction rather than after it commits: the strike and the
+            # suspension it triggers commit together or not at all, so a failure leaves no
+            # strike standing without its suspension (the moderator sees the error and decides
+            # again). A beat task recounting every tenant would instead leave a tenant over the
+            # threshold working until its next run. The tenant's row lock (taken after the
+            # case's) counts concurrent upholds one after the other, so neither misses the other.
+            tenant_strikes_enforce(case=case, now=now)
     logger.info("case %s %s by %s", case.pk, decision, moderator)
-    if decision == CaseDecision.Decision.UPHOLD:
-        tenant_strikes_enforce(tenant=case.tenant)
     return entry
 
 
-def tenant_strikes_enforce(*, tenant: Tenant) -> TenantSuspension | None:
-    """N upheld strikes within the window (since the last lifted suspension) suspend."""
-    now = timezone.now()
+def tenant_strikes_enforce(*, case: ModerationCase, now) -> TenantSuspension | None:
+    """In case_decide's transaction, for the case just upheld: N upheld strikes within the
+    window (since the last suspension a moderator lifted) suspend, and the suspension links
+    the cases it counted; a strike while one is open joins it."""
+    tenant = case.tenant
+    _tenant_lock(tenant=tenant)
+    pending = selectors.suspension_active_for_tenant(tenant=tenant)
+    if pending is not None:
+        # Already pending review: the reviewer sees this strike too, and a tenant with an open
+        # suspension stays suspended (this also mends a status set back by hand).
+        pending.cases.add(case)
+        TenantSuspension.objects.filter(pk=pending.pk).update(strike_count=F("strike_count") + 1)
+        tenant_suspend(tenant=tenant)
+        return None
     since = now - timedelta(hours=settings.SLUICE_MODERATION_STRIKE_WINDOW_HOURS)
     lifted_at = selectors.suspension_last_lifted_at(tenant=tenant)
     if lifted_at is not None and lifted_at > since:
         since = lifted_at  # strikes already reviewed by whoever lifted the suspension
-    strikes = selectors.strikes_count(tenant=tenant, since=since)
-    if strikes < settings.SLUICE_MODERATION_STRIKES_TO_SUSPEND:
+    strikes = list(selectors.strikes(tenant=tenant, since=since))
+    if len(strikes) < settings.SLUICE_MODERATION_STRIKES_TO_SUSPEND:
         return None
-    try:
-        # The suspension pending review and the tenant's status commit together.
-        with transaction.atomic():
-            suspension = TenantSuspension.objects.create(
-                tenant=tenant,
-                reason=f"{strikes} upheld moderation strikes since {since:%Y-%m-%d %H:%M} UTC",
-                strike_count=strikes,
-                created_at=now,
-            )
-            tenant_suspend(tenant=tenant)
-    except IntegrityError:
-        # One open strikes suspension per tenant: it is already pending review, and a tenant with one
-        # is suspended until a moderator lifts it (this also mends a status set back by hand).
-        tenant_suspend(tenant=tenant)
-        return None
-    logger.warning("tenant %s suspended after %s strikes", tenant.slug, strikes)
+    suspension = TenantSuspension.objects.create(
+        tenant=tenant,
+        reason=f"{len(strikes)} upheld moderation strikes since {since:%Y-%m-%d %H:%M} UTC",
+        strike_count=len(strikes),
+        created_at=now,
+    )
+    suspension.cases.set(strikes)
+    tenant_suspend(tenant=tenant)
+    logger.warning("tenant %s suspended after %s strikes", tenant.slug, len(strikes))
     return suspension
 
 

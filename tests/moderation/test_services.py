@@ -210,6 +210,55 @@ def test_the_tenant_admin_cannot_lift_a_suspension_that_waits_for_review(admin_c
     assert Tenant.objects.get(pk=cast.tenant.pk).is_suspended  # strikes count again after a lift
 
 
+def test_a_strikes_suspension_links_its_cases_and_shows_them(admin_client, client, cast, moderator, settings):
+    settings.SLUICE_MODERATION_STRIKES_TO_SUSPEND = 2
+    first, second, third = (open_blocked_case(cast.tenant) for _ in range(3))
+    for case in (first, second, third):  # the third is upheld while the suspension is open
+        services.case_decide(case=case, moderator=moderator, decision="uphold", note="a strike")
+    suspension = TenantSuspension.objects.get()
+    assert set(suspension.cases.all()) == {first, second, third} and suspension.strike_count == 3
+
+    page = admin_client.get(f"/admin/moderation/tenantsuspension/{suspension.pk}/change/").content.decode()
+    client.force_login(moderator)
+    queue = client.get("/moderation/").content.decode()
+    for case in (first, second, third):
+        assert f'href="/moderation/cases/{case.pk}/"' in page and f"#{case.pk}" in queue
+
+
+def test_earlier_suspensions_get_their_strikes_linked_on_migrating(cast, moderator, settings):
+    import importlib
+
+    from django.apps import apps
+
+    settings.SLUICE_MODERATION_STRIKES_TO_SUSPEND = 2
+    strikes = [open_blocked_case(cast.tenant) for _ in range(2)]
+    for case in strikes:
+        services.case_decide(case=case, moderator=moderator, decision="uphold", note="a strike")
+    suspension = TenantSuspension.objects.get()
+    suspension.cases.clear()  # as it was before suspensions linked their cases
+    importlib.import_module("moderation.migrations.0009_suspension_cases").link_counted_cases(apps, None)
+    assert set(suspension.cases.all()) == set(strikes)
+
+
+def test_an_uphold_and_the_suspension_it_triggers_commit_together(cast, moderator, settings, monkeypatch):
+    """Enforced after the uphold committed, a failure left the strike standing and the tenant
+    working; in the same transaction, the uphold rolls back and can be decided again."""
+    settings.SLUICE_MODERATION_STRIKES_TO_SUSPEND = 1
+    case = open_blocked_case(cast.tenant)
+
+    def broken(*, tenant):
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(services, "tenant_suspend", broken)
+    with pytest.raises(RuntimeError):
+        services.case_decide(case=case, moderator=moderator, decision="uphold", note="a strike")
+    assert ModerationCase.objects.get(pk=case.pk).status == "open"
+    assert not CaseDecision.objects.exists() and not TenantSuspension.objects.exists()
+    monkeypatch.undo()
+    services.case_decide(case=case, moderator=moderator, decision="uphold", note="a strike")
+    assert Tenant.objects.get(pk=cast.tenant.pk).is_suspended
+
+
 def test_lifting_a_moderation_suspension_leaves_a_staff_suspension(admin_client, cast, moderator, settings):
     """Staff suspended the tenant, then strikes suspended it again: each is its own reason, and
     the tenant is active only when both are lifted, in either order."""

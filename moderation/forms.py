@@ -19,6 +19,13 @@ class DecisionForm(forms.Form):
     note = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 2}),
                            help_text="Why: required to uphold or overturn.")
 
+    def offer(self, decisions: list[str]) -> None:
+        """Show only these; any decision still validates, so a stale page's choice gets
+        case_decide's own answer ("already escalated", "already decided")."""
+        self.fields["decision"].widget.choices = [
+            (value, label) for value, label in CaseDecision.Decision.choices if value in decisions
+        ]
+
 
 class UnsuspendForm(forms.Form):
     # Required: the note is the audit trail of why a suspension was lifted.

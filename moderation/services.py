@@ -240,6 +240,9 @@ _DECIDABLE_FROM = {
 def _decision_refusal(*, case_id: int, status: str, moderator, decision: str) -> SluiceError | None:
     """Why `moderator` may not record `decision` on a case in `status` now; None: they may."""
     if status not in _DECIDABLE_FROM[decision]:
+        if (status == ModerationCase.Status.ESCALATED
+                and decision == CaseDecision.Decision.ESCALATE):
+            return InvalidParameter("This case was already escalated.", param="decision")
         return InvalidParameter("This case was already decided.", param="decision")
     if status == ModerationCase.Status.ESCALATED:
         # Escalating hands the case to a senior reviewer, and a second pair of eyes.
@@ -253,6 +256,14 @@ def _decision_refusal(*, case_id: int, status: str, moderator, decision: str) ->
         if escalated_by == moderator.pk:
             return PermissionDenied("A case you escalated is decided by another senior reviewer.")
     return None
+
+
+def case_decisions_allowed(*, case: ModerationCase, moderator) -> list[str]:
+    """What case_decide would accept from `moderator` on the case as read: the case page offers
+    only these."""
+    return [decision for decision in CaseDecision.Decision.values
+            if _decision_refusal(case_id=case.pk, status=case.status, moderator=moderator,
+                                 decision=decision) is None]
 
 
 def case_decide(*, case: ModerationCase, moderator, decision: str, note: str = "") -> CaseDecision:

@@ -74,11 +74,17 @@ def case_detail(request, case_id: int):
             )
             messages.success(request, f"Case {case.pk}: {case.get_status_display()}.")
             return redirect("moderation-queue")
-        except InvalidParameter as exc:
+        except (InvalidParameter, PermissionDenied) as exc:
             form.add_error(None, exc.message)
+            # Another moderator decided meanwhile, or the page was stale: show the case as it
+            # is now, not the form it was read with.
+            case = selectors.case_get(case_id=case_id)
+    allowed = services.case_decisions_allowed(case=case, moderator=request.user)
+    form.offer(allowed)
     context = {
         "case": case,
         "form": form,
+        "decisions_allowed": allowed,
         "decisions": case.decisions.select_related("moderator"),
         "suspension": selectors.suspension_active_for_tenant(tenant=case.tenant),
         "recent_cases": selectors.cases_for_review(tenant=case.tenant).exclude(pk=case.pk)[:10],

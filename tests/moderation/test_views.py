@@ -141,3 +141,51 @@ def test_lifting_needs_a_note_and_a_suspension_lifted_meanwhile_is_a_message(cli
     response = client.post(url, {"note": "second"}, follow=True)
     assert response.status_code == 200 and "already lifted" in response.content.decode()
     assert not Tenant.objects.get(pk=cast.tenant.pk).is_suspended
+
+
+def test_an_escalated_case_offers_no_escalate_and_says_already_escalated(client, moderator, cases, db):
+    from django.contrib.auth.models import Permission
+
+    senior = UserFactory(username="senior")
+    senior.user_permissions.add(*Permission.objects.filter(codename__in=["review_case", "review_escalated"]))
+    case = cases["acme_jb"]
+    url = reverse("moderation-case", args=[case.pk])
+    client.force_login(moderator)
+    assert 'value="escalate"' in client.get(url).content.decode()
+    services.case_decide(case=case, moderator=moderator, decision="escalate", note="unsure")
+    page = client.get(url).content.decode()
+    assert "<h2>Decide</h2>" not in page and "a senior reviewer" in page  # not theirs to decide
+    again = client.post(url, {"decision": "escalate", "note": "still unsure"}).content.decode()
+    assert "already escalated" in again and "already decided" not in again
+
+    client.force_login(senior)
+    page = client.get(url).content.decode()
+    assert 'value="uphold"' in page and 'value="overturn"' in page and 'value="escalate"' not in page
+    assert CaseDecision.objects.filter(case=case).count() == 1
+
+
+def test_a_decision_lost_to_another_moderator_shows_the_case_as_it_is_now(client, moderator, cases,
+                                                                          monkeypatch):
+    from moderation import selectors
+
+    case = cases["acme_jb"]
+    other = UserFactory(username="other")
+    other.user_permissions.add(Permission.objects.get(codename="review_case"))
+    read_case = selectors.case_get
+    reads = []
+
+    def read_then_lose_the_race(*, case_id):
+        found = read_case(case_id=case_id)
+        if not reads:  # the other moderator's decision commits just after this request read it
+            services.case_decide(case=read_case(case_id=case_id), moderator=other,
+                                 decision="overturn", note="a false positive")
+        reads.append(case_id)
+        return found
+
+    monkeypatch.setattr(selectors, "case_get", read_then_lose_the_race)
+    client.force_login(moderator)
+    response = client.post(reverse("moderation-case", args=[case.pk]),
+                           {"decision": "uphold", "note": "an attack"})
+    page = response.content.decode()
+    assert response.status_code == 200 and "already decided" in page
+    assert "<small>overturned</small>" in page and "<h2>Decide</h2>" not in page

@@ -110,7 +110,8 @@ class TenantSuspensionAdmin(admin.ModelAdmin):
     list_display = ("tenant", "kind", "created_at", "strike_count", "lifted_at", "lifted_by")
     list_filter = ("kind",)
     fields = readonly_fields = ("tenant", "kind", "reason", "strike_count", "strike_cases",
-                                "created_at", "lifted_at", "lifted_by", "lift_note")
+                                "created_at", "lifted_at", "lifted_by", "lift_note",
+                                "lifted_by_decision")
 
     @admin.display(description="Strikes (cases)")
     def strike_cases(self, obj) -> str:

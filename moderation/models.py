@@ -192,8 +192,9 @@ class ModerationCase(models.Model):
         ]
         permissions = [
             ("review_case", "Can review moderation cases and lift suspensions"),
-            # Senior reviewers: an escalated case is decided by one who did not escalate it.
-            ("review_escalated", "Can decide escalated moderation cases"),
+            # Senior reviewers: an escalated case is decided by one who did not escalate it, and
+            # only they reverse a strike.
+            ("review_escalated", "Can decide escalated moderation cases and overturn upheld ones"),
         ]
 
     def __str__(self) -> str:
@@ -248,6 +249,11 @@ class TenantSuspension(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
     )
     lift_note = models.TextField(blank=True)
+    # Set when a senior overturning one of its strikes left too few to suspend: such a lift
+    # forgives none of the strikes still upheld (selectors.suspension_last_lifted_at).
+    lifted_by_decision = models.ForeignKey(
+        CaseDecision, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
 
     class Meta:
         ordering = ["-created_at"]

@@ -120,7 +120,9 @@ def suspension_active_for_tenant(*, tenant: Tenant) -> TenantSuspension | None:
 
 def suspension_last_lifted_at(*, tenant: Tenant) -> datetime | None:
     lifted = (
-        TenantSuspension.objects.filter(tenant=tenant, kind=_STRIKES, lifted_at__isnull=False)
+        # A lift by an overturn forgives nothing: the strikes still upheld count on.
+        TenantSuspension.objects.filter(tenant=tenant, kind=_STRIKES, lifted_at__isnull=False,
+                                        lifted_by_decision__isnull=True)
         .order_by("-lifted_at")
         .values_list("lifted_at", flat=True)
         .first()

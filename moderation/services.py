@@ -229,10 +229,11 @@ _NEXT_STATUS = {
     CaseDecision.Decision.ESCALATE: ModerationCase.Status.ESCALATED,
 }
 # Escalating hands a case to a senior reviewer (_decision_refusal): it stays undecided, and
-# cannot bounce back.
+# cannot bounce back. A senior may also overturn an upheld case (a strike given in error).
 _DECIDABLE_FROM = {
     CaseDecision.Decision.UPHOLD: [ModerationCase.Status.OPEN, ModerationCase.Status.ESCALATED],
-    CaseDecision.Decision.OVERTURN: [ModerationCase.Status.OPEN, ModerationCase.Status.ESCALATED],
+    CaseDecision.Decision.OVERTURN: [ModerationCase.Status.OPEN, ModerationCase.Status.ESCALATED,
+                                     ModerationCase.Status.UPHELD],
     CaseDecision.Decision.ESCALATE: [ModerationCase.Status.OPEN],
 }
 
@@ -244,6 +245,9 @@ def _decision_refusal(*, case_id: int, status: str, moderator, decision: str) ->
                 and decision == CaseDecision.Decision.ESCALATE):
             return InvalidParameter("This case was already escalated.", param="decision")
         return InvalidParameter("This case was already decided.", param="decision")
+    if status == ModerationCase.Status.UPHELD and not moderator.has_perm(SENIOR_REVIEW_PERMISSION):
+        return PermissionDenied("Overturning an upheld case is for a senior reviewer "
+                                f"(the permission {SENIOR_REVIEW_PERMISSION}).")
     if status == ModerationCase.Status.ESCALATED:
         # Escalating hands the case to a senior reviewer, and a second pair of eyes.
         if not moderator.has_perm(SENIOR_REVIEW_PERMISSION):
@@ -299,6 +303,8 @@ def case_decide(*, case: ModerationCase, moderator, decision: str, note: str = "
             # threshold working until its next run. The tenant's row lock (taken after the
             # case's) counts concurrent upholds one after the other, so neither misses the other.
             tenant_strikes_enforce(case=case, now=now)
+        elif status == ModerationCase.Status.UPHELD:  # a strike taken back
+            tenant_strikes_recount(case=case, overturn=entry, now=now)
     logger.info("case %s %s by %s", case.pk, decision, moderator)
     return entry
 
@@ -334,6 +340,29 @@ def tenant_strikes_enforce(*, case: ModerationCase, now) -> TenantSuspension | N
     tenant_suspend(tenant=tenant)
     logger.warning("tenant %s suspended after %s strikes", tenant.slug, len(strikes))
     return suspension
+
+
+def tenant_strikes_recount(*, case: ModerationCase, overturn: CaseDecision, now) -> TenantSuspension | None:
+    """In case_decide's transaction, for an upheld case just overturned: the open strikes
+    suspension that counted it is lifted, by that overturn, when fewer of its strikes stand than
+    suspend. Only that reason: a tenant staff also suspended stays suspended."""
+    tenant = case.tenant
+    _tenant_lock(tenant=tenant)
+    pending = selectors.suspension_active_for_tenant(tenant=tenant)
+    if pending is None or not pending.cases.filter(pk=case.pk).exists():
+        return None
+    standing = pending.cases.filter(status=ModerationCase.Status.UPHELD).count()
+    needed = settings.SLUICE_MODERATION_STRIKES_TO_SUSPEND
+    if standing >= needed:
+        return None
+    TenantSuspension.objects.filter(pk=pending.pk, lifted_at__isnull=True).update(
+        lifted_at=now, lifted_by=overturn.moderator, lifted_by_decision=overturn,
+        lift_note=f"Case {case.pk} overturned: {standing} of its strikes stand, under the "
+                  f"{needed} that suspend.",
+    )
+    _tenant_unsuspend_if_clear(tenant=tenant)
+    logger.info("tenant %s: suspension lifted by the overturn of case %s", tenant.slug, case.pk)
+    return pending
 
 
 def _tenant_lock(*, tenant: Tenant) -> None:

@@ -259,6 +259,48 @@ def test_an_uphold_and_the_suspension_it_triggers_commit_together(cast, moderato
     assert Tenant.objects.get(pk=cast.tenant.pk).is_suspended
 
 
+def test_a_senior_overturns_an_upheld_case_and_a_suspension_left_short_of_strikes_is_lifted(
+        client, cast, moderator, senior, settings):
+    settings.SLUICE_MODERATION_STRIKES_TO_SUSPEND = 2
+    first, second = open_blocked_case(cast.tenant), open_blocked_case(cast.tenant)
+    for case in (first, second):
+        services.case_decide(case=case, moderator=moderator, decision="uphold", note="a strike")
+    assert Tenant.objects.get(pk=cast.tenant.pk).is_suspended
+    with pytest.raises(PermissionDenied):  # reversing a strike is for a senior
+        services.case_decide(case=second, moderator=moderator, decision="overturn", note="oops")
+    client.force_login(senior)
+    page = client.get(f"/moderation/cases/{second.pk}/").content.decode()
+    assert 'value="overturn"' in page and 'value="uphold"' not in page
+
+    overturn = services.case_decide(case=second, moderator=senior, decision="overturn", note="benign after all")
+    assert ModerationCase.objects.get(pk=second.pk).status == "overturned"
+    suspension = TenantSuspension.objects.get()
+    assert (suspension.lifted_by, suspension.lifted_by_decision) == (senior, overturn)
+    assert not Tenant.objects.get(pk=cast.tenant.pk).is_suspended
+    with pytest.raises(InvalidParameter):
+        services.case_decide(case=second, moderator=senior, decision="overturn", note="again")
+
+    # That lift forgave nothing: the strike still upheld and a new one suspend again.
+    services.case_decide(case=open_blocked_case(cast.tenant), moderator=moderator, decision="uphold",
+                         note="a strike")
+    assert Tenant.objects.get(pk=cast.tenant.pk).is_suspended
+
+
+def test_an_overturn_leaves_a_suspension_with_enough_strikes_and_staffs_own(
+        admin_client, cast, moderator, senior, settings):
+    settings.SLUICE_MODERATION_STRIKES_TO_SUSPEND = 2
+    strikes = [open_blocked_case(cast.tenant) for _ in range(3)]
+    for case in strikes:
+        services.case_decide(case=case, moderator=moderator, decision="uphold", note="a strike")
+    services.case_decide(case=strikes[0], moderator=senior, decision="overturn", note="benign")
+    assert selectors.suspension_active_for_tenant(tenant=cast.tenant) is not None  # two stand
+
+    admin_client.post("/admin/portal/tenant/", {"action": "suspend", "_selected_action": [cast.tenant.pk]})
+    services.case_decide(case=strikes[1], moderator=senior, decision="overturn", note="benign")
+    assert selectors.suspension_active_for_tenant(tenant=cast.tenant) is None  # one stands: lifted
+    assert Tenant.objects.get(pk=cast.tenant.pk).is_suspended  # staff's reason stays
+
+
 def test_lifting_a_moderation_suspension_leaves_a_staff_suspension(admin_client, cast, moderator, settings):
     """Staff suspended the tenant, then strikes suspended it again: each is its own reason, and
     the tenant is active only when both are lifted, in either order."""

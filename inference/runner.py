@@ -118,7 +118,8 @@ def output_case_open(*, job, verdict, text: str) -> None:
     from moderation.services import case_open
 
     case_open(tenant=job.tenant, api_key=job.api_key, verdict=verdict, text=text,
-              source=ModerationCase.Source.OUTPUT, endpoint=f"jobs:{job.kind}", request_id=job.pk)
+              source=ModerationCase.Source.OUTPUT, endpoint=f"jobs:{job.kind}", request_id=job.pk,
+              job_id=job.pk)  # a redelivered job's second run opens no second case
 
 
 def job_run(*, job_id: str, attempt: int) -> str:

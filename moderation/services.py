@@ -164,6 +164,16 @@ def moderation_event_publish(*, tenant: Tenant, event_type: str, payload: dict) 
         logger.exception("could not record the %s webhook for tenant %s", event_type, tenant.slug)
 
 
+def _request_digest(*, idempotency_key: str | None, text: str, job_id: str | None) -> str:
+    """What one_case_per_request dedups on; empty: no deduplication."""
+    if job_id:
+        # The job id alone: a redelivered job samples its output again, so the text differs.
+        return hashlib.sha256(f"job\x01{job_id}".encode()).hexdigest()
+    if idempotency_key:
+        return hashlib.sha256(f"{idempotency_key}\0{text}".encode()).hexdigest()
+    return ""
+
+
 def case_open(
     *,
     tenant: Tenant,
@@ -174,12 +184,14 @@ def case_open(
     api_key: ApiKey | None = None,
     request_id: str = "",
     idempotency_key: str | None = None,
+    job_id: str | None = None,
 ) -> ModerationCase:
     """A case for a verdict that needs one. With an Idempotency-Key, the same text sent again
     under it (a client's retry, a double-clicked form) is the same request: its first case is
-    returned, so one request never counts as several strikes."""
+    returned, so one request never counts as several strikes. A job's output case is one per
+    job (`job_id`), whatever text a redelivered run sampled."""
     now = timezone.now()
-    digest = hashlib.sha256(f"{idempotency_key}\0{text}".encode()).hexdigest() if idempotency_key else ""
+    digest = _request_digest(idempotency_key=idempotency_key, text=text, job_id=job_id)
     try:
         with transaction.atomic():
             case = ModerationCase.objects.create(

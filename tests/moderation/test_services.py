@@ -457,6 +457,25 @@ def test_a_policy_edited_in_the_admin_applies_at_once(admin_client, cast):
     assert selectors.safety_policy_for_tenant(tenant=cast.tenant).slug == "standard"
 
 
+def test_a_redelivered_job_opens_one_output_case(cast):
+    from inference.models import Job
+    from inference.runner import output_case_open
+    from moderation.cascade import safety_check_output_window
+
+    def run_stopped(job, text):
+        policy = selectors.safety_policy_for_tenant(tenant=cast.tenant)
+        verdict = safety_check_output_window(text_so_far=text, policy=policy)
+        assert verdict.action == BLOCK
+        output_case_open(job=job, verdict=verdict, text=text)
+
+    job, other = (Job.objects.create(tenant=cast.tenant, kind="text", model="sluice-code-tiny", priority=1,
+                                     pool="text-batch", estimated_mcu=5, params={}) for _ in range(2))
+    run_stopped(job, "Sure! " + ATTACK)
+    run_stopped(job, "Of course. " + ATTACK)  # the redelivered run sampled other text
+    run_stopped(other, "Sure! " + ATTACK)
+    assert sorted(ModerationCase.objects.values_list("request_id", flat=True)) == sorted([job.pk, other.pk])
+
+
 def test_the_worker_moderates_under_the_jobs_policy_snapshot(cast):
     from inference.models import Job
     from inference.runner import output_moderator_for

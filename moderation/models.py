@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -203,6 +204,13 @@ class ModerationCase(models.Model):
     @property
     def is_decided(self) -> bool:
         return self.status in {self.Status.UPHELD, self.Status.OVERTURNED}
+
+    @property
+    def prompt_kept_until(self):
+        """The earlier of the retention it was stored under and the current one (shortened
+        since, it applies to this case too: selectors.case_prompt_expired)."""
+        retention = timedelta(days=settings.SLUICE_MODERATION_PROMPT_RETENTION_DAYS)
+        return min(self.prompt_expires_at, self.created_at + retention)
 
 
 class CaseDecision(models.Model):

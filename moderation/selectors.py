@@ -7,7 +7,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db.models import Q, QuerySet
@@ -136,11 +136,18 @@ def suspensions_active(*, tenant: Tenant | None) -> QuerySet[TenantSuspension]:
     return suspensions.filter(tenant=tenant) if tenant is not None else suspensions
 
 
+def case_prompt_expired(*, now: datetime) -> Q:
+    """Cases whose prompt is past retention: the period it was stored under, or the current
+    SLUICE_MODERATION_PROMPT_RETENTION_DAYS if shortened since (it applies to existing cases)."""
+    retention = timedelta(days=settings.SLUICE_MODERATION_PROMPT_RETENTION_DAYS)
+    return Q(prompt_expires_at__lte=now) | Q(created_at__lte=now - retention)
+
+
 def overturned_cases_jsonl(*, tenant: Tenant | None) -> Iterator[str]:
     """False positives as labelled rows for retraining, in the dataset's line format."""
     cases = cases_for_review(tenant=tenant, statuses=[ModerationCase.Status.OVERTURNED])
     # A prompt past its retention is out even before the hourly purge has emptied it.
-    kept = cases.filter(prompt_purged=False, prompt_expires_at__gt=timezone.now())
+    kept = cases.filter(prompt_purged=False).exclude(case_prompt_expired(now=timezone.now()))
     for case in kept.order_by("pk").iterator():
         yield json.dumps(
             {

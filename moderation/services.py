@@ -446,7 +446,7 @@ def case_prompts_purge(*, now=None) -> int:
     """Empty the prompts whose retention ended; the case and its decisions stay."""
     now = now or timezone.now()
     return ModerationCase.objects.filter(
-        prompt_expires_at__lte=now, prompt_purged=False
+        selectors.case_prompt_expired(now=now), prompt_purged=False
     ).update(prompt="", prompt_purged=True)
 
 

@@ -386,6 +386,23 @@ def test_prompts_past_retention_are_purged_on_the_beat_and_never_exported(cast, 
     assert case.prompt == "" and case.prompt_purged
 
 
+def test_a_shortened_retention_applies_to_existing_cases(client, cast, moderator, settings):
+    settings.SLUICE_MODERATION_PROMPT_RETENTION_DAYS = 30
+    old, recent = open_blocked_case(cast.tenant), open_blocked_case(cast.tenant)
+    for case in (old, recent):
+        services.case_decide(case=case, moderator=moderator, decision="overturn", note="a false positive")
+    ModerationCase.objects.filter(pk=old.pk).update(created_at=timezone.now() - timedelta(days=10))
+    settings.SLUICE_MODERATION_PROMPT_RETENTION_DAYS = 7  # stored under 30 days, kept 7 now
+    rows = [json.loads(line) for line in selectors.overturned_cases_jsonl(tenant=None)]
+    assert [row["source"] for row in rows] == [f"sluice:moderation_case/{recent.pk}"]
+    client.force_login(moderator)
+    kept_until = (timezone.now() + timedelta(days=7)).strftime("%Y-%m-%d")
+    assert f"Kept until {kept_until}" in client.get(f"/moderation/cases/{recent.pk}/").content.decode()
+    assert services.case_prompts_purge() == 1
+    assert ModerationCase.objects.get(pk=old.pk).prompt_purged
+    assert not ModerationCase.objects.get(pk=recent.pk).prompt_purged
+
+
 def test_moderation_records_cannot_be_deleted_in_the_admin(admin_client, cast):
     from moderation.models import TenantSuspension
 

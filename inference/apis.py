@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 
-from django.http import StreamingHttpResponse
+from django.http import HttpResponse, StreamingHttpResponse
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.exceptions import NotAcceptable
@@ -13,11 +14,11 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from inference.errors import StreamInterrupted
-from inference.events import events_follow
+from inference.events import JobEnd, events_to_end
 from inference.models import Job
 from inference.scheduler import scheduler_position
 from inference.selectors import JobPage, job_get_for_tenant, jobs_page_for_tenant
-from inference.services import job_cancel
+from inference.services import job_cancel, job_terminal_event
 from portal.authentication import bearer_token
 from portal.db import database_step
 from portal.errors import InvalidApiKey, SluiceError, json_error
@@ -144,28 +145,43 @@ def _after_seq(raw: str | None) -> int:
         return 0
 
 
+@database_step
+def job_end_read(job_id: str) -> JobEnd | None:
+    """How the job ended, from its row (None while it runs): what a follower is sent when the
+    job's stream cannot say it (events.events_to_end)."""
+    job = Job.objects.filter(pk=job_id).first()
+    if job is None or not job.is_terminal:
+        return None
+    if job.status == Job.Status.REJECTED:  # refused at admission: it has no terminal event type
+        event_type, data = "job.failed", {"status": job.status, "actual_cu": 0.0,
+                                          "error": {"code": job.error_code, "message": job.error_message}}
+    else:
+        event_type, data = job_terminal_event(job)
+    return JobEnd(type=event_type, data=data, ended_at=(job.finished_at or job.queued_at).timestamp())
+
+
 async def job_events_sse(request, job_id: str):
     """GET /v1/jobs/{id}/events: the job's events as Server-Sent Events, resumable with
-    Last-Event-ID (or ?after=<seq>). Ends after the terminal event."""
+    Last-Event-ID (or ?after=<seq>). Ends after the terminal event; 204 to a client resuming
+    after it (EventSource reconnects after every end of a response, but not after a 204)."""
     user = await request.auser()
     try:
         # database_step: the connection goes back to the pool when the call returns.
         job = await database_step(job_for_caller)(
             authorization=request.headers.get("Authorization", ""), user=user, job_id=job_id
         )
+        after = _after_seq(request.headers.get("Last-Event-ID") or request.GET.get("after"))
+        events = await events_to_end(job_id=job.pk, after_seq=after, block_ms=round(SSE_KEEPALIVE_S * 1000),
+                                     job_end=functools.partial(job_end_read, job.pk))
     except SluiceError as error:
         return json_error(error)
-    after = _after_seq(request.headers.get("Last-Event-ID") or request.GET.get("after"))
-
-    @database_step
-    def is_finished() -> bool:
-        return Job.objects.filter(pk=job.pk).values_list("status", flat=True).first() in Job.TERMINAL
+    if events is None:
+        return HttpResponse(status=204)
 
     async def stream():
         yield ": connected\n\n"
         try:
-            async for event in events_follow(job_id=job.pk, after_seq=after,
-                                             block_ms=SSE_KEEPALIVE_S * 1000, is_finished=is_finished):
+            async for event in events:
                 yield ": keep-alive\n\n" if event is None else event.as_sse()
                 await asyncio.sleep(0)
         except StreamInterrupted:

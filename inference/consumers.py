@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from inference.apis import job_for_caller
+from inference.apis import job_end_read, job_for_caller
 from inference.errors import StreamInterrupted
-from inference.events import events_follow, tenant_group
+from inference.events import events_to_end, tenant_group
 from portal.errors import SluiceError
 
 CLOSE_NOT_FOUND = 4404
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_UNAVAILABLE = 4503
+# A quiet stream is waited on this long before the job's row is read: a job that ended without
+# its terminal event reaching the stream is ended from its row.
+FOLLOW_IDLE_MS = 15_000
 
 
 class JobEventsConsumer(AsyncJsonWebsocketConsumer):
@@ -42,9 +46,12 @@ class JobEventsConsumer(AsyncJsonWebsocketConsumer):
 
     async def _follow(self, after: int) -> None:
         try:
-            async for event in events_follow(job_id=self.job.pk, after_seq=after, block_ms=15_000):
-                if event is not None:
-                    await self.send_json(event.as_dict())
+            events = await events_to_end(job_id=self.job.pk, after_seq=after, block_ms=FOLLOW_IDLE_MS,
+                                         job_end=functools.partial(job_end_read, self.job.pk))
+            if events is not None:  # None: resumed after the end it had, nothing to send
+                async for event in events:
+                    if event is not None:
+                        await self.send_json(event.as_dict())
         except StreamInterrupted:
             # Try again later: reconnecting with ?after=<last seq> misses nothing.
             await self.close(code=CLOSE_UNAVAILABLE)

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import redis
@@ -58,7 +58,7 @@ def event_publish(*, job_id: str, tenant_id: int, event_type: str, data: dict) -
     """Append an event to the job's stream; status changes also go to the tenant's group.
 
     `published_at` (epoch seconds) lets a follower measure how late an event reached it."""
-    payload = {"job_id": job_id, "published_at": round(time.time(), 6), **data}
+    payload = _payload(job_id, data, published_at=time.time())
     group = tenant_group(tenant_id)
     seq, webhooks, listeners = lua_script(redis_client(), "publish", package="inference")(
         keys=[stream_key(job_id), f"{stream_key(job_id)}:seq", WEBHOOK_TENANTS_KEY,
@@ -77,6 +77,10 @@ def event_publish(*, job_id: str, tenant_id: int, event_type: str, data: dict) -
         _webhook(tenant_id=tenant_id, event_type=event_type,
                  data={"id": job_id, "object": "job", "seq": int(seq), **data})
     return int(seq)
+
+
+def _payload(job_id: str, data: dict, *, published_at: float) -> dict:
+    return {"job_id": job_id, "published_at": round(published_at, 6), **data}
 
 
 # Tenant ids that have (or had) a webhook endpoint, so publishing an event for any other tenant
@@ -191,3 +195,99 @@ async def events_follow(*, job_id: str, after_seq: int = 0, block_ms: int = 15_0
             yield event
             if event.type in TERMINAL_EVENTS:
                 return
+
+
+@dataclass(frozen=True)
+class JobEnd:
+    """How an ended job ended, read from its row: what its terminal event says."""
+
+    type: str
+    data: dict
+    ended_at: float  # epoch seconds
+
+
+# The seq at which a follower was sent an end built from the row (see events_to_end), so that
+# one resuming after it is told there is nothing more instead of being sent the end again.
+END_SENT_KEY = "ev:{job_id}:end"
+
+
+async def events_to_end(*, job_id: str, after_seq: int, block_ms: int,
+                        job_end: Callable[[], Awaitable[JobEnd | None]],
+                        ) -> AsyncIterator[JobEvent | None] | None:
+    """A follower's events after `after_seq`, live (None on each idle `block_ms`), ending with
+    the job's terminal event. When the stream cannot give that event - it expired a day after
+    the end, or Redis refused it (`terminal_event_pending`) - one is built from the ended row
+    (`job_end`: None while the job runs), with the next seq. None instead of events: the
+    follower resumed after the end it already had, and there is nothing to send (SSE answers
+    204, which stops a browser's EventSource from reconnecting for ever).
+
+    An ended job's stream is read once, without blocking: it will not grow (if Redis cannot be
+    read just then, the follower waits and retries as a running job's does)."""
+    end = await job_end()
+    if end is None:
+        return _follow_to_end(job_id=job_id, after_seq=after_seq, block_ms=block_ms, job_end=job_end)
+    client = _follow_client()
+    try:
+        entries = await client.xrange(stream_key(job_id), min=f"0-{after_seq + 1}", max="+")
+        events = [_decode(entry_id, fields) for entry_id, fields in entries]
+        ends = [index for index, event in enumerate(events) if event.type in TERMINAL_EVENTS]
+        if ends:
+            return _replayed(events[:ends[0] + 1])
+        if not events and await _end_already_sent(client, job_id=job_id, after_seq=after_seq):
+            return None
+        last_seq = events[-1].seq if events else after_seq
+        return _replayed([*events, await _end_event(client, job_id=job_id, end=end, last_seq=last_seq)])
+    except redis.RedisError:
+        return _follow_to_end(job_id=job_id, after_seq=after_seq, block_ms=block_ms, job_end=job_end)
+
+
+async def _replayed(events: list[JobEvent]) -> AsyncIterator[JobEvent | None]:
+    for event in events:
+        yield event
+
+
+async def _follow_to_end(*, job_id: str, after_seq: int, block_ms: int,
+                         job_end: Callable[[], Awaitable[JobEnd | None]],
+                         ) -> AsyncIterator[JobEvent | None]:
+    end: JobEnd | None = None
+
+    async def is_finished() -> bool:
+        nonlocal end
+        end = await job_end()
+        return end is not None
+
+    last_seq = after_seq
+    async for event in events_follow(job_id=job_id, after_seq=after_seq, block_ms=block_ms,
+                                     is_finished=is_finished):
+        yield event
+        if event is None:
+            continue
+        last_seq = event.seq
+        if event.type in TERMINAL_EVENTS:
+            return
+    # The job ended, and its stream went quiet without saying so.
+    try:
+        yield await _end_event(_follow_client(), job_id=job_id, end=end, last_seq=last_seq)
+    except redis.RedisError as exc:
+        raise StreamInterrupted() from exc
+
+
+async def _end_already_sent(client, *, job_id: str, after_seq: int) -> bool:
+    """Whether a follower with nothing left after `after_seq` already had the end: the
+    stream's terminal event, or one built from the row, at or before it."""
+    before = await client.xrevrange(stream_key(job_id), max=f"0-{after_seq}", min="-", count=1)
+    if before and _decode(*before[0]).type in TERMINAL_EVENTS:
+        return True
+    sent = await client.get(END_SENT_KEY.format(job_id=job_id))
+    return sent is not None and int(sent) <= after_seq
+
+
+async def _end_event(client, *, job_id: str, end: JobEnd, last_seq: int) -> JobEvent:
+    """The end built from the row, after every seq the stream gave out and the follower saw.
+    Its seq is remembered for a day (the first follower's, when several race)."""
+    given_out = await client.get(f"{stream_key(job_id)}:seq")
+    seq = max(last_seq, int(given_out or 0)) + 1
+    key = END_SENT_KEY.format(job_id=job_id)
+    if not await client.set(key, seq, nx=True, ex=STREAM_TTL_S):
+        seq = max(seq, int(await client.get(key) or 0))
+    return JobEvent(seq=seq, type=end.type, data=_payload(job_id, end.data, published_at=end.ended_at))

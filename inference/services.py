@@ -288,7 +288,7 @@ _TERMINAL_EVENT_TYPES = {Job.Status.SUCCEEDED: "job.completed", Job.Status.FAILE
                          Job.Status.CANCELLED: "job.cancelled"}
 
 
-def _terminal_event(job: Job) -> tuple[str, dict]:
+def job_terminal_event(job: Job) -> tuple[str, dict]:
     """The event that tells followers and webhooks how `job` (as ended) ended."""
     data: dict = {"status": job.status, "actual_cu": (job.actual_mcu or 0) / 1000}
     if job.status == Job.Status.SUCCEEDED:
@@ -331,7 +331,7 @@ def _finish(job: Job, *, status: str, actual_mcu: int, fields: dict,
         setattr(job, name, value)
     job_finish_observe(pool=job.pool, model=job.model, status=status, started_at=job.started_at,
                        finished_at=now)
-    event_type, event_data = _terminal_event(job)
+    event_type, event_data = job_terminal_event(job)
     try:
         event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type=event_type,
                       data=event_data)
@@ -460,7 +460,7 @@ def _terminal_events_publish() -> int:
     """Publish the terminal events Redis refused when their jobs ended (see `_finish`)."""
     announced = 0
     for job in Job.objects.filter(terminal_event_pending=True)[:200]:
-        event_type, event_data = _terminal_event(job)
+        event_type, event_data = job_terminal_event(job)
         event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type=event_type,
                       data=event_data)
         Job.objects.filter(pk=job.pk).update(terminal_event_pending=False)

@@ -128,3 +128,122 @@ async def _relayed(job: Job, *, include_usage: bool = False) -> list[str]:
     async for piece in _stream(job, shape, SimpleNamespace(include_usage=include_usage)):
         chunks += [line.removeprefix("data: ") for line in piece.splitlines() if line.startswith("data: ")]
     return chunks
+
+
+# --- following a job whose stream cannot tell its end ------------------------------------------
+
+
+def _ended_without_its_event(job: Job) -> None:
+    """The row ends as job_succeed ends it, and the stream never hears of it (Redis refused
+    the event, or the stream expired a day later)."""
+    from django.utils import timezone
+
+    Job.objects.filter(pk=job.pk).update(status=Job.Status.SUCCEEDED, finished_at=timezone.now(),
+                                         actual_mcu=700, progress=100.0,
+                                         result={"video": f"videos/{job.pk}.mp4"})
+
+
+async def _sse_events(job: Job, key: str, *, last_event_id: int | None = None):
+    from django.test import AsyncClient
+
+    headers = {"Authorization": f"Bearer {key}"}
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = str(last_event_id)
+    response = await AsyncClient().get(f"/v1/jobs/{job.pk}/events", headers=headers)
+    if response.status_code != 200:
+        return response.status_code, []
+
+    async def body() -> str:
+        return b"".join([chunk async for chunk in response.streaming_content]).decode()
+
+    events = []
+    for block in (await asyncio.wait_for(body(), timeout=5)).split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if not line.startswith(":"))
+        if fields:
+            events.append((int(fields["id"]), fields["event"], json.loads(fields["data"])))
+    return 200, events
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_sse_of_an_ended_job_whose_stream_expired_ends_from_its_row_then_answers_204(cast, sent_tasks):
+    from inference.events import stream_key
+
+    job = (await sync_to_async(video_job_submit)(await sync_to_async(api_key_obj)(cast.tenant))).job
+    await sync_to_async(_ended_without_its_event)(job)
+    await sync_to_async(redis_client().delete)(stream_key(job.pk), f"{stream_key(job.pk)}:seq")
+
+    status, events = await _sse_events(job, cast.owner_key)  # at once, not after a keep-alive
+    assert status == 200 and [(seq, kind) for seq, kind, _ in events] == [(1, "job.completed")]
+    end = events[0][2]
+    assert end["status"] == "succeeded" and end["actual_cu"] == 0.7 and end["job_id"] == job.pk
+    assert end["content_url"] == f"/v1/videos/{job.pk}/content"
+    # EventSource reconnects after every response that ends; a 204 is what stops it.
+    assert (await _sse_events(job, cast.owner_key, last_event_id=1))[0] == 204
+    assert (await _sse_events(job, cast.owner_key, last_event_id=0))[1][0][:2] == (1, "job.completed")
+    assert (await _sse_events(job, cast.outsider_key))[0] == 404
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_sse_resuming_at_or_after_the_terminal_event_is_a_204(cast, sent_tasks):
+    job = (await sync_to_async(video_job_submit)(await sync_to_async(api_key_obj)(cast.tenant))).job
+    await sync_to_async(_publish)(job, "job.started", {"status": "running"})
+    await sync_to_async(_ended_without_its_event)(job)
+    await sync_to_async(_publish)(job, "job.completed", {"status": "succeeded"})
+    status, events = await _sse_events(job, cast.owner_key, last_event_id=2)
+    assert status == 200 and [(seq, kind) for seq, kind, _ in events] == [(3, "job.completed")]
+    for resumed in (3, 4):
+        assert (await _sse_events(job, cast.owner_key, last_event_id=resumed))[0] == 204
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_sse_of_a_job_whose_terminal_event_is_missing_sends_one_from_the_row(cast, sent_tasks):
+    job = (await sync_to_async(video_job_submit)(await sync_to_async(api_key_obj)(cast.tenant))).job
+    await sync_to_async(_publish)(job, "job.started", {"status": "running"})
+    await sync_to_async(_ended_without_its_event)(job)  # terminal_event_pending: not published yet
+    status, events = await _sse_events(job, cast.owner_key, last_event_id=1)
+    assert [(seq, kind) for seq, kind, _ in events] == [(2, "job.started"), (3, "job.completed")]
+    assert (await _sse_events(job, cast.owner_key, last_event_id=3))[0] == 204
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_sse_of_a_job_that_ends_while_followed_without_its_event_ends_from_its_row(
+        cast, sent_tasks, monkeypatch):
+    from inference import apis
+
+    monkeypatch.setattr(apis, "SSE_KEEPALIVE_S", 0.2)
+    job = (await sync_to_async(video_job_submit)(await sync_to_async(api_key_obj)(cast.tenant))).job
+    following = asyncio.ensure_future(_sse_events(job, cast.owner_key))
+    await asyncio.sleep(0.3)
+    await sync_to_async(_ended_without_its_event)(job)
+    status, events = await following
+    assert [(seq, kind) for seq, kind, _ in events] == [(1, "job.queued"), (2, "job.completed")]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("stream", ["expired", "kept"])
+async def test_websocket_of_an_ended_job_gets_its_end_and_is_closed(cast, sent_tasks, stream):
+    from channels.testing import WebsocketCommunicator
+
+    from inference.events import stream_key
+    from portal.asgi import application
+
+    job = (await sync_to_async(video_job_submit)(await sync_to_async(api_key_obj)(cast.tenant))).job
+    await sync_to_async(_ended_without_its_event)(job)
+    if stream == "expired":
+        await sync_to_async(redis_client().delete)(stream_key(job.pk), f"{stream_key(job.pk)}:seq")
+    socket = WebsocketCommunicator(application, f"/ws/jobs/{job.pk}/",
+                                   headers=[(b"authorization", f"Bearer {cast.owner_key}".encode())])
+    assert (await socket.connect())[0]
+    received = []
+    while (message := await socket.receive_output(timeout=5))["type"] == "websocket.send":
+        received.append(json.loads(message["text"]))
+    assert message["type"] == "websocket.close" and message.get("code", 1000) == 1000
+    expected = [(1, "job.completed")] if stream == "expired" else [(1, "job.queued"), (2, "job.completed")]
+    assert [(event["seq"], event["type"]) for event in received] == expected
+    assert received[-1]["data"]["status"] == "succeeded"
+
+    resumed = WebsocketCommunicator(application, f"/ws/jobs/{job.pk}/?after={expected[-1][0]}",
+                                    headers=[(b"authorization", f"Bearer {cast.owner_key}".encode())])
+    assert (await resumed.connect())[0]
+    message = await resumed.receive_output(timeout=5)  # nothing after the end it had
+    assert message["type"] == "websocket.close" and message.get("code", 1000) == 1000

@@ -180,6 +180,9 @@ def _unscored_allow(prepared: _Prepared, policy: Policy, *, stage: str) -> Safet
     )
 
 
+SAFETY_DIRECTIONS = ("input", "output", "api")
+
+
 def safety_check_inputs(
     *,
     texts: Sequence[str],
@@ -187,14 +190,23 @@ def safety_check_inputs(
     rules: RuleSet | None = None,
     judge_attacks: bool = True,
     classify: bool = True,
+    direction: str | None = None,
 ) -> list[SafetyVerdict]:
     """The cascade for several prompts (one call, one classifier load, shared timings).
+
+    direction labels the metrics: "input" (the prompt gate, the default) or "output" (the
+    default with judge_attacks=False), or "api" for /v1/moderations, tenants screening their
+    own content, whose traffic must not move the gate's block rate and latency.
 
     judge_attacks=False scores jailbreak/injection but decides on harmful content and rules
     only: for model output, where "an attack on the model" is not the question.
     classify=False stops after the rules (an output window too short for the classifier,
     OUTPUT_CLASSIFIER_MIN_CHARS): what they let through is an unscored allow.
     """
+    if direction is None:
+        direction = "input" if judge_attacks else "output"
+    if direction not in SAFETY_DIRECTIONS:  # a metrics label: a fixed few values
+        raise ValueError(f"direction must be one of {SAFETY_DIRECTIONS}, not {direction!r}")
     rules = rules if rules is not None else rules_active()
     batch_started = time.perf_counter()
     prepared = [_prepare(text, rules) for text in texts]
@@ -270,8 +282,7 @@ def safety_check_inputs(
     total_ms = _ms_since(batch_started) / max(len(texts), 1)
     for verdict in verdicts:
             verdict.timings_ms["total"] = round(total_ms, 3)
-            safety_verdict_observe(direction="input" if judge_attacks else "output",
-                                   action=verdict.action, stage=verdict.stage,
+            safety_verdict_observe(direction=direction, action=verdict.action, stage=verdict.stage,
                                    timings_ms=verdict.timings_ms)
     return verdicts  # type: ignore[return-value]
 

@@ -141,7 +141,9 @@ def moderation_classify(*, tenant: Tenant, inputs: list[str]) -> ModerationResul
     can screen their own users' content with it freely."""
     policy = selectors.safety_policy_for_tenant(tenant=tenant)
     return ModerationResult(
-        model=MODERATION_MODEL, verdicts=safety_check_inputs(texts=inputs, policy=policy)
+        model=MODERATION_MODEL,
+        # Counted apart from the prompt gate ("input"): tenants' own screening is not our traffic.
+        verdicts=safety_check_inputs(texts=inputs, policy=policy, direction="api"),
     )
 
 

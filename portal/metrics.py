@@ -106,7 +106,8 @@ SAFETY_STAGE_SECONDS = Histogram(
 )
 SAFETY_VERDICTS = Counter(
     "sluice_safety_verdicts_total",
-    "Safety verdicts. direction: input | output; action: allow | review | block; "
+    "Safety verdicts. direction: input | output | api (/v1/moderations); "
+    "action: allow | review | block; "
     "stage: the stage that decided.",
     ["direction", "action", "stage"],
 )

@@ -78,6 +78,25 @@ def test_case_open_records_a_borderline_case_and_publishes_on_commit(cast, monke
     }]
 
 
+def test_v1_moderations_traffic_is_counted_apart_from_the_prompt_gate(cast):
+    from prometheus_client import REGISTRY
+
+    def verdicts(direction: str) -> float:
+        return sum(REGISTRY.get_sample_value("sluice_safety_verdicts_total",
+                                             {"direction": direction, "action": action, "stage": "rules"}) or 0
+                   for action in ("allow", "review", "block"))
+
+    gate, api = verdicts("input"), verdicts("api")
+    services.moderation_classify(tenant=cast.tenant, inputs=[ATTACK, ATTACK])
+    assert (verdicts("input"), verdicts("api")) == (gate, api + 2)
+    with pytest.raises(SafetyRejection):
+        screen(cast.tenant)
+    assert (verdicts("input"), verdicts("api")) == (gate + 1, api + 2)
+    with pytest.raises(ValueError):  # a metrics label: the few values only
+        services.safety_check_inputs(texts=["hi"], policy=selectors.safety_policy_for_tenant(tenant=cast.tenant),
+                                     direction="tenant-42")
+
+
 def test_tenant_override_policy_beats_the_tier_policy(cast):
     from moderation.models import SafetyPolicy
 

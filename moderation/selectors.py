@@ -86,7 +86,9 @@ def cases_for_review(
         cases = cases.filter(category=category)
     if min_score is not None:
         cases = cases.filter(score__gte=min_score)
-    return cases
+    # Oldest first: pages stay put while new cases arrive (they join the end), and the oldest,
+    # whose prompts are purged first, are reviewed first.
+    return cases.order_by("created_at", "pk")
 
 
 def case_get(*, case_id: int) -> ModerationCase:

@@ -52,9 +52,12 @@ def review_queue(request):
     if filters.get("tenant") and tenant is None:
         cases = cases.none()
     page = Paginator(cases, 50).get_page(request.GET.get("page"))
+    filters_query = request.GET.copy()
+    filters_query.pop("page", None)  # the links add their own
     context = {
         "form": form,
         "page": page,
+        "filters_query": filters_query.urlencode(),
         "suspensions": selectors.suspensions_active(tenant=None),
     }
     return render(request, "moderation/queue.html", context)
@@ -87,7 +90,8 @@ def case_detail(request, case_id: int):
         "decisions_allowed": allowed,
         "decisions": case.decisions.select_related("moderator"),
         "suspension": selectors.suspension_active_for_tenant(tenant=case.tenant),
-        "recent_cases": selectors.cases_for_review(tenant=case.tenant).exclude(pk=case.pk)[:10],
+        "recent_cases": selectors.cases_for_review(tenant=case.tenant).exclude(pk=case.pk)
+                        .order_by("-created_at", "-pk")[:10],
     }
     return render(request, "moderation/case.html", context)
 

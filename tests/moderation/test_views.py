@@ -63,6 +63,34 @@ def test_moderator_sees_and_filters_the_queue(client, moderator, cases):
     assert listed(tenant="no-such-tenant") == set()
 
 
+def test_the_queue_is_oldest_first_and_its_page_links_carry_one_page(client, moderator, cast):
+    import html
+    import re
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    cases = [make_case(cast.tenant) for _ in range(101)]
+    start = timezone.now() - timedelta(days=1)
+    for minutes, case in enumerate(reversed(cases)):  # the last one made is the oldest
+        ModerationCase.objects.filter(pk=case.pk).update(created_at=start + timedelta(minutes=minutes))
+    client.force_login(moderator)
+
+    def links(page):
+        return {name: html.unescape(href) for href, name in
+                re.findall(r'<a href="(\?[^"]*)">(Previous|Next)</a>', page.content.decode())}
+
+    first = client.get(reverse("moderation-queue"), {"status": "open"})
+    assert [case.pk for case in first.context["page"]][:2] == [cases[-1].pk, cases[-2].pk]
+    assert links(first) == {"Next": "?status=open&page=2"}
+    middle = client.get(reverse("moderation-queue") + links(first)["Next"])
+    assert links(middle) == {"Previous": "?status=open&page=1", "Next": "?status=open&page=3"}
+    last = client.get(reverse("moderation-queue") + links(middle)["Next"])
+    assert [case.pk for case in last.context["page"]] == [cases[0].pk]  # the newest
+    assert links(client.get(reverse("moderation-queue"), {"page": "2"})) == {"Previous": "?page=1",
+                                                                             "Next": "?page=3"}
+
+
 def test_moderator_decides_from_the_case_page_and_it_is_audited(client, moderator, cases):
     client.force_login(moderator)
     case = cases["acme_jb"]

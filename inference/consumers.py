@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
@@ -14,9 +15,16 @@ from inference.errors import StreamInterrupted
 from inference.events import events_to_end, tenant_group
 from portal.errors import SluiceError
 
-CLOSE_NOT_FOUND = 4404
+logger = logging.getLogger(__name__)
+
+# 4000 + the HTTP status the same request would get, so a browser can tell "not allowed" (do not
+# retry) from a network error or an interruption (resume with ?after=<last seq>).
 CLOSE_UNAUTHORIZED = 4401
+CLOSE_FORBIDDEN = 4403  # the tenant is suspended
+CLOSE_NOT_FOUND = 4404
 CLOSE_UNAVAILABLE = 4503
+CLOSE_INTERNAL_ERROR = 1011  # RFC 6455: the server met an unexpected condition
+_CLOSE_BY_STATUS = {401: CLOSE_UNAUTHORIZED, 403: CLOSE_FORBIDDEN}
 # A quiet stream is waited on this long before the job's row is read: a job that ended without
 # its terminal event reaching the stream is ended from its row.
 FOLLOW_IDLE_MS = 15_000
@@ -34,7 +42,7 @@ class JobEventsConsumer(AsyncJsonWebsocketConsumer):
         except SluiceError as error:
             # Accept then close with a code, so browsers can tell "not yours" from a network error.
             await self.accept()
-            await self.close(code=CLOSE_UNAUTHORIZED if error.http_status == 401 else CLOSE_NOT_FOUND)
+            await self.close(code=_CLOSE_BY_STATUS.get(error.http_status, CLOSE_NOT_FOUND))
             return
         await self.accept()
         query = dict(part.split("=", 1) for part in self.scope["query_string"].decode().split("&") if "=" in part)
@@ -55,6 +63,12 @@ class JobEventsConsumer(AsyncJsonWebsocketConsumer):
         except StreamInterrupted:
             # Try again later: reconnecting with ?after=<last seq> misses nothing.
             await self.close(code=CLOSE_UNAVAILABLE)
+            return
+        except Exception:
+            # The task's exception would be kept until the socket closes, and the client would
+            # wait on a silent socket for ever: it is told, and may resume with ?after=.
+            logger.exception("following job %s failed", self.job.pk)
+            await self.close(code=CLOSE_INTERNAL_ERROR)
             return
         await self.close()
 

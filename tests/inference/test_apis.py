@@ -390,3 +390,36 @@ def test_an_invalid_range_is_ignored_and_only_an_unsatisfiable_one_is_a_416(
         assert response["Content-Range"] == "bytes */1024"
     else:
         assert b"".join(response.streaming_content) == video[sent]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_websocket_of_a_suspended_tenant_closes_with_4403(cast, sent_tasks):
+    from asgiref.sync import sync_to_async
+
+    from portal.models import Tenant
+
+    api_key = await sync_to_async(api_key_obj)(cast.tenant)
+    job = (await sync_to_async(video_job_submit)(api_key, cu=0.01, params={})).job
+    await Tenant.objects.filter(pk=cast.tenant.pk).aupdate(status=Tenant.Status.SUSPENDED)
+    socket = WebsocketCommunicator(application, f"/ws/jobs/{job.pk}/",
+                                   headers=[(b"authorization", f"Bearer {cast.owner_key}".encode())])
+    await socket.connect()
+    assert await socket.receive_output(timeout=5) == {"type": "websocket.close", "code": 4403}
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_websocket_whose_follower_fails_closes_with_1011(cast, sent_tasks, monkeypatch):
+    from asgiref.sync import sync_to_async
+
+    from inference.consumers import JobEventsConsumer
+
+    async def broken(self, content, close=False):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(JobEventsConsumer, "send_json", broken)  # at its first event, job.queued
+    api_key = await sync_to_async(api_key_obj)(cast.tenant)
+    job = (await sync_to_async(video_job_submit)(api_key, cu=0.01, params={})).job
+    socket = WebsocketCommunicator(application, f"/ws/jobs/{job.pk}/",
+                                   headers=[(b"authorization", f"Bearer {cast.owner_key}".encode())])
+    assert (await socket.connect())[0]
+    assert await socket.receive_output(timeout=5) == {"type": "websocket.close", "code": 1011}

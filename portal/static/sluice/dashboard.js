@@ -93,6 +93,11 @@
     }
   }
 
+  // Close codes 4000 + an HTTP status: 4503 (unavailable) is worth retrying, the rest are refusals.
+  function mayResume(code) {
+    return code < 4000 || code === 4503;
+  }
+
   function followJob(panel) {
     var lastSeq = 0;
     function connect() {
@@ -103,9 +108,10 @@
         onJobEvent(panel, event);
       };
       socket.onclose = function (closed) {
-        // 4401/4404: not allowed; otherwise resume after the last event seen (streams are resumable).
+        // 4401/4403/4404: not allowed, retrying cannot help; anything else (a network error,
+        // 1011, 4503: the server could not read the stream) resumes after the last event seen.
         var done = ["succeeded", "failed", "cancelled"].indexOf(panel.dataset.status) >= 0;
-        if (!done && closed.code < 4000) setTimeout(connect, 1000);
+        if (!done && mayResume(closed.code)) setTimeout(connect, 1000);
       };
     }
     connect();
@@ -142,7 +148,7 @@
         refreshSoon(); // new rows, filters, CU actuals: the server renders them
       };
       socket.onclose = function (closed) {
-        if (closed.code >= 4000) { if (state) state.textContent = "Live updates: not allowed"; return; }
+        if (!mayResume(closed.code)) { if (state) state.textContent = "Live updates: not allowed"; return; }
         // Fallback: poll while the websocket is down, and keep trying to reconnect.
         if (state) state.textContent = "Live updates: reconnecting (refreshing every 5 s)";
         if (!pollTimer) pollTimer = setInterval(refresh, 5000);

@@ -128,7 +128,7 @@ class WebhookListApi(APIView):
     def post(self, request):
         params = self.Input(data=request.data)
         params.is_valid(raise_exception=True)
-        endpoint = services.webhook_endpoint_create(tenant=request.user.tenant,
+        endpoint = services.webhook_endpoint_create(tenant=request.user.tenant, actor=request.user.api_key,
                                                     **params.validated_data)
         return Response(EndpointWithSecretOutput(endpoint).data, status=status.HTTP_201_CREATED,
                         headers=_NO_STORE)
@@ -155,7 +155,8 @@ class WebhookDetailApi(APIView):
         endpoint = _endpoint_for(request, endpoint_id)
         params = self.Input(data=request.data)
         params.is_valid(raise_exception=True)
-        endpoint = services.webhook_endpoint_update(endpoint=endpoint, **params.validated_data)
+        endpoint = services.webhook_endpoint_update(endpoint=endpoint, actor=request.user.api_key,
+                                                   **params.validated_data)
         return Response(EndpointOutput(endpoint).data)
 
     @extend_schema(operation_id="webhooks_delete", responses=inline_serializer(
@@ -163,7 +164,7 @@ class WebhookDetailApi(APIView):
                                    "deleted": serializers.BooleanField()}))
     def delete(self, request, endpoint_id: str):
         endpoint = _endpoint_for(request, endpoint_id)
-        services.webhook_endpoint_delete(endpoint=endpoint)
+        services.webhook_endpoint_delete(endpoint=endpoint, actor=request.user.api_key)
         return Response({"id": endpoint_id, "object": "webhook_endpoint", "deleted": True})
 
 
@@ -174,7 +175,7 @@ class WebhookRotateSecretApi(APIView):
                    responses=EndpointWithSecretOutput)
     def post(self, request, endpoint_id: str):
         endpoint = services.webhook_endpoint_secret_rotate(
-            endpoint=_endpoint_for(request, endpoint_id))
+            endpoint=_endpoint_for(request, endpoint_id), actor=request.user.api_key)
         return Response(EndpointWithSecretOutput(endpoint).data, headers=_NO_STORE)
 
 

@@ -67,7 +67,8 @@ def webhooks_page(request, membership: Membership):
     form = WebhookEndpointForm(request.POST)
     if form.is_valid():
         try:
-            endpoint = services.webhook_endpoint_create(tenant=membership.tenant, **form.cleaned_data)
+            endpoint = services.webhook_endpoint_create(tenant=membership.tenant, actor=membership,
+                                                       **form.cleaned_data)
             return _render_endpoints(request, membership, revealed=endpoint)
         except InvalidParameter as exc:
             form.add_error(exc.param if exc.param in form.fields else None, exc.message)
@@ -93,22 +94,22 @@ def webhook_secret_rotate_view(request, membership: Membership, endpoint_id: str
     require_role(membership=membership, role=_MANAGER_ROLE)
     endpoint = selectors.webhook_endpoint_get_for_tenant(tenant=membership.tenant,
                                                          endpoint_id=endpoint_id)
-    endpoint = services.webhook_endpoint_secret_rotate(endpoint=endpoint)
+    endpoint = services.webhook_endpoint_secret_rotate(endpoint=endpoint, actor=membership)
     return _render_endpoints(request, membership, revealed=endpoint)
 
 
-def _enable(endpoint: WebhookEndpoint) -> str:
-    services.webhook_endpoint_update(endpoint=endpoint, enabled=True)
+def _enable(endpoint: WebhookEndpoint, actor: Membership) -> str:
+    services.webhook_endpoint_update(endpoint=endpoint, enabled=True, actor=actor)
     return f"Enabled {endpoint.url}."
 
 
-def _disable(endpoint: WebhookEndpoint) -> str:
-    services.webhook_endpoint_update(endpoint=endpoint, enabled=False)
+def _disable(endpoint: WebhookEndpoint, actor: Membership) -> str:
+    services.webhook_endpoint_update(endpoint=endpoint, enabled=False, actor=actor)
     return f"Disabled {endpoint.url}."
 
 
-def _delete(endpoint: WebhookEndpoint) -> str:
-    services.webhook_endpoint_delete(endpoint=endpoint)
+def _delete(endpoint: WebhookEndpoint, actor: Membership) -> str:
+    services.webhook_endpoint_delete(endpoint=endpoint, actor=actor)
     return f"Deleted {endpoint.url}."
 
 
@@ -123,7 +124,7 @@ def webhook_endpoint_action_view(request, membership: Membership, endpoint_id: s
     require_role(membership=membership, role=_MANAGER_ROLE)
     endpoint = selectors.webhook_endpoint_get_for_tenant(tenant=membership.tenant,
                                                          endpoint_id=endpoint_id)
-    messages.success(request, _ACTIONS[action](endpoint))
+    messages.success(request, _ACTIONS[action](endpoint, membership))
     return redirect("tenant-webhooks", tenant_slug=membership.tenant.slug)
 
 

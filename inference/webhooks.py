@@ -18,6 +18,7 @@ import logging
 import random
 import secrets
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
 
 import redis
 from django.conf import settings
@@ -37,9 +38,10 @@ from inference.webhook_models import (
     WebhookEndpoint,
     WebhookEvent,
 )
+from portal.audit import Actor, audit_record
 from portal.errors import InvalidParameter
 from portal.metrics import webhook_attempt_observe
-from portal.models import Tenant
+from portal.models import AuditEvent, Tenant
 from quotas.errors import SystemOverloaded
 
 logger = logging.getLogger(__name__)
@@ -125,6 +127,7 @@ def webhook_endpoint_create(
     event_types: list[str] | None = None,
     description: str = "",
     enabled: bool = True,
+    actor: Actor = None,
 ) -> WebhookEndpoint:
     """A new endpoint with a fresh secret. `endpoint.secret` is for this response only."""
     url = _clean_url(url)
@@ -140,14 +143,17 @@ def webhook_endpoint_create(
     except redis.RedisError as exc:
         raise SystemOverloaded("Webhook endpoints cannot be created right now. Retry later.",
                                retry_after_s=5) from exc
-    endpoint = WebhookEndpoint.objects.create(
-        tenant=tenant,
-        url=url,
-        event_types=event_types,
-        description=description.strip()[:200],
-        enabled=enabled,
-        secret=webhook_secret_generate(),
-    )
+    with transaction.atomic():
+        endpoint = WebhookEndpoint.objects.create(
+            tenant=tenant,
+            url=url,
+            event_types=event_types,
+            description=description.strip()[:200],
+            enabled=enabled,
+            secret=webhook_secret_generate(),
+        )
+        _audit(endpoint, AuditEvent.Action.WEBHOOK_CREATED, actor,
+               {"host": _host(url), "event_types": event_types, "enabled": enabled})
     logger.info("webhook endpoint created tenant=%s endpoint=%s", tenant.slug, endpoint.id)
     return endpoint
 
@@ -159,6 +165,7 @@ def webhook_endpoint_update(
     event_types: list[str] | None = None,
     description: str | None = None,
     enabled: bool | None = None,
+    actor: Actor = None,
 ) -> WebhookEndpoint:
     """Change what was given. Enabling again clears an automatic disable and its failure run."""
     changed = ["updated_at"]
@@ -180,18 +187,39 @@ def webhook_endpoint_update(
             endpoint.consecutive_failures = 0
             changed += ["disabled_reason", "disabled_at", "consecutive_failures"]
     endpoint.updated_at = timezone.now()
-    endpoint.save(update_fields=changed)
+    with transaction.atomic():
+        endpoint.save(update_fields=changed)
+        detail = {"fields": [name for name in changed if name in ("url", "event_types",
+                                                                  "description", "enabled")]}
+        if "url" in changed:
+            detail["host"] = _host(endpoint.url)
+        if "enabled" in changed:
+            detail["enabled"] = endpoint.enabled
+        _audit(endpoint, AuditEvent.Action.WEBHOOK_UPDATED, actor, detail)
     logger.info("webhook endpoint updated endpoint=%s fields=%s", endpoint.id, ",".join(changed))
     return endpoint
 
 
-def webhook_endpoint_delete(*, endpoint: WebhookEndpoint) -> None:
+def webhook_endpoint_delete(*, endpoint: WebhookEndpoint, actor: Actor = None) -> None:
     # Its deliveries go with it; a queued attempt then finds no row and does nothing.
     logger.info("webhook endpoint deleted endpoint=%s", endpoint.id)
-    endpoint.delete()
+    with transaction.atomic():
+        _audit(endpoint, AuditEvent.Action.WEBHOOK_DELETED, actor, {"host": _host(endpoint.url)})
+        endpoint.delete()
 
 
-def webhook_endpoint_secret_rotate(*, endpoint: WebhookEndpoint) -> WebhookEndpoint:
+def _host(url: str) -> str:
+    # The audit log keeps the receiver's host only: a path or query may carry a token.
+    return urlsplit(url).hostname or ""
+
+
+def _audit(endpoint: WebhookEndpoint, action: str, actor: Actor, detail: dict) -> None:
+    audit_record(tenant=endpoint.tenant_id, action=action, actor=actor, target=endpoint.id,
+                 detail=detail)
+
+
+def webhook_endpoint_secret_rotate(*, endpoint: WebhookEndpoint, actor: Actor = None
+                                   ) -> WebhookEndpoint:
     """A new secret; the one it replaces keeps signing for SLUICE_WEBHOOK_SECRET_OVERLAP_S, as do
     those retired before it whose overlap has not ended (the newest few)."""
     now = timezone.now()
@@ -209,6 +237,8 @@ def webhook_endpoint_secret_rotate(*, endpoint: WebhookEndpoint) -> WebhookEndpo
         endpoint.secret = webhook_secret_generate()
         endpoint.updated_at = now
         endpoint.save(update_fields=["secret", "retired_secrets", "updated_at"])
+        _audit(endpoint, AuditEvent.Action.WEBHOOK_SECRET_ROTATED, actor,
+               {"retired_secrets_signing": len(endpoint.retired_secrets)})
     logger.info("webhook secret rotated endpoint=%s", endpoint.id)
     return endpoint
 

@@ -335,7 +335,7 @@ def tenant_strikes_enforce(*, case: ModerationCase, now) -> TenantSuspension | N
         # suspension stays suspended (this also mends a status set back by hand).
         pending.cases.add(case)
         TenantSuspension.objects.filter(pk=pending.pk).update(strike_count=F("strike_count") + 1)
-        tenant_suspend(tenant=tenant)
+        tenant_suspend(tenant=tenant, reason="moderation strikes")
         return None
     since = now - timedelta(hours=settings.SLUICE_MODERATION_STRIKE_WINDOW_HOURS)
     lifted_at = selectors.suspension_last_lifted_at(tenant=tenant)
@@ -351,7 +351,7 @@ def tenant_strikes_enforce(*, case: ModerationCase, now) -> TenantSuspension | N
         created_at=now,
     )
     suspension.cases.set(strikes)
-    tenant_suspend(tenant=tenant)
+    tenant_suspend(tenant=tenant, reason=f"{len(strikes)} moderation strikes")
     logger.warning("tenant %s suspended after %s strikes", tenant.slug, len(strikes))
     return suspension
 
@@ -374,7 +374,8 @@ def tenant_strikes_recount(*, case: ModerationCase, overturn: CaseDecision, now)
         lift_note=f"Case {case.pk} overturned: {standing} of its strikes stand, under the "
                   f"{needed} that suspend.",
     )
-    _tenant_unsuspend_if_clear(tenant=tenant)
+    _tenant_unsuspend_if_clear(tenant=tenant, actor=overturn.moderator,
+                               reason=f"case {case.pk} overturned")
     logger.info("tenant %s: suspension lifted by the overturn of case %s", tenant.slug, case.pk)
     return pending
 
@@ -386,12 +387,12 @@ def _tenant_lock(*, tenant: Tenant) -> None:
     Tenant.objects.select_for_update(no_key=True).filter(pk=tenant.pk).exists()
 
 
-def _tenant_unsuspend_if_clear(*, tenant: Tenant) -> bool:
+def _tenant_unsuspend_if_clear(*, tenant: Tenant, actor, reason: str) -> bool:
     """Under _tenant_lock: the tenant stays suspended while any of its reasons is open (staff
     suspending it in the admin, strikes pending review); lifting one leaves the others."""
     if TenantSuspension.objects.filter(tenant=tenant, lifted_at__isnull=True).exists():
         return False
-    return tenant_unsuspend(tenant=tenant)
+    return tenant_unsuspend(tenant=tenant, actor=actor, reason=reason)
 
 
 def tenant_suspension_lift(*, tenant: Tenant, moderator, note: str = "") -> TenantSuspension:
@@ -409,7 +410,8 @@ def tenant_suspension_lift(*, tenant: Tenant, moderator, note: str = "") -> Tena
         )
         if lifted != 1:
             raise InvalidParameter("This suspension was already lifted.")
-        _tenant_unsuspend_if_clear(tenant=tenant)
+        _tenant_unsuspend_if_clear(tenant=tenant, actor=moderator,
+                                   reason="moderation suspension lifted after review")
     suspension.refresh_from_db(fields=["lifted_at", "lifted_by", "lift_note"])
     logger.info("tenant %s: suspension lifted by %s", tenant.slug, moderator)
     return suspension
@@ -428,7 +430,7 @@ def tenant_staff_suspend(*, tenant: Tenant, user) -> bool:
                 )
         except IntegrityError:  # one open suspension per tenant and kind
             return False
-        tenant_suspend(tenant=tenant)
+        tenant_suspend(tenant=tenant, actor=user, reason="suspended by Sluice staff")
     return True
 
 
@@ -440,7 +442,8 @@ def tenant_staff_unsuspend(*, tenant: Tenant, user) -> bool:
         lifted = TenantSuspension.objects.filter(
             tenant=tenant, kind=TenantSuspension.Kind.STAFF, lifted_at__isnull=True
         ).update(lifted_at=timezone.now(), lifted_by=user, lift_note="Unsuspended in the admin")
-        unsuspended = _tenant_unsuspend_if_clear(tenant=tenant)
+        unsuspended = _tenant_unsuspend_if_clear(tenant=tenant, actor=user,
+                                                 reason="unsuspended by Sluice staff")
     return bool(lifted) or unsuspended
 
 

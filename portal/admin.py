@@ -5,7 +5,7 @@ from django.db import transaction
 
 from portal import services
 from portal.errors import InvalidParameter
-from portal.models import ApiKey, Membership, Tenant, Tier
+from portal.models import ApiKey, AuditEvent, Membership, Tenant, Tier
 
 
 @admin.register(Tier)
@@ -115,12 +115,12 @@ class MembershipAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         if change:
-            services.membership_role_set_as_staff(membership=obj, role=obj.role)
+            services.membership_role_set_as_staff(membership=obj, role=obj.role, user=request.user)
         else:
             super().save_model(request, obj, form, change)
 
     def delete_model(self, request, obj):
-        services.membership_remove_as_staff(membership=obj)
+        services.membership_remove_as_staff(membership=obj, user=request.user)
 
     @admin.action(description="Remove selected memberships (and revoke the keys each created)",
                   permissions=["delete"])
@@ -129,7 +129,7 @@ class MembershipAdmin(admin.ModelAdmin):
             try:
                 with transaction.atomic():  # no log entry for a refused removal
                     self.log_deletions(request, [membership])
-                    revoked = services.membership_remove_as_staff(membership=membership)
+                    revoked = services.membership_remove_as_staff(membership=membership, user=request.user)
             except InvalidParameter as exc:
                 self.message_user(request, f"{membership}: {exc.message}", level=messages.ERROR)
                 continue
@@ -157,5 +157,24 @@ class ApiKeyAdmin(admin.ModelAdmin):
         for api_key in queryset:
             if api_key.is_revoked:
                 continue
-            services.api_key_revoke(api_key=api_key)
+            services.api_key_revoke(api_key=api_key, actor=request.user)
             self.log_change(request, api_key, "Revoked (admin action).")
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(admin.ModelAdmin):
+    """Read-only: an audit log that can be edited records nothing."""
+
+    list_display = ("created_at", "tenant", "action", "actor", "actor_user", "target")
+    list_filter = ("action",)
+    search_fields = ("tenant__slug", "actor", "target")
+    list_select_related = ("tenant", "actor_user")
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False

@@ -159,3 +159,40 @@ class ApiKey(models.Model):
     @property
     def is_usable(self) -> bool:
         return not self.is_revoked and not self.is_expired()
+
+
+class AuditEvent(models.Model):
+    """One change to a tenant's people, keys, webhooks or standing: who, what, when. Written in
+    the transaction of the change (portal.audit.audit_record), kept for as long as the tenant,
+    read by its admins; never edited."""
+
+    class Action(models.TextChoices):
+        MEMBER_INVITED = "member.invited"
+        MEMBER_ROLE_CHANGED = "member.role_changed"
+        MEMBER_REMOVED = "member.removed"
+        KEY_ISSUED = "key.issued"
+        KEY_REVOKED = "key.revoked"
+        WEBHOOK_CREATED = "webhook.created"
+        WEBHOOK_UPDATED = "webhook.updated"
+        WEBHOOK_DELETED = "webhook.deleted"
+        WEBHOOK_SECRET_ROTATED = "webhook.secret_rotated"  # noqa: S105 (an action name)
+        TENANT_SUSPENDED = "tenant.suspended"
+        TENANT_UNSUSPENDED = "tenant.unsuspended"
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="audit_events")
+    action = models.CharField(max_length=32, choices=Action.choices)
+    # The person, when one acted (kept as a label if their account goes): a member in the
+    # dashboard, the issuer of an API key, platform staff. No user: Sluice itself.
+    actor_user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
+                                   on_delete=models.SET_NULL, related_name="+")
+    actor = models.CharField(max_length=200)  # "ana@acme.example", "key sk-abc… (ana@…)", "Sluice"
+    target = models.CharField(max_length=300, blank=True, default="")  # never a secret
+    detail = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at", "-pk"]
+        indexes = [models.Index(fields=["tenant", "-created_at"], name="audit_tenant_recent")]
+
+    def __str__(self) -> str:
+        return f"{self.created_at:%Y-%m-%d %H:%M} {self.tenant_id} {self.action} by {self.actor}"

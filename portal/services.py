@@ -19,6 +19,7 @@ from django.utils.encoding import force_bytes
 from django.utils.http import urlsafe_base64_encode
 from django.utils.text import slugify
 
+from portal.audit import Actor, audit_record, user_label
 from portal.errors import (
     InvalidApiKey,
     InvalidParameter,
@@ -28,7 +29,7 @@ from portal.errors import (
 )
 from portal.keys import key_material_generate, key_material_parse, secret_digest, secret_matches
 from portal.logs import log_context_bind
-from portal.models import ApiKey, Membership, Role, Tenant, Tier
+from portal.models import ApiKey, AuditEvent, Membership, Role, Tenant, Tier
 from portal.signals import tenant_suspended
 
 logger = logging.getLogger(__name__)
@@ -80,23 +81,33 @@ def api_key_issue(
     if cu_per_minute is not None and cu_per_minute <= 0:
         raise InvalidParameter("The CU/minute limit must be positive.", param="cu_per_minute")
     material = key_material_generate()
-    api_key = ApiKey.objects.create(
-        tenant=tenant,
-        name=name[:120],
-        prefix=material.prefix,
-        secret_digest=secret_digest(material.secret),
-        created_by=created_by,
-        expires_at=expires_at,
-        cu_cap=cu_cap,
-        cu_per_minute=cu_per_minute,
-    )
+    with transaction.atomic():
+        api_key = ApiKey.objects.create(
+            tenant=tenant,
+            name=name[:120],
+            prefix=material.prefix,
+            secret_digest=secret_digest(material.secret),
+            created_by=created_by,
+            expires_at=expires_at,
+            cu_cap=cu_cap,
+            cu_per_minute=cu_per_minute,
+        )
+        audit_record(tenant=tenant, action=AuditEvent.Action.KEY_ISSUED, actor=created_by,
+                     target=f"{api_key.masked} {api_key.name}",
+                     detail={"expires_at": expires_at, "cu_cap": cu_cap,
+                             "cu_per_minute": cu_per_minute})
     logger.info("api key issued tenant=%s key=%s", tenant.slug, api_key.masked)
     return IssuedKey(api_key=api_key, full_key=material.full_key)
 
 
-def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
-    # Conditional update: revoking twice keeps the first revocation time.
-    ApiKey.objects.filter(pk=api_key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+def api_key_revoke(*, api_key: ApiKey, actor: Actor = None, reason: str = "") -> ApiKey:
+    # Conditional update: revoking twice keeps the first revocation time (and one audit entry).
+    with transaction.atomic():
+        if ApiKey.objects.filter(pk=api_key.pk, revoked_at__isnull=True).update(
+                revoked_at=timezone.now()):
+            audit_record(tenant=api_key.tenant_id, action=AuditEvent.Action.KEY_REVOKED,
+                         actor=actor, target=f"{api_key.masked} {api_key.name}",
+                         detail={"reason": reason} if reason else {})
     api_key.refresh_from_db(fields=["revoked_at"])
     logger.info("api key revoked tenant=%s key=%s", api_key.tenant_id, api_key.masked)
     return api_key
@@ -148,7 +159,7 @@ def api_key_revoke_as(*, actor: Membership, api_key: ApiKey) -> ApiKey:
         or (actor.has_role_at_least(Role.MEMBER) and api_key.created_by_id == actor.user_id)
     ):
         raise PermissionDenied()
-    return api_key_revoke(api_key=api_key)
+    return api_key_revoke(api_key=api_key, actor=actor)
 
 
 # --- dashboard playground ------------------------------------------------------------------------
@@ -226,6 +237,8 @@ def membership_invite(*, actor: Membership, email: str, role: str, site_url: str
         )
         if not created and user.has_usable_password():
             raise InvalidParameter(f"{email} is already a member.", param="email")
+        audit_record(tenant=actor.tenant, action=AuditEvent.Action.MEMBER_INVITED, actor=actor,
+                     target=email, detail={"role": membership.role, "again": not created})
     emailed = _invitation_mail(membership=membership, inviter=actor.user, site_url=site_url)
     return Invitation(membership=membership, resent=not created, emailed=emailed)
 
@@ -294,21 +307,30 @@ def membership_owner_rule_check(*, membership: Membership, role: str | None) -> 
                                param="membership" if role is None else "role")
 
 
-def _membership_role_write(*, membership: Membership, role: str) -> Membership:
+def _membership_role_write(*, membership: Membership, role: str, actor: Actor) -> Membership:
     membership_owner_rule_check(membership=membership, role=role)
+    if role != membership.role:
+        audit_record(tenant=membership.tenant_id, action=AuditEvent.Action.MEMBER_ROLE_CHANGED,
+                     actor=actor, target=user_label(membership.user),
+                     detail={"from": membership.role, "to": role})
     membership.role = role
     membership.save(update_fields=["role"])
     return membership
 
 
-def _membership_delete(*, membership: Membership) -> list[ApiKey]:
+def _membership_delete(*, membership: Membership, actor: Actor) -> list[ApiKey]:
     """Also revokes the tenant's keys the member created: they saw each in full and may still
     hold it. Returns those keys."""
     membership_owner_rule_check(membership=membership, role=None)
     membership.delete()
     created = ApiKey.objects.filter(tenant_id=membership.tenant_id, created_by_id=membership.user_id,
                                     revoked_at__isnull=True).order_by("pk")
-    return [api_key_revoke(api_key=api_key) for api_key in created]
+    revoked = [api_key_revoke(api_key=api_key, actor=actor, reason="its issuer was removed")
+               for api_key in created]
+    audit_record(tenant=membership.tenant_id, action=AuditEvent.Action.MEMBER_REMOVED,
+                 actor=actor, target=user_label(membership.user),
+                 detail={"role": membership.role, "keys_revoked": [k.masked for k in revoked]})
+    return revoked
 
 
 def membership_role_change(*, actor: Membership, membership: Membership, role: str) -> Membership:
@@ -317,7 +339,7 @@ def membership_role_change(*, actor: Membership, membership: Membership, role: s
         _check_role_grant(actor=actor, role=role)
         if membership.role == Role.OWNER and actor.role != Role.OWNER:
             raise PermissionDenied("Only an owner can change an owner's role.")
-        return _membership_role_write(membership=membership, role=role)
+        return _membership_role_write(membership=membership, role=role, actor=actor)
 
 
 def membership_remove(*, actor: Membership, membership: Membership) -> list[ApiKey]:
@@ -327,39 +349,49 @@ def membership_remove(*, actor: Membership, membership: Membership) -> list[ApiK
         require_role(membership=actor, role=Role.ADMIN)
         if membership.role == Role.OWNER and actor.role != Role.OWNER:
             raise PermissionDenied("Only an owner can remove an owner.")
-        return _membership_delete(membership=membership)
+        return _membership_delete(membership=membership, actor=actor)
 
 
-def membership_role_set_as_staff(*, membership: Membership, role: str) -> Membership:
-    """Platform staff (the Django admin) need no role in the tenant; the last-owner rule holds."""
+def membership_role_set_as_staff(*, membership: Membership, role: str, user=None) -> Membership:
+    """Platform staff (`user`, in the Django admin) need no role in the tenant; the last-owner
+    rule holds."""
     if role not in Role.values:
         raise InvalidParameter(f"Unknown role {role!r}.", param="role")
     with transaction.atomic():
-        _, membership = _memberships_lock(membership=membership)
-        return _membership_role_write(membership=membership, role=role)
+        _, locked = _memberships_lock(membership=membership)
+        # The admin's form has already set the new role on its instance: compare with the row.
+        return _membership_role_write(membership=locked, role=role, actor=user)
 
 
-def membership_remove_as_staff(*, membership: Membership) -> list[ApiKey]:
-    """As membership_remove, for platform staff (the Django admin)."""
+def membership_remove_as_staff(*, membership: Membership, user=None) -> list[ApiKey]:
+    """As membership_remove, for platform staff (`user`, in the Django admin)."""
     with transaction.atomic():
         _, membership = _memberships_lock(membership=membership)
-        return _membership_delete(membership=membership)
+        return _membership_delete(membership=membership, actor=user)
 
 
-def tenant_suspend(*, tenant: Tenant) -> bool:
+def tenant_suspend(*, tenant: Tenant, actor: Actor = None, reason: str = "") -> bool:
     """Its keys stop working at once (api_key_authenticate); the apps stop its work when the
     change commits (portal.signals.tenant_suspended). False: it was suspended already."""
-    changed = Tenant.objects.filter(pk=tenant.pk).exclude(status=Tenant.Status.SUSPENDED).update(
-        status=Tenant.Status.SUSPENDED)
-    if changed:
-        transaction.on_commit(lambda: tenant_suspended.send(sender=Tenant, tenant=tenant))
+    with transaction.atomic():
+        changed = Tenant.objects.filter(pk=tenant.pk).exclude(
+            status=Tenant.Status.SUSPENDED).update(status=Tenant.Status.SUSPENDED)
+        if changed:
+            audit_record(tenant=tenant, action=AuditEvent.Action.TENANT_SUSPENDED, actor=actor,
+                         detail={"reason": reason} if reason else {})
+            transaction.on_commit(lambda: tenant_suspended.send(sender=Tenant, tenant=tenant))
     return bool(changed)
 
 
-def tenant_unsuspend(*, tenant: Tenant) -> bool:
+def tenant_unsuspend(*, tenant: Tenant, actor: Actor = None, reason: str = "") -> bool:
     """False: it was active already."""
-    return bool(Tenant.objects.filter(pk=tenant.pk).exclude(status=Tenant.Status.ACTIVE).update(
-        status=Tenant.Status.ACTIVE))
+    with transaction.atomic():
+        changed = Tenant.objects.filter(pk=tenant.pk).exclude(
+            status=Tenant.Status.ACTIVE).update(status=Tenant.Status.ACTIVE)
+        if changed:
+            audit_record(tenant=tenant, action=AuditEvent.Action.TENANT_UNSUSPENDED, actor=actor,
+                         detail={"reason": reason} if reason else {})
+    return bool(changed)
 
 
 def tenant_ensure_active(*, tenant: Tenant) -> None:

@@ -83,6 +83,7 @@ urlpatterns = [
         name="tenant-key-revoke",
     ),
     path("t/<slug:tenant_slug>/members/", views.members_page, name="tenant-members"),
+    path("t/<slug:tenant_slug>/audit/", views.audit_log_page, name="tenant-audit"),
     path(
         "t/<slug:tenant_slug>/members/<int:membership_id>/",
         views.member_update_view,

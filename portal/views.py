@@ -8,6 +8,7 @@ from functools import wraps
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.paginator import Paginator
 from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.template.defaultfilters import pluralize
@@ -15,9 +16,10 @@ from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from portal import selectors, services
+from portal.audit import audit_events_for_tenant
 from portal.errors import InvalidParameter, NotFound, PermissionDenied, json_error
 from portal.forms import ApiKeyCreateForm, MemberInviteForm, MemberUpdateForm
-from portal.models import Membership, Role
+from portal.models import AuditEvent, Membership, Role
 from quotas.services import budget_status
 
 
@@ -170,6 +172,25 @@ def members_page(request, membership: Membership):
         "can_manage": membership.has_role_at_least(Role.ADMIN),
     }
     return render(request, "portal/members.html", context)
+
+
+AUDIT_PAGE_SIZE = 50
+
+
+@tenant_page
+def audit_log_page(request, membership: Membership):
+    """Who changed the tenant's members, keys, webhooks and standing: admins and owners read it
+    (the people whose changes it records)."""
+    services.require_role(membership=membership, role=Role.ADMIN)
+    events = audit_events_for_tenant(tenant=membership.tenant)
+    action = request.GET.get("action", "")
+    if action in AuditEvent.Action.values:
+        events = events.filter(action=action)
+    page = Paginator(events, AUDIT_PAGE_SIZE).get_page(request.GET.get("page"))
+    return render(request, "portal/audit.html", {
+        "tenant": membership.tenant, "page": page, "action": action,
+        "actions": AuditEvent.Action.choices,
+    })
 
 
 @require_POST

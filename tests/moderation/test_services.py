@@ -265,7 +265,7 @@ def test_an_uphold_and_the_suspension_it_triggers_commit_together(cast, moderato
     settings.SLUICE_MODERATION_STRIKES_TO_SUSPEND = 1
     case = open_blocked_case(cast.tenant)
 
-    def broken(*, tenant):
+    def broken(*, tenant, **_):
         raise RuntimeError("database went away")
 
     monkeypatch.setattr(services, "tenant_suspend", broken)

@@ -18,7 +18,7 @@ from inference.events import JobEnd, events_to_end
 from inference.models import Job
 from inference.scheduler import scheduler_position
 from inference.selectors import JobPage, job_get_for_tenant, jobs_page_for_tenant
-from inference.services import job_cancel, job_terminal_event
+from inference.services import job_cancel, job_delete, job_terminal_event
 from portal.authentication import bearer_token
 from portal.db import database_step
 from portal.errors import InvalidApiKey, SluiceError, json_error
@@ -105,10 +105,16 @@ class JobDetailApi(APIView):
         job = job_get_for_tenant(tenant=request.user.tenant, job_id=job_id)
         return Response(JobOutputSerializer(job).data)
 
-    @extend_schema(operation_id="jobs_cancel_delete", responses=JobOutputSerializer)
+    @extend_schema(operation_id="jobs_delete")
     def delete(self, request, job_id: str):
-        job = job_cancel(job=job_get_for_tenant(tenant=request.user.tenant, job_id=job_id))
-        return Response(JobOutputSerializer(job).data)
+        job = job_get_for_tenant(tenant=request.user.tenant, job_id=job_id)
+        job_delete(job=job)
+        return Response(deleted_representation(job, object_name="job.deleted"))
+
+
+def deleted_representation(job: Job, *, object_name: str) -> dict:
+    """OpenAI's answer to a DELETE (the SDK's `videos.delete()` reads `deleted`)."""
+    return {"id": job.pk, "object": object_name, "deleted": True}
 
 
 class JobCancelApi(APIView):
@@ -131,7 +137,7 @@ def job_for_caller(*, authorization: str, user, job_id: str) -> Job:
         api_key = api_key_authenticate(raw_key=token)
         return job_get_for_tenant(tenant=api_key.tenant, job_id=job_id)
     if user is not None and user.is_authenticated:
-        job = Job.objects.filter(pk=job_id).first()
+        job = Job.objects.filter(pk=job_id, deleted_at__isnull=True).first()
         if job and Membership.objects.filter(user=user, tenant_id=job.tenant_id).exists():
             return job
         raise NotFound(f"No job {job_id!r}.", param="id")
@@ -269,10 +275,11 @@ class VideoDetailApi(APIView):
         job = job_get_for_tenant(tenant=request.user.tenant, job_id=job_id, kind=Job.Kind.VIDEO)
         return Response(video_representation(job))
 
-    @extend_schema(operation_id="videos_cancel")
+    @extend_schema(operation_id="videos_delete")
     def delete(self, request, job_id: str):
         job = job_get_for_tenant(tenant=request.user.tenant, job_id=job_id, kind=Job.Kind.VIDEO)
-        return Response(video_representation(job_cancel(job=job)))
+        job_delete(job=job)
+        return Response(deleted_representation(job, object_name="video.deleted"))
 
 
 class _AnyAcceptNegotiation(DefaultContentNegotiation):

@@ -29,6 +29,13 @@ def job_media_response(request, *, job, variant: str) -> HttpResponse:
     return ranged_file_response(request, path=path, content_type=_MEDIA_TYPES[variant])
 
 
+def job_media_remove(result: dict) -> None:
+    """Delete the files a video job's `result` points at (a missing one is no error)."""
+    for variant in _MEDIA_TYPES:
+        if path := result.get(variant):
+            default_storage.delete(path)
+
+
 # A range is sent in pieces of this size: a browser's <video> asks for `bytes=0-`, the whole
 # file, and it must not be read into the web process's memory first.
 RANGE_CHUNK_BYTES = 256 * 1024

@@ -63,6 +63,9 @@ class Job(models.Model):
     # The job ended (committed) but Redis refused its terminal event: followers and webhooks
     # learn of the end from that event, so the reaper publishes it once Redis answers again.
     terminal_event_pending = models.BooleanField(default=False)
+    # Deleted by its tenant (DELETE /v1/videos/{id}, /v1/jobs/{id}): hidden from every read, its
+    # outputs removed, the row kept for the ledger and usage that refer to it.
+    deleted_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-queued_at"]
@@ -71,6 +74,9 @@ class Job(models.Model):
             models.Index(fields=["status", "started_at"], name="job_status_started"),
             models.Index(fields=["terminal_event_pending"], name="job_terminal_event_pending",
                          condition=models.Q(terminal_event_pending=True)),
+            # The reaper's look for outputs a deleted job still has (it ended after its delete).
+            models.Index(fields=["deleted_at"], name="job_deleted_with_outputs",
+                         condition=models.Q(deleted_at__isnull=False) & ~models.Q(result={})),
         ]
 
     def __str__(self) -> str:

@@ -12,8 +12,8 @@ from portal.models import Tenant
 
 
 def job_get_for_tenant(*, tenant: Tenant, job_id: str, kind: str | None = None) -> Job:
-    """Missing, another tenant's, or another kind's job: the same NotFound."""
-    queryset = Job.objects.filter(tenant=tenant, pk=job_id)
+    """Missing, deleted, another tenant's, or another kind's job: the same NotFound."""
+    queryset = Job.objects.filter(tenant=tenant, pk=job_id, deleted_at__isnull=True)
     if kind is not None:
         queryset = queryset.filter(kind=kind)
     job = queryset.first()
@@ -49,7 +49,7 @@ def jobs_page_for_tenant(*, tenant: Tenant, kind: str | None = None,
 def _jobs_listed(*, tenant: Tenant, kind: str | None, statuses: Iterable[str] | None,
                  after: str | None, order: str) -> QuerySet[Job]:
     # Job ids are ULIDs: their order is their creation's.
-    queryset: QuerySet[Job] = Job.objects.filter(tenant=tenant)
+    queryset: QuerySet[Job] = Job.objects.filter(tenant=tenant, deleted_at__isnull=True)
     if kind:
         queryset = queryset.filter(kind=kind)
     if statuses:

@@ -4,6 +4,7 @@ the ledger is settled and the event published."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ from inference.scheduler import (
     scheduler_remove,
 )
 from portal.db import update_returning
+from portal.errors import NotFound
 from portal.metrics import job_claim_observe, job_finish_observe
 from portal.models import ApiKey
 from portal.redis import redis_client
@@ -398,6 +400,50 @@ def job_cancel(*, job: Job) -> Job:
     return job
 
 
+def job_delete(*, job: Job) -> None:
+    """DELETE /v1/videos/{id} and /v1/jobs/{id}: the job is hidden from every read and its
+    outputs (a video's files, a completion's text) removed. The row stays, with its CU and
+    usage: the ledger and the usage reports refer to it. A queued or running job is cancelled
+    first (refunded in full, or billed for what it ran, as job_cancel does); outputs it still
+    writes as it stops are removed by the reaper."""
+    if not job.is_terminal:
+        with contextlib.suppress(JobNotCancellable):  # it ended meanwhile
+            job_cancel(job=job)
+    if not Job.objects.filter(pk=job.pk, deleted_at__isnull=True).update(deleted_at=timezone.now()):
+        raise NotFound(f"No job {job.pk!r}.", param="id")  # another request deleted it first
+    _deleted_job_outputs_remove(job_id=job.pk)
+
+
+def _deleted_job_outputs_remove(*, job_id: str) -> bool:
+    """Remove an ended, deleted job's outputs: the files first, then the row's pointers to
+    them, so a failure leaves the row for the reaper to try again rather than files nobody
+    knows of. Both steps are idempotent: two removers racing do no harm."""
+    from inference.media import job_media_remove
+
+    row = (Job.objects.filter(pk=job_id, deleted_at__isnull=False, status__in=Job.TERMINAL)
+           .exclude(result={}).values("kind", "result").first())
+    if row is None:
+        return False
+    if row["kind"] == Job.Kind.VIDEO:
+        job_media_remove(row["result"])
+    Job.objects.filter(pk=job_id).update(result={})
+    return True
+
+
+def _deleted_jobs_outputs_remove() -> int:
+    """Outputs of deleted jobs that ended after their delete (a running job stops at its next
+    step, or finished first and stored its video): removed on the reaper's next round."""
+    job_ids = Job.objects.filter(deleted_at__isnull=False, status__in=Job.TERMINAL).exclude(
+        result={}).values_list("pk", flat=True)[:200]
+    removed = 0
+    for job_id in job_ids:
+        try:
+            removed += _deleted_job_outputs_remove(job_id=job_id)
+        except OSError:  # storage trouble: the next round tries again
+            logger.warning("could not remove the outputs of deleted job %s", job_id, exc_info=True)
+    return removed
+
+
 def jobs_cancel_for_tenant(*, tenant_id: int) -> int:
     """A suspended tenant's work stops: its queued jobs are cancelled and refunded, its running
     ones stop at their next token or step and are billed for what they produced."""
@@ -436,8 +482,9 @@ def job_recover_lost(*, job: Job) -> str:
 def jobs_reap() -> dict[str, int]:
     """The periodic reaper (beat, every 5 s): recover running jobs whose heartbeat expired,
     push out the leases of those still heartbeating, and close queued jobs whose reservation
-    ran out, and publish the terminal events Redis refused. Returns how many of each
-    (`requeued`, `failed`, `moved`, `renewed`, `timed_out`, `announced`)."""
+    ran out, and publish the terminal events Redis refused, and remove the outputs of deleted
+    jobs that ended after their delete. Returns how many of each (`requeued`, `failed`,
+    `moved`, `renewed`, `timed_out`, `announced`, `purged`)."""
     client = redis_client()
     now = timezone.now()
     grace = now - timedelta(seconds=settings.SLUICE_JOB_HEARTBEAT_TTL_S)
@@ -453,6 +500,8 @@ def jobs_reap() -> dict[str, int]:
         outcomes["timed_out"] = timed_out
     if announced := _terminal_events_publish():
         outcomes["announced"] = announced
+    if purged := _deleted_jobs_outputs_remove():
+        outcomes["purged"] = purged
     return outcomes
 
 

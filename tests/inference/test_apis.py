@@ -423,3 +423,89 @@ async def test_websocket_whose_follower_fails_closes_with_1011(cast, sent_tasks,
                                    headers=[(b"authorization", f"Bearer {cast.owner_key}".encode())])
     assert (await socket.connect())[0]
     assert await socket.receive_output(timeout=5) == {"type": "websocket.close", "code": 1011}
+
+
+def _stored(job_id: str, suffix: str, content: bytes) -> str:
+    from django.core.files.base import ContentFile
+    from django.core.files.storage import default_storage
+
+    return default_storage.save(f"videos/{job_id}.{suffix}", ContentFile(content))
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("path", ["/v1/videos/{id}", "/v1/jobs/{id}"])
+def test_delete_of_an_ended_video_removes_its_files_and_hides_it_but_keeps_its_bill(
+        cast, api, sent_tasks, path):
+    from django.core.files.storage import default_storage
+
+    from quotas.models import LedgerEntry
+
+    job_id = create(api, cast.owner_key)["id"]
+    job = job_claim(job_id=job_id, attempt=1)
+    files = {"video": _stored(job_id, "mp4", b"mp4"), "thumbnail": _stored(job_id, "jpg", b"jpg")}
+    job_succeed(job=job, actual_mcu=700, result=files, usage={"steps": 2})
+    ledger = list(LedgerEntry.objects.values_list("pk", "kind", "mcu"))
+
+    api.bearer(cast.outsider_key)
+    assert api.delete(path.format(id=job_id)).status_code == 404
+    assert all(default_storage.exists(name) for name in files.values())
+
+    response = api.bearer(cast.owner_key).delete(path.format(id=job_id))
+    assert response.status_code == 200, response.json()
+    assert response.json() == {"id": job_id, "object": path.split("/")[2][:-1] + ".deleted",
+                               "deleted": True}
+    assert not any(default_storage.exists(name) for name in files.values())
+    for gone in (f"/v1/videos/{job_id}", f"/v1/videos/{job_id}/content", f"/v1/jobs/{job_id}",
+                 f"/v1/videos/{job_id}/content?variant=thumbnail"):
+        assert api.get(gone).status_code == 404, gone
+    assert api.get("/v1/videos").json()["data"] == api.get("/v1/jobs").json()["data"] == []
+    assert api.delete(path.format(id=job_id)).status_code == 404  # deleted is gone
+    # The bill stays true: the row, its charge and the ledger.
+    row = Job.objects.get(pk=job_id)
+    assert row.deleted_at is not None and row.actual_mcu == 700 and row.usage == {"steps": 2}
+    assert row.result == {}
+    assert list(LedgerEntry.objects.values_list("pk", "kind", "mcu")) == ledger
+
+
+@pytest.mark.django_db
+def test_delete_of_a_failed_or_cancelled_video_is_not_refused(cast, api, sent_tasks, settings):
+    settings.SLUICE_POOL_SLOTS = {"video-hbm": 0}
+    job_id = create(api, cast.owner_key)["id"]
+    assert api.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    response = api.delete(f"/v1/videos/{job_id}")
+    assert response.status_code == 200 and response.json()["deleted"] is True
+
+
+@pytest.mark.django_db
+def test_delete_of_a_queued_video_cancels_and_refunds_it(cast, api, sent_tasks, settings):
+    from quotas.models import Reservation
+
+    settings.SLUICE_POOL_SLOTS = {"video-hbm": 0}
+    job_id = create(api, cast.owner_key)["id"]
+    response = api.delete(f"/v1/videos/{job_id}")
+    assert response.json() == {"id": job_id, "object": "video.deleted", "deleted": True}
+    row = Job.objects.get(pk=job_id)
+    assert row.status == "cancelled" and row.actual_mcu == 0 and row.deleted_at is not None
+    assert Reservation.objects.get(pk=row.reservation_id).state == "settled"
+    assert api.get(f"/v1/videos/{job_id}").status_code == 404
+    assert sent_tasks == []
+
+
+@pytest.mark.django_db
+def test_a_running_video_deleted_before_it_stored_its_files_loses_them_to_the_reaper(
+        cast, api, sent_tasks):
+    from django.core.files.storage import default_storage
+
+    from inference.services import job_cancel_requested, jobs_reap
+
+    job_id = create(api, cast.owner_key)["id"]
+    job = job_claim(job_id=job_id, attempt=1)
+    assert api.delete(f"/v1/videos/{job_id}").json()["deleted"] is True
+    assert job_cancel_requested(job_id=job_id) and api.get(f"/v1/videos/{job_id}").status_code == 404
+    # Its last step was done when the cancel came: it stores its video and succeeds.
+    files = {"video": _stored(job_id, "mp4", b"mp4"), "thumbnail": _stored(job_id, "jpg", b"jpg")}
+    assert job_succeed(job=job, actual_mcu=900, result=files, usage={})
+    assert jobs_reap() == {"purged": 1}
+    assert not any(default_storage.exists(name) for name in files.values())
+    assert Job.objects.get(pk=job_id).result == {} and Job.objects.get(pk=job_id).actual_mcu == 900
+    assert jobs_reap() == {}

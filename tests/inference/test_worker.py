@@ -107,7 +107,12 @@ def test_openai_sdk_and_a_websocket_follow_a_video_to_a_playable_mp4(cast, start
         openai.OpenAI(base_url=f"{server.url}/v1", api_key=cast.outsider_key,
                       max_retries=0, timeout=120).videos.download_content(video.id)
 
-    job = Job.objects.get(pk=video.id)
+    deleted = client.videos.delete(video.id)
+    assert (deleted.id, deleted.object, deleted.deleted) == (video.id, "video.deleted", True)
+    with pytest.raises(openai.NotFoundError):
+        client.videos.download_content(video.id)
+
+    job = Job.objects.get(pk=video.id)  # deleted, and still billed
     assert job.actual_mcu == job.estimated_mcu > 0
     settles = LedgerEntry.objects.filter(reservation__job=job, kind="settle")
     assert [entry.mcu for entry in settles] == [job.actual_mcu]
@@ -150,8 +155,8 @@ def test_cancel_running_video_stops_within_one_step_and_refunds(cast, api, start
     video = create_video(api, cast.owner_key, num_inference_steps=50, size="256x256")
     job_id = video["id"]
     wait_for(lambda: "job.progress" in event_types(job_id), 120, worker, "the first step")
-    response = api.delete(f"/v1/videos/{job_id}")
-    assert response.status_code == 200
+    response = api.delete(f"/v1/videos/{job_id}")  # cancels it, then deletes it
+    assert response.status_code == 200 and response.json()["deleted"] is True
     steps_at_cancel = max(e.data["step"] for e in events_read(job_id=job_id) if e.type == "job.progress")
     # The terminal event is the last thing the worker does (after the row and the ledger).
     wait_for(lambda: "job.cancelled" in event_types(job_id), 60, worker, "the cancel")

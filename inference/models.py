@@ -13,6 +13,13 @@ def job_id_new() -> str:
     return f"job_{str(ULID()).lower()}"
 
 
+# A deleted job that still holds outputs, or the prompt it was sent (a video's `prompt`, a text
+# job's `prompt_token_ids`): the reaper removes them once the job has ended.
+DELETED_WITH_CONTENT = models.Q(deleted_at__isnull=False) & (
+    ~models.Q(result={}) | models.Q(params__has_key="prompt")
+    | models.Q(params__has_key="prompt_token_ids"))
+
+
 class Job(models.Model):
     class Status(models.TextChoices):
         QUEUED = "queued"
@@ -74,9 +81,9 @@ class Job(models.Model):
             models.Index(fields=["status", "started_at"], name="job_status_started"),
             models.Index(fields=["terminal_event_pending"], name="job_terminal_event_pending",
                          condition=models.Q(terminal_event_pending=True)),
-            # The reaper's look for outputs a deleted job still has (it ended after its delete).
-            models.Index(fields=["deleted_at"], name="job_deleted_with_outputs",
-                         condition=models.Q(deleted_at__isnull=False) & ~models.Q(result={})),
+            # The reaper's look for what a deleted job still holds (it ended after its delete).
+            models.Index(fields=["deleted_at"], name="job_deleted_with_content",
+                         condition=DELETED_WITH_CONTENT),
         ]
 
     def __str__(self) -> str:

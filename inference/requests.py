@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from rest_framework import serializers
 
-from inference.registry import ModelSpec, model_get
+from inference.registry import ModelSpec, model_get, models_for_tier
 from inference.tokenization import decode_checked, encode, encode_chat
 from portal.errors import InvalidParameter, SluiceError, to_sluice_error
 from portal.models import Tier
@@ -289,7 +289,8 @@ def text_request_parse(*, payload: dict, tier: Tier, chat: bool | None = None) -
 
 
 class VideoInput(serializers.Serializer):
-    model = serializers.CharField()
+    # Optional, as in OpenAI's SDK: the tier's first video model answers when none is named.
+    model = serializers.CharField(required=False)
     prompt = serializers.CharField(max_length=4000)
     seconds = serializers.FloatField(required=False, min_value=0.1)
     size = serializers.RegexField(r"^\d{1,5}x\d{1,5}$", required=False)
@@ -338,6 +339,11 @@ class VideoRequest:
 def video_request_parse(*, payload: dict, tier: Tier) -> VideoRequest:
     _refuse_unknown_video_arguments(payload)
     data = _validated(VideoInput(data=payload))
+    if "model" not in data:
+        default = next((spec for spec in models_for_tier(tier) if spec.video is not None), None)
+        if default is None:
+            raise InvalidParameter(f"The {tier.name} tier includes no video model.", param="model")
+        data["model"] = default.id
     spec = model_for_tier(model_id=data["model"], tier=tier)
     if spec.video is None:
         raise InvalidParameter(f"{spec.id} is not a video model.", param="model")

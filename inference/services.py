@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from inference.errors import IdempotencyConflict, JobNotCancellable
 from inference.events import event_publish
-from inference.models import IdempotencyKey, Job
+from inference.models import DELETED_WITH_CONTENT, IdempotencyKey, Job
 from inference.registry import ModelSpec, ModelVariant
 from inference.scheduler import (
     scheduler_dispatch,
@@ -400,6 +400,9 @@ def job_cancel(*, job: Job) -> Job:
     return job
 
 
+_CONTENT_PARAMS = frozenset({"prompt", "negative_prompt", "prompt_token_ids", "code_context"})
+
+
 def job_delete(*, job: Job) -> None:
     """DELETE /v1/videos/{id} and /v1/jobs/{id}: the job is hidden from every read and its
     outputs (a video's files, a completion's text) removed. The row stays, with its CU and
@@ -415,26 +418,30 @@ def job_delete(*, job: Job) -> None:
 
 
 def _deleted_job_outputs_remove(*, job_id: str) -> bool:
-    """Remove an ended, deleted job's outputs: the files first, then the row's pointers to
-    them, so a failure leaves the row for the reaper to try again rather than files nobody
-    knows of. Both steps are idempotent: two removers racing do no harm."""
+    """Remove an ended, deleted job's outputs and what it was sent: the files first, then the
+    row's pointers to them, so a failure leaves the row for the reaper to try again rather than
+    files nobody knows of. Both steps are idempotent: two removers racing do no harm. The
+    prompt, its tokens and the code around it go too (a moderation case keeps its own copy,
+    under its own retention); the rest of the row stays for billing. Not before the job ended:
+    a redelivered attempt of a job that is stopping still reads its params."""
     from inference.media import job_media_remove
 
     row = (Job.objects.filter(pk=job_id, deleted_at__isnull=False, status__in=Job.TERMINAL)
-           .exclude(result={}).values("kind", "result").first())
-    if row is None:
+           .values("kind", "result", "params").first())
+    if row is None or (not row["result"] and not _CONTENT_PARAMS & set(row["params"])):
         return False
-    if row["kind"] == Job.Kind.VIDEO:
+    if row["kind"] == Job.Kind.VIDEO and row["result"]:
         job_media_remove(row["result"])
-    Job.objects.filter(pk=job_id).update(result={})
+    params = {name: value for name, value in row["params"].items() if name not in _CONTENT_PARAMS}
+    Job.objects.filter(pk=job_id).update(result={}, params=params)
     return True
 
 
 def _deleted_jobs_outputs_remove() -> int:
     """Outputs of deleted jobs that ended after their delete (a running job stops at its next
     step, or finished first and stored its video): removed on the reaper's next round."""
-    job_ids = Job.objects.filter(deleted_at__isnull=False, status__in=Job.TERMINAL).exclude(
-        result={}).values_list("pk", flat=True)[:200]
+    job_ids = Job.objects.filter(DELETED_WITH_CONTENT, status__in=Job.TERMINAL).values_list(
+        "pk", flat=True)[:200]
     removed = 0
     for job_id in job_ids:
         try:

@@ -464,6 +464,7 @@ def test_delete_of_an_ended_video_removes_its_files_and_hides_it_but_keeps_its_b
     row = Job.objects.get(pk=job_id)
     assert row.deleted_at is not None and row.actual_mcu == 700 and row.usage == {"steps": 2}
     assert row.result == {}
+    assert "prompt" not in row.params and row.params["steps"] == 2  # what it was sent goes too
     assert list(LedgerEntry.objects.values_list("pk", "kind", "mcu")) == ledger
 
 
@@ -508,4 +509,31 @@ def test_a_running_video_deleted_before_it_stored_its_files_loses_them_to_the_re
     assert jobs_reap() == {"purged": 1}
     assert not any(default_storage.exists(name) for name in files.values())
     assert Job.objects.get(pk=job_id).result == {} and Job.objects.get(pk=job_id).actual_mcu == 900
+    assert "prompt" not in Job.objects.get(pk=job_id).params
     assert jobs_reap() == {}
+
+
+@pytest.mark.django_db
+def test_a_running_job_keeps_its_prompt_until_it_ends_then_a_deleted_one_loses_it(cast, api, sent_tasks):
+    """A redelivered attempt of a job that is stopping still reads its params; once it ended,
+    a deleted job keeps nothing of what it was sent."""
+    from inference.services import job_cancelled, jobs_reap
+
+    job_id = create(api, cast.owner_key)["id"]
+    job = job_claim(job_id=job_id, attempt=1)
+    api.delete(f"/v1/videos/{job_id}")
+    assert Job.objects.get(pk=job_id).params["prompt"] == "a blue circle"
+    assert jobs_reap() == {}  # still running: nothing to purge yet
+    assert job_cancelled(job=job, actual_mcu=100)  # stopped with no output
+    assert jobs_reap() == {"purged": 1}
+    row = Job.objects.get(pk=job_id)
+    assert "prompt" not in row.params and row.result == {} and row.actual_mcu == 100
+
+
+@pytest.mark.django_db
+def test_a_video_without_a_model_is_made_by_the_tiers_video_model(cast, api, sent_tasks):
+    """The openai SDK's videos.create() makes `model` optional."""
+    body = {key: value for key, value in VIDEO_BODY.items() if key != "model"}
+    response = api.bearer(cast.owner_key).post("/v1/videos", body, format="json")
+    assert response.status_code == 201, response.json()
+    assert response.json()["model"] == "sluice-video-tiny"

@@ -22,6 +22,7 @@ from quotas.limits import (
     pool_capacity_mcu,
     pool_lease_s,
     pool_slots,
+    reservation_marker,
 )
 
 CANDIDATES_PER_ROUND = 50
@@ -41,15 +42,17 @@ def _jobs_key(pool: str) -> str:
 
 
 def scheduler_enqueue(*, job_id: str, pool: str, priority: int, tenant_id: int, cost_mcu: int,
-                      reservation_id: str, job_cap: int, weight: float = 1.0) -> float:
+                      reservation_id: str, job_cap: int, weight: float = 1.0) -> float | None:
     """Queue a job whose reservation waits for the pool. `job_cap`: its tenant's concurrent-job
-    cap as admission saw it (the dispatch round applies it without reading the tenant)."""
+    cap as admission saw it (the dispatch round applies it without reading the tenant).
+    Idempotent: a job already queued keeps its place. Returns its finish tag, or None when a
+    dispatch round has already taken its reservation onto the pool (it is being started)."""
     tag = lua_script(redis_client(), "enqueue", package="inference")(
         keys=[_queue_key(pool, priority), f"s:tf:{pool}:{tenant_id}", f"s:vt:{pool}",
-              _priorities_key(pool), _jobs_key(pool)],
+              _priorities_key(pool), _jobs_key(pool), reservation_marker(reservation_id)],
         args=[job_id, max(cost_mcu, 1), weight, priority, f"{reservation_id} {tenant_id} {job_cap}"],
     )
-    return float(tag)
+    return None if tag is None else float(tag)
 
 
 def scheduler_remove(*, job_id: str, pool: str, priority: int) -> bool:
@@ -60,6 +63,19 @@ def scheduler_remove(*, job_id: str, pool: str, priority: int) -> bool:
     pipe.hdel(_jobs_key(pool), job_id)
     removed, _ = pipe.execute()
     return bool(removed)
+
+
+def scheduler_queued(*, pool: str, jobs: list[tuple[str, int]]) -> set[str]:
+    """Which of these (job id, priority) are waiting in the pool's queue, in one round trip: in
+    its priority's queue and in the job hash the dispatch round reads (without that entry a
+    queued id is never started)."""
+    pipe = redis_client().pipeline(transaction=False)
+    for job_id, priority in jobs:
+        pipe.zscore(_queue_key(pool, priority), job_id)
+        pipe.hexists(_jobs_key(pool), job_id)
+    answers = pipe.execute()
+    return {job_id for (job_id, _), tag, entry in zip(jobs, answers[::2], answers[1::2], strict=True)
+            if tag is not None and entry}
 
 
 def _priorities(pool: str) -> list[int]:

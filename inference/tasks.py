@@ -6,6 +6,7 @@ from django.utils import timezone
 from redis import RedisError
 
 from inference.models import IdempotencyKey
+from inference.reconcile import jobs_reconcile
 from inference.runner import job_run
 from inference.scheduler import scheduler_pools
 from inference.services import IDEMPOTENCY_TTL, jobs_reap, pool_dispatch
@@ -26,6 +27,13 @@ def run_job(job_id: str, attempt: int) -> str:
 def scheduler_tick() -> int:
     """Safety net: dispatch every pool (finishing jobs also dispatch, so this rarely acts)."""
     return sum(pool_dispatch(pool=pool) for pool in scheduler_pools())
+
+
+@shared_task(name="inference.scheduler_reconcile", ignore_result=True)
+def scheduler_reconcile() -> dict:
+    """Queued jobs Redis lost, or that a failed step left out of every queue, go back to it;
+    admitted ones no worker claimed are sent again (inference/reconcile.py)."""
+    return jobs_reconcile()
 
 
 @shared_task(name="inference.jobs_reap", ignore_result=True)

@@ -300,6 +300,11 @@ SLUICE_POOL_LEASE_S = env_dict_int("SLUICE_POOL_LEASE_S", {"text-batch": 300, "v
 # Jobs each pool runs at once (its workers' slots); queued work waits in the scheduler beyond.
 SLUICE_POOL_SLOTS = env_dict_int("SLUICE_POOL_SLOTS", {"text-batch": 32, "video-hbm": 1})
 SLUICE_POOL_RETRY_AFTER_S = env_int("SLUICE_POOL_RETRY_AFTER_S", 2, minimum=1)
+# The scheduler's reconciliation (beat, every 30 s): a queued job older than this that is in no
+# scheduler queue (Redis lost it, or a step after its commit failed) is queued again; an
+# admitted one no worker claimed this long after its admission is sent to its pool again.
+SLUICE_SCHEDULER_RECONCILE_AFTER_S = env_int("SLUICE_SCHEDULER_RECONCILE_AFTER_S", 30, minimum=1)
+SLUICE_JOB_RESEND_AFTER_S = env_int("SLUICE_JOB_RESEND_AFTER_S", 60, minimum=1)
 # Budget alert thresholds, percent of the period's budget (dashboard banner, webhook event).
 SLUICE_BUDGET_ALERT_PCT = env_int("SLUICE_BUDGET_ALERT_PCT", 80, minimum=1)
 
@@ -349,6 +354,7 @@ SLUICE_VIDEO_PREVIEW_EVERY = env_int("SLUICE_VIDEO_PREVIEW_EVERY", 5, minimum=0)
 CELERY_BEAT_SCHEDULE.update({
     "jobs-reap": {"task": "inference.jobs_reap", "schedule": 5.0},
     "scheduler-tick": {"task": "inference.scheduler_tick", "schedule": 2.0},
+    "scheduler-reconcile": {"task": "inference.scheduler_reconcile", "schedule": 30.0},
     "idempotency-purge": {"task": "inference.idempotency_purge", "schedule": 3600.0},
     # Moderation cases keep their prompt SLUICE_MODERATION_PROMPT_RETENTION_DAYS, no longer.
     "moderation-prompts-purge": {"task": "moderation.case_prompts_purge", "schedule": 3600.0},

@@ -18,9 +18,9 @@ def enqueue(client, job_id, *, tenant="a", cost=1000, priority=5, reservation=No
     reservation = reservation or f"r{job_id}"
     client.hset(f"t:r:{reservation}", mapping={"state": "queued", "cost": cost})
     return float(lua_script(client, "enqueue", package="inference")(
-        keys=[f"t:q:{priority}", f"t:tf:{tenant}", "t:vt", "t:prios", "t:jobs"],
+        keys=[f"t:q:{priority}", f"t:tf:{tenant}", "t:vt", "t:prios", "t:jobs", f"t:r:{reservation}"],
         args=[job_id, cost, 1, priority, f"{reservation} {tenant} {cap}"],
-    ))
+    ) or "nan")
 
 
 def dispatch(client, *, capacity=2000, slots=10):
@@ -87,6 +87,22 @@ def test_an_already_admitted_reservation_is_started(client):
     client.hset("t:r:rj", "state", "admitted")
     assert dispatch(client) == ["j", "rj"]
     assert client.zcard("t:pz") == 0  # it took no second slot
+
+
+def test_enqueue_is_idempotent_and_refuses_a_job_whose_reservation_was_admitted(client):
+    """The reconciliation may queue a job again that is already queued (its tag and its
+    tenant's stay), or that a dispatch round has just taken onto the pool (not queued again)."""
+    assert enqueue(client, "a1") == 1000.0
+    client.hdel("t:jobs", "a1")  # the entry the round reads, lost
+    assert enqueue(client, "a1") == 1000.0
+    assert float(client.get("t:tf:a")) == 1000.0 and client.hexists("t:jobs", "a1")
+    assert enqueue(client, "a2") == 2000.0
+    assert dispatch(client, slots=1) == ["a1", "ra1"]
+    client.hset("t:r:ra1", "state", "admitted")
+    script = lua_script(client, "enqueue", package="inference")
+    assert script(keys=["t:q:5", "t:tf:a", "t:vt", "t:prios", "t:jobs", "t:r:ra1"],
+                  args=["a1", 1000, 1, 5, "ra1 a 10"]) is None
+    assert client.zrange("t:q:5", 0, -1) == [b"a2"] and not client.hexists("t:jobs", "a1")
 
 
 def test_run_time_keeps_an_exponentially_weighted_average(client):

@@ -1,0 +1,140 @@
+"""The scheduler's reconciliation (inference/reconcile.py): queued jobs Redis lost, or that a
+failed step left out of every queue, are queued again; admitted jobs no worker claimed are sent
+again; nothing is done twice."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+import redis
+from django.db import DatabaseError
+from django.utils import timezone
+
+from inference.models import Job
+from inference.reconcile import jobs_reconcile
+from inference.scheduler import scheduler_queued
+from inference.services import job_claim, job_succeed, pool_dispatch
+from portal.redis import redis_client
+from quotas.models import Reservation
+from tests.factories import api_key_obj, tenant_with_limits, video_job_submit
+
+pytestmark = pytest.mark.django_db
+
+POOL = "video-hbm"
+
+
+def later(seconds: float):
+    return timezone.now() + timedelta(seconds=seconds)
+
+
+def redis_loses_its_data():
+    client = redis_client()
+    doomed = [key for key in client.scan_iter(count=1000) if not key.startswith(b"_kombu.binding.")]
+    client.delete(*doomed)
+
+
+def queued_ids(jobs) -> set[str]:
+    return scheduler_queued(pool=POOL, jobs=[(job.pk, job.priority) for job in jobs])
+
+
+def test_jobs_redis_lost_are_queued_again_in_order_and_start_when_capacity_frees(settings, sent_tasks):
+    settings.SLUICE_POOL_SLOTS = {POOL: 1}
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100, max_jobs=10))
+    running = video_job_submit(api_key).job
+    waiting = [video_job_submit(api_key).job for _ in range(2)]
+    assert [job_id for job_id, *_ in sent_tasks] == [running.pk]
+    redis_loses_its_data()
+    assert queued_ids(waiting) == set()
+
+    assert jobs_reconcile() == {}  # too young: job_submit may still be enqueuing them
+    assert jobs_reconcile(now=later(31)) == {"enqueued": 2}
+    assert queued_ids(waiting) == {job.pk for job in waiting}
+    assert jobs_reconcile(now=later(31)) == {}  # idempotent
+    assert pool_dispatch(pool=POOL) == 0  # the running job's slot came back with the counters
+
+    job_succeed(job=job_claim(job_id=running.pk, attempt=1), actual_mcu=1000, result={}, usage={})
+    assert [job_id for job_id, *_ in sent_tasks] == [running.pk, waiting[0].pk]
+
+
+def test_a_job_committed_whose_enqueue_failed_is_queued_again(settings, sent_tasks, monkeypatch):
+    from inference import services
+
+    settings.SLUICE_POOL_SLOTS = {POOL: 1}
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100, max_jobs=10))
+    running = video_job_submit(api_key).job
+
+    def refused(**kwargs):
+        raise redis.ConnectionError("Redis went away")
+
+    with monkeypatch.context() as patched, pytest.raises(redis.ConnectionError):
+        patched.setattr(services, "scheduler_enqueue", refused)
+        video_job_submit(api_key)
+    stranded = Job.objects.exclude(pk=running.pk).get()
+    assert stranded.status == "queued" and queued_ids([stranded]) == set()
+
+    assert jobs_reconcile(now=later(31)) == {"enqueued": 1}
+    job_succeed(job=job_claim(job_id=running.pk, attempt=1), actual_mcu=1000, result={}, usage={})
+    assert sent_tasks[-1] == (stranded.pk, 1, POOL)
+
+
+def test_a_dispatched_job_whose_admission_was_not_recorded_is_admitted_then_sent(
+        settings, sent_tasks, monkeypatch):
+    from inference import scheduler
+
+    settings.SLUICE_POOL_SLOTS = {POOL: 1}
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100, max_jobs=10))
+    running = video_job_submit(api_key).job
+    waiting = video_job_submit(api_key).job
+
+    def refused(**kwargs):
+        raise DatabaseError("connection lost")
+
+    with monkeypatch.context() as patched, pytest.raises(DatabaseError):
+        patched.setattr(scheduler, "reservations_admitted", refused)
+        # The round took the job off the queue and onto the pool, then failed.
+        job_succeed(job=job_claim(job_id=running.pk, attempt=1), actual_mcu=1000, result={}, usage={})
+    assert [job_id for job_id, *_ in sent_tasks] == [running.pk]
+    assert Reservation.objects.get(pk=waiting.reservation_id).state == "queued"
+
+    assert jobs_reconcile(now=later(31)) == {"admitted": 1}  # not queued again: it holds the slot
+    assert queued_ids([waiting]) == set()
+    assert Reservation.objects.get(pk=waiting.reservation_id).state == "admitted"
+    assert jobs_reconcile(now=later(31)) == {}  # the round's own send may still come
+    assert jobs_reconcile(now=later(100)) == {"resent": 1}
+    assert sent_tasks[-1] == (waiting.pk, 1, POOL)
+
+
+def test_an_admitted_job_no_worker_claimed_is_sent_again_once_per_interval_and_a_duplicate_is_harmless(
+        sent_tasks):
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    job = video_job_submit(api_key).job
+    assert sent_tasks == [(job.pk, 1, POOL)]  # ... and lost with the broker's data
+    assert jobs_reconcile(now=later(31)) == {}
+    assert jobs_reconcile(now=later(61)) == {"resent": 1}
+    assert jobs_reconcile(now=later(62)) == {}  # not again before another interval
+    assert sent_tasks == [(job.pk, 1, POOL)] * 2
+
+    claimed = job_claim(job_id=job.pk, attempt=1)
+    assert claimed is not None and job_claim(job_id=job.pk, attempt=1) is None
+    redis_client().delete(f"s:resent:{job.pk}")
+    assert jobs_reconcile(now=later(200)) == {}  # running: nothing to send
+
+
+def test_a_cancelled_or_timed_out_job_is_left_alone(settings, sent_tasks):
+    from inference.services import job_cancel
+
+    settings.SLUICE_POOL_SLOTS = {POOL: 1}
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100, max_jobs=10))
+    video_job_submit(api_key)
+    cancelled, expired = video_job_submit(api_key).job, video_job_submit(api_key).job
+    job_cancel(job=cancelled)
+    Reservation.objects.filter(pk=expired.reservation_id).update(expires_at=later(-1))
+    redis_loses_its_data()
+    assert jobs_reconcile(now=later(31)) == {}
+    assert queued_ids([cancelled, expired]) == set()
+
+
+def test_the_reconciliation_runs_on_beat(settings):
+    assert any(entry["task"] == "inference.scheduler_reconcile"
+               for entry in settings.CELERY_BEAT_SCHEDULE.values())

@@ -131,7 +131,8 @@ def test_each_models_pool_runs_on_its_gpu_nodes(spec):
         {"key": "sluice.dev/gpu-class", "operator": "In", "values": [GPU_CLASS_FOR_KIND[spec.kind]]}]
     assert {"key": "sluice.dev/gpu-pool", "operator": "Equal", "value": spec.pool,
             "effect": "NoSchedule"} in pod["tolerations"]
-    gpus = sum(int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) for c in pod["containers"])
+    gpus = sum(int(c["resources"]["limits"].get("nvidia.com/gpu", 0))
+               for c in pod["containers"] + pod.get("initContainers", []))
     assert gpus >= 1
     (worker,) = [c for c in pod["containers"] if c["name"] == "worker"]
     assert " ".join(worker_pool_args(spec.pool)) in " ".join(worker["command"])
@@ -144,8 +145,9 @@ def test_text_engines_are_sidecars_started_as_vllm_server_argv_says_on_gpus():
     config = next(doc for doc in _of_kind("ConfigMap") if doc["metadata"]["name"] == "sluice-config")
     urls = dict(item.split("=", 1) for item in config["data"]["SLUICE_VLLM_URLS"].split(","))
     for spec, variant in text_variants():
-        containers = _pool_deployment(spec.pool)["spec"]["template"]["spec"]["containers"]
-        (sidecar,) = [c for c in containers if c["name"] == f"vllm-{variant.served_name}"]
+        pod = _pool_deployment(spec.pool)["spec"]["template"]["spec"]
+        (sidecar,) = [c for c in pod.get("initContainers", [])
+                      if c["name"] == f"vllm-{variant.served_name}"]
         port = int(urls[variant.served_name].rsplit(":", 1)[1])
         on_node = replace(variant, checkpoint=Path("/models") / variant.served_name)
         with mock.patch.object(vllm, "has_gpu", return_value=True):
@@ -154,6 +156,27 @@ def test_text_engines_are_sidecars_started_as_vllm_server_argv_says_on_gpus():
         assert sidecar["command"] == ["python", *expected[1:]]
         assert "--enforce-eager" not in sidecar["command"]
         assert sidecar["readinessProbe"]["httpGet"] == {"path": "/health", "port": port}
+        assert sidecar["startupProbe"]["httpGet"] == {"path": "/health", "port": port}
+
+
+# After its warm shutdown (open streams finishing) the worker exits; the engines then stop.
+ENGINES_STOP_S = 30
+
+
+@pytest.mark.parametrize("spec", {spec.pool: spec for spec, _variant in text_variants()}.values(),
+                         ids=lambda spec: spec.pool)
+def test_text_engines_outlive_the_workers_warm_shutdown(spec, settings):
+    """A scale-down, drain or rollout SIGTERMs a pod's ordinary containers together: vLLM
+    servers among them cancel their requests at once and every open stream fails with
+    engine_error. Native sidecars (restartable init containers) are stopped only after the
+    worker, and the grace period covers the longest stream plus their own stop."""
+    pod = _pool_deployment(spec.pool)["spec"]["template"]["spec"]
+    assert not [c["name"] for c in pod["containers"] if c["name"].startswith("vllm-")]
+    engines = [c for c in pod.get("initContainers", []) if c["name"].startswith("vllm-")]
+    assert engines and all(c["restartPolicy"] == "Always" for c in engines)
+    longest_stream_s = max(settings.SLUICE_POOL_LEASE_S[spec.pool],
+                           settings.SLUICE_VLLM_READ_TIMEOUT_S)
+    assert pod["terminationGracePeriodSeconds"] >= longest_stream_s + ENGINES_STOP_S
 
 
 def test_every_queue_has_workers_and_beat_runs_alone():

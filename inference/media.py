@@ -19,14 +19,22 @@ def job_media_response(request, *, job, variant: str) -> HttpResponse:
     """A finished video job's mp4 or thumbnail, for the API (key) and the dashboard (session).
     The caller has already checked the job belongs to the caller's tenant."""
     from inference.models import Job
+    from inference.retention import RETENTION_DAYS, job_content_expired
     from portal.errors import InvalidParameter, NotFound
 
     if variant not in _MEDIA_TYPES:
         raise InvalidParameter("variant must be video or thumbnail.", param="variant")
+    if job.status == Job.Status.SUCCEEDED and job_content_expired(job):
+        days = job.result[RETENTION_DAYS]
+        raise NotFound(f"The video expired: its files are kept {days} days after it completes, "
+                       "and were removed.", param="id")
     path = (job.result or {}).get(variant)
     if job.status != Job.Status.SUCCEEDED or not path:
         raise NotFound("The video is not ready.", param="id")
-    return ranged_file_response(request, path=path, content_type=_MEDIA_TYPES[variant])
+    try:
+        return ranged_file_response(request, path=path, content_type=_MEDIA_TYPES[variant])
+    except FileNotFoundError:  # removed since the row was read (its retention ran out)
+        raise NotFound("The video's files are no longer available.", param="id") from None
 
 
 def job_media_remove(result: dict) -> None:

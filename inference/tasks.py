@@ -7,6 +7,7 @@ from redis import RedisError
 
 from inference.models import IdempotencyKey
 from inference.reconcile import jobs_reconcile
+from inference.retention import jobs_content_expire
 from inference.runner import job_run
 from inference.scheduler import scheduler_pools
 from inference.services import IDEMPOTENCY_TTL, jobs_reap, pool_dispatch
@@ -39,6 +40,12 @@ def scheduler_reconcile() -> dict:
 @shared_task(name="inference.jobs_reap", ignore_result=True)
 def jobs_reap_task() -> dict:
     return jobs_reap()
+
+
+@shared_task(name="inference.jobs_content_expire", ignore_result=True)
+def jobs_content_expire_task() -> int:
+    """Videos, results and prompts of jobs ended SLUICE_MEDIA_RETENTION_DAYS ago go."""
+    return jobs_content_expire()
 
 
 @shared_task(name="inference.idempotency_purge", ignore_result=True)

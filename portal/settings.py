@@ -351,10 +351,14 @@ SLUICE_JOB_HEARTBEAT_TTL_S = env_int("SLUICE_JOB_HEARTBEAT_TTL_S", 15, minimum=2
 SLUICE_JOB_MAX_ATTEMPTS = env_int("SLUICE_JOB_MAX_ATTEMPTS", 3, minimum=1)
 # Video: a small JPEG preview (job.preview event) every this many denoising steps; 0 = none.
 SLUICE_VIDEO_PREVIEW_EVERY = env_int("SLUICE_VIDEO_PREVIEW_EVERY", 5, minimum=0)
+# A job's outputs (a video's mp4 and thumbnail, a completion's text) and the prompt it was sent
+# are removed this many days after it ended (hourly); the row, its usage and CU stay. 0: kept.
+SLUICE_MEDIA_RETENTION_DAYS = env_int("SLUICE_MEDIA_RETENTION_DAYS", 30, minimum=0)
 CELERY_BEAT_SCHEDULE.update({
     "jobs-reap": {"task": "inference.jobs_reap", "schedule": 5.0},
     "scheduler-tick": {"task": "inference.scheduler_tick", "schedule": 2.0},
     "scheduler-reconcile": {"task": "inference.scheduler_reconcile", "schedule": 30.0},
+    "jobs-content-expire": {"task": "inference.jobs_content_expire", "schedule": 3600.0},
     "idempotency-purge": {"task": "inference.idempotency_purge", "schedule": 3600.0},
     # Moderation cases keep their prompt SLUICE_MODERATION_PROMPT_RETENTION_DAYS, no longer.
     "moderation-prompts-purge": {"task": "moderation.case_prompts_purge", "schedule": 3600.0},

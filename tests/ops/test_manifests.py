@@ -195,3 +195,35 @@ def test_web_probes_and_autoscaling():
     assert hpa["spec"]["scaleTargetRef"]["name"] == "sluice-web"
     secret_refs = {ref["secretRef"]["name"] for ref in container["envFrom"] if "secretRef" in ref}
     assert secret_refs == {"sluice-secrets"}
+
+
+def _worker_containers() -> list[dict]:
+    return [c for doc in _of_kind("Deployment") for c in doc["spec"]["template"]["spec"]["containers"]
+            if c["command"][:4] == ["celery", "-A", "portal", "worker"]]
+
+
+@pytest.mark.parametrize("container", _worker_containers(), ids=lambda c: c["command"][5])
+def test_worker_liveness_pings_its_own_consumer(container):
+    """A TCP check on the metrics thread passed while the consumer was stuck. The probe pings
+    the node this container runs (its -n) and gives a busy worker minutes, not seconds."""
+    from portal.probes import WORKER_PING_TIMEOUT_S
+
+    command = container["command"]
+    node_pattern = command[command.index("-n") + 1]
+    probe = container["livenessProbe"]
+    assert probe["exec"]["command"] == ["python", "-m", "portal.probes", "worker", node_pattern]
+    assert probe["timeoutSeconds"] >= WORKER_PING_TIMEOUT_S + 15  # interpreter start + the ping
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 300
+    assert probe["initialDelaySeconds"] >= 30
+
+
+def test_beat_liveness_reads_how_old_its_schedule_is():
+    from celery.beat import PersistentScheduler
+
+    (beat,) = [doc for doc in _of_kind("Deployment") if doc["metadata"]["name"] == "sluice-beat"]
+    (container,) = beat["spec"]["template"]["spec"]["containers"]
+    schedule = container["command"][container["command"].index("--schedule") + 1]
+    *probe, max_age_s = container["livenessProbe"]["exec"]["command"]
+    assert probe == ["python", "-m", "portal.probes", "beat", schedule]
+    # Saved every sync_every seconds: two missed saves, not one late one, mean a stalled beat.
+    assert float(max_age_s) >= 2 * PersistentScheduler.sync_every

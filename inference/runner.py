@@ -9,6 +9,7 @@ import threading
 import time
 
 from django.conf import settings
+from django.db import close_old_connections
 from django.utils import timezone
 
 from inference.engines import engine_for
@@ -26,6 +27,7 @@ from inference.services import (
     job_succeed,
     jobs_cancel_requested,
     jobs_heartbeat,
+    jobs_superseded,
 )
 from portal.logs import log_context
 
@@ -38,6 +40,12 @@ PROGRESS_ROW_INTERVAL_S = 1.0
 
 # How often the process reads its jobs' cancel flags: the most a cancel waits to be seen.
 CANCEL_POLL_S = 0.05
+# How often the process asks the database whether its jobs are still its own (see
+# _RunningJobs): the most a superseded attempt goes on publishing. One query for all its jobs.
+ATTEMPT_CHECK_S = 1.0
+
+# Why the watcher stopped a job (the engine sees it as a cancel; the runner ends it otherwise).
+SUPERSEDED = "superseded"
 
 
 class _RunningJobs:
@@ -45,44 +53,64 @@ class _RunningJobs:
     round trip every CANCEL_POLL_S (a text stream's `should_stop()` is then a dict read, where
     it was a Redis call per stream per poll), their heartbeats refreshed in one round trip every
     third of the heartbeat TTL (where each job had a thread of its own). The thread dies with
-    the process, and so do the heartbeats: a lost worker's jobs still expire to the reaper."""
+    the process, and so do the heartbeats: a lost worker's jobs still expire to the reaper.
+
+    A worker cut off from Redis for longer than the TTL is taken for lost by the reaper, which
+    queues its jobs again, while the worker itself runs on. Every ATTEMPT_CHECK_S the thread
+    asks the database whether each job is still at the attempt it runs here, and stops (as a
+    cancel stops it) the ones that are not: that attempt ends nothing, publishes nothing more,
+    and no longer beats, so the attempt now running owns the job alone."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._job_ids: set[str] = set()  # every job here: its heartbeat
+        self._attempts: dict[str, int] = {}  # every job here -> its attempt: its heartbeat
         self._cancel_requested: dict[str, bool] = {}  # the jobs whose flag is read here
+        self._stopped: dict[str, str] = {}  # job -> why the watcher stopped it
         self._busy = threading.Event()
         self._pid: int | None = None
 
-    def add(self, job_id: str, *, watch_cancel: bool) -> None:
+    def add(self, job_id: str, *, attempt: int, watch_cancel: bool) -> None:
         with self._lock:
             if self._pid != os.getpid():  # first job here, or a forked child: start its thread
                 self._pid = os.getpid()
                 threading.Thread(target=self._watch, daemon=True, name="job-watch").start()
-            self._job_ids.add(job_id)
+            self._attempts[job_id] = attempt
             if watch_cancel:
                 self._cancel_requested[job_id] = False
             self._busy.set()
 
-    def remove(self, job_id: str) -> None:
+    def remove(self, job_id: str) -> str | None:
+        """The job is no longer watched; returns why the watcher stopped it, if it did."""
         with self._lock:
-            self._job_ids.discard(job_id)
+            self._attempts.pop(job_id, None)
             self._cancel_requested.pop(job_id, None)
-            if not self._job_ids:
+            if not self._attempts:
                 self._busy.clear()
+            return self._stopped.pop(job_id, None)
 
     def cancel_requested(self, job_id: str) -> bool:
-        return self._cancel_requested.get(job_id, False)
+        return self._cancel_requested.get(job_id, False) or job_id in self._stopped
+
+    def stop_reason(self, job_id: str) -> str | None:
+        return self._stopped.get(job_id)
+
+    def _stop(self, job_ids: set[str], reason: str) -> None:
+        with self._lock:
+            for job_id in job_ids & self._attempts.keys():  # not one that ended meanwhile
+                self._stopped.setdefault(job_id, reason)
 
     def _watch(self) -> None:
         beat_every = max(1.0, settings.SLUICE_JOB_HEARTBEAT_TTL_S / 3)
         next_beat = time.monotonic() + beat_every
+        next_check = time.monotonic() + ATTEMPT_CHECK_S
         while True:
             self._busy.wait()
             time.sleep(CANCEL_POLL_S)
             with self._lock:
-                job_ids, watched = list(self._job_ids), list(self._cancel_requested)
-            if not job_ids:
+                attempts = {job_id: attempt for job_id, attempt in self._attempts.items()
+                            if job_id not in self._stopped}
+                watched = [job_id for job_id in self._cancel_requested if job_id in attempts]
+            if not attempts:
                 continue
             try:
                 if watched:
@@ -90,11 +118,30 @@ class _RunningJobs:
                     with self._lock:
                         for job_id in cancelled & self._cancel_requested.keys():
                             self._cancel_requested[job_id] = True
-                if time.monotonic() >= next_beat:
-                    jobs_heartbeat(job_ids=job_ids)
-                    next_beat = time.monotonic() + beat_every
             except Exception:  # Redis hiccup: the next round retries
-                logger.warning("watching %d running jobs failed", len(job_ids), exc_info=True)
+                logger.warning("reading %d cancel flags failed", len(watched), exc_info=True)
+            if time.monotonic() >= next_check:
+                try:
+                    superseded = jobs_superseded(attempts=attempts)
+                except Exception:  # the database unreachable: keep running, ask again
+                    logger.warning("checking %d running jobs' attempts failed", len(attempts),
+                                   exc_info=True)
+                    close_old_connections()  # a broken connection is replaced next round
+                else:
+                    if superseded:
+                        logger.warning("jobs %s were handed to another attempt: stopping them",
+                                       sorted(superseded))
+                        self._stop(superseded, SUPERSEDED)
+                        attempts = {job_id: attempt for job_id, attempt in attempts.items()
+                                    if job_id not in superseded}
+                next_check = time.monotonic() + ATTEMPT_CHECK_S
+            if time.monotonic() >= next_beat and attempts:
+                try:
+                    jobs_heartbeat(attempts=attempts)
+                    next_beat = time.monotonic() + beat_every
+                except Exception:  # Redis hiccup: the next round (CANCEL_POLL_S) retries
+                    logger.warning("heartbeats of %d running jobs failed", len(attempts),
+                                   exc_info=True)
 
 
 _running = _RunningJobs()
@@ -151,7 +198,13 @@ def _job_run_claimed(job) -> str:
     announce = _Announcement(job)
     first_output_at = [None]
 
+    def superseded() -> bool:
+        # Another attempt owns the job now: nothing more of this one reaches its stream.
+        return _running.stop_reason(job.pk) == SUPERSEDED
+
     def emit_output(data: dict) -> None:
+        if superseded():
+            return
         announce()
         if first_output_at[0] is None:
             first_output_at[0] = timezone.now()
@@ -160,6 +213,8 @@ def _job_run_claimed(job) -> str:
     progress_saved_at = [float("-inf")]
 
     def emit_progress(progress: float, data: dict) -> None:
+        if superseded():
+            return
         announce()
         now = time.monotonic()
         persist = now - progress_saved_at[0] >= PROGRESS_ROW_INTERVAL_S
@@ -168,8 +223,14 @@ def _job_run_claimed(job) -> str:
         job_progress(job=job, progress=progress, data=data, persist=persist)
 
     def emit_preview(data: dict) -> None:
+        if superseded():
+            return
         announce()
         job_preview(job=job, data=data)
+
+    def started() -> None:
+        if not superseded():
+            announce()
 
     context = RunContext(
         job_id=job.pk,
@@ -179,24 +240,32 @@ def _job_run_claimed(job) -> str:
         emit_output=emit_output,
         # A text stream checks on every chunk: the watcher's flag (at most CANCEL_POLL_S late).
         # A video checks once per denoising step, a step is long, and its cancel is promised
-        # within one step: it reads Redis.
+        # within one step: it reads Redis (and the watcher's flag).
         should_stop=(lambda: _running.cancel_requested(job.pk)) if spec.kind == "text"
-        else (lambda: job_cancel_requested(job_id=job.pk)),
+        else (lambda: _running.cancel_requested(job.pk) or job_cancel_requested(job_id=job.pk)),
         output_moderator=output_moderator_for(job) if spec.kind == "text" else None,
         emit_preview=emit_preview,
-        started=announce,
+        started=started,
     )
-    _running.add(job.pk, watch_cancel=spec.kind == "text")
+    _running.add(job.pk, attempt=job.attempts, watch_cancel=spec.kind == "text")
+    error: Exception | None = None
     try:
         outcome = engine_for(spec).run(context)
     except Exception as exc:
-        logger.exception("engine failed on %s", job.pk)
+        error = exc
+    stopped_by = _running.remove(job.pk)
+    if stopped_by == SUPERSEDED:
+        # Not ended here: `_finish` would refuse it anyway (the row is at another attempt),
+        # and the attempt now running settles and announces the job.
+        logger.warning("job %s: attempt %s stopped, the job was handed to another attempt",
+                       job.pk, job.attempts)
+        return "superseded"
+    if error is not None:
+        logger.error("engine failed on %s", job.pk, exc_info=error)
         announce()
-        job_fail(job=job, code="engine_error", message=f"{exc.__class__.__name__}: {exc}",
+        job_fail(job=job, code="engine_error", message=f"{error.__class__.__name__}: {error}",
                  first_output_at=first_output_at[0])
         return "failed"
-    finally:
-        _running.remove(job.pk)
     announce()
     moderator = context.output_moderator
     if moderator is not None and moderator.stopped:

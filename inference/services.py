@@ -52,7 +52,9 @@ if TYPE_CHECKING:  # the tokenizer behind it loads on import; callers hand a par
 logger = logging.getLogger(__name__)
 
 IDEMPOTENCY_TTL = timedelta(hours=24)
-HEARTBEAT_KEY = "s:hb:{job_id}"
+HEARTBEAT_KEY = "s:hb:{job_id}"  # the attempt whose worker beats (a stale attempt's beat is no sign of life)
+# When the reaper first found a running job's heartbeat missing (epoch seconds): see jobs_reap.
+HEARTBEAT_MISSING_KEY = "s:hb:missing:{job_id}"
 CANCEL_KEY = "s:cancel:{job_id}"
 
 
@@ -237,23 +239,34 @@ def job_started(*, job: Job) -> None:
     """Announce a claimed job: its first heartbeat (the reaper gives a job a heartbeat TTL of
     grace after `started_at`, so announcing a few ms after the claim is safe), the claim
     metric, and `job.started` on its stream."""
-    job_heartbeat(job_id=job.pk)
+    job_heartbeat(job_id=job.pk, attempt=job.attempts)
     job_claim_observe(pool=job.pool, priority=job.priority, queued_at=job.queued_at,
                       started_at=job.started_at)
     event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type="job.started",
                   data={"status": job.status, "attempt": job.attempts})
 
 
-def job_heartbeat(*, job_id: str) -> None:
-    jobs_heartbeat(job_ids=[job_id])
+def job_heartbeat(*, job_id: str, attempt: int) -> None:
+    jobs_heartbeat(attempts={job_id: attempt})
 
 
-def jobs_heartbeat(*, job_ids: list[str]) -> None:
-    """job_heartbeat for every job a worker process runs, in one round trip."""
+def jobs_heartbeat(*, attempts: dict[str, int]) -> None:
+    """job_heartbeat for every job a worker process runs (job id -> the attempt it runs), in
+    one round trip."""
     pipeline = redis_client().pipeline(transaction=False)
-    for job_id in job_ids:
-        pipeline.set(HEARTBEAT_KEY.format(job_id=job_id), 1, ex=settings.SLUICE_JOB_HEARTBEAT_TTL_S)
+    for job_id, attempt in attempts.items():
+        pipeline.set(HEARTBEAT_KEY.format(job_id=job_id), attempt, ex=settings.SLUICE_JOB_HEARTBEAT_TTL_S)
     pipeline.execute()
+
+
+def jobs_superseded(*, attempts: dict[str, int]) -> set[str]:
+    """Which of the jobs a worker runs (job id -> its attempt) are no longer its to run: the
+    reaper took the worker for lost (its heartbeat could not reach Redis for a TTL) and queued
+    the job again, another attempt claimed it, or it was ended without it. The row decides, not
+    Redis, which may just have come back empty. A row this connection cannot see is left alone."""
+    rows = Job.objects.filter(pk__in=list(attempts)).values_list("pk", "status", "attempts")
+    return {job_id for job_id, status, attempt in rows
+            if status != Job.Status.RUNNING or attempt != attempts[job_id]}
 
 
 def job_cancel_requested(*, job_id: str) -> bool:
@@ -487,18 +500,14 @@ def job_recover_lost(*, job: Job) -> str:
 
 
 def jobs_reap() -> dict[str, int]:
-    """The periodic reaper (beat, every 5 s): recover running jobs whose heartbeat expired,
+    """The periodic reaper (beat, every 5 s): recover running jobs whose heartbeat stopped,
     push out the leases of those still heartbeating, and close queued jobs whose reservation
     ran out, and publish the terminal events Redis refused, and remove the outputs of deleted
     jobs that ended after their delete. Returns how many of each (`requeued`, `failed`,
     `moved`, `renewed`, `timed_out`, `announced`, `purged`)."""
-    client = redis_client()
     now = timezone.now()
-    grace = now - timedelta(seconds=settings.SLUICE_JOB_HEARTBEAT_TTL_S)
     outcomes: dict[str, int] = {}
-    for job in Job.objects.filter(status=Job.Status.RUNNING, started_at__lt=grace)[:200]:
-        if client.exists(HEARTBEAT_KEY.format(job_id=job.pk)):
-            continue
+    for job in _jobs_lost(now=now):
         outcome = job_recover_lost(job=job)
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
     if renewed := _leases_renew(now=now):
@@ -510,6 +519,44 @@ def jobs_reap() -> dict[str, int]:
     if purged := _deleted_jobs_outputs_remove():
         outcomes["purged"] = purged
     return outcomes
+
+
+def _jobs_lost(*, now: datetime) -> list[Job]:
+    """Running jobs whose worker is gone: no heartbeat for their attempt, and none for a whole
+    TTL of the reaper's own watching.
+
+    A heartbeat missing once proves little: a Redis that restarted empty (or failed over to an
+    empty replica) has lost every heartbeat at once, while the workers, beating every third of
+    the TTL and retrying as soon as Redis answers, are all still there. So the first reaper run
+    that finds it missing only notes when (HEARTBEAT_MISSING_KEY); the job counts as lost once
+    it is still missing a TTL later, by which time every live worker has beaten again. Time, not
+    a count of runs: a backlog of reaper runs may come seconds apart. A heartbeat seen again
+    clears the note. Should Redis lose the note too, the wait only starts over."""
+    ttl_s = settings.SLUICE_JOB_HEARTBEAT_TTL_S
+    running = list(Job.objects.filter(status=Job.Status.RUNNING,
+                                      started_at__lt=now - timedelta(seconds=ttl_s))[:200])
+    if not running:
+        return []
+    client = redis_client()
+    pipeline = client.pipeline(transaction=False)
+    for job in running:
+        pipeline.get(HEARTBEAT_KEY.format(job_id=job.pk))
+        pipeline.get(HEARTBEAT_MISSING_KEY.format(job_id=job.pk))
+    replies = pipeline.execute()
+    pipeline = client.pipeline(transaction=False)
+    lost = []
+    for job, beat, missing_since in zip(running, replies[::2], replies[1::2], strict=True):
+        missing_key = HEARTBEAT_MISSING_KEY.format(job_id=job.pk)
+        if beat is not None and int(beat) == job.attempts:
+            if missing_since is not None:
+                pipeline.delete(missing_key)
+        elif missing_since is None:
+            pipeline.set(missing_key, now.timestamp(), ex=ttl_s * 10)
+        elif now.timestamp() - float(missing_since) >= ttl_s:
+            pipeline.delete(missing_key)
+            lost.append(job)
+    pipeline.execute()
+    return lost
 
 
 def _terminal_events_publish() -> int:
@@ -540,16 +587,18 @@ def _leases_renew(*, now: datetime) -> int:
             status=Job.Status.RUNNING,
             reservation__state__in=Reservation.ACTIVE_STATES,
             reservation__expires_at__lt=now + timedelta(seconds=LEASE_RENEW_MARGIN_S),
-        ).values_list("pk", "reservation_id", "pool")[:500]
+        ).values_list("pk", "attempts", "reservation_id", "pool")[:500]
     )
     if not due:
         return 0
     pipeline = redis_client().pipeline(transaction=False)
-    for job_id, _reservation_id, _pool in due:
-        pipeline.exists(HEARTBEAT_KEY.format(job_id=job_id))
+    for job_id, *_ in due:
+        pipeline.get(HEARTBEAT_KEY.format(job_id=job_id))
     renewed = 0
-    for (_job_id, reservation_id, pool), alive in zip(due, pipeline.execute(), strict=True):
-        if alive:  # a job whose heartbeat stopped is the loop above's (redelivered or failed)
+    for (_job_id, attempt, reservation_id, pool), beat in zip(due, pipeline.execute(), strict=True):
+        # A job whose heartbeat stopped, or beats for an attempt it is no longer at, is
+        # _jobs_lost's (redelivered or failed).
+        if beat is not None and int(beat) == attempt:
             reservation_extend(reservation_id=reservation_id, seconds=pool_lease_s(pool))
             renewed += 1
     return renewed

@@ -32,6 +32,18 @@ def used(tenant_id):
     return budget_used_from_ledger(tenant_id=tenant_id, period=period_of(timezone.now()))[0]
 
 
+def heartbeat_lost(job, seconds_ago: float = 60) -> None:
+    """The job's worker stopped beating `seconds_ago`, and the reaper has seen it missing since."""
+    import time
+
+    from inference.services import HEARTBEAT_MISSING_KEY
+
+    redis_client().delete(f"s:hb:{job.pk}")
+    redis_client().set(HEARTBEAT_MISSING_KEY.format(job_id=job.pk), time.time() - seconds_ago)
+    Job.objects.filter(pk=job.pk).update(
+        started_at=timezone.now() - timezone.timedelta(seconds=seconds_ago))
+
+
 def test_submit_reserves_and_sends_the_job_to_its_pool(sent_tasks):
     api_key = api_key_obj(tenant_with_limits(budget_cu=100))
     job = video_job_submit(api_key, cu=3).job
@@ -210,8 +222,7 @@ def test_reaper_redelivers_lost_jobs_then_fails_them_with_a_refund(settings, sen
     job = video_job_submit(api_key, cu=4).job
     job = job_claim(job_id=job.pk, attempt=1)
     assert jobs_reap() == {}  # heartbeat alive
-    redis_client().delete(f"s:hb:{job.pk}")
-    Job.objects.filter(pk=job.pk).update(started_at=timezone.now() - timezone.timedelta(seconds=60))
+    heartbeat_lost(job)
     assert jobs_reap() == {"requeued": 1}
     assert sent_tasks[-1] == (job.pk, 2, "video-hbm")
     job = job_claim(job_id=job.pk, attempt=2)
@@ -226,8 +237,7 @@ def test_reaper_redelivers_lost_jobs_then_fails_them_with_a_refund(settings, sen
 def test_a_worker_taken_for_lost_cannot_end_the_attempt_that_replaced_it(sent_tasks):
     api_key = api_key_obj(tenant_with_limits(budget_cu=100))
     first = job_claim(job_id=video_job_submit(api_key, cu=4).job.pk, attempt=1)
-    redis_client().delete(f"s:hb:{first.pk}")  # e.g. its heartbeats could not reach Redis
-    Job.objects.filter(pk=first.pk).update(started_at=timezone.now() - timezone.timedelta(seconds=60))
+    heartbeat_lost(first)  # e.g. its heartbeats could not reach Redis
     assert jobs_reap() == {"requeued": 1}
     assert job_succeed(job=first, actual_mcu=4000, result={"attempt": 1}, usage={}) is False
     second = job_claim(job_id=first.pk, attempt=2)
@@ -278,8 +288,7 @@ def test_a_lost_job_redelivered_gets_a_whole_lease_and_a_silent_one_is_not_renew
     job = job_claim(job_id=video_job_submit(api_key, cu=4).job.pk, attempt=1)
     almost_over = timezone.now() + timedelta(seconds=5)
     Reservation.objects.filter(pk=job.reservation_id).update(expires_at=almost_over)
-    redis_client().delete(f"s:hb:{job.pk}")  # its worker died
-    Job.objects.filter(pk=job.pk).update(started_at=timezone.now() - timedelta(seconds=60))
+    heartbeat_lost(job)  # its worker died
     assert jobs_reap() == {"requeued": 1}  # recovered, not renewed as if it still ran
     assert Reservation.objects.get(pk=job.reservation_id).expires_at >= almost_over + timedelta(seconds=280)
 
@@ -428,8 +437,8 @@ def test_one_thread_reads_the_running_jobs_cancel_flags_and_keeps_their_heartbea
 
     settings.SLUICE_JOB_HEARTBEAT_TTL_S = 2  # a beat every second
     watch = _RunningJobs()
-    watch.add("job_a", watch_cancel=True)
-    watch.add("job_b", watch_cancel=True)
+    watch.add("job_a", attempt=1, watch_cancel=True)
+    watch.add("job_b", attempt=1, watch_cancel=True)
 
     def within(seconds: float, predicate) -> bool:
         deadline = clock.monotonic() + seconds
@@ -488,3 +497,76 @@ def test_a_job_that_ends_while_redis_refuses_its_event_is_announced_by_the_reape
     assert webhook.payload["data"]["usage"] == {"frames": 8}
     job.refresh_from_db()
     assert job.terminal_event_pending is False
+
+
+def test_heartbeats_lost_with_redis_do_not_hand_running_jobs_out_again(settings, sent_tasks, clean_redis):
+    """Redis restarted empty: every heartbeat is gone at once while the workers run on. The
+    reaper takes a job for lost only when its heartbeat stays missing a whole TTL after it first
+    noticed (the workers beat every third of it); one that beats again keeps its job. A beat
+    for an attempt the job is no longer at is no sign of life."""
+    import time
+
+    from inference.services import HEARTBEAT_KEY, job_heartbeat
+
+    settings.SLUICE_JOB_HEARTBEAT_TTL_S = 2
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    job = job_claim(job_id=video_job_submit(api_key).job.pk, attempt=1)
+    Job.objects.filter(pk=job.pk).update(started_at=timezone.now() - timezone.timedelta(seconds=60))
+    heartbeat = HEARTBEAT_KEY.format(job_id=job.pk)
+    assert clean_redis.get(heartbeat) == b"1"  # the attempt it beats for
+    clean_redis.delete(heartbeat)  # the restart
+    assert jobs_reap() == {}
+    for _ in range(3):  # its worker beats on
+        job_heartbeat(job_id=job.pk, attempt=1)
+        time.sleep(0.7)
+    assert jobs_reap() == {}
+    clean_redis.delete(heartbeat)  # and now its worker is gone
+    assert jobs_reap() == {}
+    time.sleep(2.1)
+    assert jobs_reap() == {"requeued": 1}
+
+    second = job_claim(job_id=job.pk, attempt=2)
+    Job.objects.filter(pk=job.pk).update(started_at=timezone.now() - timezone.timedelta(seconds=60))
+    clean_redis.set(heartbeat, 1)  # the first attempt's worker, still beating
+    assert jobs_reap() == {}
+    time.sleep(2.1)
+    assert jobs_reap() == {"requeued": 1}
+    assert sent_tasks[-1] == (second.pk, 3, "video-hbm")
+
+
+@pytest.mark.django_db(transaction=True)  # the watcher's thread reads the row on its own connection
+def test_the_watcher_stops_an_attempt_that_was_handed_to_another(settings, sent_tasks, clean_redis):
+    """A worker cut off from Redis longer than the TTL is taken for lost and its job queued
+    again, while it runs on: its watcher sees the row is no longer at its attempt and stops it
+    (as a cancel would, so the engine stops), and stops beating for it."""
+    import time as clock
+
+    from inference.runner import _RunningJobs
+    from inference.services import HEARTBEAT_KEY
+
+    settings.SLUICE_JOB_HEARTBEAT_TTL_S = 2
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    job = job_claim(job_id=video_job_submit(api_key).job.pk, attempt=1)
+    heartbeat = HEARTBEAT_KEY.format(job_id=job.pk)
+    watch = _RunningJobs()
+    watch.add(job.pk, attempt=1, watch_cancel=False)
+
+    def within(seconds: float, predicate) -> bool:
+        deadline = clock.monotonic() + seconds
+        while clock.monotonic() < deadline:
+            if predicate():
+                return True
+            clock.sleep(0.02)
+        return False
+
+    try:
+        assert not within(1.5, lambda: watch.stop_reason(job.pk))  # still its own
+        heartbeat_lost(job)
+        assert jobs_reap() == {"requeued": 1}
+        assert within(3, lambda: watch.stop_reason(job.pk) == "superseded")
+        assert watch.cancel_requested(job.pk)  # what the engine reads
+        clean_redis.delete(heartbeat)
+        clock.sleep(1.5)  # more than a beat
+        assert not clean_redis.exists(heartbeat)
+    finally:
+        assert watch.remove(job.pk) == "superseded"

@@ -14,7 +14,7 @@ import pytest
 
 from inference.events import TERMINAL_EVENTS, events_read
 from inference.models import Job
-from inference.services import jobs_reap
+from inference.services import job_recover_lost, jobs_reap
 from quotas.models import LedgerEntry
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -190,6 +190,42 @@ def test_sigkilled_worker_job_is_redelivered_and_completes_once(cast, api, start
     assert event_types(job_id).count("job.completed") == 1
     assert LedgerEntry.objects.filter(reservation__job=job, kind="settle").count() == 1
     assert job.actual_mcu == job.estimated_mcu
+
+
+def test_an_attempt_handed_to_another_stops_publishes_nothing_more_and_the_job_ends_once(
+        cast, api, start_worker):
+    """A worker cut off from Redis longer than the heartbeat TTL is taken for lost and its job
+    queued again while it runs on. It must stop at its next step, publish nothing more and end
+    nothing: the new attempt (here on the same worker, once the old one stopped) runs the job
+    to its end, announced and charged once."""
+    worker = start_worker("video-hbm")
+    # 1280x720: a step (~0.1 s here) long enough that the run outlasts the watcher's check.
+    job_id = create_video(api, cast.owner_key, num_inference_steps=50, size="1280x720")["id"]
+    wait_for(lambda: "job.progress" in event_types(job_id), 120, worker, "the first step")
+    # What the reaper does once the heartbeat has been missing for a TTL.
+    assert job_recover_lost(job=Job.objects.get(pk=job_id)) == "requeued"
+    wait_for(lambda: any(e.type == "job.started" and e.data["attempt"] == 2
+                         for e in events_read(job_id=job_id)), 120, worker, "the second attempt")
+    api.bearer(cast.owner_key).post(f"/v1/jobs/{job_id}/cancel")  # spares the test its run
+    wait_for(lambda: Job.objects.get(pk=job_id).is_terminal, 60, worker, "the cancel")
+
+    events = events_read(job_id=job_id)
+    requeued = next(i for i, e in enumerate(events) if e.data.get("reason") == "worker_lost")
+    restarted = next(i for i, e in enumerate(events)
+                     if e.type == "job.started" and e.data["attempt"] == 2)
+    # The first attempt's steps after the requeue: those before its watcher's next check (1 s);
+    # it would otherwise have run all of them.
+    late_steps = [e for e in events[requeued:restarted] if e.type == "job.progress"]
+    assert len(late_steps) <= 20, [(e.type, e.data.get("step")) for e in events]
+    assert max((e.data["step"] for e in late_steps), default=0) < 45
+    time.sleep(1)  # anything the first attempt would still publish
+    events = events_read(job_id=job_id)
+    assert [e.type for e in events if e.type in TERMINAL_EVENTS] == ["job.cancelled"]
+    assert [e.type for e in events[restarted:]].count("job.started") == 1
+    job = Job.objects.get(pk=job_id)
+    assert job.status == "cancelled" and job.attempts == 2
+    assert LedgerEntry.objects.filter(reservation__job=job, kind="settle").count() == 1
+    assert "attempt 1 stopped, the job was handed to another attempt" in worker.output()
 
 
 def test_a_worker_keeps_its_database_connection_from_job_to_job(cast, api, start_worker):

@@ -329,9 +329,12 @@ def _finish(job: Job, *, status: str, actual_mcu: int, fields: dict,
     # ledger is not settled yet. Only the attempt that `job` was read as may end it: a worker
     # the reaper took for lost (its heartbeat stopped) and whose job was handed out again
     # cannot settle it, nor free its pool slot, under the attempt now running.
+    # `terminal_event_pending` goes up with the end and down once the event is out: a worker
+    # that dies in between leaves it for the reaper (at least once, as webhooks promise).
     with transaction.atomic():
         claimed = Job.objects.filter(pk=job.pk, status__in=from_statuses, attempts=job.attempts).update(
-            status=status, finished_at=now, actual_mcu=actual_mcu, **fields)
+            status=status, finished_at=now, actual_mcu=actual_mcu, terminal_event_pending=True,
+            **fields)
         if claimed != 1:
             return False
         settled = not job.reservation_id or reservation_settle(
@@ -355,8 +358,11 @@ def _finish(job: Job, *, status: str, actual_mcu: int, fields: dict,
         # just answered) for the reaper, rather than lost with the webhooks that hang on it.
         logger.warning("job %s ended but Redis refused its %s event; the reaper publishes it",
                        job.pk, event_type)
-        Job.objects.filter(pk=job.pk).update(terminal_event_pending=True)
         return True  # the scheduler's tick dispatches the freed capacity once Redis is back
+    # One UPDATE more per job; it cannot join the end's own, which must commit before the
+    # event goes out (a follower told of an end reads the row).
+    Job.objects.filter(pk=job.pk, terminal_event_pending=True).update(terminal_event_pending=False)
+    job.terminal_event_pending = False
     if job.started_at:
         scheduler_record_run_time(pool=job.pool, seconds=(now - job.started_at).total_seconds())
     redis_client().delete(HEARTBEAT_KEY.format(job_id=job.pk), CANCEL_KEY.format(job_id=job.pk))
@@ -514,7 +520,7 @@ def jobs_reap() -> dict[str, int]:
         outcomes["renewed"] = renewed
     if timed_out := _queued_jobs_time_out(now=now):
         outcomes["timed_out"] = timed_out
-    if announced := _terminal_events_publish():
+    if announced := _terminal_events_publish(now=now):
         outcomes["announced"] = announced
     if purged := _deleted_jobs_outputs_remove():
         outcomes["purged"] = purged
@@ -559,14 +565,28 @@ def _jobs_lost(*, now: datetime) -> list[Job]:
     return lost
 
 
-def _terminal_events_publish() -> int:
-    """Publish the terminal events Redis refused when their jobs ended (see `_finish`)."""
+# How long after a job's end its own worker has to publish the terminal event before the
+# reaper does it instead (a worker between its commit and its publish must not be raced).
+TERMINAL_EVENT_GRACE = timedelta(seconds=10)
+
+
+def _terminal_events_publish(*, now: datetime) -> int:
+    """Publish the terminal events that were not published when their jobs ended (see
+    `_finish`): Redis refused them, or the worker died between its commit and its publish."""
     announced = 0
-    for job in Job.objects.filter(terminal_event_pending=True)[:200]:
-        event_type, event_data = job_terminal_event(job)
-        event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type=event_type,
-                      data=event_data)
-        Job.objects.filter(pk=job.pk).update(terminal_event_pending=False)
+    pending = Job.objects.filter(terminal_event_pending=True,
+                                 finished_at__lt=now - TERMINAL_EVENT_GRACE).values_list("pk", flat=True)
+    for job_id in list(pending[:200]):
+        with transaction.atomic():
+            # Under the row's lock, re-read: another reaper run may hold it or have published.
+            job = (Job.objects.select_for_update(skip_locked=True)
+                   .filter(pk=job_id, terminal_event_pending=True).first())
+            if job is None:
+                continue
+            event_type, event_data = job_terminal_event(job)
+            event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type=event_type,
+                          data=event_data)
+            Job.objects.filter(pk=job.pk).update(terminal_event_pending=False)
         redis_client().delete(HEARTBEAT_KEY.format(job_id=job.pk), CANCEL_KEY.format(job_id=job.pk))
         announced += 1
     return announced

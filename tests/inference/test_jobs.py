@@ -487,6 +487,8 @@ def test_a_job_that_ends_while_redis_refuses_its_event_is_announced_by_the_reape
     assert not WebhookEvent.objects.filter(type="job.completed").exists()
 
     settings.REDIS_URL = redis_url
+    assert jobs_reap() == {}  # its worker may still be publishing it
+    Job.objects.filter(pk=job.pk).update(finished_at=timezone.now() - timezone.timedelta(seconds=11))
     assert jobs_reap() == {"announced": 1}
     assert jobs_reap() == {}  # once
     (event,) = [e for e in events_read(job_id=job.pk) if e.type == "job.completed"]
@@ -570,3 +572,35 @@ def test_the_watcher_stops_an_attempt_that_was_handed_to_another(settings, sent_
         assert not clean_redis.exists(heartbeat)
     finally:
         assert watch.remove(job.pk) == "superseded"
+
+
+def test_a_worker_that_dies_between_a_jobs_end_and_its_event_leaves_it_to_the_reaper(
+        sent_tasks, monkeypatch):
+    """The end commits marked as not yet announced, and the mark goes once the event is out:
+    a worker killed in between (here: its publish never returns) leaves the announcement to
+    the reaper, which waits a few seconds first so as not to race a worker about to publish."""
+    from inference import services
+    from inference.events import events_read
+
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    done = job_claim(job_id=video_job_submit(api_key).job.pk, attempt=1)
+    assert job_succeed(job=done, actual_mcu=1000, result={}, usage={})
+    assert Job.objects.get(pk=done.pk).terminal_event_pending is False  # published: nothing left
+
+    job = job_claim(job_id=video_job_submit(api_key, cu=4).job.pk, attempt=1)
+
+    def killed(**_kwargs):
+        raise SystemExit("SIGKILL")  # what the worker would not survive
+
+    with monkeypatch.context() as patched:
+        patched.setattr(services, "event_publish", killed)
+        with pytest.raises(SystemExit):
+            job_succeed(job=job, actual_mcu=3000, result={"video": "v.mp4"}, usage={})
+    job.refresh_from_db()
+    assert (job.status, job.terminal_event_pending) == ("succeeded", True)
+    assert jobs_reap() == {}  # too recent: its worker may be about to publish it
+    Job.objects.filter(pk=job.pk).update(finished_at=timezone.now() - timezone.timedelta(seconds=11))
+    assert jobs_reap() == {"announced": 1}
+    assert jobs_reap() == {}
+    assert [e.type for e in events_read(job_id=job.pk)].count("job.completed") == 1
+    assert Job.objects.get(pk=job.pk).terminal_event_pending is False

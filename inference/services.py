@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -33,7 +34,7 @@ from portal.db import update_returning
 from portal.errors import NotFound
 from portal.metrics import job_claim_observe, job_finish_observe
 from portal.models import ApiKey
-from portal.redis import redis_client
+from portal.redis import lua_script, redis_client
 from quotas.admission import ADMITTED
 from quotas.cost import CostEstimate
 from quotas.ledger import (
@@ -505,12 +506,31 @@ def job_recover_lost(*, job: Job) -> str:
     return "requeued"
 
 
+# One reaper run at a time: after an outage beat's backlog of ticks arrives at once, and runs
+# side by side would recover, renew and announce the same rows twice. Held at most this long
+# (a run takes well under a second; one that outlives it is still safe row by row).
+REAP_LOCK_KEY = "s:reap:lock"
+REAP_LOCK_MS = 60_000
+
+
 def jobs_reap() -> dict[str, int]:
     """The periodic reaper (beat, every 5 s): recover running jobs whose heartbeat stopped,
     push out the leases of those still heartbeating, and close queued jobs whose reservation
     ran out, and publish the terminal events Redis refused, and remove the outputs of deleted
     jobs that ended after their delete. Returns how many of each (`requeued`, `failed`,
-    `moved`, `renewed`, `timed_out`, `announced`, `purged`)."""
+    `moved`, `renewed`, `timed_out`, `announced`, `purged`), or `skipped` when another run
+    holds the reaper's lock."""
+    client = redis_client()
+    token = secrets.token_hex(8)
+    if not client.set(REAP_LOCK_KEY, token, nx=True, px=REAP_LOCK_MS):
+        return {"skipped": 1}
+    try:
+        return _jobs_reap()
+    finally:
+        lua_script(client, "lock_release", package="inference")(keys=[REAP_LOCK_KEY], args=[token])
+
+
+def _jobs_reap() -> dict[str, int]:
     now = timezone.now()
     outcomes: dict[str, int] = {}
     for job in _jobs_lost(now=now):

@@ -355,8 +355,10 @@ SLUICE_VIDEO_PREVIEW_EVERY = env_int("SLUICE_VIDEO_PREVIEW_EVERY", 5, minimum=0)
 # are removed this many days after it ended (hourly); the row, its usage and CU stay. 0: kept.
 SLUICE_MEDIA_RETENTION_DAYS = env_int("SLUICE_MEDIA_RETENTION_DAYS", 30, minimum=0)
 CELERY_BEAT_SCHEDULE.update({
-    "jobs-reap": {"task": "inference.jobs_reap", "schedule": 5.0},
-    "scheduler-tick": {"task": "inference.scheduler_tick", "schedule": 2.0},
+    # `expires`: a tick still queued when the next is due is dropped, not run late beside it.
+    "jobs-reap": {"task": "inference.jobs_reap", "schedule": 5.0, "options": {"expires": 5.0}},
+    "scheduler-tick": {"task": "inference.scheduler_tick", "schedule": 2.0,
+                       "options": {"expires": 2.0}},
     "scheduler-reconcile": {"task": "inference.scheduler_reconcile", "schedule": 30.0},
     "jobs-content-expire": {"task": "inference.jobs_content_expire", "schedule": 3600.0},
     "idempotency-purge": {"task": "inference.idempotency_purge", "schedule": 3600.0},

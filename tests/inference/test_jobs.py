@@ -604,3 +604,25 @@ def test_a_worker_that_dies_between_a_jobs_end_and_its_event_leaves_it_to_the_re
     assert jobs_reap() == {}
     assert [e.type for e in events_read(job_id=job.pk)].count("job.completed") == 1
     assert Job.objects.get(pk=job.pk).terminal_event_pending is False
+
+
+def test_reaper_runs_do_not_overlap_and_stale_beat_ticks_are_dropped(settings, sent_tasks, clean_redis):
+    """After an outage beat's backlog of ticks arrives at once: a run that finds another one
+    holding the reaper's lock skips (two would announce the same ends twice), a run frees only
+    its own lock, and a tick still queued when the next is due expires."""
+    from inference.services import REAP_LOCK_KEY
+
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    job = job_claim(job_id=video_job_submit(api_key).job.pk, attempt=1)
+    heartbeat_lost(job)
+    clean_redis.set(REAP_LOCK_KEY, "another run")
+    assert jobs_reap() == {"skipped": 1}
+    assert clean_redis.get(REAP_LOCK_KEY) == b"another run"  # not its lock to free
+    assert Job.objects.get(pk=job.pk).status == "running"
+    clean_redis.delete(REAP_LOCK_KEY)
+    assert jobs_reap() == {"requeued": 1}
+    assert not clean_redis.exists(REAP_LOCK_KEY)  # released
+
+    for name in ("jobs-reap", "scheduler-tick"):
+        entry = settings.CELERY_BEAT_SCHEDULE[name]
+        assert 0 < entry["options"]["expires"] <= entry["schedule"]

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 
+import redis
 from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
@@ -179,23 +180,59 @@ def job_run(*, job_id: str, attempt: int) -> str:
             return _job_run_claimed(job)
 
 
+# A Redis call made while the engine runs (an event, a cancel check) is retried after these
+# pauses, then given up; after giving up, the job's hooks skip Redis for REDIS_QUIET_S, so a
+# Redis that is down costs a stream the retries once in a while, not on every token.
+REDIS_RETRY_DELAYS_S = (0.05, 0.25)
+REDIS_QUIET_S = 2.0
+
+
+class _BestEffortRedis:
+    """The Redis calls of a running job's hooks, best effort: a brief Redis error must not fail
+    a job whose engine is fine. Its state is the row's (PostgreSQL); what is lost is a few
+    stream events, and its end is still announced (`terminal_event_pending`, the reaper).
+    Only RedisError is absorbed: anything else is the engine's or the database's, and fails
+    the job as before."""
+
+    def __init__(self, job_id: str):
+        self._job_id = job_id
+        self._quiet_until = 0.0
+
+    def __call__(self, what: str, call, default=None):
+        if time.monotonic() < self._quiet_until:
+            return default
+        for delay in (*REDIS_RETRY_DELAYS_S, None):
+            try:
+                return call()
+            except redis.RedisError:
+                if delay is None:
+                    logger.warning("job %s: Redis failed on %s; the job goes on without it",
+                                   self._job_id, what, exc_info=True)
+                    self._quiet_until = time.monotonic() + REDIS_QUIET_S
+                    return default
+                time.sleep(delay)
+        return default
+
+
 class _Announcement:
     """`job.started` (job_started), at most once: when the engine has the work, and in any
     case before the job's first output, progress or end, so its stream stays in order."""
 
-    def __init__(self, job):
+    def __init__(self, job, redis_calls: _BestEffortRedis):
         self._job = job
+        self._redis_calls = redis_calls
         self.done = False
 
     def __call__(self) -> None:
         if not self.done:
             self.done = True
-            job_started(job=self._job)
+            self._redis_calls("job.started", lambda: job_started(job=self._job))
 
 
 def _job_run_claimed(job) -> str:
     spec = model_get(job.model)
-    announce = _Announcement(job)
+    redis_calls = _BestEffortRedis(job.pk)
+    announce = _Announcement(job, redis_calls)
     first_output_at = [None]
 
     def superseded() -> bool:
@@ -208,7 +245,7 @@ def _job_run_claimed(job) -> str:
         announce()
         if first_output_at[0] is None:
             first_output_at[0] = timezone.now()
-        job_output(job=job, data=data)
+        redis_calls("job.output", lambda: job_output(job=job, data=data))
 
     progress_saved_at = [float("-inf")]
 
@@ -220,13 +257,14 @@ def _job_run_claimed(job) -> str:
         persist = now - progress_saved_at[0] >= PROGRESS_ROW_INTERVAL_S
         if persist:
             progress_saved_at[0] = now
-        job_progress(job=job, progress=progress, data=data, persist=persist)
+        redis_calls("job.progress",
+                    lambda: job_progress(job=job, progress=progress, data=data, persist=persist))
 
     def emit_preview(data: dict) -> None:
         if superseded():
             return
         announce()
-        job_preview(job=job, data=data)
+        redis_calls("job.preview", lambda: job_preview(job=job, data=data))
 
     def started() -> None:
         if not superseded():
@@ -242,7 +280,8 @@ def _job_run_claimed(job) -> str:
         # A video checks once per denoising step, a step is long, and its cancel is promised
         # within one step: it reads Redis (and the watcher's flag).
         should_stop=(lambda: _running.cancel_requested(job.pk)) if spec.kind == "text"
-        else (lambda: _running.cancel_requested(job.pk) or job_cancel_requested(job_id=job.pk)),
+        else (lambda: _running.cancel_requested(job.pk) or redis_calls(
+            "the cancel check", lambda: job_cancel_requested(job_id=job.pk), default=False)),
         output_moderator=output_moderator_for(job) if spec.kind == "text" else None,
         emit_preview=emit_preview,
         started=started,

@@ -626,3 +626,34 @@ def test_reaper_runs_do_not_overlap_and_stale_beat_ticks_are_dropped(settings, s
     for name in ("jobs-reap", "scheduler-tick"):
         entry = settings.CELERY_BEAT_SCHEDULE[name]
         assert 0 < entry["options"]["expires"] <= entry["schedule"]
+
+
+def test_redis_failing_while_a_job_runs_costs_events_not_the_job(sent_tasks, monkeypatch):
+    """The engine's hooks publish to Redis: a brief error is retried, a longer one skips the
+    event, and either way the job (on the tiny real pipeline, in-process) runs to its end,
+    and charged (a RedisError there failed it with engine_error and a refund)."""
+    import redis as redis_lib
+
+    from inference import services
+    from inference.events import events_read
+
+    published = services.event_publish
+    progress_calls: list[int] = []
+
+    def flaky(*, event_type, **kwargs):
+        # The first step's progress fails once (then its retry goes out); every later one fails.
+        if event_type == "job.progress":
+            progress_calls.append(1)
+            if len(progress_calls) != 2:
+                raise redis_lib.ConnectionError("Redis is restarting")
+        return published(event_type=event_type, **kwargs)
+
+    monkeypatch.setattr(services, "event_publish", flaky)
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    job = video_job_submit(api_key, cu=4).job
+    assert job_run(job_id=job.pk, attempt=1) == "succeeded"
+    job.refresh_from_db()
+    assert (job.status, job.error_code) == ("succeeded", "") and job.actual_mcu > 0
+    types = [event.type for event in events_read(job_id=job.pk)]
+    assert types[:3] == ["job.queued", "job.started", "job.progress"]  # the retried one
+    assert types.count("job.progress") == 1 and types[-1] == "job.completed"

@@ -103,7 +103,9 @@ class _RunningJobs:
     def _watch(self) -> None:
         beat_every = max(1.0, settings.SLUICE_JOB_HEARTBEAT_TTL_S / 3)
         next_beat = time.monotonic() + beat_every
-        next_check = time.monotonic() + ATTEMPT_CHECK_S
+        # The first round checks at once: the thread's database connection opens with the
+        # process's first job and is kept, not opened by some later job.
+        next_check = time.monotonic()
         while True:
             self._busy.wait()
             time.sleep(CANCEL_POLL_S)

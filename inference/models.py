@@ -13,11 +13,18 @@ def job_id_new() -> str:
     return f"job_{str(ULID()).lower()}"
 
 
-# A deleted job that still holds outputs, or the prompt it was sent (a video's `prompt`, a text
-# job's `prompt_token_ids`): the reaper removes them once the job has ended.
-DELETED_WITH_CONTENT = models.Q(deleted_at__isnull=False) & (
-    ~models.Q(result={}) | models.Q(params__has_key="prompt")
-    | models.Q(params__has_key="prompt_token_ids"))
+# A job that still holds outputs, or the prompt it was sent (a video's `prompt`, a text job's
+# `prompt_token_ids`).
+HOLDS_CONTENT = (~models.Q(result={}) | models.Q(params__has_key="prompt")
+                 | models.Q(params__has_key="prompt_token_ids"))
+# A deleted one: the reaper removes its content once it has ended.
+DELETED_WITH_CONTENT = models.Q(deleted_at__isnull=False) & HOLDS_CONTENT
+# The key a result holds once retention removed its content (inference/retention.py).
+CONTENT_EXPIRED_KEY = "expired_at"
+# An ended job whose content retention will remove: the hourly task's rows, in the order of
+# their end. Expired and deleted ones leave the index, so each run reads only what is due.
+EXPIRABLE = (models.Q(finished_at__isnull=False, deleted_at__isnull=True) & HOLDS_CONTENT
+             & ~models.Q(result__has_key=CONTENT_EXPIRED_KEY))
 
 
 class Job(models.Model):
@@ -84,6 +91,8 @@ class Job(models.Model):
             # The reaper's look for what a deleted job still holds (it ended after its delete).
             models.Index(fields=["deleted_at"], name="job_deleted_with_content",
                          condition=DELETED_WITH_CONTENT),
+            models.Index(fields=["finished_at"], name="job_content_expirable",
+                         condition=EXPIRABLE),
         ]
 
     def __str__(self) -> str:

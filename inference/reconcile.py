@@ -22,7 +22,7 @@ from django.utils import timezone
 
 from inference.models import Job
 from inference.scheduler import scheduler_enqueue, scheduler_queued, scheduler_remove
-from inference.services import _start as job_send
+from inference.services import job_send
 from portal.redis import redis_client
 from quotas.ledger import counters_rebuild, reservations_admitted
 from quotas.limits import pool_lease_s, quota_limits_for, reservation_marker

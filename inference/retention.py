@@ -11,17 +11,16 @@ import logging
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db.models import Q
 from django.utils import timezone
 
 from inference.media import job_media_remove
-from inference.models import Job
-from inference.services import _CONTENT_PARAMS
+from inference.models import CONTENT_EXPIRED_KEY, EXPIRABLE, Job
+from inference.services import JOB_CONTENT_PARAMS
 
 logger = logging.getLogger(__name__)
 
 EXPIRE_BATCH = 500
-EXPIRED = "expired_at"  # the result's key once its content went: when (epoch seconds)
+EXPIRED = CONTENT_EXPIRED_KEY  # the result's key once its content went: when (epoch seconds)
 RETENTION_DAYS = "retention_days"  # ... and after how many days
 
 
@@ -38,11 +37,9 @@ def jobs_content_expire(*, now: datetime | None = None) -> int:
     if not days:
         return 0
     now = now or timezone.now()
-    holding = ~Q(result={}) | Q(params__has_key="prompt") | Q(params__has_key="prompt_token_ids")
     due = (
-        Job.objects.filter(holding, status__in=Job.TERMINAL, deleted_at__isnull=True,
+        Job.objects.filter(EXPIRABLE, status__in=Job.TERMINAL,
                            finished_at__lt=now - timedelta(days=days))
-        .exclude(result__has_key=EXPIRED)
         .order_by("finished_at")
         .values("pk", "kind", "result", "params")[:EXPIRE_BATCH]
     )
@@ -54,7 +51,7 @@ def jobs_content_expire(*, now: datetime | None = None) -> int:
         except OSError:  # storage trouble: the next run tries again
             logger.warning("could not remove the media of job %s", row["pk"], exc_info=True)
             continue
-        params = {name: value for name, value in row["params"].items() if name not in _CONTENT_PARAMS}
+        params = {name: value for name, value in row["params"].items() if name not in JOB_CONTENT_PARAMS}
         note = {EXPIRED: int(now.timestamp()), RETENTION_DAYS: days} if row["result"] else {}
         expired += Job.objects.filter(pk=row["pk"], deleted_at__isnull=True).exclude(
             result__has_key=EXPIRED).update(result=note, params=params)

@@ -137,7 +137,7 @@ def job_submit(
     event_publish(job_id=job.id, tenant_id=tenant.pk, event_type="job.queued",
                   data={"status": job.status, "estimated_cu": estimate.cu})
     if opened.ticket.outcome == ADMITTED:
-        _start(job.id, pool=job.pool, attempt=1)
+        job_send(job.id, pool=job.pool, attempt=1)
     else:
         scheduler_enqueue(job_id=job.id, pool=job.pool, priority=job.priority,
                           tenant_id=tenant.pk, cost_mcu=estimate.mcu,
@@ -205,7 +205,7 @@ def text_job_create(*, api_key: ApiKey, payload: dict, idempotency_key: str | No
                            idempotency_key=idempotency_key, request_body=payload)[0]
 
 
-def _start(job_id: str, *, pool: str, attempt: int) -> None:
+def job_send(job_id: str, *, pool: str, attempt: int) -> None:
     """Send an admitted job to its pool's Celery queue for `attempt`."""
     from inference.tasks import run_job
 
@@ -215,7 +215,7 @@ def _start(job_id: str, *, pool: str, attempt: int) -> None:
 def pool_dispatch(*, pool: str) -> int:
     # Jobs wait in the scheduler only between their submission and their first attempt
     # (a redelivered job keeps its pool slot and is sent straight back: job_recover_lost).
-    return scheduler_dispatch(pool=pool, start_job=lambda job_id: _start(job_id, pool=pool, attempt=1))
+    return scheduler_dispatch(pool=pool, start_job=lambda job_id: job_send(job_id, pool=pool, attempt=1))
 
 
 def job_claim(*, job_id: str, attempt: int, announce: bool = True) -> Job | None:
@@ -420,7 +420,9 @@ def job_cancel(*, job: Job) -> Job:
     return job
 
 
-_CONTENT_PARAMS = frozenset({"prompt", "negative_prompt", "prompt_token_ids", "code_context"})
+# What a job was sent that says what its tenant asked for: removed with its outputs when the job
+# is deleted or its retention ends (inference/retention.py); the rest of params stays for billing.
+JOB_CONTENT_PARAMS = frozenset({"prompt", "negative_prompt", "prompt_token_ids", "code_context"})
 
 
 def job_delete(*, job: Job) -> None:
@@ -448,11 +450,11 @@ def _deleted_job_outputs_remove(*, job_id: str) -> bool:
 
     row = (Job.objects.filter(pk=job_id, deleted_at__isnull=False, status__in=Job.TERMINAL)
            .values("kind", "result", "params").first())
-    if row is None or (not row["result"] and not _CONTENT_PARAMS & set(row["params"])):
+    if row is None or (not row["result"] and not JOB_CONTENT_PARAMS & set(row["params"])):
         return False
     if row["kind"] == Job.Kind.VIDEO and row["result"]:
         job_media_remove(row["result"])
-    params = {name: value for name, value in row["params"].items() if name not in _CONTENT_PARAMS}
+    params = {name: value for name, value in row["params"].items() if name not in JOB_CONTENT_PARAMS}
     Job.objects.filter(pk=job_id).update(result={}, params=params)
     return True
 
@@ -502,7 +504,7 @@ def job_recover_lost(*, job: Job) -> str:
         reservation_extend(reservation_id=job.reservation_id, seconds=pool_lease_s(job.pool))
     event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type="job.queued",
                   data={"status": "queued", "reason": "worker_lost", "attempt": job.attempts})
-    _start(job.pk, pool=job.pool, attempt=job.attempts + 1)  # it still holds its pool slot
+    job_send(job.pk, pool=job.pool, attempt=job.attempts + 1)  # it still holds its pool slot
     return "requeued"
 
 

@@ -21,11 +21,13 @@ from inference.services import (
     job_cancelled,
     job_claim,
     job_fail,
+    job_max_run_s,
     job_output,
     job_preview,
     job_progress,
     job_started,
     job_succeed,
+    job_timeout_message,
     jobs_cancel_requested,
     jobs_heartbeat,
     jobs_superseded,
@@ -47,6 +49,7 @@ ATTEMPT_CHECK_S = 1.0
 
 # Why the watcher stopped a job (the engine sees it as a cancel; the runner ends it otherwise).
 SUPERSEDED = "superseded"
+TIMED_OUT = "timed_out"  # it ran past its pool's SLUICE_JOB_MAX_RUN_S
 
 
 class _RunningJobs:
@@ -67,15 +70,18 @@ class _RunningJobs:
         self._attempts: dict[str, int] = {}  # every job here -> its attempt: its heartbeat
         self._cancel_requested: dict[str, bool] = {}  # the jobs whose flag is read here
         self._stopped: dict[str, str] = {}  # job -> why the watcher stopped it
+        self._deadlines: dict[str, float] = {}  # job -> when (monotonic) it has run too long
         self._busy = threading.Event()
         self._pid: int | None = None
 
-    def add(self, job_id: str, *, attempt: int, watch_cancel: bool) -> None:
+    def add(self, job_id: str, *, attempt: int, watch_cancel: bool,
+            max_run_s: float = float("inf")) -> None:
         with self._lock:
             if self._pid != os.getpid():  # first job here, or a forked child: start its thread
                 self._pid = os.getpid()
                 threading.Thread(target=self._watch, daemon=True, name="job-watch").start()
             self._attempts[job_id] = attempt
+            self._deadlines[job_id] = time.monotonic() + max_run_s
             if watch_cancel:
                 self._cancel_requested[job_id] = False
             self._busy.set()
@@ -84,6 +90,7 @@ class _RunningJobs:
         """The job is no longer watched; returns why the watcher stopped it, if it did."""
         with self._lock:
             self._attempts.pop(job_id, None)
+            self._deadlines.pop(job_id, None)
             self._cancel_requested.pop(job_id, None)
             if not self._attempts:
                 self._busy.clear()
@@ -115,6 +122,15 @@ class _RunningJobs:
                 watched = [job_id for job_id in self._cancel_requested if job_id in attempts]
             if not attempts:
                 continue
+            now = time.monotonic()
+            overdue = {job_id for job_id in attempts if self._deadlines.get(job_id, now) < now}
+            if overdue:
+                # Stopped as a cancel stops it, and no longer beating: should its engine not
+                # stop, the reaper takes it for lost and fails it as overdue.
+                logger.warning("jobs %s ran past their pool's limit: stopping them", sorted(overdue))
+                self._stop(overdue, TIMED_OUT)
+                attempts = {job_id: attempt for job_id, attempt in attempts.items()
+                            if job_id not in overdue}
             try:
                 if watched:
                     cancelled = jobs_cancel_requested(job_ids=watched)
@@ -288,7 +304,8 @@ def _job_run_claimed(job) -> str:
         emit_preview=emit_preview,
         started=started,
     )
-    _running.add(job.pk, attempt=job.attempts, watch_cancel=spec.kind == "text")
+    _running.add(job.pk, attempt=job.attempts, watch_cancel=spec.kind == "text",
+                 max_run_s=job_max_run_s(job.pool))
     error: Exception | None = None
     try:
         outcome = engine_for(spec).run(context)
@@ -301,6 +318,14 @@ def _job_run_claimed(job) -> str:
         logger.warning("job %s: attempt %s stopped, the job was handed to another attempt",
                        job.pk, job.attempts)
         return "superseded"
+    if stopped_by == TIMED_OUT:
+        logger.warning("job %s ran past its pool's limit and was stopped", job.pk)
+        announce()
+        job_fail(job=job, code="job_timeout", message=job_timeout_message(job.pool),
+                 actual_mcu=outcome.actual_mcu if error is None else 0,
+                 usage=outcome.usage if error is None else None,
+                 first_output_at=first_output_at[0])
+        return "failed"
     if error is not None:
         logger.error("engine failed on %s", job.pk, exc_info=error)
         announce()

@@ -380,13 +380,15 @@ def job_succeed(*, job: Job, actual_mcu: int, result: dict, usage: dict,
                    first_output_at=first_output_at, from_statuses=(Job.Status.RUNNING,))
 
 
-def job_fail(*, job: Job, code: str, message: str, actual_mcu: int = 0,
+def job_fail(*, job: Job, code: str, message: str, actual_mcu: int = 0, usage: dict | None = None,
              first_output_at: datetime | None = None,
              from_statuses: tuple[str, ...] = (Job.Status.RUNNING,)) -> bool:
-    """Final failure: charge what was used (usually nothing), refund the rest. A running job,
-    unless the caller fails one that never started (the reaper's queue timeout)."""
+    """Final failure: charge what was used (usually nothing; `usage` says what), refund the
+    rest. A running job, unless the caller fails one that never started (the reaper's queue
+    timeout)."""
     return _finish(job, status=Job.Status.FAILED, actual_mcu=actual_mcu,
-                   fields={"error_code": code, "error_message": message[:500]},
+                   fields={"error_code": code, "error_message": message[:500],
+                           **({"usage": usage} if usage else {})},
                    first_output_at=first_output_at, from_statuses=from_statuses)
 
 
@@ -488,9 +490,24 @@ def jobs_cancel_for_tenant(*, tenant_id: int) -> int:
     return cancelled
 
 
+def job_max_run_s(pool: str) -> int:
+    return settings.SLUICE_JOB_MAX_RUN_S.get(pool, 3600)
+
+
+def job_timeout_message(pool: str) -> str:
+    return (f"The job ran longer than the {job_max_run_s(pool)} s its pool allows one attempt "
+            "and was stopped; only what it produced is charged.")
+
+
 def job_recover_lost(*, job: Job) -> str:
     """A running job whose worker stopped heartbeating: redeliver it, or after the last
-    attempt fail it with worker_lost (a full refund)."""
+    attempt fail it with worker_lost (a full refund). One that ran past its pool's limit was
+    stopped for it (or hung where its worker could not stop it): it fails with job_timeout
+    instead of running it all again."""
+    limit = timedelta(seconds=job_max_run_s(job.pool))
+    if job.started_at and timezone.now() - job.started_at > limit:
+        job_fail(job=job, code="job_timeout", message=job_timeout_message(job.pool))
+        return "failed"
     if job.attempts >= settings.SLUICE_JOB_MAX_ATTEMPTS:
         job_fail(job=job, code="worker_lost",
                  message=f"The worker running this job was lost {job.attempts} times.")

@@ -299,6 +299,10 @@ SLUICE_POOL_CAPACITY_CU = env_dict_int("SLUICE_POOL_CAPACITY_CU", {"text-batch":
 SLUICE_POOL_LEASE_S = env_dict_int("SLUICE_POOL_LEASE_S", {"text-batch": 300, "video-hbm": 3600})
 # Jobs each pool runs at once (its workers' slots); queued work waits in the scheduler beyond.
 SLUICE_POOL_SLOTS = env_dict_int("SLUICE_POOL_SLOTS", {"text-batch": 32, "video-hbm": 1})
+# The longest one attempt of a job may run (seconds, per pool; other pools 3600): past it the
+# worker stops it and it fails with `job_timeout`, charged for what it produced. Its heartbeat
+# is what renews its lease, so without a limit a hung engine held its slot for ever.
+SLUICE_JOB_MAX_RUN_S = env_dict_int("SLUICE_JOB_MAX_RUN_S", {"text-batch": 900, "video-hbm": 3600})
 SLUICE_POOL_RETRY_AFTER_S = env_int("SLUICE_POOL_RETRY_AFTER_S", 2, minimum=1)
 # The scheduler's reconciliation (beat, every 30 s): a queued job older than this that is in no
 # scheduler queue (Redis lost it, or a step after its commit failed) is queued again; an

@@ -23,7 +23,7 @@ from portal.redis import redis_client
 from quotas.ledger import budget_used_from_ledger
 from quotas.limits import period_of
 from quotas.models import LedgerEntry
-from tests.factories import api_key_obj, tenant_with_limits, video_job_submit
+from tests.factories import VIDEO_JOB_PARAMS, api_key_obj, tenant_with_limits, video_job_submit
 
 pytestmark = pytest.mark.django_db
 
@@ -657,3 +657,32 @@ def test_redis_failing_while_a_job_runs_costs_events_not_the_job(sent_tasks, mon
     types = [event.type for event in events_read(job_id=job.pk)]
     assert types[:3] == ["job.queued", "job.started", "job.progress"]  # the retried one
     assert types.count("job.progress") == 1 and types[-1] == "job.completed"
+
+
+def test_a_job_past_its_pools_limit_is_stopped_failed_and_charged_for_what_it_ran(settings, sent_tasks):
+    """The tiny real pipeline in-process, with a limit it passes at once: the watcher stops it
+    at its next step (as a cancel would) and it fails with job_timeout, charged for the steps it
+    ran (its heartbeat renewed its lease, so a hung job held its slot for ever)."""
+    settings.SLUICE_JOB_MAX_RUN_S = {"video-hbm": 0}
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    job = video_job_submit(api_key, cu=4, params={**VIDEO_JOB_PARAMS, "steps": 40}).job
+    assert job_run(job_id=job.pk, attempt=1) == "failed"
+    job.refresh_from_db()
+    assert (job.status, job.error_code) == ("failed", "job_timeout")
+    assert "0 s its pool allows" in job.error_message
+    assert job.usage["steps"] < 40 and job.actual_mcu < job.estimated_mcu
+    assert used(api_key.tenant_id) == job.actual_mcu
+
+
+def test_a_lost_job_past_its_pools_limit_fails_instead_of_running_again(settings, sent_tasks):
+    """Its engine hung where the worker could not stop it: the heartbeat stopped, and running it
+    all again would hang again."""
+    settings.SLUICE_JOB_MAX_RUN_S = {"video-hbm": 30}
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    job = job_claim(job_id=video_job_submit(api_key, cu=4).job.pk, attempt=1)
+    heartbeat_lost(job, seconds_ago=60)
+    assert jobs_reap() == {"failed": 1}
+    job.refresh_from_db()
+    assert (job.status, job.error_code, job.actual_mcu) == ("failed", "job_timeout", 0)
+    assert len(sent_tasks) == 1  # not sent again
+    assert used(api_key.tenant_id) == 0

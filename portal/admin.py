@@ -161,14 +161,8 @@ class ApiKeyAdmin(admin.ModelAdmin):
             self.log_change(request, api_key, "Revoked (admin action).")
 
 
-@admin.register(AuditEvent)
-class AuditEventAdmin(admin.ModelAdmin):
-    """Read-only: an audit log that can be edited records nothing."""
-
-    list_display = ("created_at", "tenant", "action", "actor", "actor_user", "target")
-    list_filter = ("action",)
-    search_fields = ("tenant__slug", "actor", "target")
-    list_select_related = ("tenant", "actor_user")
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """For records that are history (the audit log, the ledger): read, never edited here."""
 
     def has_add_permission(self, request) -> bool:
         return False
@@ -178,3 +172,11 @@ class AuditEventAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None) -> bool:
         return False
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(ReadOnlyAdmin):
+    list_display = ("created_at", "tenant", "action", "actor", "actor_user", "target")
+    list_filter = ("action",)
+    search_fields = ("tenant__slug", "actor", "target")
+    list_select_related = ("tenant", "actor_user")

@@ -374,23 +374,27 @@ def tenant_suspend(*, tenant: Tenant, actor: Actor = None, reason: str = "") -> 
     """Its keys stop working at once (api_key_authenticate); the apps stop its work when the
     change commits (portal.signals.tenant_suspended). False: it was suspended already."""
     with transaction.atomic():
-        changed = Tenant.objects.filter(pk=tenant.pk).exclude(
-            status=Tenant.Status.SUSPENDED).update(status=Tenant.Status.SUSPENDED)
+        changed = _tenant_status_set(tenant=tenant, status=Tenant.Status.SUSPENDED, actor=actor,
+                                     reason=reason, action=AuditEvent.Action.TENANT_SUSPENDED)
         if changed:
-            audit_record(tenant=tenant, action=AuditEvent.Action.TENANT_SUSPENDED, actor=actor,
-                         detail={"reason": reason} if reason else {})
             transaction.on_commit(lambda: tenant_suspended.send(sender=Tenant, tenant=tenant))
-    return bool(changed)
+    return changed
 
 
 def tenant_unsuspend(*, tenant: Tenant, actor: Actor = None, reason: str = "") -> bool:
     """False: it was active already."""
     with transaction.atomic():
-        changed = Tenant.objects.filter(pk=tenant.pk).exclude(
-            status=Tenant.Status.ACTIVE).update(status=Tenant.Status.ACTIVE)
-        if changed:
-            audit_record(tenant=tenant, action=AuditEvent.Action.TENANT_UNSUSPENDED, actor=actor,
-                         detail={"reason": reason} if reason else {})
+        return _tenant_status_set(tenant=tenant, status=Tenant.Status.ACTIVE, actor=actor,
+                                  reason=reason, action=AuditEvent.Action.TENANT_UNSUSPENDED)
+
+
+def _tenant_status_set(*, tenant: Tenant, status: str, actor: Actor, reason: str,
+                       action: str) -> bool:
+    """A conditional update, recorded in the audit log when it changed anything."""
+    changed = Tenant.objects.filter(pk=tenant.pk).exclude(status=status).update(status=status)
+    if changed:
+        audit_record(tenant=tenant, action=action, actor=actor,
+                     detail={"reason": reason} if reason else {})
     return bool(changed)
 
 

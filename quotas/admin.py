@@ -1,19 +1,9 @@
 from django.contrib import admin
 
+from portal.admin import ReadOnlyAdmin
 from quotas.models import BudgetAlert, LedgerEntry, Reservation
 
-
-class ReadOnlyAdmin(admin.ModelAdmin):
-    """The ledger is append-only: corrections are new `adjust` entries (quotas.ledger.ledger_adjust)."""
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
+# The ledger is append-only: corrections are new `adjust` entries (quotas.ledger.ledger_adjust).
 
 
 @admin.register(Reservation)

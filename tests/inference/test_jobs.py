@@ -44,6 +44,18 @@ def heartbeat_lost(job, seconds_ago: float = 60) -> None:
         started_at=timezone.now() - timezone.timedelta(seconds=seconds_ago))
 
 
+def within(seconds: float, predicate) -> bool:
+    """Whether `predicate()` turns true within `seconds` (polled every 20 ms)."""
+    import time as clock
+
+    deadline = clock.monotonic() + seconds
+    while clock.monotonic() < deadline:
+        if predicate():
+            return True
+        clock.sleep(0.02)
+    return False
+
+
 def test_submit_reserves_and_sends_the_job_to_its_pool(sent_tasks):
     api_key = api_key_obj(tenant_with_limits(budget_cu=100))
     job = video_job_submit(api_key, cu=3).job
@@ -430,7 +442,6 @@ def test_one_thread_reads_the_running_jobs_cancel_flags_and_keeps_their_heartbea
     """A worker process's jobs are watched by one thread (inference.runner._RunningJobs): a
     cancel raised in Redis becomes the job's should_stop() flag, only for that job, and the
     heartbeats of the jobs still running are refreshed; a finished job's are not."""
-    import time as clock
 
     from inference.runner import _RunningJobs
     from inference.services import CANCEL_KEY, HEARTBEAT_KEY
@@ -439,14 +450,6 @@ def test_one_thread_reads_the_running_jobs_cancel_flags_and_keeps_their_heartbea
     watch = _RunningJobs()
     watch.add("job_a", attempt=1, watch_cancel=True)
     watch.add("job_b", attempt=1, watch_cancel=True)
-
-    def within(seconds: float, predicate) -> bool:
-        deadline = clock.monotonic() + seconds
-        while clock.monotonic() < deadline:
-            if predicate():
-                return True
-            clock.sleep(0.02)
-        return False
 
     try:
         clean_redis.set(CANCEL_KEY.format(job_id="job_a"), 1)
@@ -552,14 +555,6 @@ def test_the_watcher_stops_an_attempt_that_was_handed_to_another(settings, sent_
     heartbeat = HEARTBEAT_KEY.format(job_id=job.pk)
     watch = _RunningJobs()
     watch.add(job.pk, attempt=1, watch_cancel=False)
-
-    def within(seconds: float, predicate) -> bool:
-        deadline = clock.monotonic() + seconds
-        while clock.monotonic() < deadline:
-            if predicate():
-                return True
-            clock.sleep(0.02)
-        return False
 
     try:
         assert not within(1.5, lambda: watch.stop_reason(job.pk))  # still its own

@@ -132,19 +132,26 @@ def _submit(request, *, chat: bool) -> _Submitted:
     endpoint = "chat.completions" if chat else "completions"
     idempotency_key = request.headers.get("Idempotency-Key")
     prompt = screened_text(payload)
+
+    def enforce(screened) -> SafetyVerdict:
+        return safety_verdict_enforce(tenant=api_key.tenant, api_key=api_key, verdict=screened,
+                                      text=prompt, endpoint=endpoint,
+                                      request_id=getattr(request, "request_id", ""),
+                                      idempotency_key=idempotency_key)
+
     # The classifier runs beside tokenisation and pricing: it adds max(), not sum(). Its thread
     # only classifies: the policy and rules are read here and the verdict's case is written
     # here, so it never holds one of the pool's database connections.
-    screening = _SAFETY_POOL.submit(safety_check_input, text=prompt, policy=policy,
-                                    rules=rules_active())
+    screening = None if prompt is None else _SAFETY_POOL.submit(
+        safety_check_input, text=prompt, policy=policy, rules=rules_active())
     try:
         text = text_request_parse(payload=payload, tier=tier, chat=chat)
     finally:
         # A blocked prompt is refused (and its case opened) even when its parameters are bad too.
-        verdict = safety_verdict_enforce(tenant=api_key.tenant, api_key=api_key,
-                                         verdict=screening.result(), text=prompt, endpoint=endpoint,
-                                         request_id=getattr(request, "request_id", ""),
-                                         idempotency_key=idempotency_key)
+        verdict = enforce(screening.result()) if screening is not None else None
+    if verdict is None:  # token ids: screened as the text they decode to
+        prompt = text.prompt_text
+        verdict = enforce(safety_check_input(text=prompt, policy=policy, rules=rules_active()))
     submission, variant, estimate = text_job_submit(
         api_key=api_key, text=text, safety_policy=policy, mode="sync",
         idempotency_key=idempotency_key, request_body=payload,
@@ -156,13 +163,18 @@ def _submit(request, *, chat: bool) -> _Submitted:
 _SAFETY_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="safety")
 
 
-def screened_text(payload: dict) -> str:
-    """What the input cascade reads: every message's content, or the prompt."""
+def screened_text(payload: dict) -> str | None:
+    """What the input cascade reads: every message's content, or the prompt (alone or as a
+    batch of one). None: token ids, whose text is known only once the request is parsed."""
     messages = payload.get("messages")
     if isinstance(messages, list):
         return "\n".join(message_text(m.get("content")) for m in messages if isinstance(m, dict))
     prompt = payload.get("prompt")
-    return prompt if isinstance(prompt, str) else ""
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return prompt
+    return None if isinstance(prompt, list) else ""
 
 
 def _cancel_after_disconnect(job_id: str) -> None:

@@ -21,7 +21,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from inference.errors import IdempotencyConflict, JobNotCancellable
-from inference.events import event_publish
+from inference.events import event_publish, stream_key
 from inference.models import DELETED_WITH_CONTENT, IdempotencyKey, Job
 from inference.registry import ModelSpec, ModelVariant
 from inference.scheduler import (
@@ -76,6 +76,9 @@ def _idempotent_job(*, api_key: ApiKey, idempotency_key: str, fingerprint: str) 
         return None
     if record.request_hash != fingerprint:
         raise IdempotencyConflict(param="Idempotency-Key")
+    if record.job.deleted_at is not None:
+        # Neither the deleted job (its text would be replayed) nor a second one (charged again).
+        raise NotFound("The job this Idempotency-Key made was deleted.", param="Idempotency-Key")
     return record.job
 
 
@@ -438,7 +441,10 @@ def job_delete(*, job: Job) -> None:
             job_cancel(job=job)
     if not Job.objects.filter(pk=job.pk, deleted_at__isnull=True).update(deleted_at=timezone.now()):
         raise NotFound(f"No job {job.pk!r}.", param="id")  # another request deleted it first
-    _deleted_job_outputs_remove(job_id=job.pk)
+    try:
+        _deleted_job_outputs_remove(job_id=job.pk)
+    except OSError:  # storage trouble: it is deleted all the same, and the reaper retries
+        logger.warning("could not remove the outputs of deleted job %s yet", job.pk, exc_info=True)
 
 
 def _deleted_job_outputs_remove(*, job_id: str) -> bool:
@@ -456,6 +462,10 @@ def _deleted_job_outputs_remove(*, job_id: str) -> bool:
         return False
     if row["kind"] == Job.Kind.VIDEO and row["result"]:
         job_media_remove(row["result"])
+    try:  # its events carry what it produced (every token of a completion) for a day
+        redis_client().delete(stream_key(job_id))
+    except redis.RedisError:
+        logger.warning("could not drop the event stream of deleted job %s", job_id)
     params = {name: value for name, value in row["params"].items() if name not in JOB_CONTENT_PARAMS}
     Job.objects.filter(pk=job_id).update(result={}, params=params)
     return True

@@ -564,3 +564,20 @@ def test_a_prompt_sent_as_a_list_is_screened_like_a_string(cast, shape):
     assert response.json()["error"]["code"] == "safety_rejection"
     assert not Job.objects.exists()
     assert "DAN" in ModerationCase.objects.get(tenant=cast.tenant).prompt
+
+
+@pytest.mark.django_db
+def test_a_deleted_jobs_idempotency_key_replays_neither_it_nor_a_new_one(cast, api, sent_tasks):
+    from inference.events import events_read
+
+    api.bearer(cast.owner_key)
+    job_id = api.post("/v1/videos", VIDEO_BODY, format="json", HTTP_IDEMPOTENCY_KEY="k1").json()["id"]
+    job_succeed(job=job_claim(job_id=job_id, attempt=1), actual_mcu=700, result={}, usage={})
+    assert events_read(job_id=job_id)  # its events, kept a day
+    assert api.delete(f"/v1/videos/{job_id}").status_code == 200
+    assert events_read(job_id=job_id) == []  # they went with it
+
+    again = api.post("/v1/videos", VIDEO_BODY, format="json", HTTP_IDEMPOTENCY_KEY="k1")
+    assert again.status_code == 404
+    assert again.json()["error"]["param"] == "Idempotency-Key"
+    assert Job.objects.count() == 1  # not a second job, charged again

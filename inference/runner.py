@@ -77,9 +77,13 @@ class _RunningJobs:
     def add(self, job_id: str, *, attempt: int, watch_cancel: bool,
             max_run_s: float = float("inf")) -> None:
         with self._lock:
-            if self._pid != os.getpid():  # first job here, or a forked child: start its thread
+            if self._pid != os.getpid():  # first job here, or a forked child: start its threads
                 self._pid = os.getpid()
                 threading.Thread(target=self._watch, daemon=True, name="job-watch").start()
+                # Apart: a database that hangs (a half-open connection after a failover) must
+                # not hold up the heartbeats, or every job here would be taken for lost.
+                threading.Thread(target=self._check_attempts, daemon=True,
+                                 name="job-attempts").start()
             self._attempts[job_id] = attempt
             self._deadlines[job_id] = time.monotonic() + max_run_s
             if watch_cancel:
@@ -107,12 +111,35 @@ class _RunningJobs:
             for job_id in job_ids & self._attempts.keys():  # not one that ended meanwhile
                 self._stopped.setdefault(job_id, reason)
 
+    def _running_attempts(self) -> dict[str, int]:
+        with self._lock:
+            return {job_id: attempt for job_id, attempt in self._attempts.items()
+                    if job_id not in self._stopped}
+
+    def _check_attempts(self) -> None:
+        """Every ATTEMPT_CHECK_S, stop the jobs the row says another attempt now runs. The
+        first round checks at once: the thread's database connection opens with the process's
+        first job and is kept, not opened by some later job."""
+        while True:
+            self._busy.wait()
+            attempts = self._running_attempts()
+            if attempts:
+                try:
+                    superseded = jobs_superseded(attempts=attempts)
+                except Exception:  # the database unreachable: keep running, ask again
+                    logger.warning("checking %d running jobs' attempts failed", len(attempts),
+                                   exc_info=True)
+                    close_old_connections()  # a broken connection is replaced next round
+                else:
+                    if superseded:
+                        logger.warning("jobs %s were handed to another attempt: stopping them",
+                                       sorted(superseded))
+                        self._stop(superseded, SUPERSEDED)
+            time.sleep(ATTEMPT_CHECK_S)
+
     def _watch(self) -> None:
         beat_every = max(1.0, settings.SLUICE_JOB_HEARTBEAT_TTL_S / 3)
         next_beat = time.monotonic() + beat_every
-        # The first round checks at once: the thread's database connection opens with the
-        # process's first job and is kept, not opened by some later job.
-        next_check = time.monotonic()
         while True:
             self._busy.wait()
             time.sleep(CANCEL_POLL_S)
@@ -139,21 +166,7 @@ class _RunningJobs:
                             self._cancel_requested[job_id] = True
             except Exception:  # Redis hiccup: the next round retries
                 logger.warning("reading %d cancel flags failed", len(watched), exc_info=True)
-            if time.monotonic() >= next_check:
-                try:
-                    superseded = jobs_superseded(attempts=attempts)
-                except Exception:  # the database unreachable: keep running, ask again
-                    logger.warning("checking %d running jobs' attempts failed", len(attempts),
-                                   exc_info=True)
-                    close_old_connections()  # a broken connection is replaced next round
-                else:
-                    if superseded:
-                        logger.warning("jobs %s were handed to another attempt: stopping them",
-                                       sorted(superseded))
-                        self._stop(superseded, SUPERSEDED)
-                        attempts = {job_id: attempt for job_id, attempt in attempts.items()
-                                    if job_id not in superseded}
-                next_check = time.monotonic() + ATTEMPT_CHECK_S
+            attempts = self._running_attempts()  # not those the other thread stopped meanwhile
             if time.monotonic() >= next_beat and attempts:
                 try:
                     jobs_heartbeat(attempts=attempts)
@@ -318,7 +331,8 @@ def _job_run_claimed(job) -> str:
         logger.warning("job %s: attempt %s stopped, the job was handed to another attempt",
                        job.pk, job.attempts)
         return "superseded"
-    if stopped_by == TIMED_OUT:
+    if stopped_by == TIMED_OUT and (error is not None or outcome.stopped):
+        # Stopped for running too long (a job that finished as the limit passed succeeds).
         logger.warning("job %s ran past its pool's limit and was stopped", job.pk)
         announce()
         job_fail(job=job, code="job_timeout", message=job_timeout_message(job.pool),

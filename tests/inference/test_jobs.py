@@ -681,3 +681,52 @@ def test_a_lost_job_past_its_pools_limit_fails_instead_of_running_again(settings
     assert (job.status, job.error_code, job.actual_mcu) == ("failed", "job_timeout", 0)
     assert len(sent_tasks) == 1  # not sent again
     assert used(api_key.tenant_id) == 0
+
+
+def test_a_job_that_finishes_as_its_limit_passes_succeeds(settings, sent_tasks, monkeypatch):
+    """The watcher marks it overdue while its engine is returning a whole result: the result
+    stands (it was failed, its result thrown away, and charged in full all the same)."""
+    import time as clock
+
+    from inference import runner
+    from inference.engines.base import RunResult
+
+    class FinishesRegardless:  # an engine whose last step outlasts the limit
+        def run(self, context):
+            clock.sleep(0.3)
+            return RunResult(actual_mcu=900, result={"video": "v.mp4"}, usage={"steps": 2})
+
+    monkeypatch.setattr(runner, "engine_for", lambda spec: FinishesRegardless())
+    settings.SLUICE_JOB_MAX_RUN_S = {"video-hbm": 0}
+    job = video_job_submit(api_key_obj(tenant_with_limits(budget_cu=100)), cu=4).job
+    assert job_run(job_id=job.pk, attempt=1) == "succeeded"
+    job.refresh_from_db()
+    assert (job.status, job.result, job.actual_mcu) == ("succeeded", {"video": "v.mp4"}, 900)
+
+
+@pytest.mark.django_db(transaction=True)  # the watcher's threads read on their own connections
+def test_heartbeats_go_on_while_the_attempt_check_hangs(settings, sent_tasks, clean_redis, monkeypatch):
+    """The database hanging (a half-open connection after a failover) must not stop the
+    heartbeats, or the reaper would take every job of the worker for lost."""
+    import threading
+
+    from inference import runner
+    from inference.services import HEARTBEAT_KEY
+
+    hung = threading.Event()
+
+    def hangs(**kwargs):
+        hung.set()
+        threading.Event().wait(30)
+        return set()
+
+    monkeypatch.setattr(runner, "jobs_superseded", hangs)
+    settings.SLUICE_JOB_HEARTBEAT_TTL_S = 2  # a beat every second
+    watch = runner._RunningJobs()
+    watch.add("job_h", attempt=1, watch_cancel=False)
+    try:
+        assert hung.wait(5)
+        clean_redis.delete(HEARTBEAT_KEY.format(job_id="job_h"))
+        assert within(3, lambda: clean_redis.exists(HEARTBEAT_KEY.format(job_id="job_h")))
+    finally:
+        watch.remove("job_h")

@@ -70,7 +70,12 @@ def event_publish(*, job_id: str, tenant_id: int, event_type: str, data: dict) -
     if event_type in STATUS_EVENTS and listeners:
         group_broadcast(group, {"type": "job.status", "event": event_type, "data": payload})
     if webhooks == -1:
-        webhook_tenants_rebuild()
+        try:
+            webhook_tenants_rebuild()
+        except redis.RedisError:
+            # The event is in the stream: raising now would have its caller count it refused
+            # and publish it again. The next publish rebuilds the index.
+            logger.warning("could not rebuild the index of tenants with webhooks")
     if webhooks != 0 and (
         event_type in STATUS_EVENTS or (event_type == "job.progress" and _progress_webhook_due(job_id))
     ):

@@ -159,6 +159,24 @@ def test_endpoints_keep_getting_job_events_after_redis_loses_its_data(cast, rece
     assert WebhookEvent.objects.filter(tenant=cast.tenant, type="job.completed").count() == 2
 
 
+def test_an_event_in_the_stream_is_published_even_if_the_webhook_index_cannot_be_rebuilt(
+        cast, receiver, clean_redis, monkeypatch):
+    """Raising after the event reached the stream would have the job's end counted as refused
+    and published a second time by the reaper."""
+    import redis as redis_lib
+
+    from inference import events
+
+    def refused():
+        raise redis_lib.ConnectionError("Redis went away")
+
+    clean_redis.flushdb()  # the index is gone: this publish would rebuild it
+    monkeypatch.setattr(events, "webhook_tenants_rebuild", refused)
+    seq = events.event_publish(job_id="job_w5", tenant_id=cast.tenant.pk,
+                               event_type="job.completed", data={"status": "succeeded"})
+    assert [event.seq for event in events.events_read(job_id="job_w5")] == [seq]
+
+
 def test_no_endpoint_is_created_while_redis_is_unreachable(cast, receiver, settings):
     from quotas.errors import SystemOverloaded
 

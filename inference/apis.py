@@ -158,11 +158,7 @@ def job_end_read(job_id: str) -> JobEnd | None:
     job = Job.objects.filter(pk=job_id).first()
     if job is None or not job.is_terminal:
         return None
-    if job.status == Job.Status.REJECTED:  # refused at admission: it has no terminal event type
-        event_type, data = "job.failed", {"status": job.status, "actual_cu": 0.0,
-                                          "error": {"code": job.error_code, "message": job.error_message}}
-    else:
-        event_type, data = job_terminal_event(job)
+    event_type, data = job_terminal_event(job)
     return JobEnd(type=event_type, data=data, ended_at=(job.finished_at or job.queued_at).timestamp())
 
 

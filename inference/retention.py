@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from inference.media import job_media_remove
 from inference.models import CONTENT_EXPIRED_KEY, EXPIRABLE, Job
-from inference.services import JOB_CONTENT_PARAMS
+from inference.services import job_params_without_content
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def jobs_content_expire(*, now: datetime | None = None) -> int:
         except OSError:  # storage trouble: the next run tries again
             logger.warning("could not remove the media of job %s", row["pk"], exc_info=True)
             continue
-        params = {name: value for name, value in row["params"].items() if name not in JOB_CONTENT_PARAMS}
+        params = job_params_without_content(row["params"])
         note = {EXPIRED: int(now.timestamp()), RETENTION_DAYS: days} if row["result"] else {}
         expired += Job.objects.filter(pk=row["pk"], deleted_at__isnull=True).exclude(
             result__has_key=EXPIRED).update(result=note, params=params)

@@ -303,8 +303,9 @@ def job_output(*, job: Job, data: dict) -> None:
     event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type="job.output", data=data)
 
 
+# A job refused at admission (REJECTED) reads as failed: no event type of its own.
 _TERMINAL_EVENT_TYPES = {Job.Status.SUCCEEDED: "job.completed", Job.Status.FAILED: "job.failed",
-                         Job.Status.CANCELLED: "job.cancelled"}
+                         Job.Status.REJECTED: "job.failed", Job.Status.CANCELLED: "job.cancelled"}
 
 
 def job_terminal_event(job: Job) -> tuple[str, dict]:
@@ -315,7 +316,7 @@ def job_terminal_event(job: Job) -> tuple[str, dict]:
         if job.kind == Job.Kind.VIDEO:
             # Where a follower or webhook receiver fetches the file (with its API key).
             data["content_url"] = reverse("api-video-content", kwargs={"job_id": job.pk})
-    elif job.status == Job.Status.FAILED:
+    elif job.status in (Job.Status.FAILED, Job.Status.REJECTED):
         data["error"] = {"code": job.error_code, "message": job.error_message}
     elif job.usage or job.started_at:  # cancelled while running: what it produced
         data["usage"] = job.usage
@@ -369,9 +370,14 @@ def _finish(job: Job, *, status: str, actual_mcu: int, fields: dict,
     job.terminal_event_pending = False
     if job.started_at:
         scheduler_record_run_time(pool=job.pool, seconds=(now - job.started_at).total_seconds())
-    redis_client().delete(HEARTBEAT_KEY.format(job_id=job.pk), CANCEL_KEY.format(job_id=job.pk))
+    _ended_job_keys_drop(job_id=job.pk)
     pool_dispatch(pool=job.pool)  # its capacity is free: the next queued job may start
     return True
+
+
+def _ended_job_keys_drop(*, job_id: str) -> None:
+    """An ended job's heartbeat and cancel flag: no one reads them any more."""
+    redis_client().delete(HEARTBEAT_KEY.format(job_id=job_id), CANCEL_KEY.format(job_id=job_id))
 
 
 # job_succeed, job_fail and job_cancelled end a running job: the worker's own attempt (a
@@ -430,6 +436,10 @@ def job_cancel(*, job: Job) -> Job:
 JOB_CONTENT_PARAMS = frozenset({"prompt", "negative_prompt", "prompt_token_ids", "code_context"})
 
 
+def job_params_without_content(params: dict) -> dict:
+    return {name: value for name, value in params.items() if name not in JOB_CONTENT_PARAMS}
+
+
 def job_delete(*, job: Job) -> None:
     """DELETE /v1/videos/{id} and /v1/jobs/{id}: the job is hidden from every read and its
     outputs (a video's files, a completion's text) removed. The row stays, with its CU and
@@ -466,8 +476,7 @@ def _deleted_job_outputs_remove(*, job_id: str) -> bool:
         redis_client().delete(stream_key(job_id))
     except redis.RedisError:
         logger.warning("could not drop the event stream of deleted job %s", job_id)
-    params = {name: value for name, value in row["params"].items() if name not in JOB_CONTENT_PARAMS}
-    Job.objects.filter(pk=job_id).update(result={}, params=params)
+    Job.objects.filter(pk=job_id).update(result={}, params=job_params_without_content(row["params"]))
     return True
 
 
@@ -636,7 +645,7 @@ def _terminal_events_publish(*, now: datetime) -> int:
             event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type=event_type,
                           data=event_data)
             Job.objects.filter(pk=job.pk).update(terminal_event_pending=False)
-        redis_client().delete(HEARTBEAT_KEY.format(job_id=job.pk), CANCEL_KEY.format(job_id=job.pk))
+        _ended_job_keys_drop(job_id=job.pk)
         announced += 1
     return announced
 

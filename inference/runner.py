@@ -143,12 +143,11 @@ class _RunningJobs:
         while True:
             self._busy.wait()
             time.sleep(CANCEL_POLL_S)
-            with self._lock:
-                attempts = {job_id: attempt for job_id, attempt in self._attempts.items()
-                            if job_id not in self._stopped}
-                watched = [job_id for job_id in self._cancel_requested if job_id in attempts]
+            attempts = self._running_attempts()
             if not attempts:
                 continue
+            with self._lock:
+                watched = [job_id for job_id in self._cancel_requested if job_id in attempts]
             now = time.monotonic()
             overdue = {job_id for job_id in attempts if self._deadlines.get(job_id, now) < now}
             if overdue:
@@ -156,8 +155,6 @@ class _RunningJobs:
                 # stop, the reaper takes it for lost and fails it as overdue.
                 logger.warning("jobs %s ran past their pool's limit: stopping them", sorted(overdue))
                 self._stop(overdue, TIMED_OUT)
-                attempts = {job_id: attempt for job_id, attempt in attempts.items()
-                            if job_id not in overdue}
             try:
                 if watched:
                     cancelled = jobs_cancel_requested(job_ids=watched)
@@ -166,7 +163,7 @@ class _RunningJobs:
                             self._cancel_requested[job_id] = True
             except Exception:  # Redis hiccup: the next round retries
                 logger.warning("reading %d cancel flags failed", len(watched), exc_info=True)
-            attempts = self._running_attempts()  # not those the other thread stopped meanwhile
+            attempts = self._running_attempts()  # not those stopped meanwhile (here or there)
             if time.monotonic() >= next_beat and attempts:
                 try:
                     jobs_heartbeat(attempts=attempts)

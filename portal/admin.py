@@ -4,7 +4,7 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from portal import services
-from portal.errors import InvalidParameter
+from portal.errors import InvalidParameter, NotFound
 from portal.models import ApiKey, AuditEvent, Membership, Tenant, Tier
 
 
@@ -95,6 +95,21 @@ class MembershipAdmin(admin.ModelAdmin):
     autocomplete_fields = ("user", "tenant")
     actions = ["remove"]
 
+    def get_object(self, request, object_id, from_field=None):
+        membership = super().get_object(request, object_id, from_field)
+        if membership is None or request.method != "POST":
+            return membership
+        # A posted change or removal is first checked here (the form's clean_role, and
+        # has_delete_permission) and then saved through the services, which lock the tenant's
+        # owners: checked before that lock, demoting or removing each of the last two owners at
+        # once passed both checks, and the later save's refusal was a 500. Django runs these
+        # posts in one transaction (changeform_view, delete_view), so the lock taken here holds
+        # until the save: a concurrent change waits, and the check sees its outcome.
+        try:
+            return services.membership_lock(membership=membership)
+        except NotFound:  # removed since the read above
+            return None
+
     def get_readonly_fields(self, request, obj=None):
         # Only the role changes; moving a membership to another user or tenant is a removal
         # and an addition.
@@ -132,6 +147,9 @@ class MembershipAdmin(admin.ModelAdmin):
                     revoked = services.membership_remove_as_staff(membership=membership, user=request.user)
             except InvalidParameter as exc:
                 self.message_user(request, f"{membership}: {exc.message}", level=messages.ERROR)
+                continue
+            except NotFound:  # another request removed it since the list was read
+                self.message_user(request, f"{membership} was removed already.", level=messages.WARNING)
                 continue
             self.message_user(request, f"Removed {membership}; revoked {len(revoked)} key(s).")
 

@@ -299,9 +299,19 @@ def _memberships_lock(*, membership: Membership, actor: Membership | None = None
     return (None if actor is None else locked[actor.pk]), locked[membership.pk]
 
 
+def membership_lock(*, membership: Membership) -> Membership:
+    """The membership as it is now, locked with its tenant's owners until the caller's
+    transaction ends (NotFound: it was removed). For a caller that checks the last-owner rule
+    itself before saving through the services (the Django admin's form): its check must see
+    the owners the save will."""
+    _, locked = _memberships_lock(membership=membership)
+    return locked
+
+
 def membership_owner_rule_check(*, membership: Membership, role: str | None) -> None:
     """A tenant keeps an owner: refuse making the last one `role` (None: removing it). Decides
-    under _memberships_lock; the admin's form asks it first too, to show the refusal on the form."""
+    under _memberships_lock; the admin's form asks it first too (under membership_lock), to show
+    the refusal on the form."""
     if membership.role == Role.OWNER and role != Role.OWNER and _owners_left_after(membership=membership) == 0:
         raise InvalidParameter("A tenant needs at least one owner.",
                                param="membership" if role is None else "role")

@@ -9,8 +9,10 @@ never start the same job, and needs no database read to decide.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
+import redis
 from django.conf import settings
 
 from portal.redis import lua_script, redis_client
@@ -24,6 +26,8 @@ from quotas.limits import (
     pool_slots,
     reservation_marker,
 )
+
+logger = logging.getLogger(__name__)
 
 CANDIDATES_PER_ROUND = 50
 AVG_RUN_KEY = "s:avg:{pool}"
@@ -39,6 +43,11 @@ def _priorities_key(pool: str) -> str:
 
 def _jobs_key(pool: str) -> str:
     return f"s:jobs:{pool}"
+
+
+def _unsent_key(pool: str) -> str:
+    """Jobs a round took onto the pool whose send failed (job id -> reservation id)."""
+    return f"s:unsent:{pool}"
 
 
 def scheduler_enqueue(*, job_id: str, pool: str, priority: int, tenant_id: int, cost_mcu: int,
@@ -84,22 +93,48 @@ def _priorities(pool: str) -> list[int]:
 
 def scheduler_dispatch(*, pool: str, start_job) -> int:
     """Hand queued jobs to the pool while it has room. `start_job(job_id)` sends one to Celery
-    (the job service owns that). Returns how many were started."""
+    (the job service owns that). Returns how many were sent.
+
+    A send that fails (the broker refused it, a connection error) costs neither the rest of the
+    round, which are sent all the same, nor its own job: the job keeps the pool slot and the
+    admission the round gave it, and the pool's next round (a job's end, a submission, the
+    2 s tick) sends it again, before any queued job. Sent twice, it still runs once: the
+    worker's claim takes a job for one attempt, once."""
     pool_keys = CounterKeys(tenant_id=0, api_key_id=0, period="", pool=pool)
     started = lua_script(redis_client(), "dispatch", package="inference")(
         keys=[_priorities_key(pool), _jobs_key(pool), f"s:vt:{pool}", pool_keys.pool_hash,
-              pool_keys.pool_zset, pool_keys.pool_sum],
+              pool_keys.pool_zset, pool_keys.pool_sum, _unsent_key(pool)],
         args=[_queue_key(pool, ""), IN_FLIGHT_PREFIX, RESERVATION_MARKER_PREFIX,
               pool_capacity_mcu(pool), pool_lease_s(pool) * 1000, pool_slots(pool),
               CANDIDATES_PER_ROUND],
     )
     if not started:
         return 0
-    job_ids = [job_id.decode() for job_id in started[::2]]
-    reservations_admitted(reservation_ids=[rid.decode() for rid in started[1::2]], pool=pool)
-    for job_id in job_ids:
-        start_job(job_id)
-    return len(job_ids)
+    reservation_by_job = {job_id.decode(): reservation_id.decode()
+                          for job_id, reservation_id in zip(started[::2], started[1::2], strict=True)}
+    # Those sent again were recorded before; only a still-queued reservation is updated.
+    reservations_admitted(reservation_ids=list(reservation_by_job.values()), pool=pool)
+    unsent: dict[str, str] = {}
+    for job_id, reservation_id in reservation_by_job.items():
+        try:
+            start_job(job_id)
+        except Exception:  # whatever the broker's client raised: this job's send alone failed
+            logger.warning("job %s could not be sent to pool %s; the next dispatch round sends "
+                           "it again", job_id, pool, exc_info=True)
+            unsent[job_id] = reservation_id
+    if unsent:
+        _unsent_keep(pool=pool, unsent=unsent)
+    return len(reservation_by_job) - len(unsent)
+
+
+def _unsent_keep(*, pool: str, unsent: dict[str, str]) -> None:
+    try:
+        redis_client().hset(_unsent_key(pool), mapping=unsent)
+    except redis.RedisError:
+        # They stay admitted in the database: the reconciliation sends them again
+        # (SLUICE_JOB_RESEND_AFTER_S after their admission).
+        logger.warning("jobs %s could not be kept for the next dispatch round of pool %s",
+                       sorted(unsent), pool, exc_info=True)
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,13 @@
 --
 -- KEYS: 1 set of priorities in use  2 job hash (job id -> "<reservation id> <tenant id>
 --       <tenant's concurrent-job cap>", written by enqueue.lua)  3 pool virtual time
---       4 pool hash  5 pool zset  6 pool sum
+--       4 pool hash  5 pool zset  6 pool sum  7 unsent hash (job id -> reservation id: jobs an
+--       earlier round took onto the pool whose Celery message could not be sent)
 -- ARGV: 1 queue key prefix (priority appended)  2 tenant in-flight key prefix (tenant id
 --       appended)  3 reservation hash prefix (reservation id appended)  4 pool capacity (mCU)
 --       5 lease ms  6 pool job slots  7 candidates looked at per priority
 -- Returns the started jobs as a flat list: job id, reservation id, job id, reservation id...
+-- (the unsent ones first: they go out again).
 --
 -- Per-tenant and per-reservation keys are built here from their prefixes rather than passed
 -- in KEYS: which ones a round touches is only known inside it. Fine on one Redis (Sluice's
@@ -26,7 +28,10 @@ local priorities = redis.call('SMEMBERS', KEYS[1])
 table.sort(priorities, function(a, b) return tonumber(a) > tonumber(b) end)
 local vtime = tonumber(redis.call('GET', KEYS[3]) or '0')
 local vtime_moved = false
-local started = {}
+-- Jobs an earlier round took onto the pool but could not send (the broker refused): they hold
+-- their slot already, so they are handed out again first, whatever room is left.
+local started = redis.call('HGETALL', KEYS[7])
+if #started > 0 then redis.call('DEL', KEYS[7]) end
 
 local function finish()
   if vtime_moved then redis.call('SET', KEYS[3], vtime) end

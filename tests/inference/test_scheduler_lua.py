@@ -5,7 +5,7 @@ import pytest
 
 from portal.redis import lua_script, redis_client
 
-POOL_KEYS = ["t:prios", "t:jobs", "t:vt", "t:ph", "t:pz", "t:ps"]
+POOL_KEYS = ["t:prios", "t:jobs", "t:vt", "t:ph", "t:pz", "t:ps", "t:unsent"]
 FAR = 9_999_999_999_999  # a lease that has not run out
 
 
@@ -87,6 +87,19 @@ def test_an_already_admitted_reservation_is_started(client):
     client.hset("t:r:rj", "state", "admitted")
     assert dispatch(client) == ["j", "rj"]
     assert client.zcard("t:pz") == 0  # it took no second slot
+
+
+def test_jobs_a_round_could_not_send_go_out_again_first_without_a_second_slot(client):
+    """A job whose send failed keeps the slot its round gave it: the next round hands it out
+    again before any queued job, even with the pool full, and takes no capacity for it."""
+    enqueue(client, "a1")
+    enqueue(client, "a2")
+    assert dispatch(client, slots=1) == ["a1", "ra1"]
+    client.hset("t:unsent", "a1", "ra1")  # what scheduler_dispatch keeps when a1's send fails
+    assert dispatch(client, slots=1) == ["a1", "ra1"]  # full: a2 waits, a1 goes out again
+    assert client.zcard("t:pz") == 1 and int(client.get("t:ps")) == 1000
+    assert not client.exists("t:unsent")
+    assert dispatch(client, slots=2) == ["a2", "ra2"]  # sent once again, not on every round
 
 
 def test_enqueue_is_idempotent_and_refuses_a_job_whose_reservation_was_admitted(client):

@@ -1,0 +1,106 @@
+"""The scheduler's dispatch round with the job services around it: what a round that cannot
+send one of its jobs leaves behind (real Redis and database; only Celery's send is replaced,
+by one that refuses a job as a broker would)."""
+
+from __future__ import annotations
+
+import pytest
+from django.utils import timezone
+from kombu.exceptions import OperationalError
+
+from inference.models import Job
+from inference.scheduler import scheduler_queued
+from inference.services import job_claim, job_succeed, pool_dispatch
+from portal.redis import redis_client
+from quotas.ledger import budget_used_from_ledger
+from quotas.limits import CounterKeys, period_of
+from quotas.models import LedgerEntry, Reservation
+from tests.factories import api_key_obj, tenant_with_limits, video_job_submit
+
+pytestmark = pytest.mark.django_db
+
+POOL = "video-hbm"
+
+
+@pytest.fixture
+def broker(monkeypatch):
+    """Celery's send of run_job: records (job id, attempt, queue); refuses the jobs in
+    `refusing` (each once) as a broker that is down does."""
+    from inference import tasks
+
+    class Broker:
+        def __init__(self) -> None:
+            self.sent: list[tuple[str, int, str]] = []
+            self.refusing: set[str] = set()
+
+        def apply_async(self, args, queue, **options):
+            if args[0] in self.refusing:
+                self.refusing.discard(args[0])
+                raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+            self.sent.append((args[0], args[1], queue))
+
+    fake = Broker()
+    monkeypatch.setattr(tasks.run_job, "apply_async", fake.apply_async)
+    return fake
+
+
+def pool_in_flight_mcu() -> tuple[int, int]:
+    """(reservations holding the pool, their mCU)."""
+    keys = CounterKeys(tenant_id=0, api_key_id=0, period="", pool=POOL)
+    client = redis_client()
+    return client.zcard(keys.pool_zset), int(client.get(keys.pool_sum) or 0)
+
+
+def test_a_send_that_fails_does_not_cost_the_rest_of_the_round_and_goes_out_next_round(
+        settings, broker):
+    """The broker refuses the first job of a round: the others are sent all the same (they were
+    left out of the queue, holding pool capacity, until the reconciliation a minute later); the
+    refused one keeps its slot and admission and the next round sends it; it runs once and is
+    charged once."""
+    settings.SLUICE_POOL_SLOTS = {POOL: 1}
+    api_key = api_key_obj(tenant_with_limits(budget_cu=1000, max_jobs=10))
+    running = video_job_submit(api_key, cu=1).job  # holds the only slot
+    waiting = [video_job_submit(api_key, cu=cu).job for cu in (2, 3, 4)]
+    assert [job_id for job_id, *_ in broker.sent] == [running.pk]
+
+    settings.SLUICE_POOL_SLOTS = {POOL: 4}  # room for all three in one round
+    first = waiting[0]  # the round takes them in submission order (one tenant, one priority)
+    broker.refusing = {first.pk}
+    assert pool_dispatch(pool=POOL) == 2
+    assert broker.sent[1:] == [(job.pk, 1, POOL) for job in waiting[1:]]
+    # The refused one is out of the queue, with its slot and its admission (DB and Redis).
+    assert not scheduler_queued(pool=POOL, jobs=[(job.pk, job.priority) for job in waiting])
+    assert pool_in_flight_mcu() == (4, 10_000)
+    assert {job.reservation.state for job in Job.objects.filter(pk__in=[j.pk for j in waiting])
+            .select_related("reservation")} == {Reservation.State.ADMITTED}
+    assert Job.objects.get(pk=first.pk).status == Job.Status.QUEUED
+
+    # The next round (a job's end, a submission, the tick) sends it, taking no second slot.
+    assert pool_dispatch(pool=POOL) == 1
+    assert broker.sent[-1] == (first.pk, 1, POOL)
+    assert pool_in_flight_mcu() == (4, 10_000)
+    assert pool_dispatch(pool=POOL) == 0  # and only once
+
+    claimed = job_claim(job_id=first.pk, attempt=1)
+    assert claimed.status == Job.Status.RUNNING
+    assert job_claim(job_id=first.pk, attempt=1) is None  # another copy of its message runs nothing
+    assert job_succeed(job=claimed, actual_mcu=2000, result={}, usage={}) is True
+    assert pool_in_flight_mcu() == (3, 8_000)
+    assert LedgerEntry.objects.filter(reservation_id=first.reservation_id, kind="reserve").count() == 1
+    assert LedgerEntry.objects.filter(reservation_id=first.reservation_id, kind="settle").count() == 1
+    used = budget_used_from_ledger(tenant_id=api_key.tenant_id, period=period_of(timezone.now()))[0]
+    assert used == 1000 + 2000 + 3000 + 4000
+
+
+def test_a_job_refused_again_is_kept_for_the_round_after(settings, broker):
+    settings.SLUICE_POOL_SLOTS = {POOL: 1}
+    api_key = api_key_obj(tenant_with_limits(budget_cu=1000, max_jobs=10))
+    video_job_submit(api_key)
+    job = video_job_submit(api_key).job  # waits for the slot
+    settings.SLUICE_POOL_SLOTS = {POOL: 2}
+    broker.refusing = {job.pk}
+    assert pool_dispatch(pool=POOL) == 0
+    broker.refusing = {job.pk}
+    assert pool_dispatch(pool=POOL) == 0  # refused again: kept again
+    assert pool_dispatch(pool=POOL) == 1
+    assert broker.sent[-1] == (job.pk, 1, POOL) and pool_in_flight_mcu() == (2, 2000)

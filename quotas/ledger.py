@@ -300,11 +300,26 @@ def counters_rebuild(*, tenant_id: int, period: str, api_key_id: int | None = No
             "pool_sum": keys.pool_sum,
             "lease_until_ms": int(reservation.expires_at.timestamp() * 1000),
         })
+    # Settlements Redis has not seen yet: the ledger read above holds them, so the rebuild
+    # leaves their markers as tombstones for the sync's replay to find accounted for.
+    settled_unsynced = []
+    for reservation in Reservation.objects.filter(
+        tenant_id=tenant_id, period=period, redis_synced=False
+    ).exclude(state__in=Reservation.ACTIVE_STATES):
+        keys = _keys_for(reservation)
+        settled_unsynced.append({
+            "key": reservation_marker(reservation.id),
+            "in_flight_key": keys.in_flight,
+            "pool_hash": keys.pool_hash,
+            "pool_zset": keys.pool_zset,
+            "pool_sum": keys.pool_sum,
+        })
     payload = {
         "budget_used": used,
         "ttl_s": counter_ttl_s(period, now),
         "key_counters": {key_used_counter(key_id, period): value for key_id, value in by_key.items()},
         "reservations": reservations,
+        "settled": settled_unsynced,
     }
     budget_key = CounterKeys(tenant_id=tenant_id, api_key_id=0, period=period, pool="").budget
     applied = bool(lua_script(redis_client(), "rebuild")(keys=[budget_key], args=[json.dumps(payload)]))
@@ -357,19 +372,19 @@ def reservations_sync() -> int:
 def _replay_in_redis(client: redis.Redis, reservation: Reservation) -> None:
     keys = _keys_for(reservation)
     active = reservation.state in Reservation.ACTIVE_STATES
-    marker = reservation_marker(reservation.id)
-    if client.exists(marker):
-        if not active:  # counted while running, settled since: release it
-            _release_in_redis(client, keys, reservation.id,
-                              refund_mcu=reservation.reserved_mcu - reservation.settled_mcu)
-        return  # counted and still running: nothing to replay
-    # Never counted (admitted while Redis was down): add what it holds or cost.
+    # Never counted (admitted while Redis was down, no marker): add what it holds or cost.
+    # The marker is checked inside the script: a rebuild may come between (rebuild.lua).
     amount = reservation.reserved_mcu if active else reservation.settled_mcu
-    lua_script(client, "adopt")(
-        keys=[keys.budget, keys.key_used, marker],
+    counted_now = lua_script(client, "adopt")(
+        keys=[keys.budget, keys.key_used, reservation_marker(reservation.id)],
         args=[amount, "marker" if active else "", reservation.reserved_mcu,
               reservation.pool, RESERVATION_TTL_S],
     )
+    if not counted_now and not active:
+        # Counted while running, settled since: release it (only its tombstone goes, when a
+        # rebuild has counted the settlement already).
+        _release_in_redis(client, keys, reservation.id,
+                          refund_mcu=reservation.reserved_mcu - reservation.settled_mcu)
 
 
 # --- alerts and status ---------------------------------------------------------------------------

@@ -2,13 +2,16 @@
 -- and concurrency slot. Idempotent: the reservation hash is the "not yet released" marker.
 -- A counter that is missing (Redis lost it) is left missing: it is rebuilt from the ledger,
 -- which already holds this settlement, so decrementing a fresh key would give budget away.
+-- A marker a rebuild left as a tombstone (state 'settled', rebuild.lua) is only removed: the
+-- rebuilt counters hold this settlement already.
 --
 -- KEYS: 1 reservation hash  2 budget used  3 key used  4 tenant in-flight zset
 --       5 pool hash  6 pool zset  7 pool sum
 -- ARGV: 1 reservation id  2 refund mCU
--- Returns 1 when released now, 0 when it had been released already.
+-- Returns 1 when released now, 0 when it had been released (or accounted for) already.
 
-if redis.call('DEL', KEYS[1]) == 0 then return 0 end
+local state = redis.call('HGET', KEYS[1], 'state')
+if redis.call('DEL', KEYS[1]) == 0 or state == 'settled' then return 0 end
 local refund = tonumber(ARGV[2])
 if refund > 0 then
   if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('DECRBY', KEYS[2], refund) end

@@ -429,18 +429,46 @@ def test_a_settlement_during_the_replay_is_not_replayed_as_running(settings, mon
             connection.close()
 
     client = redis_client()
-    exists, settling = client.exists, []
+    evalsha, settling = client.evalsha, []
 
-    def exists_while_the_job_settles(*names):
+    def replay_while_the_job_settles(*args, **kwargs):
         if not settling:  # the sync has read the reservation as running: the job ends now
             settling.append(threading.Thread(target=settle))
             settling[0].start()
             settling[0].join(timeout=1)  # it waits for the replay's lock (for ever, without one)
-        return exists(*names)
+        return evalsha(*args, **kwargs)
 
-    monkeypatch.setattr(client, "exists", exists_while_the_job_settles)
+    monkeypatch.setattr(client, "evalsha", replay_while_the_job_settles)
     assert reservations_sync() == 1
     settling[0].join(timeout=10)
     assert not settling[0].is_alive()
     assert Reservation.objects.get(pk=running.reservation.id).state == "settled"
     assert counter(api_key.tenant_id) == ledger_used(api_key.tenant_id) == 3000
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("redis_lost", ["everything", "the budget counter"])
+def test_a_settlement_replayed_after_a_rebuild_is_counted_once(settings, redis_lost):
+    """A settlement Redis refused waits for the sync (redis_synced=False). If the counters are
+    rebuilt from the ledger before the sync runs (Redis came back empty, or lost the budget
+    counter, and the tenant's next request rebuilt it), the ledger the rebuild read already
+    holds that settlement: replaying it as well counted it twice (the charge added again, or
+    the refund taken off again), for the rest of the period."""
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    opened = open_cu(api_key, 5)
+    healthy_url = settings.REDIS_URL
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"
+    reservation_settle(reservation_id=opened.reservation.id, actual_mcu=2000)
+    settings.REDIS_URL = healthy_url
+    if redis_lost == "everything":
+        redis_client().flushdb()
+    else:
+        redis_client().delete(CounterKeys(tenant_id=api_key.tenant_id, api_key_id=0,
+                                          period=period_of(timezone.now()), pool="").budget)
+    open_cu(api_key, 1)  # rebuilt from the ledger (the settlement in it), then 1 CU reserved
+    assert counter(api_key.tenant_id) == ledger_used(api_key.tenant_id) == 3000
+
+    assert reservations_sync() == 1
+    assert counter(api_key.tenant_id) == ledger_used(api_key.tenant_id) == 3000
+    assert redis_client().zcard(CounterKeys(tenant_id=api_key.tenant_id, api_key_id=0, period="",
+                                            pool=POOL).in_flight) == 1  # the 1 CU one only

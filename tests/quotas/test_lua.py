@@ -72,3 +72,31 @@ def test_rebuild_applies_once(client):
     assert lua_script(client, "rebuild")(keys=["t:b"], args=[json.dumps(payload)]) == 0
     assert int(client.get("t:b")) == 4000 and int(client.get("t:ps")) == 1000
     assert client.hget("q:r:abc", "state") == b"admitted" and client.zscore("t:c", "abc")
+
+
+def test_a_rebuild_leaves_a_settlement_redis_missed_as_a_tombstone_the_replay_only_removes(client):
+    """The ledger the rebuild reads holds the settlement: its replay must change no counter."""
+    client.mset({"t:b": 0, "t:k": 0})
+    admit(client, cost=3000)  # counted; then settled while Redis was unreachable
+    client.delete("t:b")  # the budget counter is lost, and rebuilt from the ledger (1000 charged)
+    payload = {"budget_used": 1000, "ttl_s": 600, "key_counters": {"t:k": 1000}, "reservations": [],
+               "settled": [{"key": "t:r:1", "in_flight_key": "t:c", "pool_hash": "t:ph",
+                            "pool_zset": "t:pz", "pool_sum": "t:ps"}]}
+    assert lua_script(client, "rebuild")(keys=["t:b"], args=[json.dumps(payload)]) == 1
+    assert int(client.get("t:k")) == 1000  # set with the budget, from the same ledger
+    assert client.hget("t:r:1", "state") == b"settled"
+    assert int(client.get("t:ps")) == 0 and client.zcard("t:c") == 0 and client.zcard("t:pz") == 0
+    adopt_keys = ["t:b", "t:k", "t:r:1"]
+    assert lua_script(client, "adopt")(keys=adopt_keys, args=[1000, "", 3000, "pool", 600]) == 0
+    settle_keys = ["t:r:1", "t:b", "t:k", "t:c", "t:ph", "t:pz", "t:ps"]
+    assert lua_script(client, "settle")(keys=settle_keys, args=["1", 2000]) == 0
+    assert not client.exists("t:r:1")
+    assert int(client.get("t:b")) == 1000 and int(client.get("t:k")) == 1000
+
+
+def test_adopt_counts_a_reservation_without_a_marker_once(client):
+    client.mset({"t:b": 500, "t:k": 500})
+    keys = ["t:b", "t:k", "t:r:9"]
+    assert lua_script(client, "adopt")(keys=keys, args=[2000, "marker", 2000, "pool", 600]) == 1
+    assert lua_script(client, "adopt")(keys=keys, args=[2000, "marker", 2000, "pool", 600]) == 0
+    assert int(client.get("t:b")) == 2500 and client.hget("t:r:9", "state") == b"admitted"

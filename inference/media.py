@@ -37,19 +37,28 @@ def job_media_response(request, *, job, variant: str) -> HttpResponse:
         raise NotFound("The video's files are no longer available.", param="id") from None
 
 
-def job_media_remove(result: dict) -> None:
-    """Delete the files a video job's `result` points at (a missing one is no error)."""
+def video_output_names(*, job_id: str, attempt: int) -> dict[str, str]:
+    """Where an attempt of a video job stores its files, by variant. Names of the attempt, not
+    only of the job: an attempt the reaper took for lost may run on and store after the attempt
+    that replaced it ended, and must not replace (even for a moment) what that one published."""
+    return {"video": f"videos/{job_id}-{attempt}.mp4", "thumbnail": f"videos/{job_id}-{attempt}.jpg"}
+
+
+def job_media_remove(result: dict, *, keep: dict | None = None) -> None:
+    """Delete the files a video job's `result` points at (a missing one is no error), except any
+    that `keep` (the result a job's row publishes) points at."""
+    kept = {(keep or {}).get(variant) for variant in _MEDIA_TYPES}
     for variant in _MEDIA_TYPES:
-        if path := result.get(variant):
+        if (path := result.get(variant)) and path not in kept:
             default_storage.delete(path)
 
 
 # A range is sent in pieces of this size: a browser's <video> asks for `bytes=0-`, the whole
 # file, and it must not be read into the web process's memory first.
 RANGE_CHUNK_BYTES = 256 * 1024
-# A stored output never changes under its path (a job's outputs are written once it succeeds),
-# so a client may keep it this long; `private`: the request needs an API key or a session, and
-# no shared cache may hand one tenant's video to another.
+# A stored output never changes under its path (each attempt of a job writes names of its own,
+# once, and nothing rewrites them), so a client may keep it this long; `private`: the request
+# needs an API key or a session, and no shared cache may hand one tenant's video to another.
 CONTENT_MAX_AGE_S = 3600
 
 
@@ -86,8 +95,8 @@ def ranged_file_response(request, *, path: str, content_type: str) -> HttpRespon
 
 
 def _etag(path: str, *, size: int, modified: int) -> str:
-    # Strong: a stored output's bytes change only with its size or time, and If-Range takes
-    # strong validators only.
+    # Strong: the bytes under a path are written once (video_output_names; another attempt's
+    # video has another path, hence another tag), and If-Range takes strong validators only.
     digest = hashlib.sha256(f"{path}:{size}:{modified}".encode()).hexdigest()[:32]
     return f'"{digest}"'
 

@@ -29,6 +29,10 @@ class RunContext:
     # the job's `job.started` bookkeeping overlaps the engine's first step; the runner calls
     # it anyway before any output and at the end. Idempotent.
     started: Callable[[], None] = lambda: None
+    # Which attempt of the job this run is (the row's `attempts`): an engine that stores files
+    # names them by it, so an attempt that was superseded while it ran never touches the files
+    # of the attempt that replaced it.
+    attempt: int = 1
 
 
 @dataclass

@@ -5,12 +5,13 @@ step reports progress and checks for a cancel; a cancelled job stops within one 
 is charged for the steps it ran. Every SLUICE_VIDEO_PREVIEW_EVERY steps a small JPEG,
 projected linearly from the latents (no VAE decode), goes out as a job.preview event.
 Memory settings (dtype, VAE tiling/slicing) come from the model's VideoSpec.
-Output: H.264 mp4 + JPEG thumbnail through Django's storage.
+Output: H.264 mp4 + JPEG thumbnail through Django's storage, under names of the job's attempt.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import logging
 import tempfile
@@ -25,6 +26,7 @@ from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 
 from inference.engines.base import RunContext, RunResult, StopRequested
+from inference.media import video_output_names
 from inference.registry import ModelSpec, VideoSpec
 from portal.metrics import video_generation_observe
 from quotas.cost import video_cost
@@ -144,7 +146,7 @@ class DiffusersVideoEngine:
                              usage={"steps": steps_done[0], "frames": 0})
         video_generation_observe(model=self.spec.id, steps=steps, seconds=time.monotonic() - started)
         frames = output.frames[0]
-        video_path, thumbnail_path = self._store(context.job_id, frames)
+        video_path, thumbnail_path = self._store(context.job_id, context.attempt, frames)
         return RunResult(
             actual_mcu=self._cost(params, steps),
             result={"video": video_path, "thumbnail": thumbnail_path, "frames": int(frames.shape[0]),
@@ -169,24 +171,31 @@ class DiffusersVideoEngine:
         return video_cost(spec=self.spec, width=int(params["width"]), height=int(params["height"]),
                           frames=int(params["frames"]), steps=steps_run).mcu
 
-    def _store(self, job_id: str, frames: np.ndarray) -> tuple[str, str]:
-        """Outputs are keyed by job id, so a redelivered job overwrites, never duplicates."""
+    def _store(self, job_id: str, attempt: int, frames: np.ndarray) -> tuple[str, str]:
+        """Each attempt writes names of its own, once (video_output_names): an attempt the
+        reaper took for lost may run on and store after the attempt that replaced it published
+        its video. A store that fails half-way removes what it wrote: the job fails, and no row
+        would ever point at it."""
         from PIL import Image
 
         from inference.tinymodels.video_model import write_mp4
 
-        with tempfile.TemporaryDirectory() as scratch:
-            local = Path(scratch) / f"{job_id}.mp4"
-            write_mp4(frames, local, fps=self.spec.video.fps)
-            video_path = _save(f"videos/{job_id}.mp4", local.read_bytes())
-        middle = (np.clip(frames[len(frames) // 2], 0, 1) * 255).round().astype(np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(middle).save(buffer, format="JPEG", quality=85)
-        thumbnail_path = _save(f"videos/{job_id}.jpg", buffer.getvalue())
+        names = video_output_names(job_id=job_id, attempt=attempt)
+        saved: list[str] = []
+        try:
+            with tempfile.TemporaryDirectory() as scratch:
+                local = Path(scratch) / f"{job_id}.mp4"
+                write_mp4(frames, local, fps=self.spec.video.fps)
+                # save() never replaces a file: a name taken already gets a free one instead.
+                saved.append(default_storage.save(names["video"], ContentFile(local.read_bytes())))
+            middle = (np.clip(frames[len(frames) // 2], 0, 1) * 255).round().astype(np.uint8)
+            buffer = io.BytesIO()
+            Image.fromarray(middle).save(buffer, format="JPEG", quality=85)
+            saved.append(default_storage.save(names["thumbnail"], ContentFile(buffer.getvalue())))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                for name in saved:
+                    default_storage.delete(name)
+            raise
+        video_path, thumbnail_path = saved
         return video_path, thumbnail_path
-
-
-def _save(name: str, content: bytes) -> str:
-    if default_storage.exists(name):
-        default_storage.delete(name)
-    return default_storage.save(name, ContentFile(content))

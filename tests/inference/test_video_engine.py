@@ -90,3 +90,31 @@ def test_engine_publishes_a_preview_every_k_steps(video_spec, settings, tmp_path
     previews.clear()
     engine_for(video_spec).run(context)
     assert previews == []
+
+
+def test_each_attempt_stores_under_names_of_its_own_and_replaces_no_file(video_spec, settings,
+                                                                         tmp_path):
+    """A job's first attempt, taken for lost while it ran on, may store its video after the
+    second attempt published its own: the published files keep their bytes (they were deleted
+    and written again under the job's one name, with the late attempt's bytes in the end)."""
+    settings.MEDIA_ROOT = tmp_path
+
+    def store(attempt: int, seed: int) -> dict:
+        context = RunContext(
+            job_id="job_attempts_test", attempt=attempt,
+            params={"prompt": "a red square", "width": 64, "height": 64, "frames": 5, "steps": 2,
+                    "seed": seed},
+            variant="full", emit_progress=lambda pct, data: None, emit_output=lambda data: None,
+            should_stop=lambda: False,
+        )
+        result = engine_for(video_spec).run(context).result
+        return {result["video"]: (tmp_path / result["video"]).read_bytes(),
+                result["thumbnail"]: (tmp_path / result["thumbnail"]).read_bytes()}
+
+    published = store(attempt=2, seed=3)
+    assert sorted(published) == ["videos/job_attempts_test-2.jpg", "videos/job_attempts_test-2.mp4"]
+    late = store(attempt=1, seed=4)
+    assert sorted(late) == ["videos/job_attempts_test-1.jpg", "videos/job_attempts_test-1.mp4"]
+    again = store(attempt=2, seed=5)  # a name taken already: another one, never the same file
+    assert set(again).isdisjoint(published)
+    assert {name: (tmp_path / name).read_bytes() for name in published} == published

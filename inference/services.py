@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
+import kombu.exceptions
 import redis
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Q
+from django.db.models import Exists, OuterRef, Q
 from django.urls import reverse
 from django.utils import timezone
 
@@ -137,16 +138,27 @@ def job_submit(
             raise
         return Submission(job=earlier, replayed=True)
 
-    event_publish(job_id=job.id, tenant_id=tenant.pk, event_type="job.queued",
-                  data={"status": job.status, "estimated_cu": estimate.cu})
-    if opened.ticket.outcome == ADMITTED:
-        job_send(job.id, pool=job.pool, attempt=1)
-    else:
-        scheduler_enqueue(job_id=job.id, pool=job.pool, priority=job.priority,
-                          tenant_id=tenant.pk, cost_mcu=estimate.mcu,
-                          reservation_id=opened.reservation.id,
-                          job_cap=opened.limits.max_concurrent_jobs)
-        pool_dispatch(pool=job.pool)
+    # The job and its reservation are committed: from here on it is the client's job, and an
+    # error answered now would be retried as a second, charged job while the reconciliation
+    # (inference/reconcile.py) queues or sends this one all the same once Redis or the broker
+    # answers again (a fail-open tier is admitted while Redis is down).
+    try:
+        event_publish(job_id=job.id, tenant_id=tenant.pk, event_type="job.queued",
+                      data={"status": job.status, "estimated_cu": estimate.cu})
+    except redis.RedisError:
+        logger.warning("job %s submitted but Redis refused its job.queued event", job.id)
+    try:
+        if opened.ticket.outcome == ADMITTED:
+            job_send(job.id, pool=job.pool, attempt=1)
+        else:
+            scheduler_enqueue(job_id=job.id, pool=job.pool, priority=job.priority,
+                              tenant_id=tenant.pk, cost_mcu=estimate.mcu,
+                              reservation_id=opened.reservation.id,
+                              job_cap=opened.limits.max_concurrent_jobs)
+            pool_dispatch(pool=job.pool)
+    except (redis.RedisError, kombu.exceptions.OperationalError):
+        logger.warning("job %s submitted but not queued yet (Redis or the broker refused); the "
+                       "scheduler's reconciliation queues it", job.id, exc_info=True)
     return Submission(job=job, replayed=False, rate=opened.ticket.rate)
 
 
@@ -227,8 +239,14 @@ def job_claim(*, job_id: str, attempt: int, announce: bool = True) -> Job | None
     announce=False leaves `job_started` to the caller: the runner announces once the engine
     has the work, so the announcement overlaps the engine's first step instead of delaying it."""
     now = timezone.now()
+    # Only while its reservation is held: one whose lease ran out before a worker took it (its
+    # message waited in a busy queue) was refunded in full and its pool slot given away; run,
+    # it would be free work on capacity another job holds. The reaper fails it (queue_timeout).
+    reservation_held = Exists(Reservation.objects.filter(pk=OuterRef("reservation_id"),
+                                                         state__in=Reservation.ACTIVE_STATES))
     claimed = update_returning(
-        Job.objects.filter(pk=job_id, status=Job.Status.QUEUED, attempts=attempt - 1),
+        Job.objects.filter(Q(reservation__isnull=True) | reservation_held, pk=job_id,
+                           status=Job.Status.QUEUED, attempts=attempt - 1),
         status=Job.Status.RUNNING, attempts=attempt, started_at=now,
     )
     if not claimed:

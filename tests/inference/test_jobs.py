@@ -730,3 +730,73 @@ def test_heartbeats_go_on_while_the_attempt_check_hangs(settings, sent_tasks, cl
         assert within(3, lambda: clean_redis.exists(HEARTBEAT_KEY.format(job_id="job_h")))
     finally:
         watch.remove("job_h")
+
+
+def test_a_job_whose_reservation_ran_out_before_a_worker_took_it_does_not_run(sent_tasks):
+    """An admitted job waits in its pool's Celery queue longer than its lease: the sweep
+    refunds its reservation in full and gives its pool slot away. Its message arriving late
+    must not start it: it ran to the end for free (its settlement found nothing to charge),
+    on capacity the semaphore had handed to another job. The reaper then fails it."""
+    from datetime import timedelta
+
+    from quotas.ledger import reservations_expire
+    from quotas.models import Reservation
+
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    job = video_job_submit(api_key, cu=3).job
+    assert sent_tasks == [(job.pk, 1, "video-hbm")]
+    Reservation.objects.filter(pk=job.reservation_id).update(
+        expires_at=timezone.now() - timedelta(seconds=1))
+    assert reservations_expire() == 1
+    assert job_claim(job_id=job.pk, attempt=1) is None
+    assert jobs_reap() == {"timed_out": 1}
+    job.refresh_from_db()
+    assert (job.status, job.error_code, job.actual_mcu) == ("failed", "queue_timeout", 0)
+    assert used(api_key.tenant_id) == 0
+
+
+def test_a_job_admitted_while_redis_is_down_is_answered_and_run_once_it_is_back(settings, sent_tasks,
+                                                                               monkeypatch):
+    """A fail-open tier admits while Redis is down: the job and its reservation commit. What
+    follows the commit (its job.queued event, its Celery message on the broker, the same
+    Redis) failed the request with a 500 - for a job the reconciliation later sent and charged,
+    and that a client retrying after the error paid for twice. It is answered as queued, and
+    the reconciliation starts it once Redis and the broker are back; it is charged once."""
+    from datetime import timedelta
+
+    from kombu.exceptions import OperationalError
+
+    from inference import tasks
+    from inference.reconcile import jobs_reconcile
+    from quotas.ledger import reservations_sync
+    from quotas.limits import CounterKeys
+
+    tenant = tenant_with_limits(budget_cu=100)
+    tenant.tier.fail_open = True
+    tenant.tier.save(update_fields=["fail_open"])
+    api_key = api_key_obj(tenant)
+    earlier = video_job_submit(api_key, cu=1).job  # counters exist in Redis
+    job_succeed(job=job_claim(job_id=earlier.pk, attempt=1), actual_mcu=1000, result={}, usage={})
+    sent: list[tuple] = []
+
+    def broker_down(args, queue):
+        raise OperationalError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
+
+    monkeypatch.setattr(tasks.run_job, "apply_async", broker_down)
+    healthy_url = settings.REDIS_URL
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"
+    submission = video_job_submit(api_key, cu=3)
+    assert not submission.replayed and submission.job.status == "queued"
+
+    settings.REDIS_URL = healthy_url
+    monkeypatch.setattr(tasks.run_job, "apply_async",
+                        lambda args, queue: sent.append((args[0], args[1], queue)))
+    assert reservations_sync() == 1
+    later = timezone.now() + timedelta(seconds=settings.SLUICE_JOB_RESEND_AFTER_S + 1)
+    assert jobs_reconcile(now=later) == {"resent": 1}
+    assert sent == [(submission.job.pk, 1, "video-hbm")]
+    job = job_claim(job_id=submission.job.pk, attempt=1)
+    assert job_succeed(job=job, actual_mcu=2000, result={}, usage={}) is True
+    budget = CounterKeys(tenant_id=tenant.pk, api_key_id=0, period=period_of(timezone.now()),
+                         pool="").budget
+    assert int(redis_client().get(budget)) == used(tenant.pk) == 1000 + 2000

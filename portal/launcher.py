@@ -80,14 +80,37 @@ def _wait_for_http(url: str, supervisor: Supervisor, timeout_s: float) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout_s:.0f} s")
 
 
+# A job's process is killed this many heartbeat TTLs after its pool's SLUICE_JOB_MAX_RUN_S.
+# By then the engine was asked to stop (the watcher, at the limit), and one that did not - a hung
+# CUDA call - has been failed by the reaper as overdue (it stops beating when stopped, and is
+# taken for lost two TTLs later): the kill only gives its worker slot back.
+JOB_KILL_AFTER_TTLS = 4
+
+
+def job_hard_time_limit_s(pool: str) -> int:
+    from django.conf import settings
+
+    from inference.services import job_max_run_s
+
+    return job_max_run_s(pool) + JOB_KILL_AFTER_TTLS * settings.SLUICE_JOB_HEARTBEAT_TTL_S
+
+
 def worker_pool_args(queue: str) -> list[str]:
     from django.conf import settings
 
     pool = settings.SLUICE_WORKER_POOLS.get(queue, "prefork")
     if pool == "threads":
-        # Text workers only relay streams from the engine: many jobs per process.
+        # Text workers only relay streams from the engine: many jobs per process. Celery's time
+        # limits do not apply to threads; a stream the engine stops answering ends at its read
+        # timeout (SLUICE_VLLM_READ_TIMEOUT_S) instead.
         return ["--pool", "threads", "--concurrency", str(settings.SLUICE_POOL_SLOTS.get(queue, 8))]
-    return ["--pool", pool, "--concurrency", "1"]
+    args = ["--pool", pool, "--concurrency", "1"]
+    if queue in settings.SLUICE_POOL_SLOTS:
+        # A GPU pool's job that outlives its limit has its child process killed and replaced
+        # (Celery's hard time limit, enforced by prefork); without it a hung engine held the
+        # pool's worker for ever.
+        args += ["--time-limit", str(job_hard_time_limit_s(queue))]
+    return args
 
 
 def _spawn_text_engines(supervisor: Supervisor, env: dict[str, str]) -> list:

@@ -17,6 +17,7 @@ from inference.engines import engine_for
 from inference.engines.base import RunContext
 from inference.registry import model_get
 from inference.services import (
+    job_attempt_outputs_discard,
     job_cancel_requested,
     job_cancelled,
     job_claim,
@@ -313,6 +314,7 @@ def _job_run_claimed(job) -> str:
         output_moderator=output_moderator_for(job) if spec.kind == "text" else None,
         emit_preview=emit_preview,
         started=started,
+        attempt=job.attempts,
     )
     _running.add(job.pk, attempt=job.attempts, watch_cancel=spec.kind == "text",
                  max_run_s=job_max_run_s(job.pool))
@@ -327,6 +329,8 @@ def _job_run_claimed(job) -> str:
         # and the attempt now running settles and announces the job.
         logger.warning("job %s: attempt %s stopped, the job was handed to another attempt",
                        job.pk, job.attempts)
+        if error is None:  # it may have stored its video before it was stopped
+            job_attempt_outputs_discard(job=job, result=outcome.result)
         return "superseded"
     if stopped_by == TIMED_OUT and (error is not None or outcome.stopped):
         # Stopped for running too long (a job that finished as the limit passed succeeds).
@@ -351,6 +355,7 @@ def _job_run_claimed(job) -> str:
         job_cancelled(job=job, actual_mcu=outcome.actual_mcu, usage=outcome.usage, result=outcome.result,
                       first_output_at=first_output_at[0])
         return "cancelled"
-    job_succeed(job=job, actual_mcu=outcome.actual_mcu, result=outcome.result, usage=outcome.usage,
-                first_output_at=first_output_at[0])
+    if not job_succeed(job=job, actual_mcu=outcome.actual_mcu, result=outcome.result,
+                       usage=outcome.usage, first_output_at=first_output_at[0]):
+        return "superseded"  # ended by another attempt (or for it): its files went (job_succeed)
     return "succeeded"

@@ -370,6 +370,8 @@ def _finish(job: Job, *, status: str, actual_mcu: int, fields: dict,
     for name, value in {"status": status, "finished_at": now, "actual_mcu": actual_mcu,
                         **fields}.items():
         setattr(job, name, value)
+    if job.kind == Job.Kind.VIDEO:
+        _unpublished_attempts_media_remove(job)
     job_finish_observe(pool=job.pool, model=job.model, status=status, started_at=job.started_at,
                        finished_at=now)
     event_type, event_data = job_terminal_event(job)
@@ -393,6 +395,37 @@ def _finish(job: Job, *, status: str, actual_mcu: int, fields: dict,
     return True
 
 
+def _unpublished_attempts_media_remove(job: Job) -> None:
+    """An ended video job's attempts' files that its result does not point at: those of an
+    attempt whose worker died after storing them, before its end. (An attempt still running
+    removes what it stores later itself, when its end is refused: job_attempt_outputs_discard.)
+    Nothing to do after a first attempt's success, the common end."""
+    from inference.media import job_media_remove, video_output_names
+
+    try:
+        for attempt in range(1, job.attempts + 1):
+            job_media_remove(video_output_names(job_id=job.pk, attempt=attempt), keep=job.result)
+    except OSError:  # storage trouble: the job's end stands all the same
+        logger.warning("could not remove the files of job %s's earlier attempts", job.pk,
+                       exc_info=True)
+
+
+def job_attempt_outputs_discard(*, job: Job, result: dict) -> None:
+    """Remove the files an attempt of a video job stored (its `result`) when its end did not
+    stand: refused (the row is at another attempt, or was ended without it) or never tried (the
+    runner's `superseded`). No row will point at them. Never one the row's result points at."""
+    from inference.media import job_media_remove
+
+    if job.kind != Job.Kind.VIDEO or not result:
+        return
+    published = Job.objects.filter(pk=job.pk).values_list("result", flat=True).first()
+    try:
+        job_media_remove(result, keep=published)
+    except OSError:
+        logger.warning("could not remove the files of job %s's superseded attempt %s", job.pk,
+                       job.attempts, exc_info=True)
+
+
 def _ended_job_keys_drop(*, job_id: str) -> None:
     """An ended job's heartbeat and cancel flag: no one reads them any more."""
     redis_client().delete(HEARTBEAT_KEY.format(job_id=job_id), CANCEL_KEY.format(job_id=job_id))
@@ -400,11 +433,15 @@ def _ended_job_keys_drop(*, job_id: str) -> None:
 
 # job_succeed, job_fail and job_cancelled end a running job: the worker's own attempt (a
 # worker taken for lost, whose job was queued again, ends nothing), or the reaper's.
+# A refused end's result goes with it (job_attempt_outputs_discard).
 def job_succeed(*, job: Job, actual_mcu: int, result: dict, usage: dict,
                 first_output_at: datetime | None = None) -> bool:
-    return _finish(job, status=Job.Status.SUCCEEDED, actual_mcu=actual_mcu,
-                   fields={"result": result, "usage": usage, "progress": 100.0},
-                   first_output_at=first_output_at, from_statuses=(Job.Status.RUNNING,))
+    ended = _finish(job, status=Job.Status.SUCCEEDED, actual_mcu=actual_mcu,
+                    fields={"result": result, "usage": usage, "progress": 100.0},
+                    first_output_at=first_output_at, from_statuses=(Job.Status.RUNNING,))
+    if not ended:
+        job_attempt_outputs_discard(job=job, result=result)
+    return ended
 
 
 def job_fail(*, job: Job, code: str, message: str, actual_mcu: int = 0, usage: dict | None = None,
@@ -422,9 +459,12 @@ def job_fail(*, job: Job, code: str, message: str, actual_mcu: int = 0, usage: d
 def job_cancelled(*, job: Job, actual_mcu: int, usage: dict | None = None,
                   result: dict | None = None, first_output_at: datetime | None = None) -> bool:
     """The worker stopped a running job on request: charge what it produced."""
-    return _finish(job, status=Job.Status.CANCELLED, actual_mcu=actual_mcu,
-                   fields={"usage": usage or {}, "result": result or {}},
-                   first_output_at=first_output_at, from_statuses=(Job.Status.RUNNING,))
+    ended = _finish(job, status=Job.Status.CANCELLED, actual_mcu=actual_mcu,
+                    fields={"usage": usage or {}, "result": result or {}},
+                    first_output_at=first_output_at, from_statuses=(Job.Status.RUNNING,))
+    if not ended:
+        job_attempt_outputs_discard(job=job, result=result or {})
+    return ended
 
 
 def job_cancel(*, job: Job) -> Job:

@@ -279,50 +279,60 @@ def budget_used_from_ledger(*, tenant_id: int, period: str) -> tuple[int, dict[i
 
 
 def counters_rebuild(*, tenant_id: int, period: str, api_key_id: int | None = None) -> bool:
-    """Restore a tenant's hot counters from the ledger. True if this call applied them."""
-    used, by_key = budget_used_from_ledger(tenant_id=tenant_id, period=period)
-    if api_key_id is not None:
-        by_key.setdefault(api_key_id, 0)
+    """Restore a tenant's hot counters from the ledger. True if this call applied them.
+
+    The running reservations are read first and locked until the counters are written: one
+    that settled between that read and the ledger's had its refund in neither (its marker not
+    restored, the refund not in the ledger read), and one that settled before the script ran
+    refunded nothing (no budget counter yet, then its marker restored as running). Locked, its
+    settlement waits for the script and refunds through the marker restored here."""
     now = timezone.now()
-    reservations = []
-    for reservation in Reservation.objects.filter(
-        tenant_id=tenant_id, period=period, state__in=Reservation.ACTIVE_STATES
-    ):
-        keys = _keys_for(reservation)
-        reservations.append({
-            "key": reservation_marker(reservation.id),
-            "state": reservation.state,
-            "cost": reservation.reserved_mcu,
-            "pool": reservation.pool,
-            "in_flight_key": keys.in_flight,
-            "pool_hash": keys.pool_hash,
-            "pool_zset": keys.pool_zset,
-            "pool_sum": keys.pool_sum,
-            "lease_until_ms": int(reservation.expires_at.timestamp() * 1000),
-        })
-    # Settlements Redis has not seen yet: the ledger read above holds them, so the rebuild
-    # leaves their markers as tombstones for the sync's replay to find accounted for.
-    settled_unsynced = []
-    for reservation in Reservation.objects.filter(
-        tenant_id=tenant_id, period=period, redis_synced=False
-    ).exclude(state__in=Reservation.ACTIVE_STATES):
-        keys = _keys_for(reservation)
-        settled_unsynced.append({
-            "key": reservation_marker(reservation.id),
-            "in_flight_key": keys.in_flight,
-            "pool_hash": keys.pool_hash,
-            "pool_zset": keys.pool_zset,
-            "pool_sum": keys.pool_sum,
-        })
-    payload = {
-        "budget_used": used,
-        "ttl_s": counter_ttl_s(period, now),
-        "key_counters": {key_used_counter(key_id, period): value for key_id, value in by_key.items()},
-        "reservations": reservations,
-        "settled": settled_unsynced,
-    }
-    budget_key = CounterKeys(tenant_id=tenant_id, api_key_id=0, period=period, pool="").budget
-    applied = bool(lua_script(redis_client(), "rebuild")(keys=[budget_key], args=[json.dumps(payload)]))
+    with transaction.atomic():
+        running = Reservation.objects.select_for_update(no_key=True).filter(
+            tenant_id=tenant_id, period=period, state__in=Reservation.ACTIVE_STATES
+        ).order_by("pk")
+        reservations = []
+        for reservation in running:
+            keys = _keys_for(reservation)
+            reservations.append({
+                "key": reservation_marker(reservation.id),
+                "state": reservation.state,
+                "cost": reservation.reserved_mcu,
+                "pool": reservation.pool,
+                "in_flight_key": keys.in_flight,
+                "pool_hash": keys.pool_hash,
+                "pool_zset": keys.pool_zset,
+                "pool_sum": keys.pool_sum,
+                "lease_until_ms": int(reservation.expires_at.timestamp() * 1000),
+            })
+        used, by_key = budget_used_from_ledger(tenant_id=tenant_id, period=period)
+        if api_key_id is not None:
+            by_key.setdefault(api_key_id, 0)
+        # Settlements Redis has not seen yet: the ledger read above holds them, so the rebuild
+        # leaves their markers as tombstones for the sync's replay to find accounted for.
+        settled_unsynced = []
+        for reservation in Reservation.objects.filter(
+            tenant_id=tenant_id, period=period, redis_synced=False
+        ).exclude(state__in=Reservation.ACTIVE_STATES):
+            keys = _keys_for(reservation)
+            settled_unsynced.append({
+                "key": reservation_marker(reservation.id),
+                "in_flight_key": keys.in_flight,
+                "pool_hash": keys.pool_hash,
+                "pool_zset": keys.pool_zset,
+                "pool_sum": keys.pool_sum,
+            })
+        payload = {
+            "budget_used": used,
+            "ttl_s": counter_ttl_s(period, now),
+            "key_counters": {key_used_counter(key_id, period): value
+                             for key_id, value in by_key.items()},
+            "reservations": reservations,
+            "settled": settled_unsynced,
+        }
+        budget_key = CounterKeys(tenant_id=tenant_id, api_key_id=0, period=period, pool="").budget
+        applied = bool(lua_script(redis_client(), "rebuild")(keys=[budget_key],
+                                                            args=[json.dumps(payload)]))
     if applied:
         logger.info("rebuilt counters of tenant %s for %s from the ledger", tenant_id, period)
     return applied

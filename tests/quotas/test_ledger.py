@@ -472,3 +472,55 @@ def test_a_settlement_replayed_after_a_rebuild_is_counted_once(settings, redis_l
     assert counter(api_key.tenant_id) == ledger_used(api_key.tenant_id) == 3000
     assert redis_client().zcard(CounterKeys(tenant_id=api_key.tenant_id, api_key_id=0, period="",
                                             pool=POOL).in_flight) == 1  # the 1 CU one only
+
+
+def lose_counters(api_key, redis_lost: str) -> None:
+    if redis_lost == "everything":
+        redis_client().flushdb()
+    else:
+        redis_client().delete(CounterKeys(tenant_id=api_key.tenant_id, api_key_id=0,
+                                          period=period_of(timezone.now()), pool="").budget)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("redis_lost", ["everything", "the budget counter"])
+def test_a_settlement_that_commits_while_the_counters_are_rebuilt_is_refunded_once(redis_lost):
+    """The rebuild reads the ledger and the running reservations: a job that settles between
+    the two reads (its refund not in the ledger read, its reservation no longer running) had
+    its refund left out of the rebuilt counter for the rest of the period."""
+    import threading
+
+    from django.db import connection
+
+    from quotas.ledger import counters_rebuild
+
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    running = open_cu(api_key, 5)
+    lose_counters(api_key, redis_lost)
+
+    def settle() -> None:
+        try:
+            reservation_settle(reservation_id=running.reservation.id, actual_mcu=2000)
+        finally:
+            connection.close()
+
+    settling = []
+
+    def settle_after_the_rebuilds_first_read(execute, sql, params, many, context):
+        result = execute(sql, params, many, context)
+        if not settling and "quotas_" in sql:
+            settling.append(threading.Thread(target=settle))
+            settling[0].start()
+            settling[0].join(timeout=1)  # done, or waiting for a lock the rebuild holds
+        return result
+
+    with connection.execute_wrapper(settle_after_the_rebuilds_first_read):
+        counters_rebuild(tenant_id=api_key.tenant_id, period=period_of(timezone.now()))
+    settling[0].join(timeout=10)
+    assert not settling[0].is_alive()
+    assert Reservation.objects.get(pk=running.reservation.id).state == "settled"
+    assert counter(api_key.tenant_id) == ledger_used(api_key.tenant_id) == 2000
+    keys = CounterKeys(tenant_id=api_key.tenant_id, api_key_id=api_key.pk, period=period_of(timezone.now()),
+                       pool=POOL)
+    assert int(redis_client().get(keys.key_used)) == 2000
+    assert redis_client().zcard(keys.in_flight) == 0  # its slot is free

@@ -431,12 +431,12 @@ def _budget_alert_publish(*, tenant_id: int, period: str, threshold_pct: int, us
 
 
 def ledger_adjust(*, tenant_id: int, mcu: int, note: str, api_key_id: int | None = None) -> LedgerEntry:
-    """An operator's correction (credit with a negative amount). Counters follow via rebuild."""
+    """An operator's correction (credit with a negative amount), committed, then added to the
+    tenant's counters that exist (a missing one is rebuilt from the ledger, adjustment included)."""
     period = period_of(timezone.now())
     entry = LedgerEntry.objects.create(tenant_id=tenant_id, api_key_id=api_key_id,
                                        kind=LedgerEntry.Kind.ADJUST, mcu=mcu, period=period,
                                        note=note[:200])
-    client = redis_client()
-    budget_key = CounterKeys(tenant_id=tenant_id, api_key_id=0, period=period, pool="").budget
-    client.delete(budget_key)  # next admission rebuilds it from the ledger, adjustment included
+    keys = CounterKeys(tenant_id=tenant_id, api_key_id=api_key_id or 0, period=period, pool="")
+    lua_script(redis_client(), "adjust")(keys=[keys.budget, keys.key_used], args=[mcu])
     return entry

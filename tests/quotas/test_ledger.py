@@ -524,3 +524,46 @@ def test_a_settlement_that_commits_while_the_counters_are_rebuilt_is_refunded_on
                        pool=POOL)
     assert int(redis_client().get(keys.key_used)) == 2000
     assert redis_client().zcard(keys.in_flight) == 0  # its slot is free
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_adjustment_keeps_what_admissions_not_yet_committed_hold():
+    """An operator's adjustment moves the counters by its amount. It used to drop the budget
+    counter for a rebuild: an admission Redis had counted whose rows were not committed yet
+    (a job being stored) was missing from the rebuilt counter, its cost given away for the
+    rest of the period."""
+    import threading
+
+    from django.db import connection, transaction
+
+    from quotas.ledger import ledger_adjust
+
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    open_cu(api_key, 1)  # the counters exist: 1 CU used
+    admitted, commit_now, storing = threading.Event(), threading.Event(), []
+
+    def submit_a_job() -> None:
+        try:
+            with transaction.atomic():  # as job_submit stores a job with its reservation
+                storing.append(open_cu(api_key, 4))
+                admitted.set()
+                commit_now.wait(timeout=10)
+        finally:
+            connection.close()
+
+    submitting = threading.Thread(target=submit_a_job)
+    submitting.start()
+    try:
+        assert admitted.wait(timeout=10)
+        ledger_adjust(tenant_id=api_key.tenant_id, mcu=500, note="missed usage", api_key_id=api_key.pk)
+        open_cu(api_key, 1)
+    finally:
+        commit_now.set()
+        submitting.join(timeout=10)
+    assert storing and not submitting.is_alive()
+    assert counter(api_key.tenant_id) == ledger_used(api_key.tenant_id) == 6500
+    keys = CounterKeys(tenant_id=api_key.tenant_id, api_key_id=api_key.pk,
+                       period=period_of(timezone.now()), pool=POOL)
+    assert int(redis_client().get(keys.key_used)) == 6500
+    reservation_settle(reservation_id=storing[0].reservation.id, actual_mcu=1000)
+    assert counter(api_key.tenant_id) == ledger_used(api_key.tenant_id) == 3500

@@ -100,3 +100,9 @@ def test_adopt_counts_a_reservation_without_a_marker_once(client):
     assert lua_script(client, "adopt")(keys=keys, args=[2000, "marker", 2000, "pool", 600]) == 1
     assert lua_script(client, "adopt")(keys=keys, args=[2000, "marker", 2000, "pool", 600]) == 0
     assert int(client.get("t:b")) == 2500 and client.hget("t:r:9", "state") == b"admitted"
+
+
+def test_adjust_moves_only_the_counters_that_exist(client):
+    client.set("t:b", 3000)
+    assert lua_script(client, "adjust")(keys=["t:b", "t:k"], args=[-500]) == 1
+    assert int(client.get("t:b")) == 2500 and not client.exists("t:k")

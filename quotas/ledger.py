@@ -179,8 +179,23 @@ def reservation_settle(
 ) -> bool:
     """Charge `actual_mcu` (at most the reservation) and refund the rest. Idempotent:
     a second call for the same reservation changes nothing and returns False."""
+    settled = reservation_settle_in_ledger(reservation_id=reservation_id, actual_mcu=actual_mcu,
+                                           final_state=final_state)
+    if settled is None:
+        return False
+    settlement_mirror(settled)
+    return True
+
+
+def reservation_settle_in_ledger(
+    *, reservation_id: str, actual_mcu: int, final_state: str = Reservation.State.SETTLED
+) -> Reservation | None:
+    """`reservation_settle`'s database half, for a caller settling inside its own transaction
+    (a job's end): the settled reservation, or None if it was settled already. The caller hands
+    it to `settlement_mirror` once that transaction committed; mirrored before, a commit that
+    then failed left Redis refunded, and the slot freed, for a settlement the ledger never had."""
     now = timezone.now()
-    # Inside a caller's transaction (a job's finish) no savepoint: two round trips fewer.
+    # Inside a caller's transaction no savepoint: two round trips fewer.
     with transaction.atomic(savepoint=False):
         # Claim and read in one statement; the charge is capped at what was reserved.
         claimed = update_returning(
@@ -190,7 +205,7 @@ def reservation_settle(
                               output_field=BigIntegerField()),
         )
         if not claimed:
-            return False
+            return None
         (reservation,) = claimed
         charge = reservation.settled_mcu
         refund = reservation.reserved_mcu - charge
@@ -206,10 +221,7 @@ def reservation_settle(
                        reservation_id, actual_mcu, reservation.reserved_mcu)
     settlement_observe(tier=reservation.tier, model=reservation.model, settled_mcu=charge,
                        refunded_mcu=refund)
-    # The Redis release is idempotent (its marker is deleted once), so mirroring before an
-    # enclosing transaction commits can never refund twice, even if that transaction retries.
-    _mirror_settlement(reservation)
-    return True
+    return reservation
 
 
 def reservation_release(*, reservation_id: str) -> bool:
@@ -217,7 +229,9 @@ def reservation_release(*, reservation_id: str) -> bool:
     return reservation_settle(reservation_id=reservation_id, actual_mcu=0)
 
 
-def _mirror_settlement(reservation: Reservation) -> None:
+def settlement_mirror(reservation: Reservation) -> None:
+    """Release a settled reservation in Redis: refund its unused part, free its slot. Idempotent
+    (the marker goes once); when Redis refuses, the sync task replays it."""
     if not reservation.redis_synced:
         return  # Redis never counted it; the sync task accounts for the net charge
     try:

@@ -16,6 +16,7 @@ from an allowed host to another internal address is still refused.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import threading
@@ -185,6 +186,57 @@ def url_check_for_registration(raw_url: str) -> None:
         return
 
 
+class _ExchangeDeadline:
+    """Cuts the connections when the attempt's deadline passes. httpx's timeouts bound each
+    socket read, not the exchange: a receiver that sends its response headers a byte at a time
+    never lets one read time out, and would hold the worker for hours (and, past the claim's
+    lease, a second worker with the retry). At the deadline a timer shuts the sockets down,
+    which wakes the blocked read at once.
+
+    Each connection's socket is learnt from httpcore's `trace` request extension and kept as a
+    duplicate: shutdown acts on the connection behind every descriptor of it, TLS wrapping
+    (which detaches the original socket object) does not touch the duplicate, and a descriptor
+    closed meanwhile cannot be reused under us while the duplicate holds it open."""
+
+    def __init__(self, deadline: float) -> None:
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self.expired = False
+        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _ExchangeDeadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+        with self._lock:
+            for duplicate in self._sockets:
+                duplicate.close()
+            self._sockets.clear()
+
+    def trace(self, event: str, info: dict) -> None:
+        if event != "connection.connect_tcp.complete":
+            return
+        duplicate = info["return_value"].get_extra_info("socket").dup()
+        with self._lock:
+            self._sockets.append(duplicate)
+            if self.expired:
+                self._cut(duplicate)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for duplicate in self._sockets:
+                self._cut(duplicate)
+
+    @staticmethod
+    def _cut(duplicate: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # the peer or we closed it already
+            duplicate.shutdown(socket.SHUT_RDWR)
+
+
 @dataclass(frozen=True)
 class GuardedResponse:
     url: str  # the hop that answered
@@ -230,22 +282,24 @@ def guarded_post(
     def elapsed_ms() -> int:
         return int((time.monotonic() - started) * 1000)
 
-    with httpx.Client(trust_env=False, follow_redirects=False) as client:
+    timed_out = f"timed out after {timeout_s:g} s"
+    with _ExchangeDeadline(deadline) as cutoff, \
+            httpx.Client(trust_env=False, follow_redirects=False) as client:
         for _hop in range(max_redirects + 1):
             try:
                 target = url_target_resolve(hop_url, timeout_s=deadline - time.monotonic())
             except ResolveTimeout:
-                return GuardedResponse(str(hop_url), None, b"", elapsed_ms(),
-                                       f"timed out after {timeout_s:g} s")
+                return GuardedResponse(str(hop_url), None, b"", elapsed_ms(), timed_out)
             except (UnsafeUrl, UnresolvableHost) as exc:
                 return GuardedResponse(str(hop_url), None, b"", elapsed_ms(), exc.reason)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return GuardedResponse(str(target.url), None, b"", elapsed_ms(),
-                                       f"timed out after {timeout_s:g} s")
+                return GuardedResponse(str(target.url), None, b"", elapsed_ms(), timed_out)
             request_headers = {**headers, "Host": target.host_header,
                                "Accept-Encoding": "identity"}
-            extensions = {"sni_hostname": target.url.host} if target.url.scheme == "https" else {}
+            extensions = {"trace": cutoff.trace}
+            if target.url.scheme == "https":
+                extensions["sni_hostname"] = target.url.host
             try:
                 with client.stream("POST", target.pinned_url, content=content,
                                    headers=request_headers, timeout=httpx.Timeout(remaining),
@@ -258,9 +312,10 @@ def guarded_post(
                     return GuardedResponse(str(target.url), response.status_code, snippet,
                                            elapsed_ms())
             except httpx.TimeoutException:
-                error = f"timed out after {timeout_s:g} s"
+                error = timed_out
             except httpx.HTTPError as exc:
-                error = f"{exc.__class__.__name__}: {exc}"[:300]
+                # Cut at the deadline, the read fails as a closed connection would.
+                error = timed_out if cutoff.expired else f"{exc.__class__.__name__}: {exc}"[:300]
             return GuardedResponse(str(target.url), None, b"", elapsed_ms(), error)
     return GuardedResponse(str(hop_url), None, b"", elapsed_ms(),
                            f"more than {max_redirects} redirects")

@@ -24,11 +24,12 @@ import redis
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 from standardwebhooks import Webhook
 
 from inference.events import webhook_tenant_add
+from inference.models import CONTENT_EXPIRED_KEY, Job
 from inference.ssrf import GuardedResponse, UnsafeUrl, guarded_post, url_check_for_registration
 from inference.webhook_models import (
     DEFAULT_EVENT_TYPES,
@@ -329,6 +330,23 @@ def webhook_body_serialize(event: WebhookEvent) -> str:
     return json.dumps(event.payload, separators=(",", ":"), ensure_ascii=False)
 
 
+def _deleted_job_content_drop(event: WebhookEvent) -> WebhookEvent:
+    """A job's end event carries what it produced (`result`: a completion's text, a video's
+    files). Once the job is deleted or its content expired, that is gone from every read: a
+    retry or a redelivery must not send it again, so the event loses it, stored and sent. The
+    rest (id, status, usage, CU) still tells the receiver how the job ended."""
+    data = event.payload.get("data") or {}
+    if data.get("object") != "job" or "result" not in data:
+        return event
+    withdrawn = Job.objects.filter(pk=data["id"], tenant_id=event.tenant_id).filter(
+        Q(deleted_at__isnull=False) | Q(result__has_key=CONTENT_EXPIRED_KEY)).exists()
+    if withdrawn:
+        event.payload = {**event.payload,
+                         "data": {name: value for name, value in data.items() if name != "result"}}
+        WebhookEvent.objects.filter(pk=event.pk).update(payload=event.payload)
+    return event
+
+
 def webhook_delivery_attempt(*, delivery_id: str, attempt: int) -> WebhookDelivery | None:
     """Make attempt number `attempt` of a delivery (the task's body). A missing delivery, one that
     is settled, or an attempt number another worker already took is a no-op (returns None): queue
@@ -355,7 +373,7 @@ def webhook_delivery_attempt(*, delivery_id: str, attempt: int) -> WebhookDelive
     if claimed != 1:
         return None
 
-    body = webhook_body_serialize(delivery.event)
+    body = webhook_body_serialize(_deleted_job_content_drop(delivery.event))
     headers = webhook_headers_sign(endpoint=endpoint, message_id=delivery.event_id, body=body,
                                    now=now)
     headers.update({"Content-Type": "application/json", "User-Agent": "Sluice-Webhooks/1"})
@@ -374,7 +392,9 @@ def _attempt_record(*, delivery: WebhookDelivery, attempt: int, started_at: date
                     response: GuardedResponse) -> WebhookDelivery:
     succeeded = response.status_code is not None and 200 <= response.status_code < 300
     error = response.error or ("" if succeeded else f"HTTP {response.status_code}")
-    snippet = response.body_snippet.decode("utf-8", errors="replace")
+    # PostgreSQL text cannot hold NUL: a receiver's binary answer would make the attempt
+    # unrecordable, and the delivery, still live, would be sent again after every lease.
+    snippet = response.body_snippet.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
     now = timezone.now()
     if succeeded:
         status, next_attempt_at = WebhookDelivery.Status.SUCCEEDED, None

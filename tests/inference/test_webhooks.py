@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
+import socket
+import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -26,7 +30,7 @@ from inference.webhooks import (
 from portal.errors import InvalidParameter
 from quotas.ledger import budget_alert_check
 from quotas.limits import quota_limits_for
-from tests.factories import tenant_with_limits
+from tests.factories import api_key_obj, tenant_with_limits
 from tests.inference.conftest import Reply
 
 pytestmark = pytest.mark.django_db
@@ -255,6 +259,74 @@ def test_a_receiver_slower_than_the_timeout_is_retried(cast, receiver, settings)
     assert attempt_next(first).status == Status.SUCCEEDED
 
 
+class TricklingReceiver:
+    """Sends `opening` at once, then one byte of `trickle` every 0.1 s for `for_s` seconds:
+    every socket read returns well within any read timeout, so only a deadline over the whole
+    exchange stops it."""
+
+    def __init__(self, *, opening: bytes, trickle: bytes, for_s: float) -> None:
+        self.opening, self.trickle, self.for_s = opening, trickle, for_s
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.requests = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            connection, _ = self.listener.accept()
+            with connection:
+                connection.recv(65536)
+                self.requests += 1
+                connection.sendall(self.opening)
+                ends_at = time.monotonic() + self.for_s
+                while time.monotonic() < ends_at:
+                    connection.sendall(self.trickle)
+                    time.sleep(0.1)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_receiver_trickling_its_headers_cannot_hold_the_worker_past_the_timeout(
+        cast, webhook_settings):
+    """A receiver (or anything a redirect points at) chooses how fast it answers: the worker
+    must be free again at SLUICE_WEBHOOK_TIMEOUT_S, and an answer that took longer is not a
+    success. Here the status line comes at once and the headers never end."""
+    webhook_settings.SLUICE_WEBHOOK_TIMEOUT_S = 0.5
+    trickling = TricklingReceiver(opening=b"HTTP/1.1 200 OK\r\nX-Slow: ", trickle=b"a", for_s=4.0)
+    try:
+        webhook_endpoint_create(tenant=cast.tenant, url=f"http://127.0.0.1:{trickling.port}/hooks")
+        delivery = only_delivery(publish(cast.tenant))
+
+        started = time.monotonic()
+        first = attempt_next(delivery)
+        took_s = time.monotonic() - started
+    finally:
+        trickling.close()
+
+    assert trickling.requests == 1
+    assert took_s < 1.5
+    assert first.status == Status.FAILED
+    assert first.last_status_code is None and "timed out after 0.5 s" in first.last_error
+
+
+def test_a_response_body_with_nul_bytes_is_logged_and_the_delivery_settled(cast, receiver):
+    """PostgreSQL text cannot hold NUL: a receiver answering 200 with one (a binary body) must
+    not make the attempt unrecordable (the delivery then stayed live and was sent again after
+    every lease, for ever)."""
+    webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)
+    receiver.script(Reply(200, b"ok\x00\x01done"))
+    delivery = only_delivery(publish(cast.tenant))
+
+    first = attempt_next(delivery)
+
+    assert first.status == Status.SUCCEEDED and first.next_attempt_at is None
+    assert first.last_response_snippet == "ok\ufffd\x01done"
+    assert WebhookAttempt.objects.get(delivery=delivery).response_snippet == "ok\ufffd\x01done"
+    assert webhook_deliveries_dispatch(now=timezone.now() + timedelta(days=1)) == 0
+    assert len(receiver.requests) == 1
+
+
 def test_gives_up_after_the_schedule(cast, receiver):
     endpoint = webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)
     receiver.script(*[Reply(500)] * 10)
@@ -433,6 +505,45 @@ def test_redeliver_sends_the_same_event_again_as_a_new_delivery(cast, receiver):
     webhook_endpoint_update(endpoint=endpoint, enabled=False)
     with pytest.raises(InvalidParameter):
         webhook_delivery_redeliver(delivery=delivery)
+
+
+@pytest.mark.parametrize("withdrawal", ["deleted", "expired"])
+def test_a_deleted_jobs_output_is_not_sent_again_by_a_retry_or_a_redelivery(receiver, sent_tasks,
+                                                                            settings, withdrawal):
+    """DELETE /v1/jobs/{id}, or the end of SLUICE_MEDIA_RETENTION_DAYS, removes what the job
+    produced from every read: a job.completed delivery still retrying, or redelivered by hand,
+    must not carry the completion to the receiver afterwards."""
+    from inference.retention import jobs_content_expire
+    from inference.services import job_claim, job_delete, job_succeed, text_job_create
+
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    webhook_endpoint_create(tenant=api_key.tenant, url=receiver.url, event_types=["job.completed"])
+    job = text_job_create(api_key=api_key, payload={"model": "sluice-code-tiny", "prompt": "x = 1",
+                                                    "max_tokens": 4}).job
+    receiver.script(Reply(500))
+    job_succeed(job=job_claim(job_id=job.pk, attempt=1), actual_mcu=10,
+                result={"text": "the private completion", "finish_reason": "stop"},
+                usage={"completion_tokens": 3})
+    delivery = only_delivery(WebhookEvent.objects.get(tenant=api_key.tenant))
+    assert attempt_next(delivery).status == Status.FAILED  # the receiver was down
+    assert b"the private completion" in receiver.requests[0].body
+
+    if withdrawal == "deleted":
+        job_delete(job=job)
+    else:
+        settings.SLUICE_MEDIA_RETENTION_DAYS = 1
+        assert jobs_content_expire(now=timezone.now() + timedelta(days=2)) == 1
+    assert attempt_next(delivery).status == Status.SUCCEEDED
+    again = webhook_delivery_redeliver(delivery=delivery)
+    assert attempt_next(again).status == Status.SUCCEEDED
+
+    endpoint = WebhookEndpoint.objects.get(tenant=api_key.tenant)
+    for request in receiver.requests[1:]:
+        assert b"the private completion" not in request.body
+        sent = Webhook(endpoint.secret).verify(request.body, request.headers)
+        assert sent["type"] == "job.completed" and sent["data"]["id"] == job.pk
+        assert sent["data"]["status"] == "succeeded" and "result" not in sent["data"]
+        assert request.headers["webhook-id"] == delivery.event_id
 
 
 def test_the_secret_never_reaches_the_logs(cast, receiver, caplog):

@@ -42,7 +42,8 @@ from quotas.ledger import (
     reservation_abandon,
     reservation_extend,
     reservation_open,
-    reservation_settle,
+    reservation_settle_in_ledger,
+    settlement_mirror,
 )
 from quotas.limits import RateHeadroom, pool_lease_s
 from quotas.models import Reservation
@@ -360,13 +361,19 @@ def _finish(job: Job, *, status: str, actual_mcu: int, fields: dict,
             **fields)
         if claimed != 1:
             return False
-        settled = not job.reservation_id or reservation_settle(
-            reservation_id=job.reservation_id, actual_mcu=actual_mcu)
-        if not settled and actual_mcu:
-            # Its lease ran out under it (the reaper renews leases of heartbeating jobs, so
-            # its worker had stopped heartbeating): already refunded in full, nothing charged.
-            logger.warning("job %s ended after its reservation %s was released; %s mCU not "
-                           "charged", job.pk, job.reservation_id, actual_mcu)
+        settled = None
+        if job.reservation_id:
+            settled = reservation_settle_in_ledger(reservation_id=job.reservation_id,
+                                                   actual_mcu=actual_mcu)
+            if settled is None and actual_mcu:
+                # Its lease ran out under it (the reaper renews leases of heartbeating jobs, so
+                # its worker had stopped heartbeating): already refunded in full, nothing charged.
+                logger.warning("job %s ended after its reservation %s was released; %s mCU not "
+                               "charged", job.pk, job.reservation_id, actual_mcu)
+    if settled is not None:
+        # Redis follows what committed: mirrored inside the transaction, a commit that then
+        # failed left Redis refunded, and the slot freed, for a reservation still held.
+        settlement_mirror(settled)
     for name, value in {"status": status, "finished_at": now, "actual_mcu": actual_mcu,
                         **fields}.items():
         setattr(job, name, value)

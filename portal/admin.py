@@ -1,7 +1,11 @@
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.actions import delete_selected as django_delete_selected
+from django.contrib.auth import get_user_model
+from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.http import HttpResponseRedirect
 
 from portal import services
 from portal.errors import InvalidParameter, NotFound
@@ -198,3 +202,51 @@ class AuditEventAdmin(ReadOnlyAdmin):
     list_filter = ("action",)
     search_fields = ("tenant__slug", "actor", "target")
     list_select_related = ("tenant", "actor_user")
+
+
+admin.site.unregister(get_user_model())
+
+
+@admin.register(get_user_model())
+class UserAdmin(DjangoUserAdmin):
+    """Deleting an account goes through services.user_delete: its memberships are removed as the
+    membership admin removes them (the keys they created revoked, audit-logged), refused where a
+    tenant would be left without an owner or the account's history would go (deactivate it)."""
+
+    actions = ["delete_selected"]
+
+    def get_deleted_objects(self, objs, request):
+        # The confirmation page and the bulk action both ask this first: a refusal is listed as
+        # what stops the delete, and the delete button is not offered.
+        deleted, model_count, perms_needed, protected = super().get_deleted_objects(objs, request)
+        refusals = services.user_delete_refusals(users=objs)
+        if refusals:
+            # The page shows missing permissions instead of what is protected, and a last owner's
+            # membership reads as one (MembershipAdmin.has_delete_permission): say why instead.
+            perms_needed = set()
+        return deleted, model_count, perms_needed, [*protected, *refusals]
+
+    def delete_model(self, request, obj):
+        services.user_delete(user=obj, actor=request.user)
+
+    def delete_queryset(self, request, queryset):
+        for user in queryset.order_by("pk"):
+            services.user_delete(user=user, actor=request.user)
+
+    def delete_view(self, request, object_id, extra_context=None):
+        try:
+            return super().delete_view(request, object_id, extra_context)
+        except InvalidParameter as exc:  # refused since the page was shown: nothing was deleted
+            self.message_user(request, exc.message, level=messages.ERROR)
+            return HttpResponseRedirect(request.path)
+
+    @admin.action(description="Delete selected users", permissions=["delete"])
+    def delete_selected(self, request, queryset):
+        """Django's action and its confirmation page, all or nothing: when user_delete refuses one
+        (decided under the owners' lock; the page's check was not), none is deleted."""
+        try:
+            with transaction.atomic():
+                return django_delete_selected(self, request, queryset)
+        except InvalidParameter as exc:
+            self.message_user(request, exc.message, level=messages.ERROR)
+            return None

@@ -1,4 +1,6 @@
 from django.apps import AppConfig
+from django.conf import settings
+from django.db.models.signals import pre_delete
 
 
 class PortalConfig(AppConfig):
@@ -7,3 +9,8 @@ class PortalConfig(AppConfig):
 
     def ready(self) -> None:
         from portal import schema  # noqa: F401 - registers the OpenAPI auth extension
+        from portal.services import user_delete_guard
+
+        # Accounts are deleted through portal.services.user_delete only (its docstring says why).
+        pre_delete.connect(user_delete_guard, sender=settings.AUTH_USER_MODEL,
+                           dispatch_uid="portal.user_delete_guard")

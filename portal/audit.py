@@ -16,6 +16,9 @@ from portal.models import ApiKey, AuditEvent, Membership, Tenant
 # (platform staff in the admin), or None (Sluice itself: strikes, the playground's own key).
 Actor = Membership | ApiKey | AbstractBaseUser | None
 
+# The label of an event by platform staff or a moderator: only actor_user says who it was.
+STAFF_LABEL = "Sluice staff"
+
 
 def user_label(user) -> str:
     return user.email or user.get_username()
@@ -33,7 +36,7 @@ def _actor_fields(actor: Actor, tenant_id: int) -> tuple[AbstractBaseUser | None
     # not the person (kept in actor_user for the platform).
     if Membership.objects.filter(tenant_id=tenant_id, user=actor).exists():
         return actor, user_label(actor)
-    return actor, "Sluice staff"
+    return actor, STAFF_LABEL
 
 
 def audit_record(*, tenant: Tenant | int, action: str, actor: Actor = None, target: str = "",

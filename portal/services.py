@@ -8,18 +8,20 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
+from django.contrib.admin.models import LogEntry
 from django.contrib.auth import get_user_model
 from django.contrib.auth.tokens import default_token_generator
 from django.core.mail import send_mail
-from django.db import IntegrityError, transaction
-from django.db.models import Q
+from django.db import IntegrityError, router, transaction
+from django.db.models import ProtectedError, Q
+from django.db.models.deletion import Collector
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.encoding import force_bytes
 from django.utils.http import urlsafe_base64_encode
 from django.utils.text import slugify
 
-from portal.audit import Actor, audit_record, user_label
+from portal.audit import STAFF_LABEL, Actor, audit_record, user_label
 from portal.errors import (
     InvalidApiKey,
     InvalidParameter,
@@ -378,6 +380,91 @@ def membership_remove_as_staff(*, membership: Membership, user=None) -> list[Api
     with transaction.atomic():
         _, membership = _memberships_lock(membership=membership)
         return _membership_delete(membership=membership, actor=user)
+
+
+# --- accounts ---------------------------------------------------------------------------------
+
+
+def _user_history(*, user) -> list[str]:
+    """The records that say the user acted and would lose it with the account: the admin's log
+    (deleted with its user), audit events labelled as staff (only actor_user says who), and
+    whatever holds the user with PROTECT (a moderator's case decisions, lifted suspensions)."""
+    counts = {
+        str(LogEntry._meta.verbose_name_plural): LogEntry.objects.filter(user=user).count(),
+        "audit events as staff": AuditEvent.objects.filter(actor_user=user, actor=STAFF_LABEL).count(),
+    }
+    try:
+        Collector(using=router.db_for_write(type(user)), origin=user).collect([user])
+    except ProtectedError as exc:
+        for record in exc.protected_objects:
+            name = str(record._meta.verbose_name_plural)
+            counts[name] = counts.get(name, 0) + 1
+    return [f"{name} ({count})" for name, count in counts.items() if count]
+
+
+def user_delete_refusals(*, users) -> list[str]:
+    """Why these accounts may not be deleted (together): the tenants that would be left without
+    an owner, and the users whose history names them. Empty: they may. For the admin's
+    confirmation page; user_delete decides again under the owners' lock."""
+    users = list(users)
+    user_ids = [user.pk for user in users]
+    owners_kept = Membership.objects.filter(role=Role.OWNER).exclude(user_id__in=user_ids)
+    ownerless = (Tenant.objects.filter(memberships__role=Role.OWNER, memberships__user_id__in=user_ids)
+                 .exclude(pk__in=owners_kept.values("tenant_id")).distinct().order_by("name"))
+    refusals = [f"{tenant.name} ({tenant.slug}) would be left without an owner: a tenant needs "
+                f"at least one owner, so make someone else its owner first." for tenant in ownerless]
+    for user in users:
+        history = _user_history(user=user)
+        if history:
+            refusals.append(f"{user_label(user)} is named as who acted in {', '.join(history)}: "
+                            f"deleting the account would lose that. Deactivate it instead "
+                            f"(untick Active).")
+    return refusals
+
+
+def user_delete(*, user, actor: Actor = None) -> list[ApiKey]:
+    """Delete a person's account (platform staff `actor`: the admin, a command). Each of their
+    memberships goes as membership_remove_as_staff removes it (the keys they created revoked,
+    audit-logged in each tenant), then any other key of theirs that still works (from a tenant
+    they had left), then the account. Refused (InvalidParameter) when user_delete_refusals has
+    reasons. Returns the revoked keys."""
+    with transaction.atomic():
+        memberships = []
+        # Each tenant's owners locked, tenants in pk order (one order, as every other writer
+        # locks one tenant): the last-owner rule is decided on what the removals will see.
+        for membership in Membership.objects.filter(user=user).order_by("tenant_id", "pk"):
+            try:
+                memberships.append(membership_lock(membership=membership))
+            except NotFound:  # another request removed it since
+                continue
+        refusals = user_delete_refusals(users=[user])
+        if refusals:
+            raise InvalidParameter(" ".join(refusals), param="user")
+        revoked = [api_key for membership in memberships
+                   for api_key in _membership_delete(membership=membership, actor=actor)]
+        left_over = ApiKey.objects.filter(created_by=user, revoked_at__isnull=True).order_by("pk")
+        revoked += [api_key_revoke(api_key=api_key, actor=actor, reason="its issuer's account was deleted")
+                    for api_key in left_over]
+        user_id = user.pk
+        user.delete()
+    logger.info("user %s deleted; %d key(s) revoked", user_id, len(revoked))
+    return revoked
+
+
+def user_delete_guard(sender, instance, **kwargs) -> None:
+    """pre_delete of every user (portal/apps.py). A delete that did not come through user_delete
+    (the shell, a command, Django's own admin actions) would cascade to the memberships past
+    the services (a tenant left without an owner, the member's keys still working) and to the
+    admin log of what they did: it is refused, so that user_delete is the only way."""
+    memberships = set(Membership.objects.filter(user=instance))
+    if memberships:
+        raise ProtectedError(f"{user_label(instance)} is a member of tenants: delete the account "
+                             "with portal.services.user_delete, which removes the memberships "
+                             "through the services first.", memberships)
+    history = _user_history(user=instance)
+    if history:
+        raise ProtectedError(f"{user_label(instance)} is named as who acted in {', '.join(history)}: "
+                             "deactivate the account instead.", set(LogEntry.objects.filter(user=instance)))
 
 
 def tenant_suspend(*, tenant: Tenant, actor: Actor = None, reason: str = "") -> bool:

@@ -142,3 +142,113 @@ def test_removing_a_member_in_the_admin_revokes_their_keys_and_is_recorded(admin
     url = f"/admin/portal/membership/{cast.admin.pk}/change/"
     admin_client.post(url, {**form_fields(admin_client.get(url)), "role": "viewer"})
     assert Membership.objects.get(pk=cast.admin.pk).role == Role.VIEWER
+
+
+def user_delete_url(user) -> str:
+    return f"/admin/auth/user/{user.pk}/delete/"
+
+
+def test_the_admin_refuses_deleting_a_tenants_last_owner(admin_client, cast, api):
+    refusal = "Acme (acme) would be left without an owner"
+    page = admin_client.get(user_delete_url(cast.owner.user))
+    assert refusal in page.content.decode()
+    response = admin_client.post(user_delete_url(cast.owner.user), {"post": "yes"})
+    assert response.status_code == 200 and refusal in response.content.decode()
+    assert Membership.objects.get(pk=cast.owner.pk).role == Role.OWNER
+    assert api.bearer(cast.owner_key).get("/v1/models").status_code == 200
+
+
+def test_deleting_a_member_in_the_admin_removes_them_through_the_services(admin_client, cast, api):
+    from portal.models import AuditEvent
+    from tests.factories import MembershipFactory, TenantFactory, UserFactory, api_key_for
+
+    member = cast.member.user
+    MembershipFactory(tenant=cast.outsider_tenant, user=member, role=Role.MEMBER)
+    acme_key = api_key_for(cast.tenant, name="member's laptop", created_by=member)
+    globex_key = api_key_for(cast.outsider_tenant, name="member's ci", created_by=member)
+    # A key from a tenant they left before removals revoked keys: it works to this day.
+    left_tenant = TenantFactory(name="Initech", slug="initech")
+    MembershipFactory(tenant=left_tenant, user=UserFactory(username="initech-owner"), role=Role.OWNER)
+    left = MembershipFactory(tenant=left_tenant, user=member, role=Role.MEMBER)
+    left_key = api_key_for(left_tenant, name="old", created_by=member)
+    left.delete()
+
+    assert admin_client.post(user_delete_url(member), {"post": "yes"}).status_code == 302
+
+    assert not type(member).objects.filter(pk=member.pk).exists()
+    assert [api.bearer(key).get("/v1/models").status_code for key in (acme_key, globex_key, left_key)] \
+        == [401, 401, 401]
+    assert api.bearer(cast.owner_key).get("/v1/models").status_code == 200
+    assert api.bearer(cast.outsider_key).get("/v1/models").status_code == 200
+    removed = AuditEvent.objects.get(tenant=cast.tenant, action=AuditEvent.Action.MEMBER_REMOVED)
+    assert (removed.target, removed.actor, removed.actor_user.username) == (
+        "member@example.com", "Sluice staff", "admin")
+    assert removed.detail == {"role": "member", "keys_revoked": [acme_key[:15] + "…"]}
+    assert AuditEvent.objects.filter(tenant=cast.outsider_tenant,
+                                     action=AuditEvent.Action.MEMBER_REMOVED).exists()
+    assert AuditEvent.objects.filter(tenant=left_tenant, action=AuditEvent.Action.KEY_REVOKED,
+                                     detail={"reason": "its issuer's account was deleted"}).exists()
+    assert LogEntry.objects.filter(object_id=str(member.pk), action_flag=DELETION).exists()
+
+
+def test_bulk_deleting_users_in_the_admin_goes_through_the_services_too(admin_client, cast, api):
+    from portal.models import AuditEvent
+    from tests.factories import api_key_for
+
+    Membership.objects.filter(pk=cast.admin.pk).update(role=Role.OWNER)
+    owners = {"action": "delete_selected", "_selected_action": [cast.owner.user.pk, cast.admin.user.pk]}
+    # Either alone may go; both would leave Acme without an owner.
+    assert "Acme (acme) would be left without an owner" in admin_client.post(
+        "/admin/auth/user/", owners).content.decode()
+    admin_client.post("/admin/auth/user/", {**owners, "post": "yes"})
+    assert Membership.objects.filter(tenant=cast.tenant, role=Role.OWNER).count() == 2
+
+    member_key = api_key_for(cast.tenant, name="member's laptop", created_by=cast.member.user)
+    members = {"action": "delete_selected", "_selected_action": [cast.member.user.pk, cast.viewer.user.pk],
+               "post": "yes"}
+    assert admin_client.post("/admin/auth/user/", members).status_code == 302
+    assert set(Membership.objects.filter(tenant=cast.tenant).values_list("user__username", flat=True)) \
+        == {"owner", "admin1"}
+    assert api.bearer(member_key).get("/v1/models").status_code == 401
+    assert sorted(AuditEvent.objects.filter(tenant=cast.tenant, action=AuditEvent.Action.MEMBER_REMOVED)
+                  .values_list("target", flat=True)) == ["member@example.com", "viewer@example.com"]
+
+
+def test_deleting_an_account_that_history_names_is_refused_deactivating_it_is_not(admin_client, client, cast):
+    from django.contrib.auth.models import Permission
+    from django.utils import timezone
+
+    from moderation.models import CaseDecision, ModerationCase
+    from moderation.services import case_decide
+    from tests.factories import UserFactory
+
+    ops = UserFactory(username="ops", is_staff=True, is_superuser=True)
+    client.force_login(ops)
+    key = ApiKey.objects.get(prefix=cast.owner_key[3:15])
+    client.post("/admin/portal/apikey/", {"action": "revoke", "_selected_action": [key.pk]})
+    ops_log = list(LogEntry.objects.filter(user=ops).values_list("pk", flat=True))
+    assert ops_log
+
+    moderator = UserFactory(username="moderator")
+    moderator.user_permissions.add(Permission.objects.get(codename="review_case"))
+    case = ModerationCase.objects.create(
+        tenant=cast.tenant, action="blocked", category="injection", score=0.99, policy_slug="standard",
+        prompt_expires_at=timezone.now())
+    decision = case_decide(case=case, moderator=moderator, decision="uphold", note="a strike")
+
+    for user in (ops, moderator):
+        page = admin_client.post(user_delete_url(user), {"post": "yes"}).content.decode()
+        assert "Deactivate it instead" in page, user
+    bulk = {"action": "delete_selected", "_selected_action": [ops.pk, moderator.pk], "post": "yes"}
+    assert "Deactivate it instead" in admin_client.post("/admin/auth/user/", bulk).content.decode()
+
+    assert type(ops).objects.filter(pk__in=[ops.pk, moderator.pk]).count() == 2
+    assert list(LogEntry.objects.filter(user=ops).values_list("pk", flat=True)) == ops_log
+    assert CaseDecision.objects.get(pk=decision.pk).moderator == moderator
+
+    url = f"/admin/auth/user/{ops.pk}/change/"
+    data = {k: v for k, v in form_fields(admin_client.get(url)).items() if k not in ("is_active", "groups", "user_permissions")}
+    assert admin_client.post(url, data).status_code == 302
+    ops.refresh_from_db()
+    assert not ops.is_active
+    assert client.get("/admin/portal/apikey/").status_code == 302  # its session signs in no more

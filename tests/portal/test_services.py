@@ -73,3 +73,33 @@ def test_a_refused_removal_revokes_nothing(cast):
     with pytest.raises(InvalidParameter):
         membership_remove(actor=cast.owner, membership=cast.owner)  # the last owner
     assert not ApiKey.objects.filter(revoked_at__isnull=False).exists()
+
+
+def test_an_account_is_deleted_only_through_user_delete(cast, api):
+    from django.contrib.auth import get_user_model
+    from django.db import transaction
+    from django.db.models import ProtectedError
+
+    from portal.models import AuditEvent
+    from tests.factories import api_key_for
+
+    member = cast.member.user
+    theirs = api_key_for(cast.tenant, name="member's laptop", created_by=member)
+    with pytest.raises(ProtectedError, match="user_delete"), transaction.atomic():
+        member.delete()  # the shell, a management command
+    with pytest.raises(ProtectedError), transaction.atomic():
+        get_user_model().objects.filter(pk=member.pk).delete()
+    assert Membership.objects.filter(pk=cast.member.pk).exists()
+    assert api.bearer(theirs).get("/v1/models").status_code == 200
+
+    from portal.services import user_delete
+
+    with pytest.raises(InvalidParameter, match=r"Acme \(acme\) would be left without an owner"):
+        user_delete(user=cast.owner.user)
+    assert Membership.objects.get(pk=cast.owner.pk).role == Role.OWNER
+
+    assert [k.name for k in user_delete(user=member)] == ["member's laptop"]
+    assert not get_user_model().objects.filter(pk=member.pk).exists()
+    assert api.bearer(theirs).get("/v1/models").status_code == 401
+    assert AuditEvent.objects.filter(tenant=cast.tenant, action=AuditEvent.Action.MEMBER_REMOVED,
+                                     actor="Sluice").exists()

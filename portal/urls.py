@@ -1,6 +1,6 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
-from django.urls import include, path
+from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularRedocView
 
 from inference import apis as inference_apis
@@ -42,6 +42,9 @@ api_v1 = [
     ),
     path("openapi.json", SpectacularJSONAPIView.as_view(), name="api-schema"),
     path("moderations", ModerationsApi.as_view(), name="api-moderations"),
+    # Last: any other /v1/ path is the JSON 404 here, since with DEBUG (make run) Django answers
+    # an unmatched URL with its HTML debug page and never calls handler404.
+    re_path(r"", views.not_found, name="api-not-found"),
 ]
 
 urlpatterns = [

@@ -33,6 +33,15 @@ def test_unknown_api_path_is_json_404(cast, api):
     assert response.json()["error"]["code"] == "not_found"
 
 
+def test_unknown_api_path_is_json_404_in_debug_mode_too(cast, api, settings):
+    # make run sets SLUICE_DEBUG, and Django's debug 404 page bypasses handler404.
+    settings.DEBUG = True
+    response = api.bearer(cast.owner_key).get("/v1/nope/deeper")
+    assert response.status_code == 404
+    assert response["Content-Type"] == "application/json"
+    assert response.json()["error"]["code"] == "not_found"
+
+
 def test_wrong_method_keeps_the_error_shape(cast, api):
     response = api.bearer(cast.owner_key).delete("/v1/models")
     assert response.status_code == 405

@@ -12,6 +12,18 @@ from inference import webhook_selectors as selectors
 from inference import webhooks as services
 from inference.webhook_models import WEBHOOK_EVENT_TYPES, WebhookDelivery, WebhookEndpoint
 from portal.authentication import IssuedByTenantAdmin
+from portal.errors import InvalidParameter
+
+
+def _input_validated(serializer_class, data) -> dict:
+    """The body's fields, an unknown one (a misspelt `events`) refused by name rather than
+    dropped: dropped, the endpoint silently got the default events."""
+    params = serializer_class(data=data)
+    for name in data.keys() if hasattr(data, "keys") else ():  # not an object: is_valid says so
+        if name not in params.fields:
+            raise InvalidParameter(f"Unrecognized request argument supplied: {name}", param=name)
+    params.is_valid(raise_exception=True)
+    return params.validated_data
 
 
 def _unix(moment) -> int | None:
@@ -126,10 +138,8 @@ class WebhookListApi(APIView):
     @extend_schema(operation_id="webhooks_create", request=Input,
                    responses={201: EndpointWithSecretOutput})
     def post(self, request):
-        params = self.Input(data=request.data)
-        params.is_valid(raise_exception=True)
         endpoint = services.webhook_endpoint_create(tenant=request.user.tenant, actor=request.user.api_key,
-                                                    **params.validated_data)
+                                                    **_input_validated(self.Input, request.data))
         return Response(EndpointWithSecretOutput(endpoint).data, status=status.HTTP_201_CREATED,
                         headers=_NO_STORE)
 
@@ -153,10 +163,8 @@ class WebhookDetailApi(APIView):
     @extend_schema(operation_id="webhooks_update", request=Input, responses=EndpointOutput)
     def patch(self, request, endpoint_id: str):
         endpoint = _endpoint_for(request, endpoint_id)
-        params = self.Input(data=request.data)
-        params.is_valid(raise_exception=True)
         endpoint = services.webhook_endpoint_update(endpoint=endpoint, actor=request.user.api_key,
-                                                   **params.validated_data)
+                                                   **_input_validated(self.Input, request.data))
         return Response(EndpointOutput(endpoint).data)
 
     @extend_schema(operation_id="webhooks_delete", responses=inline_serializer(

@@ -60,6 +60,8 @@ def test_create_response_is_not_cached(cast, api, receiver):
     ({}, "url"),
     ({"url": "https://hooks.invalid/x", "event_types": ["job.exploded"]}, "event_types"),
     ({"url": "https://hooks.invalid/x", "event_types": []}, "event_types"),
+    # A misspelt field was dropped without a word: the endpoint got every default event.
+    ({"url": "https://hooks.invalid/x", "events": ["job.completed"]}, "events"),
 ])
 def test_create_validates(cast, api, settings, body, param):
     settings.SLUICE_WEBHOOK_ALLOW_PRIVATE = False
@@ -68,6 +70,15 @@ def test_create_validates(cast, api, settings, body, param):
     error = response.json()["error"]
     assert error["code"] == "invalid_parameter" and error["param"].startswith(param)
     assert not WebhookEndpoint.objects.exists()
+
+
+def test_update_refuses_an_unknown_field(cast, api, endpoint_body):
+    response = api.patch(f"/v1/webhooks/{endpoint_body['id']}", {"events": ["job.failed"]},
+                         format="json")
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "events"
+    assert "Unrecognized request argument" in response.json()["error"]["message"]
+    assert WebhookEndpoint.objects.get(pk=endpoint_body["id"]).event_types == endpoint_body["event_types"]
 
 
 def test_update_changes_what_was_given(cast, api, endpoint_body, receiver):

@@ -199,6 +199,7 @@ def usage_export_view(request, membership: Membership):
                                    _csv_text(key_names.get(row["api_key_id"], "deleted key")),
                                    row["requests"], mcu_to_cu(row["mcu"])])
 
-    response = StreamingHttpResponse(lines(), content_type="text/csv")
+    # Key names carry "…" (ApiKey.masked): without the charset, clients read it as Latin-1.
+    response = StreamingHttpResponse(lines(), content_type="text/csv; charset=utf-8")
     response["Content-Disposition"] = f'attachment; filename="{tenant.slug}-usage-{start}-{end}.csv"'
     return response

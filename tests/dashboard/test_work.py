@@ -171,7 +171,7 @@ def test_usage_csv_streams_the_ledger_rows_of_a_range(cast, video_job):
     done = _finish_with_media(video_job)
     today = timezone.now().date()
     response = as_user(cast.viewer).get(f"/t/acme/usage.csv?start={today}&end={today}")
-    assert response.status_code == 200 and response["Content-Type"] == "text/csv"
+    assert response.status_code == 200 and response["Content-Type"] == "text/csv; charset=utf-8"
     assert "attachment" in response["Content-Disposition"]
     rows = list(csv.reader(io.StringIO(b"".join(response.streaming_content).decode())))
     assert rows[0] == ["date", "model", "api_key", "requests", "cu"]

@@ -54,17 +54,24 @@ def tenant_group(tenant_id: int) -> str:
     return f"tenant.{tenant_id}.jobs"
 
 
-def event_publish(*, job_id: str, tenant_id: int, event_type: str, data: dict) -> int:
+def event_publish(*, job_id: str, tenant_id: int, event_type: str, data: dict,
+                  attempt: int | None = None, attempt_seq: int | None = None) -> int:
     """Append an event to the job's stream; status changes also go to the tenant's group.
 
-    `published_at` (epoch seconds) lets a follower measure how late an event reached it."""
+    `published_at` (epoch seconds) lets a follower measure how late an event reached it.
+    A running attempt numbers its events (`attempt_seq`: 1, 2, ... within `attempt`), so that
+    publishing one again after an error whose reply was lost appends it once (lua/publish.lua).
+    Returns its seq; 0 when it came from an attempt the job was handed away from (dropped)."""
     payload = _payload(job_id, data, published_at=time.time())
     group = tenant_group(tenant_id)
     seq, webhooks, listeners = lua_script(redis_client(), "publish", package="inference")(
         keys=[stream_key(job_id), f"{stream_key(job_id)}:seq", WEBHOOK_TENANTS_KEY,
-              group_storage_key(group)],
-        args=[event_type, json.dumps(payload), STREAM_TTL_S, STREAM_MAXLEN, tenant_id],
+              group_storage_key(group), f"{stream_key(job_id)}:last"],
+        args=[event_type, json.dumps(payload), STREAM_TTL_S, STREAM_MAXLEN, tenant_id,
+              "" if attempt_seq is None else attempt, "" if attempt_seq is None else attempt_seq],
     )
+    if not seq:
+        return 0
     # Nobody on the tenant's live list (no dashboard open): no broadcast, which would cost a
     # hop to the broadcast thread and two Redis round trips to find the group empty.
     if event_type in STATUS_EVENTS and listeners:

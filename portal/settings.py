@@ -268,6 +268,9 @@ LOGGING = {
         # worker's consumer CPU; the job services log what matters and metrics count the rest.
         "celery.worker.strategy": {"level": "WARNING"},
         "celery.app.trace": {"level": "WARNING"},
+        # "Sending due task ..." for every beat tick (the scheduler's every 2 s): about a line a
+        # second that says nothing, and make run's printed credentials scrolled away in seconds.
+        "celery.beat": {"level": "WARNING"},
     },
 }
 

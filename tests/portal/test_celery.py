@@ -22,3 +22,13 @@ def test_a_starting_worker_loads_the_urlconf_before_it_forks():
                             env={**os.environ, "SLUICE_METRICS_PORT": "0"},  # no scrape server
                             text=True, timeout=120, check=True).stdout
     assert output.strip().splitlines()[-1] == "False True True"
+
+
+def test_beat_does_not_log_every_task_it_sends():
+    """Workers log through settings.LOGGING (Celery's --loglevel does not apply): beat's INFO
+    "Sending due task scheduler-tick" came every 2 s, a line a second on make run's terminal
+    with the other ticks, and scrolled the printed demo credentials away."""
+    import logging
+
+    assert not logging.getLogger("celery.beat").isEnabledFor(logging.INFO)
+    assert logging.getLogger("celery.beat").isEnabledFor(logging.WARNING)

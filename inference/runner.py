@@ -3,10 +3,12 @@ progress/output/stop hooks, then finish, cancel or fail it through the job servi
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 
 import redis
 from django.conf import settings
@@ -53,6 +55,18 @@ SUPERSEDED = "superseded"
 TIMED_OUT = "timed_out"  # it ran past its pool's SLUICE_JOB_MAX_RUN_S
 
 
+@dataclass
+class _Run:
+    """One attempt of a job running in this process. A worker with a thread pool (the text
+    pools) can run two attempts of one job at once: the reaper took the first for lost and the
+    next landed here. Each has its own deadline, cancel flag and stop reason."""
+
+    deadline: float  # when (monotonic) it has run too long
+    watch_cancel: bool  # its cancel flag is read here (a text stream's should_stop)
+    cancel_requested: bool = False
+    stopped: str | None = None  # why the watcher stopped it
+
+
 class _RunningJobs:
     """The jobs this process is running, watched by one thread: their cancel flags read in one
     round trip every CANCEL_POLL_S (a text stream's `should_stop()` is then a dict read, where
@@ -64,14 +78,12 @@ class _RunningJobs:
     queues its jobs again, while the worker itself runs on. Every ATTEMPT_CHECK_S the thread
     asks the database whether each job is still at the attempt it runs here, and stops (as a
     cancel stops it) the ones that are not: that attempt ends nothing, publishes nothing more,
-    and no longer beats, so the attempt now running owns the job alone."""
+    and no longer beats, so the attempt now running owns the job alone - even when that
+    attempt runs in this process too: runs are told apart by (job id, attempt)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._attempts: dict[str, int] = {}  # every job here -> its attempt: its heartbeat
-        self._cancel_requested: dict[str, bool] = {}  # the jobs whose flag is read here
-        self._stopped: dict[str, str] = {}  # job -> why the watcher stopped it
-        self._deadlines: dict[str, float] = {}  # job -> when (monotonic) it has run too long
+        self._runs: dict[tuple[str, int], _Run] = {}  # (job id, attempt) -> its run here
         self._busy = threading.Event()
         self._pid: int | None = None
 
@@ -85,50 +97,50 @@ class _RunningJobs:
                 # not hold up the heartbeats, or every job here would be taken for lost.
                 threading.Thread(target=self._check_attempts, daemon=True,
                                  name="job-attempts").start()
-            self._attempts[job_id] = attempt
-            self._deadlines[job_id] = time.monotonic() + max_run_s
-            if watch_cancel:
-                self._cancel_requested[job_id] = False
+            self._runs[job_id, attempt] = _Run(deadline=time.monotonic() + max_run_s,
+                                               watch_cancel=watch_cancel)
             self._busy.set()
 
-    def remove(self, job_id: str) -> str | None:
-        """The job is no longer watched; returns why the watcher stopped it, if it did."""
+    def remove(self, job_id: str, *, attempt: int) -> str | None:
+        """The attempt is no longer watched; returns why the watcher stopped it, if it did."""
         with self._lock:
-            self._attempts.pop(job_id, None)
-            self._deadlines.pop(job_id, None)
-            self._cancel_requested.pop(job_id, None)
-            if not self._attempts:
+            run = self._runs.pop((job_id, attempt), None)
+            if not self._runs:
                 self._busy.clear()
-            return self._stopped.pop(job_id, None)
+            return run.stopped if run is not None else None
 
-    def cancel_requested(self, job_id: str) -> bool:
-        return self._cancel_requested.get(job_id, False) or job_id in self._stopped
+    def cancel_requested(self, job_id: str, *, attempt: int) -> bool:
+        run = self._runs.get((job_id, attempt))
+        return run is not None and (run.cancel_requested or run.stopped is not None)
 
-    def stop_reason(self, job_id: str) -> str | None:
-        return self._stopped.get(job_id)
+    def stop_reason(self, job_id: str, *, attempt: int) -> str | None:
+        run = self._runs.get((job_id, attempt))
+        return run.stopped if run is not None else None
 
-    def _stop(self, job_ids: set[str], reason: str) -> None:
+    def _stop(self, runs: set[tuple[str, int]], reason: str) -> None:
         with self._lock:
-            for job_id in job_ids & self._attempts.keys():  # not one that ended meanwhile
-                self._stopped.setdefault(job_id, reason)
+            for key in runs:
+                run = self._runs.get(key)  # not one that ended meanwhile
+                if run is not None and run.stopped is None:
+                    run.stopped = reason
 
-    def _running_attempts(self) -> dict[str, int]:
+    def _running(self) -> dict[tuple[str, int], _Run]:
+        """The runs here not stopped by the watcher."""
         with self._lock:
-            return {job_id: attempt for job_id, attempt in self._attempts.items()
-                    if job_id not in self._stopped}
+            return {key: run for key, run in self._runs.items() if run.stopped is None}
 
     def _check_attempts(self) -> None:
-        """Every ATTEMPT_CHECK_S, stop the jobs the row says another attempt now runs. The
-        first round checks at once: the thread's database connection opens with the process's
-        first job and is kept, not opened by some later job."""
+        """Every ATTEMPT_CHECK_S, stop the runs whose job the row says another attempt now
+        runs. The first round checks at once: the thread's database connection opens with the
+        process's first job and is kept, not opened by some later job."""
         while True:
             self._busy.wait()
-            attempts = self._running_attempts()
-            if attempts:
+            runs = set(self._running())
+            if runs:
                 try:
-                    superseded = jobs_superseded(attempts=attempts)
+                    superseded = jobs_superseded(runs=runs)
                 except Exception:  # the database unreachable: keep running, ask again
-                    logger.warning("checking %d running jobs' attempts failed", len(attempts),
+                    logger.warning("checking %d running jobs' attempts failed", len(runs),
                                    exc_info=True)
                     close_old_connections()  # a broken connection is replaced next round
                 else:
@@ -144,13 +156,12 @@ class _RunningJobs:
         while True:
             self._busy.wait()
             time.sleep(CANCEL_POLL_S)
-            attempts = self._running_attempts()
-            if not attempts:
+            running = self._running()
+            if not running:
                 continue
-            with self._lock:
-                watched = [job_id for job_id in self._cancel_requested if job_id in attempts]
+            watched = sorted({job_id for (job_id, _), run in running.items() if run.watch_cancel})
             now = time.monotonic()
-            overdue = {job_id for job_id in attempts if self._deadlines.get(job_id, now) < now}
+            overdue = {key for key, run in running.items() if run.deadline < now}
             if overdue:
                 # Stopped as a cancel stops it, and no longer beating: should its engine not
                 # stop, the reaper takes it for lost and fails it as overdue.
@@ -160,17 +171,22 @@ class _RunningJobs:
                 if watched:
                     cancelled = jobs_cancel_requested(job_ids=watched)
                     with self._lock:
-                        for job_id in cancelled & self._cancel_requested.keys():
-                            self._cancel_requested[job_id] = True
+                        for (job_id, _), run in self._runs.items():
+                            if job_id in cancelled and run.watch_cancel:
+                                run.cancel_requested = True
             except Exception:  # Redis hiccup: the next round retries
                 logger.warning("reading %d cancel flags failed", len(watched), exc_info=True)
-            attempts = self._running_attempts()  # not those stopped meanwhile (here or there)
-            if time.monotonic() >= next_beat and attempts:
+            # Not those stopped meanwhile (here or there). The job's heartbeat names the newest
+            # attempt running here: an older one still here is one the row has left behind.
+            beating: dict[str, int] = {}
+            for job_id, attempt in self._running():
+                beating[job_id] = max(attempt, beating.get(job_id, attempt))
+            if time.monotonic() >= next_beat and beating:
                 try:
-                    jobs_heartbeat(attempts=attempts)
+                    jobs_heartbeat(attempts=beating)
                     next_beat = time.monotonic() + beat_every
                 except Exception:  # Redis hiccup: the next round (CANCEL_POLL_S) retries
-                    logger.warning("heartbeats of %d running jobs failed", len(attempts),
+                    logger.warning("heartbeats of %d running jobs failed", len(beating),
                                    exc_info=True)
 
 
@@ -226,6 +242,15 @@ class _BestEffortRedis:
     def __init__(self, job_id: str):
         self._job_id = job_id
         self._quiet_until = 0.0
+        self._event_seqs = itertools.count(1)
+
+    def publish(self, what: str, publish) -> None:
+        """Publish one event of the job's stream, `publish(attempt_seq)`, retried as any call.
+        A retry after an error whose reply was lost (a timeout after Redis appended it) is
+        the same event, numbered once: it is appended once (events.event_publish), where a
+        follower relayed its tokens twice."""
+        attempt_seq = next(self._event_seqs)
+        self(what, lambda: publish(attempt_seq))
 
     def __call__(self, what: str, call, default=None):
         if time.monotonic() < self._quiet_until:
@@ -255,7 +280,8 @@ class _Announcement:
     def __call__(self) -> None:
         if not self.done:
             self.done = True
-            self._redis_calls("job.started", lambda: job_started(job=self._job))
+            self._redis_calls.publish(
+                "job.started", lambda attempt_seq: job_started(job=self._job, attempt_seq=attempt_seq))
 
 
 def _job_run_claimed(job) -> str:
@@ -266,7 +292,7 @@ def _job_run_claimed(job) -> str:
 
     def superseded() -> bool:
         # Another attempt owns the job now: nothing more of this one reaches its stream.
-        return _running.stop_reason(job.pk) == SUPERSEDED
+        return _running.stop_reason(job.pk, attempt=job.attempts) == SUPERSEDED
 
     def emit_output(data: dict) -> None:
         if superseded():
@@ -274,7 +300,8 @@ def _job_run_claimed(job) -> str:
         announce()
         if first_output_at[0] is None:
             first_output_at[0] = timezone.now()
-        redis_calls("job.output", lambda: job_output(job=job, data=data))
+        redis_calls.publish("job.output",
+                            lambda attempt_seq: job_output(job=job, data=data, attempt_seq=attempt_seq))
 
     progress_saved_at = [float("-inf")]
 
@@ -286,14 +313,15 @@ def _job_run_claimed(job) -> str:
         persist = now - progress_saved_at[0] >= PROGRESS_ROW_INTERVAL_S
         if persist:
             progress_saved_at[0] = now
-        redis_calls("job.progress",
-                    lambda: job_progress(job=job, progress=progress, data=data, persist=persist))
+        redis_calls.publish("job.progress", lambda attempt_seq: job_progress(
+            job=job, progress=progress, data=data, persist=persist, attempt_seq=attempt_seq))
 
     def emit_preview(data: dict) -> None:
         if superseded():
             return
         announce()
-        redis_calls("job.preview", lambda: job_preview(job=job, data=data))
+        redis_calls.publish("job.preview",
+                            lambda attempt_seq: job_preview(job=job, data=data, attempt_seq=attempt_seq))
 
     def started() -> None:
         if not superseded():
@@ -308,8 +336,9 @@ def _job_run_claimed(job) -> str:
         # A text stream checks on every chunk: the watcher's flag (at most CANCEL_POLL_S late).
         # A video checks once per denoising step, a step is long, and its cancel is promised
         # within one step: it reads Redis (and the watcher's flag).
-        should_stop=(lambda: _running.cancel_requested(job.pk)) if spec.kind == "text"
-        else (lambda: _running.cancel_requested(job.pk) or redis_calls(
+        should_stop=(lambda: _running.cancel_requested(job.pk, attempt=job.attempts))
+        if spec.kind == "text"
+        else (lambda: _running.cancel_requested(job.pk, attempt=job.attempts) or redis_calls(
             "the cancel check", lambda: job_cancel_requested(job_id=job.pk), default=False)),
         output_moderator=output_moderator_for(job) if spec.kind == "text" else None,
         emit_preview=emit_preview,
@@ -323,7 +352,7 @@ def _job_run_claimed(job) -> str:
         outcome = engine_for(spec).run(context)
     except Exception as exc:
         error = exc
-    stopped_by = _running.remove(job.pk)
+    stopped_by = _running.remove(job.pk, attempt=job.attempts)
     if stopped_by == SUPERSEDED:
         # Not ended here: `_finish` would refuse it anyway (the row is at another attempt),
         # and the attempt now running settles and announces the job.

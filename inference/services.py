@@ -258,15 +258,19 @@ def job_claim(*, job_id: str, attempt: int, announce: bool = True) -> Job | None
     return job
 
 
-def job_started(*, job: Job) -> None:
+def job_started(*, job: Job, attempt_seq: int | None = None) -> None:
     """Announce a claimed job: its first heartbeat (the reaper gives a job a heartbeat TTL of
     grace after `started_at`, so announcing a few ms after the claim is safe), the claim
-    metric, and `job.started` on its stream."""
+    metric, and `job.started` on its stream.
+
+    `attempt_seq` here and in the job's other events of a run: the run's count of its events,
+    which makes a publish sent again after a lost reply append once (events.event_publish)."""
     job_heartbeat(job_id=job.pk, attempt=job.attempts)
     job_claim_observe(pool=job.pool, priority=job.priority, queued_at=job.queued_at,
                       started_at=job.started_at)
     event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type="job.started",
-                  data={"status": job.status, "attempt": job.attempts})
+                  data={"status": job.status, "attempt": job.attempts},
+                  attempt=job.attempts, attempt_seq=attempt_seq)
 
 
 def job_heartbeat(*, job_id: str, attempt: int) -> None:
@@ -282,14 +286,16 @@ def jobs_heartbeat(*, attempts: dict[str, int]) -> None:
     pipeline.execute()
 
 
-def jobs_superseded(*, attempts: dict[str, int]) -> set[str]:
-    """Which of the jobs a worker runs (job id -> its attempt) are no longer its to run: the
-    reaper took the worker for lost (its heartbeat could not reach Redis for a TTL) and queued
-    the job again, another attempt claimed it, or it was ended without it. The row decides, not
-    Redis, which may just have come back empty. A row this connection cannot see is left alone."""
-    rows = Job.objects.filter(pk__in=list(attempts)).values_list("pk", "status", "attempts")
-    return {job_id for job_id, status, attempt in rows
-            if status != Job.Status.RUNNING or attempt != attempts[job_id]}
+def jobs_superseded(*, runs: set[tuple[str, int]]) -> set[tuple[str, int]]:
+    """Which of the runs a worker has (job id, attempt) are no longer its to run: the reaper
+    took the worker for lost (its heartbeat could not reach Redis for a TTL) and queued the job
+    again, another attempt claimed it, or it was ended without it. The row decides, not Redis,
+    which may just have come back empty. A row this connection cannot see is left alone."""
+    rows = Job.objects.filter(pk__in={job_id for job_id, _ in runs})
+    now_at = {job_id: (status, attempt)
+              for job_id, status, attempt in rows.values_list("pk", "status", "attempts")}
+    return {(job_id, attempt) for job_id, attempt in runs
+            if job_id in now_at and now_at[job_id] != (Job.Status.RUNNING, attempt)}
 
 
 def job_cancel_requested(*, job_id: str) -> bool:
@@ -302,24 +308,27 @@ def jobs_cancel_requested(*, job_ids: list[str]) -> set[str]:
     return {job_id for job_id, flag in zip(job_ids, flags, strict=True) if flag is not None}
 
 
-def job_progress(*, job: Job, progress: float, data: dict, persist: bool = True) -> None:
+def job_progress(*, job: Job, progress: float, data: dict, persist: bool = True,
+                 attempt_seq: int | None = None) -> None:
     """Every step goes to the stream; the row (which serves polling) only when `persist`:
     a write per denoising step would cost more than the step on small jobs."""
     event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type="job.progress",
-                  data={"progress": progress, **data})
+                  data={"progress": progress, **data}, attempt=job.attempts, attempt_seq=attempt_seq)
     if persist:
         Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(progress=progress)
 
 
-def job_preview(*, job: Job, data: dict) -> None:
+def job_preview(*, job: Job, data: dict, attempt_seq: int | None = None) -> None:
     """A small preview frame of a running job (stream only: no row, no webhook)."""
-    event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type="job.preview", data=data)
+    event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type="job.preview", data=data,
+                  attempt=job.attempts, attempt_seq=attempt_seq)
 
 
-def job_output(*, job: Job, data: dict) -> None:
+def job_output(*, job: Job, data: dict, attempt_seq: int | None = None) -> None:
     """Streamed output (tokens). The row's `first_output_at` is written with the job's end
     (`first_output_at=` of job_succeed and friends): a write per job fewer."""
-    event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type="job.output", data=data)
+    event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type="job.output", data=data,
+                  attempt=job.attempts, attempt_seq=attempt_seq)
 
 
 # A job refused at admission (REJECTED) reads as failed: no event type of its own.

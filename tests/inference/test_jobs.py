@@ -453,19 +453,19 @@ def test_one_thread_reads_the_running_jobs_cancel_flags_and_keeps_their_heartbea
 
     try:
         clean_redis.set(CANCEL_KEY.format(job_id="job_a"), 1)
-        assert within(2, lambda: watch.cancel_requested("job_a"))
-        assert not watch.cancel_requested("job_b")
+        assert within(2, lambda: watch.cancel_requested("job_a", attempt=1))
+        assert not watch.cancel_requested("job_b", attempt=1)
         assert within(3, lambda: clean_redis.exists(HEARTBEAT_KEY.format(job_id="job_b")))
-        watch.remove("job_b")
+        watch.remove("job_b", attempt=1)
         clean_redis.delete(HEARTBEAT_KEY.format(job_id="job_b"))
         assert within(3, lambda: clean_redis.ttl(HEARTBEAT_KEY.format(job_id="job_a")) > 0)
         clean_redis.delete(HEARTBEAT_KEY.format(job_id="job_a"))
         assert within(3, lambda: clean_redis.exists(HEARTBEAT_KEY.format(job_id="job_a")))
         assert not clean_redis.exists(HEARTBEAT_KEY.format(job_id="job_b"))
-        assert not watch.cancel_requested("job_b")
+        assert not watch.cancel_requested("job_b", attempt=1)
     finally:
-        watch.remove("job_a")
-        watch.remove("job_b")
+        watch.remove("job_a", attempt=1)
+        watch.remove("job_b", attempt=1)
 
 
 def test_a_job_that_ends_while_redis_refuses_its_event_is_announced_by_the_reaper(
@@ -557,16 +557,16 @@ def test_the_watcher_stops_an_attempt_that_was_handed_to_another(settings, sent_
     watch.add(job.pk, attempt=1, watch_cancel=False)
 
     try:
-        assert not within(1.5, lambda: watch.stop_reason(job.pk))  # still its own
+        assert not within(1.5, lambda: watch.stop_reason(job.pk, attempt=1))  # still its own
         heartbeat_lost(job)
         assert jobs_reap() == {"requeued": 1}
-        assert within(3, lambda: watch.stop_reason(job.pk) == "superseded")
-        assert watch.cancel_requested(job.pk)  # what the engine reads
+        assert within(3, lambda: watch.stop_reason(job.pk, attempt=1) == "superseded")
+        assert watch.cancel_requested(job.pk, attempt=1)  # what the engine reads
         clean_redis.delete(heartbeat)
         clock.sleep(1.5)  # more than a beat
         assert not clean_redis.exists(heartbeat)
     finally:
-        assert watch.remove(job.pk) == "superseded"
+        assert watch.remove(job.pk, attempt=1) == "superseded"
 
 
 def test_a_worker_that_dies_between_a_jobs_end_and_its_event_leaves_it_to_the_reaper(
@@ -729,7 +729,7 @@ def test_heartbeats_go_on_while_the_attempt_check_hangs(settings, sent_tasks, cl
         clean_redis.delete(HEARTBEAT_KEY.format(job_id="job_h"))
         assert within(3, lambda: clean_redis.exists(HEARTBEAT_KEY.format(job_id="job_h")))
     finally:
-        watch.remove("job_h")
+        watch.remove("job_h", attempt=1)
 
 
 def test_a_job_whose_reservation_ran_out_before_a_worker_took_it_does_not_run(sent_tasks):

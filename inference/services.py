@@ -56,6 +56,8 @@ logger = logging.getLogger(__name__)
 
 IDEMPOTENCY_TTL = timedelta(hours=24)
 HEARTBEAT_KEY = "s:hb:{job_id}"  # the attempt whose worker beats (a stale attempt's beat is no sign of life)
+# A worker of a release before heartbeats carried their attempt wrote 1 whatever attempt it ran.
+OLD_RELEASE_HEARTBEAT = b"1"
 # When the reaper first found a running job's heartbeat missing (epoch seconds): see jobs_reap.
 HEARTBEAT_MISSING_KEY = "s:hb:missing:{job_id}"
 CANCEL_KEY = "s:cancel:{job_id}"
@@ -282,8 +284,28 @@ def jobs_heartbeat(*, attempts: dict[str, int]) -> None:
     one round trip."""
     pipeline = redis_client().pipeline(transaction=False)
     for job_id, attempt in attempts.items():
-        pipeline.set(HEARTBEAT_KEY.format(job_id=job_id), attempt, ex=settings.SLUICE_JOB_HEARTBEAT_TTL_S)
+        pipeline.set(HEARTBEAT_KEY.format(job_id=job_id), _heartbeat_value(attempt),
+                     ex=settings.SLUICE_JOB_HEARTBEAT_TTL_S)
     pipeline.execute()
+
+
+def _heartbeat_value(attempt: int) -> str:
+    """Attempt 2 beats "+2": signed, so that attempt 1's beat is never OLD_RELEASE_HEARTBEAT
+    (which says nothing of the attempt), and still the attempt as an integer for a reaper of the
+    release that wrote it unsigned (int(beat))."""
+    return f"+{attempt}"
+
+
+def _heartbeat_is_for(beat: bytes | None, *, attempt: int) -> bool:
+    """Whether a running job's heartbeat is its `attempt`'s worker's. OLD_RELEASE_HEARTBEAT is
+    taken for any attempt's, as that release's reaper took any heartbeat: during a rolling
+    deploy a worker of it may run a job's attempt 2 or 3 (often one redelivered because the
+    deploy stopped a worker), and read as attempt 1's beat the job was taken for lost while it
+    ran, handed out again and its lease left to run out. Every other beat names its attempt
+    (unsigned from the release before this one), so a stale attempt's is still told apart."""
+    if beat is None:
+        return False
+    return beat == OLD_RELEASE_HEARTBEAT or int(beat) == attempt
 
 
 def jobs_superseded(*, runs: set[tuple[str, int]]) -> set[tuple[str, int]]:
@@ -685,7 +707,7 @@ def _jobs_lost(*, now: datetime) -> list[Job]:
     lost = []
     for job, beat, missing_since in zip(running, replies[::2], replies[1::2], strict=True):
         missing_key = HEARTBEAT_MISSING_KEY.format(job_id=job.pk)
-        if beat is not None and int(beat) == job.attempts:
+        if _heartbeat_is_for(beat, attempt=job.attempts):
             if missing_since is not None:
                 pipeline.delete(missing_key)
         elif missing_since is None:
@@ -750,7 +772,7 @@ def _leases_renew(*, now: datetime) -> int:
     for (_job_id, attempt, reservation_id, pool), beat in zip(due, pipeline.execute(), strict=True):
         # A job whose heartbeat stopped, or beats for an attempt it is no longer at, is
         # _jobs_lost's (redelivered or failed).
-        if beat is not None and int(beat) == attempt:
+        if _heartbeat_is_for(beat, attempt=attempt):
             reservation_extend(reservation_id=reservation_id, seconds=pool_lease_s(pool))
             renewed += 1
     return renewed

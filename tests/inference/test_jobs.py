@@ -518,7 +518,7 @@ def test_heartbeats_lost_with_redis_do_not_hand_running_jobs_out_again(settings,
     job = job_claim(job_id=video_job_submit(api_key).job.pk, attempt=1)
     Job.objects.filter(pk=job.pk).update(started_at=timezone.now() - timezone.timedelta(seconds=60))
     heartbeat = HEARTBEAT_KEY.format(job_id=job.pk)
-    assert clean_redis.get(heartbeat) == b"1"  # the attempt it beats for
+    assert clean_redis.get(heartbeat) == b"+1"  # the attempt it beats for
     clean_redis.delete(heartbeat)  # the restart
     assert jobs_reap() == {}
     for _ in range(3):  # its worker beats on
@@ -532,11 +532,49 @@ def test_heartbeats_lost_with_redis_do_not_hand_running_jobs_out_again(settings,
 
     second = job_claim(job_id=job.pk, attempt=2)
     Job.objects.filter(pk=job.pk).update(started_at=timezone.now() - timezone.timedelta(seconds=60))
-    clean_redis.set(heartbeat, 1)  # the first attempt's worker, still beating
+    job_heartbeat(job_id=job.pk, attempt=1)  # the first attempt's worker, still beating
     assert jobs_reap() == {}
     time.sleep(2.1)
     assert jobs_reap() == {"requeued": 1}
     assert sent_tasks[-1] == (second.pk, 3, "video-hbm")
+
+
+def test_an_older_release_workers_heartbeat_keeps_whatever_attempt_it_runs(settings, sent_tasks,
+                                                                            clean_redis):
+    """A rolling deploy: a worker of the release before heartbeats carried their attempt runs a
+    job's second attempt (the first one's worker was stopped), beating 1 as that release did for
+    every attempt. The job is its worker's, not lost, and its lease is pushed out as it runs.
+    (Read as attempt 1's beat, it was handed out again while it ran, its lease left to end.)"""
+    import time
+    from datetime import timedelta
+
+    from inference.services import HEARTBEAT_KEY
+    from quotas.models import Reservation
+
+    settings.SLUICE_JOB_HEARTBEAT_TTL_S = 2
+    settings.SLUICE_POOL_LEASE_S = {"video-hbm": 300}
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    first = job_claim(job_id=video_job_submit(api_key).job.pk, attempt=1)
+    assert job_recover_lost(job=first) == "requeued"
+    job = job_claim(job_id=first.pk, attempt=2)
+    Job.objects.filter(pk=job.pk).update(started_at=timezone.now() - timedelta(seconds=60))
+    Reservation.objects.filter(pk=job.reservation_id).update(
+        expires_at=timezone.now() + timedelta(seconds=5))
+    heartbeat = HEARTBEAT_KEY.format(job_id=job.pk)
+
+    def older_release_beat() -> None:  # that release's job_heartbeat, to the letter
+        clean_redis.set(heartbeat, 1, ex=settings.SLUICE_JOB_HEARTBEAT_TTL_S)
+
+    older_release_beat()
+    assert jobs_reap() == {"renewed": 1}
+    time.sleep(1)
+    older_release_beat()
+    time.sleep(1.1)  # a TTL since the first reaper run
+    assert jobs_reap() == {}
+    job.refresh_from_db()
+    assert (job.status, job.attempts) == (Job.Status.RUNNING, 2)
+    assert Reservation.objects.get(pk=job.reservation_id).expires_at > timezone.now() + timedelta(seconds=200)
+    assert sent_tasks[-1] == (job.pk, 2, "video-hbm")  # the only redelivery: the first attempt's
 
 
 @pytest.mark.django_db(transaction=True)  # the watcher's thread reads the row on its own connection

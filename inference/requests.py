@@ -342,7 +342,7 @@ def video_request_parse(*, payload: dict, tier: Tier) -> VideoRequest:
     if "model" not in data:
         default = next((spec for spec in models_for_tier(tier) if spec.video is not None), None)
         if default is None:
-            raise InvalidParameter(f"The {tier.name} tier includes no video model.", param="model")
+            raise ModelNotAllowed(f"The {tier.name} tier includes no video model.", param="model")
         data["model"] = default.id
     spec = model_for_tier(model_id=data["model"], tier=tier)
     if spec.video is None:

@@ -23,6 +23,21 @@ def create(api, key, **extra) -> dict:
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("body", [{"model": "sluice-video-tiny"}, {}])
+def test_a_tier_without_video_gets_model_not_allowed_named_or_not(api, body):
+    """DESIGN.md: 403 model_not_allowed when the tier forbids it, whether the body names the
+    model or leaves it to the tier's default (which a tier without video lacks: it was a 400)."""
+    from tests.factories import TenantFactory, api_key_for, tier
+
+    free_key = api_key_for(TenantFactory(tier=tier("free")))
+    payload = {key: value for key, value in VIDEO_BODY.items() if key != "model"}
+    response = api.bearer(free_key).post("/v1/videos", {**payload, **body}, format="json")
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "model_not_allowed"
+    assert response.json()["error"]["param"] == "model"
+
+
+@pytest.mark.django_db
 def test_video_create_and_job_views_are_tenant_scoped(cast, api, sent_tasks):
     video = create(api, cast.owner_key)
     job_id = video["id"]

@@ -24,6 +24,10 @@ from pathlib import Path
 from portal.embedded_redis import EmbeddedRedis, embedded_redis_start, redis_answers
 
 STOP_GRACE_S = 15.0
+# The web server answers /healthz once it has imported the project and loaded the safety
+# classifier, while four workers and the engines import torch beside it: 50-55 s on the idle
+# 2-core machine, more with anything else running (60 s here made make run give up).
+WEB_START_TIMEOUT_S = 300.0
 
 
 @dataclass
@@ -77,7 +81,9 @@ def _wait_for_http(url: str, supervisor: Supervisor, timeout_s: float) -> None:
         except OSError:
             pass
         time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer within {timeout_s:.0f} s")
+    raise RuntimeError(f"{url} did not answer within {timeout_s:.0f} s (the web server loads the "
+                       "safety classifier before it answers, beside the workers' and engines' "
+                       "start-up: is the machine busy?)")
 
 
 # A job's process is killed this many heartbeat TTLs after its pool's SLUICE_JOB_MAX_RUN_S.
@@ -262,7 +268,7 @@ def run_platform(*, host: str, port: int, var_dir: Path, queues: list[str], conf
                 # One machine: the first worker also runs the periodic tasks (celery beat).
                 argv += ["--beat", "--schedule", str(var_dir / "celerybeat-schedule")]
             supervisor.spawn(f"worker:{queue}", argv, {"SLUICE_DB_CONN_MAX_AGE": "60", **env})
-        _wait_for_http(f"http://{host}:{port}/healthz", supervisor, timeout_s=60)
+        _wait_for_http(f"http://{host}:{port}/healthz", supervisor, timeout_s=WEB_START_TIMEOUT_S)
         cpus = engine_cpus(settings.SLUICE_ENGINE_CPUS, available=os.sched_getaffinity(0),
                            has_gpu=vllm_has_gpu())
         if engines and cpus:

@@ -66,6 +66,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "channels",
     "portal",
     "quotas",
@@ -196,6 +197,8 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "OpenAI-compatible API for metered code and video generation.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Redoc from drf-spectacular-sidecar's static files, not a CDN: the API docs load offline.
+    "REDOC_DIST": "SIDECAR",
 }
 
 # Celery: the broker is the same Redis. Long GPU work and short work never share a queue;

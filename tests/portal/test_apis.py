@@ -54,6 +54,20 @@ def test_openapi_schema_is_served(cast, api):
     assert "/v1/models" in response.json()["paths"]
 
 
+def test_the_api_docs_page_loads_redoc_from_our_own_static_files(client):
+    """/docs/api took Redoc from a CDN: blank on an offline machine or behind a strict CSP."""
+    import re
+
+    from django.contrib.staticfiles import finders
+
+    page = client.get("/docs/api")
+    assert page.status_code == 200
+    scripts = re.findall(r'<script[^>]+src="([^"]+)"', page.content.decode())
+    assert scripts and not [src for src in scripts if "://" in src], scripts
+    redoc = [src for src in scripts if "redoc" in src]
+    assert redoc and finders.find(redoc[0].removeprefix("/static/"))
+
+
 def test_tiers_are_seeded_with_design_limits(db):
     free, pro, enterprise = tier("free"), tier("pro"), tier("enterprise")
     assert (free.monthly_budget_cu, free.cu_per_minute, free.max_concurrent_jobs) == (1000, 50, 1)

@@ -91,10 +91,16 @@ class WebhookEvent(models.Model):
     type = models.CharField(max_length=64)
     # The whole body as sent: {"type", "timestamp", "data"}.
     payload = models.JSONField(encoder=DjangoJSONEncoder)
+    # The job a job.* event tells of (its `data.id`); None for the others (moderation, budget).
+    # A column, not the payload's key: a job's deletion or expiry finds its events by it.
+    # Null rather than "": the partial index below leaves out every event that is not a job's.
+    job_id = models.CharField(max_length=40, null=True, blank=True)  # noqa: DJ001
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         ordering = ["-created_at"]
+        indexes = [models.Index(fields=["job_id"], name="webhook_event_job",
+                                condition=models.Q(job_id__isnull=False))]
 
     def __str__(self) -> str:
         return f"{self.id} {self.type}"

@@ -1,3 +1,4 @@
+import importlib
 import io
 
 import pytest
@@ -52,3 +53,38 @@ def test_limits_the_constraints_refuse_keep_what_they_did():
     tenant = Tenant.objects.get(slug="odd")
     assert (tenant.monthly_budget_cu_override, tenant.unlimited_budget) == (None, True)
     assert ApiKey.objects.get(prefix="odd").cu_cap is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_webhook_events_recorded_before_job_id_get_it_from_their_payload(monkeypatch):
+    """A deleted or expired job's events are found by WebhookEvent.job_id: those recorded before
+    it existed get it from their payload, batch by batch (two rows a batch here)."""
+    backfill = importlib.import_module("inference.migrations.0008_webhookevent_job_id_backfill")
+    monkeypatch.setattr(backfill, "BATCH", 2)
+    executor = MigrationExecutor(connection)
+    executor.migrate([("inference", "0006_job_content_expirable")])
+    old = executor.loader.project_state(("inference", "0006_job_content_expirable")).apps
+    old_tier = old.get_model("portal", "Tier").objects.create(
+        slug="old", name="Old", monthly_budget_cu=1, cu_per_minute=1, max_concurrent_jobs=1,
+        queue_priority=1)
+    tenant = old.get_model("portal", "Tenant").objects.create(name="Old", slug="old", tier=old_tier)
+    recorded = {
+        "msg_01": {"type": "job.queued", "data": {"id": "job_a", "object": "job"}},
+        "msg_02": {"type": "moderation.case_opened", "data": {"case_id": 3}},
+        "msg_03": {"type": "job.completed", "data": {"id": "job_a", "object": "job",
+                                                     "result": {"text": "done"}}},
+        "msg_04": {"type": "budget.threshold_reached", "data": {"period": "2026-11"}},
+        "msg_05": {"type": "job.failed", "data": {"id": "job_b", "object": "job"}},
+    }
+    for event_id, payload in recorded.items():
+        old.get_model("inference", "WebhookEvent").objects.create(
+            id=event_id, tenant=tenant, type=payload["type"], payload=payload)
+
+    executor = MigrationExecutor(connection)
+    executor.loader.build_graph()
+    executor.migrate(executor.loader.graph.leaf_nodes())
+    from inference.webhook_models import WebhookEvent
+
+    assert dict(WebhookEvent.objects.order_by("pk").values_list("pk", "job_id")) == {
+        "msg_01": "job_a", "msg_02": None, "msg_03": "job_a", "msg_04": None, "msg_05": "job_b"}
+    assert WebhookEvent.objects.get(pk="msg_03").payload == recorded["msg_03"]  # left as it was

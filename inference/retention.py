@@ -1,9 +1,10 @@
 """Retention of what jobs produced and were sent (beat, hourly): SLUICE_MEDIA_RETENTION_DAYS
 after a job ended, its video's mp4 and thumbnail are removed from the media volume, its result
 (the files' pointers, a completion's text) is replaced by a note of when it expired, and the
-prompt it was sent goes (as a deleted job's does). The row stays, with its usage and CU: the
-ledger and the usage reports refer to it. 0 keeps everything for ever. OpenAI's videos expire
-too; /v1/videos/{id}/content then answers 404 saying so (inference/media.py)."""
+prompt it was sent goes (as a deleted job's does), as does the result its recorded webhook
+events carry. The row stays, with its usage and CU: the ledger and the usage reports refer to
+it. 0 keeps everything for ever. OpenAI's videos expire too; /v1/videos/{id}/content then
+answers 404 saying so (inference/media.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from django.utils import timezone
 from inference.media import job_media_remove
 from inference.models import CONTENT_EXPIRED_KEY, EXPIRABLE, Job
 from inference.services import job_params_without_content
+from inference.webhooks import webhook_events_job_content_remove
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ def jobs_content_expire(*, now: datetime | None = None) -> int:
         except OSError:  # storage trouble: the next run tries again
             logger.warning("could not remove the media of job %s", row["pk"], exc_info=True)
             continue
+        # Before the row: an expired row is not selected again, so a failure must come first.
+        webhook_events_job_content_remove(job_id=row["pk"])
         params = job_params_without_content(row["params"])
         note = {EXPIRED: int(now.timestamp()), RETENTION_DAYS: days} if row["result"] else {}
         expired += Job.objects.filter(pk=row["pk"], deleted_at__isnull=True).exclude(

@@ -31,6 +31,7 @@ from inference.scheduler import (
     scheduler_record_run_time,
     scheduler_remove,
 )
+from inference.webhooks import webhook_events_job_content_remove
 from portal.db import update_returning
 from portal.errors import NotFound
 from portal.metrics import job_claim_observe, job_finish_observe
@@ -572,6 +573,8 @@ def _deleted_job_outputs_remove(*, job_id: str) -> bool:
         redis_client().delete(stream_key(job_id))
     except redis.RedisError:
         logger.warning("could not drop the event stream of deleted job %s", job_id)
+    # ... and its recorded webhook events (the completion) for SLUICE_WEBHOOK_RETENTION_DAYS.
+    webhook_events_job_content_remove(job_id=job_id)
     Job.objects.filter(pk=job_id).update(result={}, params=job_params_without_content(row["params"]))
     return True
 

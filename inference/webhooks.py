@@ -298,7 +298,8 @@ def webhook_event_publish(*, tenant: Tenant, event_type: str, data: dict) -> Web
     ))
     with transaction.atomic():
         event = WebhookEvent.objects.create(
-            tenant=tenant, type=event_type, payload=payload, created_at=now
+            tenant=tenant, type=event_type, payload=payload, created_at=now,
+            job_id=data.get("id") if data.get("object") == "job" else None,
         )
         deliveries = WebhookDelivery.objects.bulk_create(
             WebhookDelivery(endpoint=endpoint, event=event, next_attempt_at=now + _claim_lease(),
@@ -330,19 +331,42 @@ def webhook_body_serialize(event: WebhookEvent) -> str:
     return json.dumps(event.payload, separators=(",", ":"), ensure_ascii=False)
 
 
+# What a job's events carry of its content: job.completed's `result` (a completion's text, a
+# video's files). None carries what the job was sent (its params); its tokens and preview frames
+# (job.output, job.preview) go to its stream only, never to a webhook.
+JOB_EVENT_CONTENT_KEYS = ("result",)
+
+
+def _payload_without_job_content(payload: dict) -> dict:
+    data = payload.get("data") or {}
+    return {**payload, "data": {name: value for name, value in data.items()
+                                if name not in JOB_EVENT_CONTENT_KEYS}}
+
+
+def webhook_events_job_content_remove(*, job_id: str) -> int:
+    """A deleted or content-expired job's recorded events lose what it produced: kept, it would
+    outlive the job's own copy until SLUICE_WEBHOOK_RETENTION_DAYS, and go out again with a
+    retry or a redelivery. The rest (id, status, usage, CU) stays: the delivery log and a
+    receiver still learn how the job ended. Returns how many events changed."""
+    events = list(WebhookEvent.objects.filter(
+        job_id=job_id, payload__data__has_any_keys=list(JOB_EVENT_CONTENT_KEYS),
+    ).values_list("pk", "payload"))
+    for event_id, payload in events:
+        WebhookEvent.objects.filter(pk=event_id).update(payload=_payload_without_job_content(payload))
+    return len(events)
+
+
 def _deleted_job_content_drop(event: WebhookEvent) -> WebhookEvent:
-    """A job's end event carries what it produced (`result`: a completion's text, a video's
-    files). Once the job is deleted or its content expired, that is gone from every read: a
-    retry or a redelivery must not send it again, so the event loses it, stored and sent. The
-    rest (id, status, usage, CU) still tells the receiver how the job ended."""
+    """The send-time check of a job's end event: one recorded after its job's content was
+    removed (the end of a job deleted while it ran can come after the reaper's removal) loses
+    the content here, stored and sent, so no retry or redelivery sends it."""
     data = event.payload.get("data") or {}
-    if data.get("object") != "job" or "result" not in data:
+    if data.get("object") != "job" or not set(JOB_EVENT_CONTENT_KEYS) & data.keys():
         return event
     withdrawn = Job.objects.filter(pk=data["id"], tenant_id=event.tenant_id).filter(
         Q(deleted_at__isnull=False) | Q(result__has_key=CONTENT_EXPIRED_KEY)).exists()
     if withdrawn:
-        event.payload = {**event.payload,
-                         "data": {name: value for name, value in data.items() if name != "result"}}
+        event.payload = _payload_without_job_content(event.payload)
         WebhookEvent.objects.filter(pk=event.pk).update(payload=event.payload)
     return event
 

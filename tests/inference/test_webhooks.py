@@ -546,6 +546,96 @@ def test_a_deleted_jobs_output_is_not_sent_again_by_a_retry_or_a_redelivery(rece
         assert request.headers["webhook-id"] == delivery.event_id
 
 
+@pytest.mark.parametrize("withdrawal", ["deleted", "expired"])
+def test_a_deleted_jobs_output_leaves_its_recorded_webhook_events(cast, api, client, receiver,
+                                                                  sent_tasks, settings, withdrawal):
+    """DELETE /v1/jobs/{id}, or the end of SLUICE_MEDIA_RETENTION_DAYS, removes what the job
+    produced: its job.completed event, delivered and settled, must not keep the completion in
+    the database until SLUICE_WEBHOOK_RETENTION_DAYS purges it. What the event says of how the
+    job ended stays, and another job's event keeps its own result."""
+    from inference.models import Job
+    from inference.retention import jobs_content_expire
+    from inference.services import job_claim, job_succeed, text_job_create
+    from portal.models import ApiKey
+
+    api_key = ApiKey.objects.get(tenant=cast.tenant)
+    endpoint = webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)
+    completions = {}
+    for text in ("the private completion", "the kept completion"):
+        job = text_job_create(api_key=api_key, payload={"model": "sluice-code-tiny",
+                                                        "prompt": "x = 1", "max_tokens": 4}).job
+        job_succeed(job=job_claim(job_id=job.pk, attempt=1), actual_mcu=10,
+                    result={"text": text, "finish_reason": "stop"}, usage={"completion_tokens": 3})
+        completions[text] = job
+    job, kept_job = completions.values()
+    completed = WebhookEvent.objects.get(tenant=cast.tenant, type="job.completed", job_id=job.pk)
+    assert attempt_next(only_delivery(completed)).status == Status.SUCCEEDED
+    assert completed.payload["data"]["result"]["text"] == "the private completion"
+    assert WebhookEvent.objects.filter(job_id=job.pk).count() == 3  # queued, started, completed
+    as_recorded = completed.payload
+
+    if withdrawal == "deleted":
+        assert api.bearer(cast.owner_key).delete(f"/v1/jobs/{job.pk}").status_code == 200
+    else:
+        settings.SLUICE_MEDIA_RETENTION_DAYS = 1
+        Job.objects.filter(pk=job.pk).update(finished_at=timezone.now() - timedelta(days=2))
+        assert jobs_content_expire() == 1
+
+    completed.refresh_from_db()
+    assert "the private completion" not in json.dumps(completed.payload)
+    assert completed.payload == {**as_recorded, "data": {
+        name: value for name, value in as_recorded["data"].items() if name != "result"}}
+    assert completed.payload["data"]["usage"] == {"completion_tokens": 3}
+    assert completed.payload["data"]["status"] == "succeeded"
+    assert completed.type == "job.completed"
+    assert only_delivery(completed).status == Status.SUCCEEDED
+    assert not any("the private completion" in json.dumps(payload) for payload in
+                   WebhookEvent.objects.filter(job_id=job.pk).values_list("payload", flat=True))
+    kept = WebhookEvent.objects.get(job_id=kept_job.pk, type="job.completed")
+    assert kept.payload["data"]["result"]["text"] == "the kept completion"
+
+    # The delivery log, in the API and on the dashboard, lists the event without the content.
+    listed = api.bearer(cast.owner_key).get(f"/v1/webhooks/{endpoint.id}/deliveries")
+    assert listed.status_code == 200 and completed.id in listed.content.decode()
+    assert "the private completion" not in listed.content.decode()
+    client.force_login(cast.owner.user)
+    page = client.get(f"/t/acme/webhooks/{endpoint.id}/")
+    assert page.status_code == 200 and completed.id in page.content.decode()
+    assert "the private completion" not in page.content.decode()
+
+
+def test_the_end_of_a_job_deleted_while_it_ran_loses_its_output_with_the_reapers_purge(
+        cast, api, receiver, sent_tasks):
+    """A job deleted while running ends afterwards (its worker finished before it saw the cancel
+    flag): its job.completed is recorded with the completion after the delete, and the reaper's
+    purge of the job's outputs takes it out of the event too."""
+    from inference.services import job_claim, job_succeed, jobs_reap, text_job_create
+    from portal.models import ApiKey
+
+    webhook_endpoint_create(tenant=cast.tenant, url=receiver.url, event_types=["job.completed"])
+    job = text_job_create(api_key=ApiKey.objects.get(tenant=cast.tenant), payload={
+        "model": "sluice-code-tiny", "prompt": "x = 1", "max_tokens": 4}).job
+    running = job_claim(job_id=job.pk, attempt=1)
+    assert api.bearer(cast.owner_key).delete(f"/v1/jobs/{job.pk}").status_code == 200
+    assert job_succeed(job=running, actual_mcu=10, usage={"completion_tokens": 3},
+                       result={"text": "the private completion", "finish_reason": "stop"})
+    completed = WebhookEvent.objects.get(job_id=job.pk)
+    assert completed.payload["data"]["result"]["text"] == "the private completion"
+
+    assert jobs_reap() == {"purged": 1}
+    completed.refresh_from_db()
+    assert "the private completion" not in json.dumps(completed.payload)
+    assert completed.payload["data"]["usage"] == {"completion_tokens": 3}
+
+
+def test_a_jobs_events_are_recorded_with_its_id_and_other_events_without(cast, receiver):
+    webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)
+    job_event = publish(cast.tenant, id="job_1", object="job", status="succeeded")
+    case_event = publish(cast.tenant, "moderation.case_opened", case_id=7, action="blocked")
+    assert (job_event.job_id, case_event.job_id) == ("job_1", None)
+    assert WebhookEvent.objects.get(pk=job_event.pk).job_id == "job_1"
+
+
 def test_the_secret_never_reaches_the_logs(cast, receiver, caplog):
     caplog.set_level(logging.DEBUG)
     endpoint = webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)

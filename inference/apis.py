@@ -33,6 +33,11 @@ def _epoch(moment) -> int | None:
 
 
 def job_queue_info(job: Job) -> dict | None:
+    """A queued job's `queue`: `position`, the jobs that start before it (higher priorities
+    included); `eta_seconds`, how long until it should have run, from the work ahead of it in
+    estimated CU (what the pool's running jobs have left, and the jobs queued ahead) and its own,
+    at the pool's recent throughput (CU per second of run), or null before the pool has
+    completed a job. None once it is no longer queued."""
     if job.status != Job.Status.QUEUED:
         return None
     position = scheduler_position(job_id=job.pk, pool=job.pool, priority=job.priority)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import redis
 from django.conf import settings
 
+from inference.models import Job
 from portal.redis import lua_script, redis_client
 from quotas.ledger import reservations_admitted
 from quotas.limits import (
@@ -30,7 +31,10 @@ from quotas.limits import (
 logger = logging.getLogger(__name__)
 
 CANDIDATES_PER_ROUND = 50
-AVG_RUN_KEY = "s:avg:{pool}"
+# The pool's pace: averages of its jobs' run time and estimated cost (inference/lua/run_time.lua).
+PACE_KEY = "s:pace:{pool}"
+# Queued jobs ahead whose cost an ETA reads; those beyond count at their mean.
+ETA_COSTS_READ = 1000
 
 
 def _queue_key(pool: str, priority: int) -> str:
@@ -140,27 +144,59 @@ def _unsent_keep(*, pool: str, unsent: dict[str, str]) -> None:
 @dataclass(frozen=True)
 class QueuePosition:
     position: int  # jobs ahead of this one
-    eta_s: float | None
+    eta_s: float | None  # until it has run (None while the pool has no pace recorded yet)
 
 
 def scheduler_position(*, job_id: str, pool: str, priority: int) -> QueuePosition | None:
-    client = redis_client()
-    rank = client.zrank(_queue_key(pool, priority), job_id)
-    if rank is None:
+    """Where a queued job stands and when it should be done, priced by size: the work still
+    ahead of it (what the pool's running jobs have left, by their reservations less their
+    progress, and the estimated mCU of the jobs queued ahead, higher priorities included),
+    shared by the jobs the pool runs at once, then its own run, all at the pool's pace
+    (scheduler_record_run_time). One script and, while jobs run, one indexed query (their
+    progress). None: not queued (a dispatch round took it; it is about to start)."""
+    pool_keys = CounterKeys(tenant_id=0, api_key_id=0, period="", pool=pool)
+    stand = lua_script(redis_client(), "queue_position", package="inference")(
+        keys=[_priorities_key(pool), _jobs_key(pool), pool_keys.pool_hash, pool_keys.pool_zset,
+              PACE_KEY.format(pool=pool)],
+        args=[_queue_key(pool, ""), RESERVATION_MARKER_PREFIX, job_id, priority,
+              ETA_COSTS_READ],
+    )
+    if not stand:
         return None
-    ahead = rank + sum(client.zcard(_queue_key(pool, p)) for p in _priorities(pool) if p > priority)
-    average = client.get(AVG_RUN_KEY.format(pool=pool))
-    eta = None
-    if average is not None:
-        eta = round((ahead + 1) * float(average) / max(1, min(pool_slots(pool), 64)), 1)
-    return QueuePosition(position=ahead, eta_s=eta)
+    ahead, ahead_mcu, own_mcu, pace_seconds, pace_mcu, *running = stand
+    if not pace_seconds or float(pace_seconds) <= 0 or float(pace_mcu) <= 0:
+        return QueuePosition(position=ahead, eta_s=None)
+    mcu_per_s = float(pace_mcu) / float(pace_seconds)
+    running_mcu = {reservation_id.decode(): int(mcu)
+                   for reservation_id, mcu in zip(running[::2], running[1::2], strict=True)}
+    # While its queue is not empty the pool runs as many jobs at once as it holds (its slots,
+    # or fewer when its CU capacity is the limit): they share the work ahead.
+    at_once = max(1, min(len(running_mcu), pool_slots(pool)))
+    work_ahead_mcu = _running_left_mcu(running_mcu) + ahead_mcu
+    eta = work_ahead_mcu / (mcu_per_s * at_once) + own_mcu / mcu_per_s
+    return QueuePosition(position=ahead, eta_s=round(eta, 1))
 
 
-def scheduler_record_run_time(*, pool: str, seconds: float) -> float:
-    """Exponentially weighted average of run times, for ETAs. Returns the new average."""
-    average = lua_script(redis_client(), "run_time", package="inference")(
-        keys=[AVG_RUN_KEY.format(pool=pool)], args=[seconds, 7 * 86400])
-    return float(average)
+def _running_left_mcu(running_mcu: dict[str, int]) -> float:
+    """What the pool's running reservations have left: each one's mCU less its job's progress
+    (the row's, written about once a second; a job not started yet has all of it left)."""
+    if not running_mcu:
+        return 0.0
+    progress = dict(Job.objects.filter(reservation_id__in=running_mcu, status=Job.Status.RUNNING)
+                    .values_list("reservation_id", "progress"))
+    return sum(mcu * (1 - min(progress.get(reservation_id, 0.0), 100.0) / 100)
+               for reservation_id, mcu in running_mcu.items())
+
+
+def scheduler_record_run_time(*, pool: str, seconds: float, estimated_mcu: int) -> float | None:
+    """A job that ran to completion in `seconds`: the pool's pace for ETAs moves towards it.
+    Returns the new throughput (estimated mCU per second per job slot); None for a run that
+    says nothing of it (no cost, or no time)."""
+    if estimated_mcu <= 0 or seconds <= 0:
+        return None
+    rate = lua_script(redis_client(), "run_time", package="inference")(
+        keys=[PACE_KEY.format(pool=pool)], args=[seconds, estimated_mcu, 7 * 86400])
+    return float(rate)
 
 
 def scheduler_depths(*, pool: str) -> dict[int, int]:

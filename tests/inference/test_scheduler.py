@@ -104,3 +104,74 @@ def test_a_job_refused_again_is_kept_for_the_round_after(settings, broker):
     assert pool_dispatch(pool=POOL) == 0  # refused again: kept again
     assert pool_dispatch(pool=POOL) == 1
     assert broker.sent[-1] == (job.pk, 1, POOL) and pool_in_flight_mcu() == (2, 2000)
+
+
+# --- queue ETAs ---------------------------------------------------------------------------------
+
+
+def job_run_for(job: Job, *, seconds: float) -> None:
+    """The worker claims `job`, runs it for `seconds` (and the few ms the test takes: ETAs are
+    compared within 2 %) and it succeeds: the pool's pace for ETAs is learnt from such ends."""
+    from datetime import timedelta
+
+    claimed = job_claim(job_id=job.pk, attempt=1)
+    claimed.started_at -= timedelta(seconds=seconds)
+    Job.objects.filter(pk=claimed.pk).update(started_at=claimed.started_at)
+    assert job_succeed(job=claimed, actual_mcu=claimed.estimated_mcu, result={}, usage={})
+
+
+def eta_s(job: Job) -> float:
+    from inference.apis import job_queue_info
+
+    return job_queue_info(job)["eta_seconds"]
+
+
+def test_a_small_job_queued_behind_a_big_running_one_waits_for_what_the_big_one_has_left(
+        settings, sent_tasks):
+    """Found live: a queued 64x64 video said `eta_seconds: 9.2` (the pool's average run time,
+    small jobs mostly) behind a running 720x1280 video whose own progress said 279 s left."""
+    from inference.services import job_progress
+
+    settings.SLUICE_POOL_SLOTS = {POOL: 1}
+    api_key = api_key_obj(tenant_with_limits(budget_cu=1000, max_jobs=10))
+    job_run_for(video_job_submit(api_key, cu=1).job, seconds=10)  # the pool's pace: 1 CU / 10 s
+    big = job_claim(job_id=video_job_submit(api_key, cu=60).job.pk, attempt=1)
+    assert big.status == Job.Status.RUNNING
+    job_progress(job=big, progress=50.0, data={})  # 30 CU left: 300 s at the pool's pace
+    small = video_job_submit(api_key, cu=0.1).job
+    assert small.status == Job.Status.QUEUED
+
+    assert eta_s(small) >= 300
+    assert eta_s(small) == pytest.approx(300 + 1, rel=0.02)  # and its own run: 0.1 CU
+
+
+def test_the_eta_counts_the_size_of_the_jobs_queued_ahead_higher_priorities_included(
+        settings, sent_tasks):
+    from inference.apis import job_queue_info
+    from inference.services import job_cancel
+
+    settings.SLUICE_POOL_SLOTS = {POOL: 1}
+    api_key = api_key_obj(tenant_with_limits(budget_cu=1000, max_jobs=10))
+    job_run_for(video_job_submit(api_key, cu=1).job, seconds=10)  # the pool's pace: 1 CU / 10 s
+    job_claim(job_id=video_job_submit(api_key, cu=1).job.pk, attempt=1)  # runs: 10 s left
+
+    small_ahead = [video_job_submit(api_key, cu=1).job for _ in range(2)]
+    behind_small = video_job_submit(api_key, cu=1).job
+    assert job_queue_info(behind_small)["position"] == 2
+    behind_small_eta_s = eta_s(behind_small)
+    assert behind_small_eta_s == pytest.approx(10 + 2 * 10 + 10, rel=0.02)
+    for job in [*small_ahead, behind_small]:
+        job_cancel(job=job)
+
+    big_ahead = [video_job_submit(api_key, cu=cu).job for cu in (20, 1)]
+    behind_big = video_job_submit(api_key, cu=1).job
+    assert [job_queue_info(job)["position"] for job in big_ahead] == [0, 1]
+    assert job_queue_info(behind_big)["position"] == 2
+    assert eta_s(behind_big) > behind_small_eta_s  # as many jobs ahead, more work
+    assert eta_s(behind_big) == pytest.approx(10 + 21 * 10 + 10, rel=0.02)
+
+    # An enterprise job submitted later goes ahead of all three: its size counts too.
+    enterprise_key = api_key_obj(tenant_with_limits(tier_slug="enterprise", budget_cu=1000))
+    video_job_submit(enterprise_key, cu=5)
+    assert job_queue_info(behind_big)["position"] == 3
+    assert eta_s(behind_big) == pytest.approx(10 + 26 * 10 + 10, rel=0.02)

@@ -118,8 +118,50 @@ def test_enqueue_is_idempotent_and_refuses_a_job_whose_reservation_was_admitted(
     assert client.zrange("t:q:5", 0, -1) == [b"a2"] and not client.hexists("t:jobs", "a1")
 
 
-def test_run_time_keeps_an_exponentially_weighted_average(client):
+def test_run_time_keeps_the_pools_pace_as_averages_of_run_time_and_cost(client):
     script = lua_script(client, "run_time", package="inference")
-    assert float(script(keys=["t:avg"], args=[10, 60])) == 10.0  # the first run sets it
-    assert float(script(keys=["t:avg"], args=[20, 60])) == 12.0  # then 0.8 old + 0.2 new
-    assert float(client.get("t:avg")) == 12.0 and 0 < client.ttl("t:avg") <= 60
+    assert float(script(keys=["t:pace"], args=[10, 1000, 60])) == 100.0  # the first run sets it
+    # Then 0.8 old + 0.2 new, each: a 4x bigger job in 2x the time -> 12 s, 1600 mCU.
+    assert float(script(keys=["t:pace"], args=[20, 4000, 60])) == pytest.approx(1600 / 12)
+    assert client.hgetall("t:pace") == {b"seconds": b"12", b"mcu": b"1600"}
+    assert 0 < client.ttl("t:pace") <= 60
+
+
+def queue_position(client, job_id, *, priority=5, most_read=1000):
+    stand = lua_script(client, "queue_position", package="inference")(
+        keys=["t:prios", "t:jobs", "t:ph", "t:pz", "t:pace"],
+        args=["t:q:", "t:r:", job_id, priority, most_read],
+    )
+    if stand is None:
+        return None
+    ahead, ahead_mcu, own_mcu, pace_seconds, pace_mcu, *running = stand
+    return (ahead, ahead_mcu, own_mcu, pace_seconds, pace_mcu,
+            {r.decode(): int(mcu) for r, mcu in zip(running[::2], running[1::2], strict=True)})
+
+
+def test_queue_position_sums_the_cost_ahead_higher_priorities_included(client):
+    enqueue(client, "low", priority=1, cost=9000)  # behind, whatever its size
+    enqueue(client, "big", cost=5000)
+    enqueue(client, "me", cost=300)
+    enqueue(client, "after", cost=7000)
+    enqueue(client, "urgent", priority=9, cost=2000, tenant="b")
+    assert queue_position(client, "me") == (2, 7000, 300, None, None, {})
+    assert queue_position(client, "urgent", priority=9) == (0, 0, 2000, None, None, {})
+    assert queue_position(client, "gone") is None
+
+
+def test_queue_position_reads_the_running_reservations_and_the_pace(client):
+    client.hset("t:ph", mapping={"live": 4000, "dead": 8000})
+    client.zadd("t:pz", {"live": FAR, "dead": 1})  # dead's worker stopped renewing its lease
+    client.hset("t:pace", mapping={"seconds": 12, "mcu": 1600})
+    enqueue(client, "me", cost=300)
+    assert queue_position(client, "me") == (0, 0, 300, b"12", b"1600", {"live": 4000})
+
+
+def test_a_deep_queue_counts_the_costs_it_does_not_read_at_their_mean(client):
+    for n, cost in enumerate([1000, 3000, 5000, 7000]):
+        enqueue(client, f"j{n}", cost=cost)
+    enqueue(client, "me", cost=10)
+    assert queue_position(client, "me", most_read=2)[:3] == (4, 1000 + 3000 + 2 * 2000, 10)
+    client.delete("t:r:rj1")  # Redis lost a reservation: its job counts at the mean too
+    assert queue_position(client, "me")[:3] == (4, 1000 + 5000 + 7000 + 13000 // 3, 10)

@@ -427,8 +427,10 @@ def _finish(job: Job, *, status: str, actual_mcu: int, fields: dict,
     # event goes out (a follower told of an end reads the row).
     Job.objects.filter(pk=job.pk, terminal_event_pending=True).update(terminal_event_pending=False)
     job.terminal_event_pending = False
-    if job.started_at:
-        scheduler_record_run_time(pool=job.pool, seconds=(now - job.started_at).total_seconds())
+    if job.started_at and status == Job.Status.SUCCEEDED:
+        # A run cut short (cancelled, failed) did not do its estimate's work: no pace of it.
+        scheduler_record_run_time(pool=job.pool, seconds=(now - job.started_at).total_seconds(),
+                                  estimated_mcu=job.estimated_mcu)
     _ended_job_keys_drop(job_id=job.pk)
     pool_dispatch(pool=job.pool)  # its capacity is free: the next queued job may start
     return True

@@ -220,11 +220,12 @@ def test_queue_position_and_eta(settings, sent_tasks):
 
     settings.SLUICE_POOL_SLOTS = {"video-hbm": 1}
     api_key = api_key_obj(tenant_with_limits(budget_cu=1000, max_jobs=10))
-    video_job_submit(api_key)
-    scheduler_record_run_time(pool="video-hbm", seconds=10)
+    video_job_submit(api_key)  # holds the slot: 1 CU, none of it done yet
+    scheduler_record_run_time(pool="video-hbm", seconds=10, estimated_mcu=1000)
     waiting = [video_job_submit(api_key).job for _ in range(3)]
     assert [job_queue_info(job)["position"] for job in waiting] == [0, 1, 2]
-    assert job_queue_info(waiting[2])["eta_seconds"] == 30.0
+    # The running job's 1 CU, the two ahead's 2 CU, then its own 1 CU, at 1 CU per 10 s.
+    assert job_queue_info(waiting[2])["eta_seconds"] == 40.0
 
 
 def test_reaper_redelivers_lost_jobs_then_fails_them_with_a_refund(settings, sent_tasks):

@@ -79,3 +79,13 @@ def test_pages_load_vendored_scripts_from_static_not_a_cdn(cast):
     assert "/static/vendor/htmx/htmx.min.js" in html and "/static/vendor/chartjs/chart.umd.min.js" in html
     assert "cdn" not in html.lower() and "unpkg" not in html and "jsdelivr" not in html
     assert Client().get("/static/vendor/htmx/htmx.min.js").status_code == 200
+
+
+def test_every_page_links_a_favicon_that_static_serves(cast):
+    """Without one, each page load logged a 404 for /favicon.ico in the browser's console."""
+    for html in (Client().get("/accounts/login/").content.decode(),
+                 as_user(cast.owner.user).get("/t/acme/").content.decode()):
+        assert '<link rel="icon" href="/static/sluice/favicon.svg" type="image/svg+xml">' in html
+    icon = Client().get("/static/sluice/favicon.svg")
+    assert icon.status_code == 200 and icon["Content-Type"] == "image/svg+xml"
+    assert b"<svg" in b"".join(icon.streaming_content if icon.streaming else [icon.content])

@@ -14,12 +14,14 @@ from django.db import transaction
 from django.utils import timezone
 
 from portal.models import ApiKey, Membership, Role, Tenant, Tier
-from portal.services import api_key_issue
+from portal.services import api_key_issue, membership_visit
 
 DEMO_USERNAME = "admin"
 DEMO_KEY_NAME = "Demo key (make run)"
 DEMO_TENANTS = [("demo-free", "Demo Free", "free"), ("demo-pro", "Demo Pro", "pro"),
                 ("demo-enterprise", "Demo Enterprise", "enterprise")]
+# make run prints this tier's key as "Demo API key", and the dashboard opens on its tenant.
+DEMO_PRINTED_TIER = "pro"
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,11 @@ def demo_seed() -> DemoCredentials:
             tenant, _ = Tenant.objects.get_or_create(
                 slug=slug, defaults={"name": name, "tier": Tier.objects.get(slug=tier_slug)}
             )
-            Membership.objects.get_or_create(user=admin, tenant=tenant, defaults={"role": Role.OWNER})
+            membership, _ = Membership.objects.get_or_create(
+                user=admin, tenant=tenant, defaults={"role": Role.OWNER}
+            )
+            if tier_slug == DEMO_PRINTED_TIER:
+                membership_visit(membership=membership)
             ApiKey.objects.filter(tenant=tenant, name=DEMO_KEY_NAME, revoked_at__isnull=True).update(
                 revoked_at=timezone.now()
             )

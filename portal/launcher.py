@@ -222,7 +222,7 @@ def run_platform(*, host: str, port: int, var_dir: Path, queues: list[str], conf
     from django.core.management import call_command
 
     from inference.engines.vllm import has_gpu as vllm_has_gpu
-    from portal.demo import demo_seed
+    from portal.demo import DEMO_PRINTED_TIER, demo_seed
 
     supervisor = Supervisor()
 
@@ -248,7 +248,7 @@ def run_platform(*, host: str, port: int, var_dir: Path, queues: list[str], conf
         # So README examples work as pasted: curl -H "Authorization: Bearer $(cat var/demo_api_key)"
         key_file = var_dir / "demo_api_key"
         key_file.touch(mode=0o600)
-        key_file.write_text(credentials.keys_by_tier["pro"] + "\n")
+        key_file.write_text(credentials.keys_by_tier[DEMO_PRINTED_TIER] + "\n")
 
         env = dict(os.environ, REDIS_URL=redis_url, PYTHONUNBUFFERED="1",
                    PROMETHEUS_MULTIPROC_DIR=str(metrics_dir_reset(var_dir)))
@@ -277,7 +277,7 @@ def run_platform(*, host: str, port: int, var_dir: Path, queues: list[str], conf
 
         print(f"Dashboard: http://{host}:{port}/", flush=True)
         print(f"Admin login: {credentials.username} / {credentials.password}", flush=True)
-        print(f"Demo API key: {credentials.keys_by_tier['pro']}", flush=True)
+        print(f"Demo API key: {credentials.keys_by_tier[DEMO_PRINTED_TIER]}", flush=True)
         for tier_slug, key in credentials.keys_by_tier.items():
             if tier_slug != "pro":
                 print(f"Other demo keys: {tier_slug}={key}", flush=True)

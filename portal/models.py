@@ -103,6 +103,8 @@ class Membership(models.Model):
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="memberships")
     role = models.CharField(max_length=16, choices=Role.choices, default=Role.MEMBER)
     created_at = models.DateTimeField(default=timezone.now)
+    # When the user last switched to this tenant in the dashboard: where they land after logging in.
+    last_visited_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
-from django.db.models import Q, QuerySet
+from django.db.models import Case, F, Q, QuerySet, Value, When
 from django.utils import timezone
 
 from portal.errors import NotFound
-from portal.models import ApiKey, Membership, Tenant
+from portal.models import ApiKey, Membership, Role, Tenant
 
 
 def memberships_for_user(*, user) -> QuerySet[Membership]:
     return Membership.objects.filter(user=user).select_related("tenant", "tenant__tier")
+
+
+def membership_landing_for_user(*, user) -> Membership | None:
+    """The tenant the dashboard opens on: the one the user last switched to; else one they own,
+    the most recently joined first (not the first by name: a new tenant would not be it)."""
+    return (
+        memberships_for_user(user=user)
+        .annotate(owned=Case(When(role=Role.OWNER, then=Value(1)), default=Value(0)))
+        .order_by(F("last_visited_at").desc(nulls_last=True), "-owned", "-created_at", "-pk")
+        .first()
+    )
 
 
 def membership_get_for_user(*, user, tenant_slug: str) -> Membership:

@@ -498,3 +498,8 @@ def _tenant_status_set(*, tenant: Tenant, status: str, actor: Actor, reason: str
 def tenant_ensure_active(*, tenant: Tenant) -> None:
     if tenant.is_suspended:
         raise TenantSuspended()
+
+
+def membership_visit(*, membership: Membership) -> None:
+    """Record that the user switched to this tenant, so their next login lands there."""
+    Membership.objects.filter(pk=membership.pk).update(last_visited_at=timezone.now())

@@ -32,7 +32,9 @@ def tenant_page(view):
         try:
             membership = selectors.membership_get_for_user(user=request.user, tenant_slug=tenant_slug)
             request.membership = membership
-            request.session["current_tenant"] = tenant_slug
+            if request.session.get("current_tenant") != tenant_slug:  # a write per switch, not per page
+                services.membership_visit(membership=membership)
+                request.session["current_tenant"] = tenant_slug
             return view(request, membership, *args, **kwargs)
         except NotFound as exc:
             raise Http404 from exc
@@ -56,12 +58,13 @@ def tenant_context(request) -> dict:
 
 @login_required
 def dashboard_home(request):
-    memberships = list(selectors.memberships_for_user(user=request.user))
-    if not memberships:
-        return render(request, "portal/no_tenant.html")
-    slugs = [m.tenant.slug for m in memberships]
     current = request.session.get("current_tenant")
-    return redirect("tenant-overview", tenant_slug=current if current in slugs else slugs[0])
+    if current and selectors.memberships_for_user(user=request.user).filter(tenant__slug=current).exists():
+        return redirect("tenant-overview", tenant_slug=current)
+    landing = selectors.membership_landing_for_user(user=request.user)
+    if landing is None:
+        return render(request, "portal/no_tenant.html")
+    return redirect("tenant-overview", tenant_slug=landing.tenant.slug)
 
 
 BURN_CHART_DAYS = 30

@@ -294,3 +294,45 @@ def test_overview_counts_usable_keys_and_the_tenants_own_job_cap(client, cast):
     html = login(client, cast.viewer).get("/t/acme/").content.decode()
     assert "2 active keys" in html  # the cast's key and "later"
     assert "at most 3 at once" in html
+
+
+def test_after_logging_in_a_member_of_several_tenants_lands_on_the_one_they_last_visited(cast):
+    """Home opened the first tenant by name whatever the user had been doing; now it opens the
+    last one they switched to, across logins, and before any visit one they own."""
+    from tests.factories import TenantFactory, tier
+
+    user = cast.member.user  # a member of Acme
+    zeta = TenantFactory(name="Zeta", slug="zeta", tier=tier("pro"))
+    Membership.objects.create(user=user, tenant=zeta, role=Role.OWNER)
+    assert login(Client(), cast.member).get("/")["Location"] == "/t/zeta/"  # owned, not by name
+
+    browser = login(Client(), cast.member)
+    browser.get("/t/acme/keys/")
+    assert browser.get("/")["Location"] == "/t/acme/"
+    assert login(Client(), cast.member).get("/")["Location"] == "/t/acme/"  # a new login too
+    browser.get("/t/zeta/")
+    assert login(Client(), cast.member).get("/")["Location"] == "/t/zeta/"
+    # Another user's visits do not move this one's landing.
+    Membership.objects.create(user=cast.outsider.user, tenant=cast.tenant, role=Role.VIEWER)
+    login(Client(), cast.outsider).get("/t/acme/")
+    assert login(Client(), cast.member).get("/")["Location"] == "/t/zeta/"
+    # Leaving the tenant one last visited lands on another.
+    Membership.objects.filter(user=user, tenant=zeta).delete()
+    assert browser.get("/")["Location"] == "/t/acme/"
+
+
+def test_the_demo_user_lands_on_the_tenant_of_the_key_make_run_prints(db, api):
+    from portal.demo import DEMO_PRINTED_TIER, DEMO_USERNAME, demo_seed
+
+    for _run in range(2):  # a second make run on the same database, after browsing elsewhere
+        credentials = demo_seed()
+        browser = Client()
+        assert browser.login(username=DEMO_USERNAME, password=credentials.password)
+        landing = browser.get("/")["Location"]
+        assert landing == "/t/demo-pro/"
+        browser.get("/t/demo-enterprise/")
+    from portal.keys import key_material_parse
+
+    printed = key_material_parse(credentials.keys_by_tier[DEMO_PRINTED_TIER])
+    assert ApiKey.objects.get(prefix=printed.prefix, revoked_at__isnull=True).tenant.slug == "demo-pro"
+    assert api.bearer(credentials.keys_by_tier[DEMO_PRINTED_TIER]).get("/v1/usage").status_code == 200

@@ -64,36 +64,3 @@ def test_a_broker_that_does_not_answer_is_logged_with_its_exception(monkeypatch,
         assert REAL_WORKERS_ALIVE() is None
     (record,) = [r for r in caplog.records if r.getMessage() == "could not ping workers"]
     assert record.exc_info and "Connection" in type(record.exc_info[1]).__name__ + str(record.exc_info[1])
-
-
-@pytest.mark.slow
-@pytest.mark.django_db(transaction=True)
-def test_concurrent_console_loads_all_see_the_live_worker(staff, start_live_server, start_worker):
-    """The console's ping (a broker connection of its own, answers shared for a moment) finds
-    the real worker from the real server, one load after another and several at once."""
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-
-    import httpx
-
-    server = start_live_server()
-    worker = start_worker("webhooks")
-    server.wait_ready()
-    client = Client()
-    client.force_login(staff)
-    cookies = {"sessionid": client.cookies["sessionid"].value}
-
-    def workers_listed() -> bool:
-        page = httpx.get(f"{server.url}/ops/", cookies=cookies, timeout=30)
-        assert page.status_code == 200
-        return "test-webhooks" in page.text
-
-    deadline = time.monotonic() + 60
-    while not workers_listed():  # the worker is still starting
-        assert time.monotonic() < deadline, worker.output()[-3000:]
-        time.sleep(0.5)
-    assert all(workers_listed() for _load in range(6))  # one after another
-    with ThreadPoolExecutor(max_workers=3) as pool:  # three at once
-        for _round in range(3):
-            assert all(pool.map(lambda _: workers_listed(), range(3)))
-    assert "could not ping workers" not in server.output()

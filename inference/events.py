@@ -9,6 +9,8 @@ changes are also broadcast to the tenant's Channels group for live job lists.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import logging
 import time
@@ -61,6 +63,8 @@ def event_publish(*, job_id: str, tenant_id: int, event_type: str, data: dict,
     `published_at` (epoch seconds) lets a follower measure how late an event reached it.
     A running attempt numbers its events (`attempt_seq`: 1, 2, ... within `attempt`), so that
     publishing one again after an error whose reply was lost appends it once (lua/publish.lua).
+    A job's end is appended once however often it is published (a retry, the reaper): each
+    publish returns the first one's seq, and its webhook is recorded once.
     Returns its seq; 0 when it came from an attempt the job was handed away from (dropped)."""
     payload = _payload(job_id, data, published_at=time.time())
     group = tenant_group(tenant_id)
@@ -68,7 +72,8 @@ def event_publish(*, job_id: str, tenant_id: int, event_type: str, data: dict,
         keys=[stream_key(job_id), f"{stream_key(job_id)}:seq", WEBHOOK_TENANTS_KEY,
               group_storage_key(group), f"{stream_key(job_id)}:last"],
         args=[event_type, json.dumps(payload), STREAM_TTL_S, STREAM_MAXLEN, tenant_id,
-              "" if attempt_seq is None else attempt, "" if attempt_seq is None else attempt_seq],
+              "" if attempt_seq is None else attempt, "" if attempt_seq is None else attempt_seq,
+              1 if event_type in TERMINAL_EVENTS else ""],
     )
     if not seq:
         return 0
@@ -131,9 +136,21 @@ def _webhook(*, tenant_id: int, event_type: str, data: dict) -> None:
         if not WebhookEndpoint.objects.filter(tenant_id=tenant_id, enabled=True).exists():
             return
         tenant = Tenant.objects.only("id", "slug").get(pk=tenant_id)
-        webhook_event_publish(tenant=tenant, event_type=event_type, data=data)
+        # A job's end has one webhook id: published again (the script returns the first end's
+        # seq, and this caller may be the first to get this far: its first try's reply was
+        # lost), it is recorded once, and a receiver never gets two ends under two ids.
+        end_id = job_end_webhook_id(data["id"]) if event_type in TERMINAL_EVENTS else None
+        webhook_event_publish(tenant=tenant, event_type=event_type, data=data, event_id=end_id)
     except Exception:  # delivery is retried by webhooks; recording must never fail the job
         logger.exception("could not record webhook %s for %s", event_type, data.get("id"))
+
+
+def job_end_webhook_id(job_id: str) -> str:
+    """The webhook-id of a job's end (its job.completed, job.failed or job.cancelled): the same
+    each time the end is published, so it is recorded, and delivered, once. Shaped like the
+    other events' `msg_<ULID>`, though not time-ordered."""
+    digest = hashlib.sha256(f"{job_id}:end".encode()).digest()
+    return f"msg_{base64.b32encode(digest).decode()[:26]}"
 
 
 def _decode(entry_id: bytes, fields: dict) -> JobEvent:

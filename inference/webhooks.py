@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import redis
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 from standardwebhooks import Webhook
@@ -38,6 +38,7 @@ from inference.webhook_models import (
     WebhookDelivery,
     WebhookEndpoint,
     WebhookEvent,
+    event_id_new,
 )
 from portal.audit import Actor, audit_record
 from portal.errors import InvalidParameter
@@ -276,11 +277,13 @@ def webhook_records_purge(*, now: datetime | None = None) -> int:
     return len(event_ids)
 
 
-def webhook_event_publish(*, tenant: Tenant, event_type: str, data: dict) -> WebhookEvent | None:
+def webhook_event_publish(*, tenant: Tenant, event_type: str, data: dict,
+                          event_id: str | None = None) -> WebhookEvent | None:
     """Record `event_type` with `data` for `tenant` and deliver it to every enabled endpoint that
     subscribes to it, once this transaction commits. None when no endpoint wants it (nothing is
-    stored then). `data` must be JSON-serialisable (datetimes, Decimals and UUIDs are turned into
-    strings here, so what is stored is exactly what is sent)."""
+    stored then), or when an event `event_id` is recorded already (an occurrence published again
+    is recorded and delivered once). `data` must be JSON-serialisable (datetimes, Decimals and
+    UUIDs are turned into strings here, so what is stored is exactly what is sent)."""
     if event_type not in WEBHOOK_EVENT_TYPES:
         raise InvalidParameter(f"Unknown webhook event type {event_type!r}.", param="event_type")
     endpoints = [
@@ -296,18 +299,26 @@ def webhook_event_publish(*, tenant: Tenant, event_type: str, data: dict) -> Web
     payload = json.loads(json.dumps(
         {"type": event_type, "timestamp": _iso_utc(now), "data": data}, cls=DjangoJSONEncoder
     ))
-    with transaction.atomic():
-        event = WebhookEvent.objects.create(
-            tenant=tenant, type=event_type, payload=payload, created_at=now,
-            job_id=data.get("id") if data.get("object") == "job" else None,
-        )
-        deliveries = WebhookDelivery.objects.bulk_create(
-            WebhookDelivery(endpoint=endpoint, event=event, next_attempt_at=now + _claim_lease(),
-                            created_at=now, updated_at=now)
-            for endpoint in endpoints
-        )
-        for delivery in deliveries:
-            _enqueue_attempt(delivery_id=delivery.id, attempt=1)
+    try:
+        with transaction.atomic():
+            # The key decides: two publishers of the same occurrence racing, the second waits
+            # for the first's commit and finds its id taken. No query more for the first.
+            event = WebhookEvent.objects.create(
+                id=event_id or event_id_new(), tenant=tenant, type=event_type, payload=payload,
+                created_at=now, job_id=data.get("id") if data.get("object") == "job" else None,
+            )
+            deliveries = WebhookDelivery.objects.bulk_create(
+                WebhookDelivery(endpoint=endpoint, event=event, next_attempt_at=now + _claim_lease(),
+                                created_at=now, updated_at=now)
+                for endpoint in endpoints
+            )
+            for delivery in deliveries:
+                _enqueue_attempt(delivery_id=delivery.id, attempt=1)
+    except IntegrityError:
+        if event_id is None or not WebhookEvent.objects.filter(pk=event_id).exists():
+            raise
+        logger.info("webhook event %s %s already recorded", event_id, event_type)
+        return None
     logger.info("webhook event %s %s tenant=%s deliveries=%d", event.id, event_type, tenant.slug,
                 len(deliveries))
     return event

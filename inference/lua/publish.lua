@@ -11,19 +11,30 @@
 -- had not (broadcast, webhooks). An earlier one comes from an attempt the job was handed away
 -- from, publishing after its successor did: dropped, seq 0.
 --
+-- A job ends once, and its stream takes one end: an end published again (redis-py retrying
+-- after a lost reply, the reaper announcing an end whose worker published it and died before
+-- clearing `terminal_event_pending`) is not appended; the first end's seq is returned, so the
+-- caller finishes what it had not (broadcast, webhooks).
+-- The mark lives in KEYS[5], which a deleted job keeps: a late end does not bring back the
+-- stream that its delete removed. It expires with the stream (both are set the same TTL by
+-- the end, the stream's last append).
+--
 -- KEYS: 1 stream  2 sequence counter  3 set of tenant ids with webhook endpoints, complete
 --       when it holds the member '*' (it goes with the set if Redis loses or evicts it)
 --       4 the tenant's Channels group (its members, kept by the channel layer on this Redis)
---       5 the attempt, attempt_seq and seq of the last event an attempt appended (a hash)
+--       5 the attempt, attempt_seq and seq of the last event an attempt appended, and the
+--         seq of the job's end once appended (`end`) (a hash)
 -- ARGV: 1 event type  2 data (JSON)  3 ttl s  4 approximate max length  5 tenant id
 --       6 the publishing attempt  7 the event's attempt_seq; both '' for an event published
---       outside a run (queued, an end): always appended
+--       outside a run (queued, an end): appended (an end once)  8 '1' for the job's end
 -- Returns {seq, webhooks, listeners}: webhooks 1 the tenant has (or had) an endpoint, 0 it
 -- has none, -1 the set must be rebuilt from the database first; listeners 1 when the group
 -- has members.
 
 local seq
-if ARGV[7] ~= '' then
+if ARGV[8] == '1' then
+  seq = tonumber(redis.call('HGET', KEYS[5], 'end'))
+elseif ARGV[7] ~= '' then
   local attempt, attempt_seq = tonumber(ARGV[6]), tonumber(ARGV[7])
   local last = redis.call('HMGET', KEYS[5], 'attempt', 'attempt_seq', 'seq')
   local last_attempt, last_attempt_seq = tonumber(last[1]) or 0, tonumber(last[2]) or 0
@@ -40,6 +51,9 @@ if not seq then
   redis.call('EXPIRE', KEYS[2], ARGV[3])
   if ARGV[7] ~= '' then
     redis.call('HSET', KEYS[5], 'attempt', ARGV[6], 'attempt_seq', ARGV[7], 'seq', seq)
+    redis.call('EXPIRE', KEYS[5], ARGV[3])
+  elseif ARGV[8] == '1' then
+    redis.call('HSET', KEYS[5], 'end', seq)
     redis.call('EXPIRE', KEYS[5], ARGV[3])
   end
 end

@@ -103,3 +103,28 @@ def second_receiver(webhook_settings):
 def pools(settings):
     settings.SLUICE_POOL_CAPACITY_CU = {"text-batch": 1_000_000, "video-hbm": 1_000_000}
     settings.SLUICE_POOL_SLOTS = {"text-batch": 32, "video-hbm": 1}
+
+
+@pytest.fixture
+def redis_replies_lost(monkeypatch):
+    """`lose(count)`: the next `count` replies of a Lua script are lost after Redis ran it (a
+    timeout reading them; the caller gets redis.TimeoutError). Returns the replies lost."""
+    import redis
+
+    read_response = redis.connection.AbstractConnection.read_response
+    lost: list = []
+    to_lose = [0]
+
+    def losing_the_reply(self, *args, **kwargs):
+        response = read_response(self, *args, **kwargs)
+        if len(lost) < to_lose[0] and isinstance(response, list):  # a script's, not a PING's
+            lost.append(response)
+            raise redis.TimeoutError("Timeout reading from socket")
+        return response
+
+    def lose(count: int = 1) -> list:
+        to_lose[0] = len(lost) + count
+        return lost
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "read_response", losing_the_reply)
+    return lose

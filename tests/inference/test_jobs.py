@@ -474,10 +474,15 @@ def test_a_job_that_ends_while_redis_refuses_its_event_is_announced_by_the_reape
     """The end commits in PostgreSQL; followers and webhooks hear of it through Redis. Redis
     failing in between must delay the announcement, not lose it (a webhook receiver would
     otherwise never learn that the job it paid for finished)."""
+    from django.urls import get_resolver
+
     from inference.events import events_read
     from inference.webhook_models import WebhookEvent
     from inference.webhooks import webhook_endpoint_create
 
+    # The event's content_url is reversed: the URLconf's first import (it loads transformers,
+    # 10-14 s on a loaded 2-core box) must not run inside the reaper's 10 s grace below.
+    get_resolver().url_patterns  # noqa: B018 - imported for its side effect
     api_key = api_key_obj(tenant_with_limits(budget_cu=100))
     webhook_endpoint_create(tenant=api_key.tenant, url=receiver.url)
     job = job_claim(job_id=video_job_submit(api_key, cu=4).job.pk, attempt=1)

@@ -364,6 +364,14 @@ def webhook_events_job_content_remove(*, job_id: str) -> int:
     ).values_list("pk", "payload"))
     for event_id, payload in events:
         WebhookEvent.objects.filter(pk=event_id).update(payload=_payload_without_job_content(payload))
+    if events:
+        # What the receiver answered to them goes too: one that echoes the request body (a
+        # common test receiver) put the content into the delivery log's response snippets.
+        event_ids = [event_id for event_id, _payload in events]
+        WebhookDelivery.objects.filter(event_id__in=event_ids).exclude(
+            last_response_snippet="").update(last_response_snippet="")
+        WebhookAttempt.objects.filter(delivery__event_id__in=event_ids).exclude(
+            response_snippet="").update(response_snippet="")
     return len(events)
 
 

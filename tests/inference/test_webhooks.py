@@ -569,8 +569,11 @@ def test_a_deleted_jobs_output_leaves_its_recorded_webhook_events(cast, api, cli
         completions[text] = job
     job, kept_job = completions.values()
     completed = WebhookEvent.objects.get(tenant=cast.tenant, type="job.completed", job_id=job.pk)
+    receiver.replies.append(Reply(body=json.dumps(  # a receiver that echoes what it got
+        {"echo": completed.payload}).encode()))
     assert attempt_next(only_delivery(completed)).status == Status.SUCCEEDED
     assert completed.payload["data"]["result"]["text"] == "the private completion"
+    assert "the private completion" in only_delivery(completed).last_response_snippet
     assert WebhookEvent.objects.filter(job_id=job.pk).count() == 3  # queued, started, completed
     as_recorded = completed.payload
 
@@ -589,6 +592,10 @@ def test_a_deleted_jobs_output_leaves_its_recorded_webhook_events(cast, api, cli
     assert completed.payload["data"]["status"] == "succeeded"
     assert completed.type == "job.completed"
     assert only_delivery(completed).status == Status.SUCCEEDED
+    # What the receiver echoed back, kept in the delivery log, goes with it.
+    assert "the private completion" not in only_delivery(completed).last_response_snippet
+    assert not WebhookAttempt.objects.filter(
+        delivery__event=completed, response_snippet__contains="the private completion").exists()
     assert not any("the private completion" in json.dumps(payload) for payload in
                    WebhookEvent.objects.filter(job_id=job.pk).values_list("payload", flat=True))
     kept = WebhookEvent.objects.get(job_id=kept_job.pk, type="job.completed")

@@ -7,6 +7,8 @@ who owns another tenant and must get 404 for everything of the first.
 from __future__ import annotations
 
 import contextlib
+import http.server
+import threading
 from dataclasses import dataclass
 
 import pytest
@@ -338,3 +340,39 @@ def pytest_sessionfinish(session, exitstatus):
     from tests.inference import text_stack as stack
 
     stack.engines_stop_early()
+
+
+# An engine that hangs (tests of the read timeout and of the hard time limit).
+class HungEngine(http.server.BaseHTTPRequestHandler):
+    """A vLLM server that answers its health check, takes a completion and then says nothing
+    (a stuck read, as behind a hung CUDA call), until `release` is set."""
+
+    release = threading.Event()
+
+    def do_GET(self):  # noqa: N802 - the stdlib's name
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_POST(self):  # noqa: N802
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        self.wfile.write(b"\n")
+        self.wfile.flush()
+        self.release.wait(300)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def hung_engine():
+    HungEngine.release.clear()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HungEngine)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    HungEngine.release.set()  # the streams end: the worker can stop
+    server.shutdown()
+    server.server_close()

@@ -390,49 +390,21 @@ def test_a_text_job_whose_engine_is_down_reads_started_then_failed_and_is_refund
     assert used(api_key.tenant_id) == 0  # refunded in full
 
 
-def test_a_text_job_whose_engine_goes_silent_fails_refunded_instead_of_holding_its_slot(settings, sent_tasks):
+def test_a_text_job_whose_engine_goes_silent_fails_refunded_instead_of_holding_its_slot(
+        settings, sent_tasks, hung_engine):
     """An engine that took the request and then says nothing (hung): after
     SLUICE_VLLM_READ_TIMEOUT_S the job fails with engine_error and is refunded. Without it the
     worker would wait for ever, heartbeating, and the reaper would keep renewing its lease."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     from inference.registry import model_get
     from inference.services import text_job_create
 
-    release = threading.Event()
-
-    class HungEngine(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - the stdlib's name
-            self.send_response(200)  # /health: it looks alive
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def do_POST(self):  # noqa: N802
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.end_headers()
-            self.wfile.write(b"\n")
-            self.wfile.flush()
-            release.wait(30)  # and then nothing
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), HungEngine)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        served = model_get("sluice-code-tiny").variant("full").served_name
-        settings.SLUICE_VLLM_URLS = {served: f"http://127.0.0.1:{server.server_port}"}
-        settings.SLUICE_VLLM_READ_TIMEOUT_S = 0.5
-        api_key = api_key_obj(tenant_with_limits(budget_cu=100))
-        job = text_job_create(api_key=api_key, payload={"model": "sluice-code-tiny", "prompt": "x = 1",
-                                                        "max_tokens": 4}).job
-        assert job_run(job_id=job.pk, attempt=1) == "failed"
-    finally:
-        release.set()
-        server.shutdown()
-        server.server_close()
+    served = model_get("sluice-code-tiny").variant("full").served_name
+    settings.SLUICE_VLLM_URLS = {served: hung_engine}
+    settings.SLUICE_VLLM_READ_TIMEOUT_S = 0.5
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    job = text_job_create(api_key=api_key, payload={"model": "sluice-code-tiny", "prompt": "x = 1",
+                                                    "max_tokens": 4}).job
+    assert job_run(job_id=job.pk, attempt=1) == "failed"
     job.refresh_from_db()
     assert (job.status, job.error_code) == ("failed", "engine_error")
     assert "timed out" in job.error_message.lower()

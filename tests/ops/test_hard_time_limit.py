@@ -4,9 +4,6 @@ announced once."""
 
 from __future__ import annotations
 
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
 
 from inference.events import TERMINAL_EVENTS
@@ -23,41 +20,6 @@ from tests.inference.test_worker import event_types, wait_for
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 POOL = "text-batch"
-
-
-class HungEngine(BaseHTTPRequestHandler):
-    """A vLLM server that answers its health check, takes a completion and then says nothing
-    (a stuck read, as behind a hung CUDA call), until `release` is set."""
-
-    release = threading.Event()
-
-    def do_GET(self):  # noqa: N802 - the stdlib's name
-        self.send_response(200)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def do_POST(self):  # noqa: N802
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.end_headers()
-        self.wfile.write(b"\n")
-        self.wfile.flush()
-        self.release.wait(300)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def hung_engine():
-    HungEngine.release.clear()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), HungEngine)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    HungEngine.release.set()  # the streams end: the worker can stop
-    server.shutdown()
-    server.server_close()
 
 
 def test_a_job_whose_engine_hangs_past_the_limit_is_killed_ended_once_and_frees_its_worker(

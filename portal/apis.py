@@ -10,6 +10,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from inference.registry import ModelNotFound, ModelSpec, model_get, models_for_tier
+from portal.errors import NotFound
 from portal.metrics import metrics_exposition, scrape_allowed
 from portal.redis import redis_client
 
@@ -93,3 +94,16 @@ def metrics(request):
         return HttpResponse(status=401, headers={"WWW-Authenticate": "Bearer"})
     body, content_type = metrics_exposition(queues=True)
     return HttpResponse(body, content_type=content_type)
+
+
+class ApiPathNotFound(APIView):
+    """Any /v1/ path no route takes: the JSON 404, answered as an API view so that a request
+    with a valid key carries its rate-limit headers like every other API response (DESIGN.md),
+    and a wrong key is the same 401 as anywhere. No key is not required: it is still a 404."""
+
+    permission_classes: list = []
+    schema = None  # not an endpoint of the schema
+
+    def initial(self, request, *args, **kwargs):
+        super().initial(request, *args, **kwargs)  # authentication, throttles
+        raise NotFound()

@@ -44,7 +44,7 @@ api_v1 = [
     path("moderations", ModerationsApi.as_view(), name="api-moderations"),
     # Last: any other /v1/ path is the JSON 404 here, since with DEBUG (make run) Django answers
     # an unmatched URL with its HTML debug page and never calls handler404.
-    re_path(r"", views.not_found, name="api-not-found"),
+    re_path(r"", apis.ApiPathNotFound.as_view(), name="api-not-found"),
 ]
 
 urlpatterns = [

@@ -31,6 +31,11 @@ def test_unknown_api_path_is_json_404(cast, api):
     response = api.bearer(cast.owner_key).get("/v1/nope")
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"
+    # Like every API response made with a key (DESIGN.md): it had none before.
+    assert int(response["x-ratelimit-limit-cu"]) > 0 and "x-ratelimit-remaining-cu" in response
+    assert api.bearer(cast.owner_key).post("/v1/nope", {}, format="json").status_code == 404
+    assert api.bearer(None).get("/v1/nope").status_code == 404  # no key: still the 404
+    assert api.bearer("sk-not-a-key").get("/v1/nope").status_code == 401  # as anywhere
 
 
 def test_unknown_api_path_is_json_404_in_debug_mode_too(cast, api, settings):

@@ -18,6 +18,7 @@ from inference.runner import ATTEMPT_CHECK_S, job_run
 from inference.services import HEARTBEAT_KEY, job_cancel, job_recover_lost, text_job_create
 from quotas.models import LedgerEntry
 from tests.factories import api_key_obj, tenant_with_limits
+from tests.inference.test_jobs import within
 
 
 class StreamingEngine:
@@ -108,15 +109,6 @@ def streaming_engine(settings):
         served = model_get("sluice-code-tiny").variant("full").served_name
         settings.SLUICE_VLLM_URLS = {served: engine.url}
         yield engine
-
-
-def within(seconds: float, predicate) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def attempts_streamed(events) -> set[str]:

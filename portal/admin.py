@@ -211,9 +211,48 @@ admin.site.unregister(get_user_model())
 class UserAdmin(DjangoUserAdmin):
     """Deleting an account goes through services.user_delete: its memberships are removed as the
     membership admin removes them (the keys they created revoked, audit-logged), refused where a
-    tenant would be left without an owner or the account's history would go (deactivate it)."""
+    tenant would be left without an owner or the account's history would go (deactivate it).
+    Deactivating one (unticking Active, or the "Deactivate" action) goes through
+    services.user_deactivate: the keys it created are revoked. Ticking Active again restores no
+    key: the person issues new ones."""
 
-    actions = ["delete_selected"]
+    actions = ["deactivate", "delete_selected"]
+    NO_KEYS_RESTORED = ("Ticking Active again restores no key: revoked keys stay revoked, the person "
+                        "issues new ones.")
+
+    def save_model(self, request, obj, form, change):
+        was_active = change and type(obj).objects.filter(pk=obj.pk, is_active=True).exists()
+        super().save_model(request, obj, form, change)  # in changeform_view's transaction
+        if not obj.is_active:
+            # Also on an account that was inactive already: a key of its left working (one from
+            # before deactivating revoked keys) is revoked by saving it.
+            revoked = services.user_deactivate(user=obj, actor=request.user)
+            if was_active or revoked:
+                self.message_user(request, self._deactivated_message(obj, revoked))
+
+    @admin.action(description="Deactivate selected users (and revoke the keys each created)",
+                  permissions=["change"])
+    def deactivate(self, request, queryset):
+        deactivated, inactive_already, revoked = 0, 0, []
+        for user in queryset.order_by("pk"):
+            was_active = user.is_active
+            with transaction.atomic():  # the log entry with the deactivation, or neither
+                revoked_now = services.user_deactivate(user=user, actor=request.user)
+                if was_active or revoked_now:
+                    self.log_change(request, user, f"Deactivated (admin action); revoked "
+                                                   f"{len(revoked_now)} key(s).")
+            deactivated += was_active
+            inactive_already += not was_active
+            revoked += revoked_now
+        already = f" ({inactive_already} inactive already)" if inactive_already else ""
+        self.message_user(request, f"Deactivated {deactivated} account(s){already}; revoked "
+                                   f"{len(revoked)} key(s) they created. " + self.NO_KEYS_RESTORED)
+
+    @classmethod
+    def _deactivated_message(cls, user, revoked) -> str:
+        keys = f": {', '.join(key.masked for key in revoked)}" if revoked else ""
+        return (f"{user.get_username()} is deactivated; revoked {len(revoked)} key(s) it created{keys}. "
+                + cls.NO_KEYS_RESTORED)
 
     def get_deleted_objects(self, objs, request):
         # The confirmation page and the bulk action both ask this first: a refusal is listed as

@@ -84,6 +84,11 @@ def api_key_issue(
         raise InvalidParameter("The CU/minute limit must be positive.", param="cu_per_minute")
     material = key_material_generate()
     with transaction.atomic():
+        if created_by is not None and not User.objects.select_for_update().filter(
+                pk=created_by.pk, is_active=True).exists():
+            # The issuer's row, locked: a key issued while user_deactivate runs waits for it and
+            # is refused, instead of landing after the revocation and outliving the account.
+            raise PermissionDenied("This account is deactivated: it issues no keys.")
         api_key = ApiKey.objects.create(
             tenant=tenant,
             name=name[:120],
@@ -448,6 +453,27 @@ def user_delete(*, user, actor: Actor = None) -> list[ApiKey]:
         user_id = user.pk
         user.delete()
     logger.info("user %s deleted; %d key(s) revoked", user_id, len(revoked))
+    return revoked
+
+
+def user_deactivate(*, user, actor: Actor = None) -> list[ApiKey]:
+    """Deactivate a person's account (platform staff `actor`: the admin's change form and its
+    action, a command). It signs in no more (Django's login and its session backend refuse an
+    inactive user, sessions already open included), and every key it created that still works is
+    revoked, in every tenant, audit-logged there: the person saw each in full and may still hold
+    it. One transaction; the account's row is written first, so a key issued meanwhile
+    (api_key_issue locks its issuer's row) waits and is refused. Idempotent: on an inactive
+    account it revokes only what is left (nothing, once it ran), and records nothing else.
+    Reactivating the account (ticking Active again) restores none: revoked keys stay revoked, and
+    the person issues new ones. Returns the keys this call revoked."""
+    with transaction.atomic():
+        User.objects.filter(pk=user.pk).update(is_active=False)
+        user.is_active = False
+        left = ApiKey.objects.filter(created_by=user, revoked_at__isnull=True).order_by("pk")
+        revoked = [api_key_revoke(api_key=api_key, actor=actor,
+                                  reason="its issuer's account was deactivated")
+                   for api_key in left]
+    logger.info("user %s deactivated; %d key(s) revoked", user.pk, len(revoked))
     return revoked
 
 

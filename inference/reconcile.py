@@ -9,7 +9,10 @@ day) and failing with `queue_timeout`:
   (`reservations_admitted` failed after the round) has it recorded;
 - an admitted job no worker claimed (its Celery message was never sent, or was lost with the
   broker's data) is sent again. A duplicate is harmless: `job_claim` takes the job only for the
-  attempt after the one it is at, once.
+  attempt after the one it is at, once;
+- a job's end whose settlement committed and whose process died before mirroring it into Redis
+  (the reservation's marker still there: its unused part still charged, its slot held) is
+  mirrored (`settlements_mirror_missed`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from inference.models import Job
 from inference.scheduler import scheduler_enqueue, scheduler_queued, scheduler_remove
 from inference.services import job_send
 from portal.redis import redis_client
-from quotas.ledger import counters_rebuild, reservations_admitted
+from quotas.ledger import counters_rebuild, reservations_admitted, settlements_mirror_missed
 from quotas.limits import pool_lease_s, quota_limits_for, reservation_marker
 from quotas.models import Reservation
 
@@ -36,7 +39,8 @@ RESENT_KEY = "s:resent:{job_id}"
 
 def jobs_reconcile(*, now: datetime | None = None) -> dict[str, int]:
     """Every queued job older than SLUICE_SCHEDULER_RECONCILE_AFTER_S, a batch at a time in id
-    (= submission) order. Returns how many were `enqueued`, `admitted` and `resent`."""
+    (= submission) order, then the settlements never mirrored. Returns how many were
+    `enqueued`, `admitted`, `resent` and `mirrored` (only those above zero)."""
     now = now or timezone.now()
     settled_before = now - timedelta(seconds=settings.SLUICE_SCHEDULER_RECONCILE_AFTER_S)
     outcomes: dict[str, int] = {}
@@ -53,8 +57,11 @@ def jobs_reconcile(*, now: datetime | None = None) -> dict[str, int]:
         for outcome, count in _batch_reconcile(batch, now=now).items():
             outcomes[outcome] = outcomes.get(outcome, 0) + count
         if len(batch) < RECONCILE_BATCH:
-            return outcomes
+            break
         after = batch[-1].pk
+    if mirrored := settlements_mirror_missed(now=now):
+        outcomes["mirrored"] = mirrored
+    return outcomes
 
 
 def _batch_reconcile(jobs: list[Job], *, now: datetime) -> dict[str, int]:

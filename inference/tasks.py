@@ -33,7 +33,8 @@ def scheduler_tick() -> int:
 @shared_task(name="inference.scheduler_reconcile", ignore_result=True)
 def scheduler_reconcile() -> dict:
     """Queued jobs Redis lost, or that a failed step left out of every queue, go back to it;
-    admitted ones no worker claimed are sent again (inference/reconcile.py)."""
+    admitted ones no worker claimed are sent again; settlements a dying process never
+    mirrored into Redis are mirrored (inference/reconcile.py)."""
     return jobs_reconcile()
 
 

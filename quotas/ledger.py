@@ -3,7 +3,9 @@
 The database is the source of truth. Every change is written there first (conditional
 updates make settlement idempotent), then mirrored into Redis' hot counters. When Redis is
 down, the mirror step is marked pending (`redis_synced=False`) and replayed by a periodic
-task; when Redis lost its data, counters are rebuilt from the ledger on the next miss.
+task; when the process dies between the commit and the mirror, the reconciler mirrors it
+(`settlements_mirror_missed`); when Redis lost its data, counters are rebuilt from the ledger
+on the next miss.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from datetime import datetime, timedelta
 import redis
 from django.conf import settings
 from django.db import transaction
-from django.db.models import BigIntegerField, F, Sum, Value
+from django.db.models import BigIntegerField, F, Q, QuerySet, Sum, Value
 from django.db.models.functions import Least
 from django.utils import timezone
 
@@ -53,6 +55,16 @@ logger = logging.getLogger(__name__)
 
 # A queued reservation may wait this long for pool capacity before the reaper releases it.
 QUEUE_ALLOWANCE_S = 24 * 3600
+
+# A job's end commits its settlement, then mirrors it into Redis (`settlement_mirror`); a
+# process that dies between the two leaves the reservation's marker behind, and Redis charging
+# its unused part and holding its slot. The reconciler (every 30 s) mirrors the settlements of
+# the last MIRROR_SWEEP_WINDOW_S whose marker is still live, once they are MIRROR_SWEEP_GRACE_S
+# old (a live process mirrors within milliseconds; settle.lua is idempotent, so a race with
+# one would be harmless anyway), MIRROR_SWEEP_BATCH at a time.
+MIRROR_SWEEP_WINDOW_S = 300
+MIRROR_SWEEP_GRACE_S = 10
+MIRROR_SWEEP_BATCH = 500
 
 
 def reservation_id_new() -> str:
@@ -229,19 +241,22 @@ def reservation_release(*, reservation_id: str) -> bool:
     return reservation_settle(reservation_id=reservation_id, actual_mcu=0)
 
 
-def settlement_mirror(reservation: Reservation) -> None:
+def settlement_mirror(reservation: Reservation) -> bool:
     """Release a settled reservation in Redis: refund its unused part, free its slot. Idempotent
-    (the marker goes once); when Redis refuses, the sync task replays it."""
+    (the marker goes once); when Redis refuses, the sync task replays it. A process that dies
+    before this call leaves it to the reconciler (`settlements_mirror_missed`): no extra write
+    per settlement. True when this call released it."""
     if not reservation.redis_synced:
-        return  # Redis never counted it; the sync task accounts for the net charge
+        return False  # Redis never counted it; the sync task accounts for the net charge
     try:
-        _release_in_redis(
+        return bool(_release_in_redis(
             redis_client(), _keys_for(reservation), reservation.id,
             refund_mcu=reservation.reserved_mcu - reservation.settled_mcu,
-        )
+        ))
     except redis.RedisError:
         logger.warning("settlement of %s queued until Redis is back", reservation.id)
         Reservation.objects.filter(pk=reservation.pk).update(redis_synced=False)
+        return False
 
 
 def reservations_admitted(*, reservation_ids: list[str], pool: str) -> None:
@@ -299,57 +314,137 @@ def counters_rebuild(*, tenant_id: int, period: str, api_key_id: int | None = No
     that settled between that read and the ledger's had its refund in neither (its marker not
     restored, the refund not in the ledger read), and one that settled before the script ran
     refunded nothing (no budget counter yet, then its marker restored as running). Locked, its
-    settlement waits for the script and refunds through the marker restored here."""
+    settlement waits for the script and refunds through the marker restored here.
+
+    A settlement the ledger read holds and Redis has not released (Redis was down, or the
+    process died before `settlement_mirror`, or is just about to call it) has its marker left
+    as a tombstone, so that the sync or the reconciler's sweep do not refund it a second time."""
     now = timezone.now()
+    client = redis_client()
+    budget_key = CounterKeys(tenant_id=tenant_id, api_key_id=0, period=period, pool="").budget
     with transaction.atomic():
-        running = Reservation.objects.select_for_update(no_key=True).filter(
-            tenant_id=tenant_id, period=period, state__in=Reservation.ACTIVE_STATES
-        ).order_by("pk")
-        reservations = []
-        for reservation in running:
-            keys = _keys_for(reservation)
-            reservations.append({
-                "key": reservation_marker(reservation.id),
-                "state": reservation.state,
-                "cost": reservation.reserved_mcu,
-                "pool": reservation.pool,
-                "in_flight_key": keys.in_flight,
-                "pool_hash": keys.pool_hash,
-                "pool_zset": keys.pool_zset,
-                "pool_sum": keys.pool_sum,
-                "lease_until_ms": int(reservation.expires_at.timestamp() * 1000),
-            })
-        used, by_key = budget_used_from_ledger(tenant_id=tenant_id, period=period)
-        if api_key_id is not None:
-            by_key.setdefault(api_key_id, 0)
-        # Settlements Redis has not seen yet: the ledger read above holds them, so the rebuild
-        # leaves their markers as tombstones for the sync's replay to find accounted for.
-        settled_unsynced = []
-        for reservation in Reservation.objects.filter(
-            tenant_id=tenant_id, period=period, redis_synced=False
-        ).exclude(state__in=Reservation.ACTIVE_STATES):
-            keys = _keys_for(reservation)
-            settled_unsynced.append({
-                "key": reservation_marker(reservation.id),
-                "in_flight_key": keys.in_flight,
-                "pool_hash": keys.pool_hash,
-                "pool_zset": keys.pool_zset,
-                "pool_sum": keys.pool_sum,
-            })
-        payload = {
-            "budget_used": used,
-            "ttl_s": counter_ttl_s(period, now),
-            "key_counters": {key_used_counter(key_id, period): value
-                             for key_id, value in by_key.items()},
-            "reservations": reservations,
-            "settled": settled_unsynced,
-        }
-        budget_key = CounterKeys(tenant_id=tenant_id, api_key_id=0, period=period, pool="").budget
-        applied = bool(lua_script(redis_client(), "rebuild")(keys=[budget_key],
-                                                            args=[json.dumps(payload)]))
+        payload = _rebuild_payload(client, tenant_id=tenant_id, period=period, now=now,
+                                   api_key_id=api_key_id)
+        applied = bool(lua_script(client, "rebuild")(keys=[budget_key],
+                                                    args=[json.dumps(payload)]))
     if applied:
         logger.info("rebuilt counters of tenant %s for %s from the ledger", tenant_id, period)
     return applied
+
+
+def _rebuild_payload(client: redis.Redis, *, tenant_id: int, period: str, now: datetime,
+                     api_key_id: int | None) -> dict:
+    """rebuild.lua's argument, read from the database inside `counters_rebuild`'s transaction
+    (the running reservations locked)."""
+    running = Reservation.objects.select_for_update(no_key=True).filter(
+        tenant_id=tenant_id, period=period, state__in=Reservation.ACTIVE_STATES
+    ).order_by("pk")
+    reservations = []
+    for reservation in running:
+        keys = _keys_for(reservation)
+        reservations.append({
+            "key": reservation_marker(reservation.id),
+            "state": reservation.state,
+            "cost": reservation.reserved_mcu,
+            "pool": reservation.pool,
+            "in_flight_key": keys.in_flight,
+            "pool_hash": keys.pool_hash,
+            "pool_zset": keys.pool_zset,
+            "pool_sum": keys.pool_sum,
+            "lease_until_ms": int(reservation.expires_at.timestamp() * 1000),
+        })
+    used, by_key = budget_used_from_ledger(tenant_id=tenant_id, period=period)
+    if api_key_id is not None:
+        by_key.setdefault(api_key_id, 0)
+    # Settlements Redis has not seen yet: the ledger read above holds them, so the rebuild
+    # leaves their markers as tombstones for the sync's replay to find accounted for.
+    settled = [
+        _tombstone(reservation, live_only=False)
+        for reservation in Reservation.objects.filter(
+            tenant_id=tenant_id, period=period, redis_synced=False
+        ).exclude(state__in=Reservation.ACTIVE_STATES)
+    ]
+    # Settlements committed and not (yet) mirrored: the same, for the reconciler's sweep (and
+    # the mirror's own late call), where their marker is still live when the script runs.
+    recent = list(_settled_recently(now=now).filter(tenant_id=tenant_id, period=period))
+    live = _markers_live(client, [reservation.id for reservation in recent])
+    settled += [_tombstone(reservation, live_only=True)
+                for reservation in recent if reservation.id in live]
+    return {
+        "budget_used": used,
+        "ttl_s": counter_ttl_s(period, now),
+        "key_counters": {key_used_counter(key_id, period): value
+                         for key_id, value in by_key.items()},
+        "reservations": reservations,
+        "settled": settled,
+    }
+
+
+def _tombstone(reservation: Reservation, *, live_only: bool) -> dict:
+    keys = _keys_for(reservation)
+    return {
+        "key": reservation_marker(reservation.id),
+        "in_flight_key": keys.in_flight,
+        "pool_hash": keys.pool_hash,
+        "pool_zset": keys.pool_zset,
+        "pool_sum": keys.pool_sum,
+        "live_only": live_only,
+    }
+
+
+def _settled_recently(*, now: datetime) -> QuerySet[Reservation]:
+    """Reservations settled (or expired) in the last MIRROR_SWEEP_WINDOW_S whose settlement
+    Redis is taken to have seen: those a dead process may have left unmirrored."""
+    return (
+        Reservation.objects.filter(
+            settled_at__gte=now - timedelta(seconds=MIRROR_SWEEP_WINDOW_S), redis_synced=True
+        )
+        .exclude(state__in=Reservation.ACTIVE_STATES)
+        .only("tenant_id", "api_key_id", "period", "pool", "reserved_mcu", "settled_mcu",
+              "settled_at", "redis_synced")
+    )
+
+
+def _markers_live(client: redis.Redis, reservation_ids: list[str]) -> set[str]:
+    """Those of `reservation_ids` whose marker Redis holds live (not released, not a rebuild's
+    tombstone): one round trip."""
+    if not reservation_ids:
+        return set()
+    pipe = client.pipeline(transaction=False)
+    for reservation_id in reservation_ids:
+        pipe.hget(reservation_marker(reservation_id), "state")
+    states = pipe.execute()
+    return {reservation_id for reservation_id, state in zip(reservation_ids, states, strict=True)
+            if state is not None and state != b"settled"}
+
+
+def settlements_mirror_missed(*, now: datetime | None = None) -> int:
+    """Mirror into Redis the settlements whose process died between their commit and
+    `settlement_mirror` (the reconciler's sweep): a settled reservation of the last
+    MIRROR_SWEEP_WINDOW_S, older than MIRROR_SWEEP_GRACE_S, whose marker is still live. Each
+    batch costs one indexed query and one Redis round trip; only a repair costs more. Returns
+    how many were mirrored; any is a process that died, so it is logged."""
+    now = now or timezone.now()
+    client = redis_client()
+    settled = _settled_recently(now=now).filter(
+        settled_at__lt=now - timedelta(seconds=MIRROR_SWEEP_GRACE_S)
+    ).order_by("settled_at", "pk")
+    mirrored = 0
+    batch = list(settled[:MIRROR_SWEEP_BATCH])
+    while batch:
+        live = _markers_live(client, [reservation.id for reservation in batch])
+        mirrored += sum(settlement_mirror(reservation) for reservation in batch
+                        if reservation.id in live)
+        if len(batch) < MIRROR_SWEEP_BATCH:
+            break
+        last = batch[-1]
+        batch = list(settled.filter(Q(settled_at__gt=last.settled_at)
+                                    | Q(settled_at=last.settled_at, pk__gt=last.pk))
+                     [:MIRROR_SWEEP_BATCH])
+    if mirrored:
+        logger.warning("mirrored %s settlement(s) into Redis that their process committed and "
+                       "never mirrored (it died in between)", mirrored)
+    return mirrored
 
 
 def reservations_expire(*, now: datetime | None = None) -> int:

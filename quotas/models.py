@@ -45,6 +45,10 @@ class Reservation(models.Model):
             models.Index(fields=["tenant", "period", "state"], name="reservation_tenant_period"),
             models.Index(fields=["redis_synced"], name="reservation_unsynced",
                          condition=models.Q(redis_synced=False)),
+            # The reconciler's look back over recent settlements (quotas.ledger
+            # settlements_mirror_missed) and a rebuild's (counters_rebuild).
+            models.Index(fields=["settled_at"], name="reservation_settled_at",
+                         condition=models.Q(settled_at__isnull=False)),
         ]
 
     def __str__(self) -> str:

@@ -7,13 +7,15 @@
 -- A settlement Redis has not seen yet (Postgres' redis_synced=False, replayed by the sync
 -- task) is in the ledger read here: its marker becomes a tombstone (state 'settled') and its
 -- slot is freed, so the replay finds it accounted for and changes no counter (settle.lua,
--- adopt.lua), instead of charging or refunding it a second time.
+-- adopt.lua), instead of charging or refunding it a second time. So does a recent settlement
+-- whose marker is still live (`live_only`: its process died before mirroring it, or is about
+-- to; the reconciler's sweep would mirror it): only if the marker is still there.
 --
 -- KEYS: 1 budget used
 -- ARGV: 1 JSON {budget_used, ttl_s, key_counters: {name: mCU},
 --              reservations: [{key, state, cost, pool, in_flight_key, pool_hash, pool_zset,
 --                              pool_sum, lease_until_ms}],
---              settled: [{key, in_flight_key, pool_hash, pool_zset, pool_sum}]}
+--              settled: [{key, in_flight_key, pool_hash, pool_zset, pool_sum, live_only}]}
 -- Returns 1 if applied, 0 if another rebuild got there first.
 -- (Key names inside ARGV: Sluice keeps hot counters on one Redis primary, not a cluster.)
 
@@ -44,15 +46,18 @@ for _, r in ipairs(data.reservations) do
   end
 end
 for _, r in ipairs(data.settled or {}) do
-  local id = string.sub(r.key, 5)
-  redis.call('ZREM', r.in_flight_key, id)
-  local held = redis.call('HGET', r.pool_hash, id)
-  if held then
-    redis.call('HDEL', r.pool_hash, id)
-    redis.call('DECRBY', r.pool_sum, held)
+  local state = redis.call('HGET', r.key, 'state')
+  if not r.live_only or (state and state ~= 'settled') then
+    local id = string.sub(r.key, 5)
+    redis.call('ZREM', r.in_flight_key, id)
+    local held = redis.call('HGET', r.pool_hash, id)
+    if held then
+      redis.call('HDEL', r.pool_hash, id)
+      redis.call('DECRBY', r.pool_sum, held)
+    end
+    redis.call('ZREM', r.pool_zset, id)
+    redis.call('HSET', r.key, 'state', 'settled')
+    redis.call('EXPIRE', r.key, ttl)
   end
-  redis.call('ZREM', r.pool_zset, id)
-  redis.call('HSET', r.key, 'state', 'settled')
-  redis.call('EXPIRE', r.key, ttl)
 end
 return 1

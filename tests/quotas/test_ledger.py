@@ -567,3 +567,60 @@ def test_an_adjustment_keeps_what_admissions_not_yet_committed_hold():
     assert int(redis_client().get(keys.key_used)) == 6500
     reservation_settle(reservation_id=storing[0].reservation.id, actual_mcu=1000)
     assert counter(api_key.tenant_id) == ledger_used(api_key.tenant_id) == 3500
+
+
+# --- a process that dies between a settlement's commit and its mirror ------------------------
+
+
+def slot_keys(api_key) -> CounterKeys:
+    return CounterKeys(tenant_id=api_key.tenant_id, api_key_id=api_key.pk,
+                       period=period_of(timezone.now()), pool=POOL)
+
+
+@pytest.mark.django_db
+def test_a_settlement_its_process_never_mirrored_is_mirrored_by_the_reconciler(caplog):
+    """A job's end commits its settlement, then mirrors it into Redis: a process that died in
+    between left Redis charging the reservation in full and holding its slot until a rebuild.
+    The reconciler mirrors it once it is past the grace a live process has to do it itself."""
+    from inference.reconcile import jobs_reconcile
+    from quotas.ledger import reservation_settle_in_ledger, settlements_mirror_missed
+    from quotas.limits import reservation_marker
+
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    opened = open_cu(api_key, 5)
+    settled = reservation_settle_in_ledger(reservation_id=opened.reservation.id, actual_mcu=2000)
+    # ... and the process dies before settlement_mirror(settled).
+    keys, client = slot_keys(api_key), redis_client()
+    assert counter(api_key.tenant_id) == 5000 and ledger_used(api_key.tenant_id) == 2000
+    assert settlements_mirror_missed() == 0  # within the grace: its process may be mirroring it
+    assert counter(api_key.tenant_id) == 5000
+
+    later = settled.settled_at + timedelta(seconds=11)
+    with caplog.at_level("WARNING", logger="quotas.ledger"):
+        assert jobs_reconcile(now=later) == {"mirrored": 1}
+    assert "mirrored 1 settlement" in caplog.text
+    assert counter(api_key.tenant_id) == ledger_used(api_key.tenant_id) == 2000
+    assert int(client.get(keys.key_used)) == 2000
+    assert not client.exists(reservation_marker(opened.reservation.id))
+    assert client.zcard(keys.in_flight) == 0 and int(client.get(keys.pool_sum)) == 0
+    assert settlements_mirror_missed(now=later) == 0  # a second sweep changes nothing
+    assert counter(api_key.tenant_id) == 2000
+
+
+@pytest.mark.django_db
+def test_a_rebuild_counts_an_unmirrored_settlement_once(settings):
+    """Counters rebuilt from the ledger hold the settlement its dead process never mirrored:
+    the sweep that comes after must not refund it a second time."""
+    from quotas.ledger import reservation_settle_in_ledger, settlements_mirror_missed
+
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    opened = open_cu(api_key, 5)
+    settled = reservation_settle_in_ledger(reservation_id=opened.reservation.id, actual_mcu=2000)
+    lose_counters(api_key, "the budget counter")
+    open_cu(api_key, 1)  # rebuilt from the ledger (the settlement in it), then 1 CU reserved
+    assert counter(api_key.tenant_id) == ledger_used(api_key.tenant_id) == 3000
+    assert redis_client().zcard(slot_keys(api_key).in_flight) == 1  # its slot is free
+
+    assert settlements_mirror_missed(now=settled.settled_at + timedelta(seconds=11)) == 0
+    assert counter(api_key.tenant_id) == ledger_used(api_key.tenant_id) == 3000
+

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 import redis
 from django.conf import settings
 from django.db import transaction
-from django.db.models import BigIntegerField, F, Q, QuerySet, Sum, Value
+from django.db.models import BigIntegerField, Case, CharField, F, Q, QuerySet, Sum, Value, When
 from django.db.models.functions import Least
 from django.utils import timezone
 
@@ -40,6 +40,7 @@ from quotas.admission import (
 from quotas.cost import mcu_to_cu
 from quotas.errors import SystemOverloaded
 from quotas.limits import (
+    RESERVATION_MARKER_PREFIX,
     CounterKeys,
     QuotaLimits,
     counter_ttl_s,
@@ -65,6 +66,10 @@ QUEUE_ALLOWANCE_S = 24 * 3600
 MIRROR_SWEEP_WINDOW_S = 300
 MIRROR_SWEEP_GRACE_S = 10
 MIRROR_SWEEP_BATCH = 500
+# A forced rebuild reads again when admissions or releases came between its reads and its
+# script (rebuild.lua answers -1); after this many reads in a row it gives up, writing nothing.
+REBUILD_FORCED_READS = 10
+REBUILD_READ_AGAIN = -1
 
 
 def reservation_id_new() -> str:
@@ -292,22 +297,39 @@ BUDGET_SIGN = {LedgerEntry.Kind.RESERVE: 1, LedgerEntry.Kind.REFUND: -1, LedgerE
 
 def budget_used_from_ledger(*, tenant_id: int, period: str) -> tuple[int, dict[int | None, int]]:
     """(budget used by the tenant, used per API key) = reserve - refund + adjust."""
-    sign = BUDGET_SIGN
-    rows = (
-        LedgerEntry.objects.filter(tenant_id=tenant_id, period=period, kind__in=list(sign))
-        .values("api_key_id", "kind")
-        .annotate(total=Sum("mcu"))
-    )
-    total = 0
-    by_key: dict[int | None, int] = {}
-    for row in rows:
-        amount = sign[row["kind"]] * row["total"]
-        total += amount
-        by_key[row["api_key_id"]] = by_key.get(row["api_key_id"], 0) + amount
+    total, by_key, _ = _ledger_read(tenant_id=tenant_id, period=period)
     return total, by_key
 
 
-def counters_rebuild(*, tenant_id: int, period: str, api_key_id: int | None = None) -> bool:
+def _ledger_read(
+    *, tenant_id: int, period: str, reservation_ids: list[str] | None = None
+) -> tuple[int, dict[int | None, int], set[str]]:
+    """`budget_used_from_ledger`, and which of `reservation_ids` have their reserve in those
+    figures: one statement, so one snapshot (two would disagree about a reservation committed
+    between them)."""
+    sign = BUDGET_SIGN
+    rows = LedgerEntry.objects.filter(tenant_id=tenant_id, period=period, kind__in=list(sign))
+    group_by = ["api_key_id", "kind"]
+    if reservation_ids:
+        rows = rows.annotate(asked=Case(When(reservation_id__in=reservation_ids,
+                                             then=F("reservation_id")),
+                                        default=None, output_field=CharField()))
+        group_by.append("asked")
+    total = 0
+    by_key: dict[int | None, int] = {}
+    seen: set[str] = set()
+    for row in rows.values(*group_by).annotate(total=Sum("mcu")):
+        amount = sign[row["kind"]] * row["total"]
+        total += amount
+        by_key[row["api_key_id"]] = by_key.get(row["api_key_id"], 0) + amount
+        if row.get("asked") and row["kind"] == LedgerEntry.Kind.RESERVE:
+            seen.add(row["asked"])
+    return total, by_key, seen
+
+
+def counters_rebuild(
+    *, tenant_id: int, period: str, api_key_id: int | None = None, force: bool = False
+) -> bool:
     """Restore a tenant's hot counters from the ledger. True if this call applied them.
 
     The running reservations are read first and locked until the counters are written: one
@@ -318,24 +340,51 @@ def counters_rebuild(*, tenant_id: int, period: str, api_key_id: int | None = No
 
     A settlement the ledger read holds and Redis has not released (Redis was down, or the
     process died before `settlement_mirror`, or is just about to call it) has its marker left
-    as a tombstone, so that the sync or the reconciler's sweep do not refund it a second time."""
+    as a tombstone, so that the sync or the reconciler's sweep do not refund it a second time.
+
+    `force` (the rebuild_counters command): the counters exist and may be wrong. Dropping them
+    for a rebuild lost what admissions Redis had counted and the database not yet committed
+    hold (a job being stored), and their release then refunded a counter that never held
+    them; instead rebuild.lua overwrites them in one step with the ledger's figures plus those
+    admissions, found through the tenant's in-flight zset, read before the ledger (a queued one
+    is in no per-tenant index: see rebuild.lua). It reads again while that zset changed under
+    it; False (nothing written) when it did at every one of REBUILD_FORCED_READS reads."""
     now = timezone.now()
     client = redis_client()
-    budget_key = CounterKeys(tenant_id=tenant_id, api_key_id=0, period=period, pool="").budget
+    tenant_keys = CounterKeys(tenant_id=tenant_id, api_key_id=0, period=period, pool="")
     with transaction.atomic():
-        payload = _rebuild_payload(client, tenant_id=tenant_id, period=period, now=now,
-                                   api_key_id=api_key_id)
-        applied = bool(lua_script(client, "rebuild")(keys=[budget_key],
-                                                    args=[json.dumps(payload)]))
-    if applied:
+        for _ in range(REBUILD_FORCED_READS if force else 1):
+            in_flight_read = (
+                [member.decode() for member in client.zrange(tenant_keys.in_flight, 0, -1)]
+                if force else []
+            )
+            payload = _rebuild_payload(client, tenant_id=tenant_id, period=period, now=now,
+                                       api_key_id=api_key_id, in_flight_read=in_flight_read)
+            if force:
+                payload["force"] = {
+                    "period": period, "in_flight_key": tenant_keys.in_flight,
+                    "marker_prefix": RESERVATION_MARKER_PREFIX, "read": in_flight_read,
+                    "known": payload.pop("known"),
+                }
+            else:
+                payload.pop("known")
+            outcome = lua_script(client, "rebuild")(keys=[tenant_keys.budget],
+                                                    args=[json.dumps(payload)])
+            if outcome != REBUILD_READ_AGAIN:
+                break
+    if outcome == REBUILD_READ_AGAIN:
+        logger.warning("counters of tenant %s for %s not rebuilt: its admissions kept changing "
+                       "under %s reads", tenant_id, period, REBUILD_FORCED_READS)
+    elif outcome:
         logger.info("rebuilt counters of tenant %s for %s from the ledger", tenant_id, period)
-    return applied
+    return outcome == 1
 
 
 def _rebuild_payload(client: redis.Redis, *, tenant_id: int, period: str, now: datetime,
-                     api_key_id: int | None) -> dict:
+                     api_key_id: int | None, in_flight_read: list[str]) -> dict:
     """rebuild.lua's argument, read from the database inside `counters_rebuild`'s transaction
-    (the running reservations locked)."""
+    (the running reservations locked), and `known`: those of `in_flight_read` whose reserve the
+    ledger figures hold."""
     running = Reservation.objects.select_for_update(no_key=True).filter(
         tenant_id=tenant_id, period=period, state__in=Reservation.ACTIVE_STATES
     ).order_by("pk")
@@ -353,7 +402,8 @@ def _rebuild_payload(client: redis.Redis, *, tenant_id: int, period: str, now: d
             "pool_sum": keys.pool_sum,
             "lease_until_ms": int(reservation.expires_at.timestamp() * 1000),
         })
-    used, by_key = budget_used_from_ledger(tenant_id=tenant_id, period=period)
+    used, by_key, known = _ledger_read(tenant_id=tenant_id, period=period,
+                                       reservation_ids=in_flight_read)
     if api_key_id is not None:
         by_key.setdefault(api_key_id, 0)
     # Settlements Redis has not seen yet: the ledger read above holds them, so the rebuild
@@ -377,6 +427,7 @@ def _rebuild_payload(client: redis.Redis, *, tenant_id: int, period: str, now: d
                          for key_id, value in by_key.items()},
         "reservations": reservations,
         "settled": settled,
+        "known": sorted(known),
     }
 
 

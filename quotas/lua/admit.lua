@@ -94,7 +94,9 @@ if admit then
   outcome = 'admitted'
   pool_take(KEYS[5], KEYS[6], KEYS[7], KEYS[8], reservation_id, cost, now + lease_ms)
 end
-redis.call('HSET', KEYS[9], 'state', outcome, 'cost', cost, 'pool', ARGV[14])
+-- The key counter it was counted in: a forced rebuild (rebuild.lua) counts an admission whose
+-- row is not committed yet in that key's counter too (the name carries the period).
+redis.call('HSET', KEYS[9], 'state', outcome, 'cost', cost, 'pool', ARGV[14], 'key_used', KEYS[2])
 redis.call('EXPIRE', KEYS[9], reservation_ttl)
 t_remaining, t_reset = bucket_state(t_new_tat, t_interval, t_tolerance)
 return {outcome, 0, used, t_remaining, t_reset}

@@ -11,18 +11,62 @@
 -- whose marker is still live (`live_only`: its process died before mirroring it, or is about
 -- to; the reconciler's sweep would mirror it): only if the marker is still there.
 --
+-- Forced (`force`, the rebuild_counters command): the counters exist and are overwritten, in
+-- this one step, with the ledger's figures plus what Redis counted that the ledger read did
+-- not see: an admission whose row is not committed yet (job_submit commits it after
+-- admit.lua ran). Those are found through the tenant's in-flight zset: a live marker (state
+-- admitted or queued) written by admit.lua (`key_used` names the key counter it was counted
+-- in, and its period) for this period whose reserve was not in the ledger read (`known`;
+-- the locked running reservations were committed before it) adds its cost to the budget
+-- counter and to that key counter.
+-- Limit: an admission queued for pool capacity (async, state 'queued') is in no per-tenant
+-- index until its job is committed (the scheduler's job hash, enqueue.lua, is written after
+-- job_submit's commit; only its marker q:r:<id> exists, which names no tenant): a forced
+-- rebuild that runs inside such a submit's transaction (milliseconds) leaves its cost out of
+-- the rebuilt counter, which then gives its refund back once more on release.
+-- The zset members were read (`read`) before the ledger: one the ledger read could not have
+-- looked for (admitted since), or one whose marker went since (released: its refund went to
+-- the counter this overwrites) other than a locked running reservation's, makes the script
+-- write nothing and return -1: the caller reads again.
+--
 -- KEYS: 1 budget used
 -- ARGV: 1 JSON {budget_used, ttl_s, key_counters: {name: mCU},
 --              reservations: [{key, state, cost, pool, in_flight_key, pool_hash, pool_zset,
 --                              pool_sum, lease_until_ms}],
---              settled: [{key, in_flight_key, pool_hash, pool_zset, pool_sum, live_only}]}
--- Returns 1 if applied, 0 if another rebuild got there first.
+--              settled: [{key, in_flight_key, pool_hash, pool_zset, pool_sum, live_only}],
+--              force: {period, in_flight_key, marker_prefix, read: [id], known: [id]}}
+-- Returns 1 if applied, 0 if another rebuild got there first, -1 (forced) to read again.
 -- (Key names inside ARGV: Sluice keeps hot counters on one Redis primary, not a cluster.)
 
 local data = cjson.decode(ARGV[1])
 local ttl = tonumber(data.ttl_s)
-local applies = redis.call('EXISTS', KEYS[1]) == 0
-for name, value in pairs(data.key_counters) do
+local force = data.force
+local budget_used = tonumber(data.budget_used)
+local key_counters = data.key_counters
+
+if force then
+  local read, known, locked = {}, {}, {}
+  for _, id in ipairs(force.read) do read[id] = true end
+  for _, id in ipairs(force.known) do known[id] = true end
+  for _, r in ipairs(data.reservations) do locked[string.sub(r.key, 5)] = true end
+  for id in pairs(read) do
+    if not locked[id] and redis.call('EXISTS', force.marker_prefix .. id) == 0 then return -1 end
+  end
+  local suffix = ':' .. force.period
+  for _, id in ipairs(redis.call('ZRANGE', force.in_flight_key, 0, -1)) do
+    local marker = redis.call('HMGET', force.marker_prefix .. id, 'state', 'cost', 'key_used')
+    local state, cost, key_used = marker[1], marker[2], marker[3]
+    if (state == 'admitted' or state == 'queued') and key_used and not known[id]
+        and not locked[id] and string.sub(key_used, -#suffix) == suffix then
+      if not read[id] then return -1 end
+      budget_used = budget_used + tonumber(cost)
+      key_counters[key_used] = (key_counters[key_used] or 0) + tonumber(cost)
+    end
+  end
+end
+
+local applies = force ~= nil or redis.call('EXISTS', KEYS[1]) == 0
+for name, value in pairs(key_counters) do
   if applies then
     redis.call('SET', name, value, 'EX', ttl)
   else
@@ -30,7 +74,7 @@ for name, value in pairs(data.key_counters) do
   end
 end
 if not applies then return 0 end
-redis.call('SET', KEYS[1], data.budget_used, 'EX', ttl)
+redis.call('SET', KEYS[1], budget_used, 'EX', ttl)
 for _, r in ipairs(data.reservations) do
   if redis.call('EXISTS', r.key) == 0 then
     redis.call('HSET', r.key, 'state', r.state, 'cost', r.cost, 'pool', r.pool)

@@ -38,7 +38,8 @@ def test_admit_writes_only_on_admission(client):
     outcome, (_, used, remaining, reset) = admit(client, cost=500)
     assert outcome == "admitted" and used == 10_000
     assert remaining == 59_500 and reset == 500  # 500 mCU at 1 mCU/ms to refill
-    assert client.hgetall("t:r:1") == {b"state": b"admitted", b"cost": b"500", b"pool": b"pool"}
+    assert client.hgetall("t:r:1") == {b"state": b"admitted", b"cost": b"500", b"pool": b"pool",
+                                       b"key_used": b"t:k"}
     assert int(client.get("t:ps")) == 500 and client.zcard("t:c") == 1
 
 
@@ -106,3 +107,30 @@ def test_adjust_moves_only_the_counters_that_exist(client):
     client.set("t:b", 3000)
     assert lua_script(client, "adjust")(keys=["t:b", "t:k"], args=[-500]) == 1
     assert int(client.get("t:b")) == 2500 and not client.exists("t:k")
+
+
+def test_a_forced_rebuild_overwrites_and_keeps_what_the_ledger_read_did_not_see(client):
+    """Admissions 1 and 2 are counted in Redis; the ledger read saw 1 only (2's rows are not
+    committed yet). An admission 3 after the in-flight read makes it read again."""
+    keys = ["q:b:7:2026-11", "q:k:5:2026-11", "t:rt", "t:rk", "q:c:7", "t:ph", "t:pz", "t:ps"]
+    client.mset({keys[0]: 0, keys[1]: 0})
+
+    def admit_as(rid: str, cost: int) -> None:
+        assert lua_script(client, "admit")(
+            keys=[*keys, f"q:r:{rid}"],
+            args=[cost, -1, -1, 60_000, 60_000, -1, 0, 10, 100_000, "sync", 60_000, 3600, rid,
+                  "pool", 2000, 1000])[0] == b"admitted"
+
+    admit_as("1", 1000)
+    admit_as("2", 4000)
+    payload = {"budget_used": 1000, "ttl_s": 600, "key_counters": {keys[1]: 1000},
+               "reservations": [], "settled": [],
+               "force": {"period": "2026-11", "in_flight_key": "q:c:7", "marker_prefix": "q:r:",
+                         "read": ["1", "2"], "known": ["1"]}}
+    admit_as("3", 500)
+    client.set(keys[0], 99_000)  # drifted
+    assert lua_script(client, "rebuild")(keys=[keys[0]], args=[json.dumps(payload)]) == -1
+    assert int(client.get(keys[0])) == 99_000  # nothing written
+    payload["force"]["read"].append("3")
+    assert lua_script(client, "rebuild")(keys=[keys[0]], args=[json.dumps(payload)]) == 1
+    assert int(client.get(keys[0])) == int(client.get(keys[1])) == 5500

@@ -1,10 +1,9 @@
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
 from portal.models import Tenant
-from portal.redis import redis_client
-from quotas.ledger import counters_rebuild
-from quotas.limits import CounterKeys, period_of
+from quotas.ledger import REBUILD_FORCED_READS, counters_rebuild
+from quotas.limits import period_of
 
 
 class Command(BaseCommand):
@@ -17,9 +16,16 @@ class Command(BaseCommand):
     def handle(self, *args, tenant=None, period=None, **options):
         period = period or period_of(timezone.now())
         tenants = Tenant.objects.filter(slug=tenant) if tenant else Tenant.objects.all()
-        client = redis_client()
+        busy = []
         for row in tenants:
-            # Drop the hot copy first so the rebuild applies (it never overwrites a live counter).
-            client.delete(CounterKeys(tenant_id=row.pk, api_key_id=0, period=period, pool="").budget)
-            counters_rebuild(tenant_id=row.pk, period=period)
-            self.stdout.write(f"rebuilt {row.slug} {period}")
+            # Overwritten in one step, admissions Redis counted and the database has not
+            # committed yet kept (counters_rebuild's force): never dropped and rebuilt.
+            if counters_rebuild(tenant_id=row.pk, period=period, force=True):
+                self.stdout.write(f"rebuilt {row.slug} {period}")
+            else:
+                busy.append(row.slug)
+        if busy:
+            raise CommandError(
+                f"not rebuilt (admissions kept changing under {REBUILD_FORCED_READS} reads; "
+                f"run again): {', '.join(busy)}"
+            )

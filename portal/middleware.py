@@ -3,6 +3,7 @@ files and Django's stock middlewares in an async chain without thread hops."""
 
 from __future__ import annotations
 
+import functools
 import re
 import uuid
 
@@ -15,6 +16,7 @@ from django.middleware import clickjacking as django_clickjacking
 from django.middleware import common as django_common
 from django.middleware import csrf as django_csrf
 from django.middleware import security as django_security
+from django.urls import reverse
 from django.utils.decorators import sync_and_async_middleware
 from whitenoise.middleware import WhiteNoiseMiddleware
 
@@ -133,8 +135,23 @@ class SessionMiddleware(_InlineInAsync, django_sessions.SessionMiddleware):
                                        or django_settings.SESSION_SAVE_EVERY_REQUEST)
 
 
+# Probed and scraped at a pod's IP (the kubelet's httpGet, Prometheus): `Host: <pod IP>:8000`,
+# which no ALLOWED_HOSTS lists. These views build nothing from the Host header.
+_HOST_FREE_URL_NAMES = ("healthz", "readyz", "metrics")
+
+
+@functools.cache
+def _host_free_paths() -> frozenset[str]:
+    return frozenset(reverse(name) for name in _HOST_FREE_URL_NAMES)
+
+
 class CommonMiddleware(_InlineInAsync, django_common.CommonMiddleware):
-    pass
+    def process_request(self, request):
+        # Django's host check (request.get_host) answered every probe and scrape of a web pod
+        # 400: the pods never became ready, and liveness restarted them.
+        if request.path in _host_free_paths():
+            return None
+        return super().process_request(request)
 
 
 class CsrfViewMiddleware(_InlineInAsync, django_csrf.CsrfViewMiddleware):

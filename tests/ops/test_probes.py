@@ -58,3 +58,35 @@ def test_beat_probe_fails_once_the_schedule_stops_being_saved(tmp_path):
         os.utime(path, (stale, stale))
     failed = probe("beat", str(schedule), "360")
     assert failed.returncode == 1 and "last saved" in failed.stderr
+
+
+@pytest.mark.django_db
+def test_web_probes_and_scrapes_answer_a_pod_ip_host_the_allowed_hosts_do_not_list(client, settings):
+    """The kubelet probes a pod at its IP, and Prometheus scrapes it there: `Host: <pod IP>:8000`.
+    deploy/k8s/config.yaml allows only the public host, so Django's host check answered every
+    probe and scrape 400 (web pods never became ready, and liveness restarted them). Only those
+    paths are exempt: they build nothing from the Host header."""
+    import yaml
+
+    k8s = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
+    (config,) = [doc for doc in yaml.safe_load_all((k8s / "config.yaml").read_text())
+                 if doc and doc["kind"] == "ConfigMap"]
+    settings.ALLOWED_HOSTS = config["data"]["SLUICE_ALLOWED_HOSTS"].split(",")
+    settings.SLUICE_METRICS_TOKEN = "scrape-token-1"
+    settings.SLUICE_METRICS_PROBE_ENGINES = False
+    (web,) = [doc for doc in yaml.safe_load_all((k8s / "web.yaml").read_text())
+              if doc and doc["kind"] == "Deployment" and doc["metadata"]["name"] == "sluice-web"]
+    pod = web["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    pod_host = {"HTTP_HOST": f"10.1.2.3:{container['ports'][0]['containerPort']}",
+                "REMOTE_ADDR": "10.1.0.7"}
+
+    for probe in ("readinessProbe", "livenessProbe"):
+        path = container[probe]["httpGet"]["path"]
+        assert client.get(path, **pod_host).status_code == 200, probe
+    scraped = client.get(pod["metadata"]["annotations"]["prometheus.io/path"],
+                         HTTP_AUTHORIZATION="Bearer scrape-token-1", **pod_host)
+    assert scraped.status_code == 200 and b"sluice_jobs_running" in scraped.content
+    # Everything else still refuses a host it does not serve.
+    assert client.get("/accounts/login/", **pod_host).status_code == 400
+    assert client.get("/v1/models", **pod_host).status_code == 400

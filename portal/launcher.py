@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from portal.embedded_redis import EmbeddedRedis, embedded_redis_start, redis_answers
+from portal.logs import secrets_redact
 
 STOP_GRACE_S = 15.0
 # The web server answers /healthz once it has imported the project and loaded the safety
@@ -233,15 +234,17 @@ def run_platform(*, host: str, port: int, var_dir: Path, queues: list[str], conf
     signal.signal(signal.SIGTERM, request_stop)
 
     try:
+        # REDIS_URL may carry Redis's password: the lines say where, never that.
         if redis_answers(configured_redis_url):
             redis_url = configured_redis_url
-            print(f"Redis: {redis_url} (configured)", flush=True)
+            print(f"Redis: {secrets_redact(redis_url)} (configured)", flush=True)
         else:
             supervisor.embedded_redis = embedded_redis_start(
                 data_dir=var_dir / "redis", new_session=True
             )
             redis_url = supervisor.embedded_redis.url
-            print(f"Redis: {redis_url} (embedded; {configured_redis_url} did not answer)", flush=True)
+            print(f"Redis: {redis_url} (embedded; {secrets_redact(configured_redis_url)} did not "
+                  "answer)", flush=True)
 
         call_command("migrate", interactive=False, verbosity=0)
         credentials = demo_seed()

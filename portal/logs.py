@@ -3,8 +3,9 @@
 The request middleware binds the request id, API-key authentication the tenant, and the job
 runner the job, tenant and pool; `LogContextFilter` stamps whatever is bound on every record.
 `JsonLogFormatter` writes one JSON object per line (SLUICE_LOG_FORMAT=json, the default outside
-`make run`). Both formats redact anything shaped like an API key or a webhook secret, as a last
-line of defence: no code path should log one in the first place.
+`make run`). Both formats redact anything shaped like an API key, a webhook secret, a bearer
+token or a URL's password, as a last line of defence: no code path should log one in the first
+place.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ _bound: dict[str, ContextVar] = {
 # `sk-<12-char prefix><secret>` API keys (portal/keys.py) keep their public prefix, which is
 # how operators find the key; `whsec_<base64>` webhook secrets (inference/webhooks.py) go whole.
 _SECRET = re.compile(r"\b(sk-[a-z0-9]{12}|whsec_)[A-Za-z0-9+/=]{8,}")
+# The password of a URL's userinfo (`redis://:pw@host`, `postgres://user:pw@host`): the
+# database and Redis URLs are secrets. The user name stays, it says which account.
+_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s:/@\"']*:)[^\s@/\"']+@", re.IGNORECASE)
+# A bearer token other than an API key (those keep their prefix above): the metrics token.
+_BEARER = re.compile(r"(\bBearer\s+)(?!sk-)[A-Za-z0-9._~+/-]+=*", re.IGNORECASE)
 
 
 @contextlib.contextmanager
@@ -48,7 +54,9 @@ def log_context_get(name: str):
 
 
 def secrets_redact(text: str) -> str:
-    return _SECRET.sub(lambda match: f"{match.group(1)}[redacted]", text)
+    text = _SECRET.sub(lambda match: f"{match.group(1)}[redacted]", text)
+    text = _URL_PASSWORD.sub(lambda match: f"{match.group(1)}[redacted]@", text)
+    return _BEARER.sub(lambda match: f"{match.group(1)}[redacted]", text)
 
 
 class LogContextFilter(logging.Filter):

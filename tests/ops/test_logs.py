@@ -81,3 +81,22 @@ def test_context_ends_with_its_block_and_secrets_are_redacted():
     plain = PlainLogFormatter("[%(log_context)s] %(message)s")
     assert plain.format(record) == (
         "[job_id=job_1 pool=video-hbm] issued sk-abcdefghijkl[redacted] and whsec_[redacted]")
+
+
+def test_database_and_redis_passwords_and_bearer_tokens_are_redacted():
+    """The URLs in sluice-secrets carry passwords, and a scrape or API call an Authorization
+    header: an exception or message that quotes one must not put it in the logs."""
+    record = logging.LogRecord(
+        "sluice.test", logging.ERROR, __file__, 1, "could not reach %s or %s; sent %r", (
+            "redis://:r3dis-pw@redis.internal:6379/0", "postgres://sluice:pg-pw@db.internal:5432/sluice",
+            {"Authorization": "Bearer scrape-token-1"}), None)
+    for formatter in (JsonLogFormatter(), PlainLogFormatter("%(message)s")):
+        line = formatter.format(record)
+        assert "r3dis-pw" not in line and "pg-pw" not in line and "scrape-token-1" not in line
+        assert "redis://:[redacted]@redis.internal:6379/0" in line
+        assert "postgres://sluice:[redacted]@db.internal" in line  # which account, not its password
+    # A URL without a password, and an API key's public prefix, stay readable.
+    plain = PlainLogFormatter("%(message)s").format(logging.LogRecord(
+        "sluice.test", logging.INFO, __file__, 1, "%s; Bearer %s", (
+            "redis://127.0.0.1:6379/0", "sk-abcdefghijkl" + "S3cr3t" * 7), None))
+    assert plain == "redis://127.0.0.1:6379/0; Bearer sk-abcdefghijkl[redacted]"

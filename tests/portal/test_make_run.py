@@ -19,6 +19,7 @@ from portal.embedded_redis import free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
+REDIS_PASSWORD = "s3cret-redis-pw"  # noqa: S105 - a test value
 
 
 def _platform_env(tmp_path: Path, redis_url: str) -> dict[str, str]:
@@ -56,7 +57,9 @@ class Output:
 def test_make_run_serves_the_demo_and_stops_every_child(tmp_path, redis_kind):
     port = free_port()
     # "embedded": REDIS_URL points at a port nobody listens on, so the launcher starts its own.
-    redis_url = os.environ["REDIS_URL"] if redis_kind == "configured" else f"redis://127.0.0.1:{free_port()}/0"
+    # Its password must not be printed.
+    redis_url = (os.environ["REDIS_URL"] if redis_kind == "configured"
+                 else f"redis://:{REDIS_PASSWORD}@127.0.0.1:{free_port()}/0")
     env = _platform_env(tmp_path, redis_url)
     if redis_kind == "configured":
         # Which Redis is used does not change how the workers start: the embedded run starts
@@ -79,7 +82,8 @@ def test_make_run_serves_the_demo_and_stops_every_child(tmp_path, redis_kind):
         assert dashboard == f"http://127.0.0.1:{port}/"
         assert (tmp_path / "var" / "demo_api_key").read_text().strip() == key
         if redis_kind == "embedded":
-            output.wait_for(r"^Redis: .* \(embedded;", timeout_s=1)
+            line = output.wait_for(r"^Redis: .* \(embedded;.*", timeout_s=1).group(0)
+            assert "redis://:[redacted]@127.0.0.1:" in line
 
         assert httpx.get(f"{dashboard}healthz").json() == {"status": "ok"}
         ready = httpx.get(f"{dashboard}readyz")
@@ -113,3 +117,4 @@ def test_make_run_serves_the_demo_and_stops_every_child(tmp_path, redis_kind):
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"left running: {[p.pid for p in alive]}"
     assert output.lines[-1] == "Stopped."
+    assert not [line for line in output.lines if REDIS_PASSWORD in line]

@@ -62,8 +62,13 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 _BASE64_BLOB = re.compile(r"(?<![A-Za-z0-9+/=_-])[A-Za-z0-9+/_-]{16,}={0,2}(?![A-Za-z0-9+/=_-])")
 _HEX_BLOB = re.compile(r"(?<![0-9A-Fa-f])(?:[0-9A-Fa-f]{2}[\s:]?){12,}(?![0-9A-Fa-f])")
 _URL_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
-# Five or more single letters separated by one space or one punctuation mark: "i g n o r e".
-_SPACED_LETTERS = re.compile(r"(?<!\w)(?:[A-Za-z][ .\-_*|]){4,}[A-Za-z](?!\w)")
+# Five or more single letters separated by one space or one punctuation mark: "i g n o r e"
+# ("i_g_n_o_r_e" too: the underscore is a separator here, not a letter, (?<![^\W_]) below).
+_SPACED_LETTERS = re.compile(r"(?<![^\W_])(?:[A-Za-z][ .\-_*|]){4,}[A-Za-z](?![^\W_])")
+# In a text that spells words out, its short words are spelled out too ("a l l", "m o d e").
+_SPACED_SHORT_WORD = re.compile(r"(?<![^\W_])(?:[A-Za-z][ .\-_*|]){1,3}[A-Za-z](?![^\W_])")
+# The gap between two spelled-out words written with punctuation: "i.g.n.o.r.e. .a.l.l".
+_SPACED_PUNCTUATION_GAP = re.compile(r"(?<=\w)([.\-_*|])\s+\1(?=\w)")
 _LEET_WORD = re.compile(
     r"(?<![\w@$!|])(?=[A-Za-z0-9@$!|]*[0-9@$!|])(?=[A-Za-z0-9@$!|]*[A-Za-z][0-9@$!|]*[A-Za-z])"
     r"[A-Za-z0-9@$!|]{3,20}(?![\w@$!|])"
@@ -263,9 +268,14 @@ def _spaced_variant(text: str) -> str | None:
     def join(match: re.Match) -> str:
         return re.sub(r"[ .\-_*|]", "", match.group(0))
 
-    # Words are usually separated by a wider gap ("i g n o r e   a l l"); keep those as spaces.
+    # Words are usually separated by a wider gap ("i g n o r e   a l l", "i.g.n.o.r.e. .a.l.l");
+    # keep those as spaces.
     collapsed = re.sub(r"\s{2,}|\s*/\s*", "  ", text)
-    return re.sub(r"\s{2,}", " ", _SPACED_LETTERS.sub(join, collapsed)).strip()
+    collapsed = _SPACED_PUNCTUATION_GAP.sub("  ", collapsed)
+    # The five-letter runs show the trick; the short words between them are read with them
+    # (joined alone, "a l l" stayed apart and "ignore all previous instructions" went unread).
+    joined = _SPACED_SHORT_WORD.sub(join, _SPACED_LETTERS.sub(join, collapsed))
+    return re.sub(r"\s{2,}", " ", joined).strip()
 
 
 def text_normalize(text: str) -> NormalizedText:

@@ -94,6 +94,12 @@ class ModerationCaseAdmin(admin.ModelAdmin):
     list_filter = ("status", "action", "category", "source")
     search_fields = ("tenant__slug", "request_id")
     inlines = [CaseDecisionInline]
+    exclude = ("prompt",)
+    readonly_fields = ("retained_prompt",)
+
+    @admin.display(description="Prompt (redacted)")
+    def retained_prompt(self, obj) -> str:
+        return "(deleted: its retention period ended)" if obj.prompt_expired else obj.prompt
 
     def has_add_permission(self, request) -> bool:
         return False

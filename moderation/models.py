@@ -212,6 +212,11 @@ class ModerationCase(models.Model):
         retention = timedelta(days=settings.SLUICE_MODERATION_PROMPT_RETENTION_DAYS)
         return min(self.prompt_expires_at, self.created_at + retention)
 
+    @property
+    def prompt_expired(self) -> bool:
+        """Past its retention: shown nowhere, even before the hourly purge empties it."""
+        return self.prompt_purged or self.prompt_kept_until <= timezone.now()
+
 
 class CaseDecision(models.Model):
     """The audit log: every decision on a case, by whom, in order. Never edited."""

@@ -217,3 +217,25 @@ def test_a_decision_lost_to_another_moderator_shows_the_case_as_it_is_now(client
     page = response.content.decode()
     assert response.status_code == 200 and "already decided" in page
     assert "<small>overturned</small>" in page and "<h2>Decide</h2>" not in page
+
+
+def test_a_prompt_past_its_retention_is_shown_nowhere_before_the_purge_empties_it(
+        client, admin_client, moderator, cast, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    settings.SLUICE_MODERATION_PROMPT_RETENTION_DAYS = 30
+    expired, shortened, kept = (make_case(cast.tenant) for _ in range(3))
+    ModerationCase.objects.filter(pk=expired.pk).update(prompt_expires_at=timezone.now())
+    ModerationCase.objects.filter(pk=shortened.pk).update(created_at=timezone.now() - timedelta(days=10))
+    settings.SLUICE_MODERATION_PROMPT_RETENTION_DAYS = 7  # applies to the cases already stored
+    client.force_login(moderator)
+    for case, shown in ((expired, False), (shortened, False), (kept, True)):
+        assert not ModerationCase.objects.get(pk=case.pk).prompt_purged  # the beat has not run
+        page = client.get(reverse("moderation-case", args=[case.pk])).content.decode()
+        assert ("acme prompt" in page) is shown, case
+        assert ("retention period ended" in page) is not shown
+        admin_page = admin_client.get(reverse("admin:moderation_moderationcase_change",
+                                              args=[case.pk])).content.decode()
+        assert ("acme prompt" in admin_page) is shown, case

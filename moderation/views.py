@@ -39,7 +39,10 @@ def moderator_page(view):
 @moderator_page
 def review_queue(request):
     form = QueueFilterForm(request.GET or None)
-    filters = form.cleaned_data if form.is_valid() else {}
+    # A filter that does not parse lists nothing (its error says why): ignored, the page listed
+    # every tenant's cases under a tenant filter.
+    invalid = form.is_bound and not form.is_valid()
+    filters = form.cleaned_data if form.is_bound and not invalid else {}
     tenant = None
     if filters.get("tenant"):
         tenant = selectors.tenant_find(slug=filters["tenant"])
@@ -49,7 +52,7 @@ def review_queue(request):
         category=filters.get("category") or None,
         min_score=filters.get("min_score"),
     )
-    if filters.get("tenant") and tenant is None:
+    if invalid or (filters.get("tenant") and tenant is None):
         cases = cases.none()
     page = Paginator(cases, 50).get_page(request.GET.get("page"))
     filters_query = request.GET.copy()

@@ -61,6 +61,12 @@ def test_moderator_sees_and_filters_the_queue(client, moderator, cases):
     assert listed(category="harmful") == {cases["acme_harm"].pk}
     assert listed(min_score="0.85") == {cases["acme_jb"].pk}
     assert listed(tenant="no-such-tenant") == set()
+    # A filter that does not parse narrows to nothing rather than widening to every case.
+    assert listed(tenant="globex", min_score="1.5") == set()
+    assert listed(tenant="glo bex") == set()
+    assert listed(status="closed") == set()
+    assert "Ensure this value is less than or equal to 1" in client.get(
+        reverse("moderation-queue"), {"min_score": "1.5"}).content.decode()
 
 
 def test_the_queue_is_oldest_first_and_its_page_links_carry_one_page(client, moderator, cast):

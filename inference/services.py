@@ -33,9 +33,9 @@ from inference.scheduler import (
 )
 from inference.webhooks import webhook_events_job_content_remove
 from portal.db import update_returning
-from portal.errors import NotFound
+from portal.errors import NotFound, TenantSuspended
 from portal.metrics import job_claim_observe, job_finish_observe
-from portal.models import ApiKey
+from portal.models import ApiKey, Tenant
 from portal.redis import lua_script, redis_client
 from quotas.admission import ADMITTED
 from quotas.cost import CostEstimate
@@ -141,6 +141,13 @@ def job_submit(
         if earlier is None:
             raise
         return Submission(job=earlier, replayed=True)
+
+    # The key was checked before the request was screened and priced; a suspension that
+    # committed meanwhile ran its sweep (jobs_cancel_for_tenant) without this job. Read after
+    # the job's commit, one of the two sees the other, so the job never runs.
+    if Tenant.objects.filter(pk=tenant.pk, status=Tenant.Status.SUSPENDED).exists():
+        job_cancel(job=job)  # queued, sent nowhere yet: cancelled and refunded in full
+        raise TenantSuspended()
 
     # The job and its reservation are committed: from here on it is the client's job, and an
     # error answered now would be retried as a second, charged job while the reconciliation

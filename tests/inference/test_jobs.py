@@ -361,6 +361,25 @@ def test_suspending_a_tenant_stops_its_work(settings, sent_tasks, django_capture
     assert used(api_key.tenant_id) == 2000  # the running one, until it settles what it used
 
 
+def test_a_job_submitted_by_a_request_that_authenticated_before_a_suspension_is_refused(
+        settings, sent_tasks, django_capture_on_commit_callbacks):
+    """Its key was checked while the tenant was active, then the suspension committed and
+    stopped the tenant's jobs while the request was screened and priced: its job, created
+    after that sweep, was queued and run. It is refused now (403), never sent, refunded."""
+    from portal.errors import TenantSuspended
+    from portal.services import tenant_suspend
+
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))  # authenticated: active
+    with django_capture_on_commit_callbacks(execute=True):
+        tenant_suspend(tenant=api_key.tenant)  # its sweep finds no job yet
+    with pytest.raises(TenantSuspended):
+        video_job_submit(api_key, cu=2)
+    job = Job.objects.get(tenant=api_key.tenant)
+    assert (job.status, job.actual_mcu) == ("cancelled", 0)
+    assert sent_tasks == [] and not redis_client().hexists("s:jobs:video-hbm", job.pk)
+    assert used(api_key.tenant_id) == 0
+
+
 def test_dispatch_is_a_noop_when_nothing_waits(sent_tasks):
     assert pool_dispatch(pool="video-hbm") == 0
     assert scheduler_dispatch(pool="nowhere", start_job=lambda job_id: None) == 0

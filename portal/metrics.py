@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from datetime import datetime
 
 from django.conf import settings
+from django.db import DatabaseError
 from django.utils import timezone
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -37,6 +38,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
+from redis import RedisError
 
 logger = logging.getLogger(__name__)
 
@@ -191,11 +193,30 @@ class QueueCollector:
     Celery queue's backlog."""
 
     def collect(self):
+        # Each source is read apart: a database or Redis that does not answer costs the scrape
+        # only the families read from it. A failing collector failed the whole scrape (500), and
+        # with it every counter of the pod: SluiceAdmissionFailOpen, the alert for a Redis
+        # outage, could never fire during one.
+        try:
+            database_families = self._from_database()
+        except DatabaseError as exc:
+            logger.warning("metrics: the database did not answer (%s); queue gauges left out",
+                           exc.__class__.__name__)
+            database_families = ()
+        yield from database_families
+        try:
+            redis_families = self._from_redis()
+        except RedisError as exc:
+            logger.warning("metrics: Redis did not answer (%s); scheduler and Celery queue "
+                           "gauges left out", exc.__class__.__name__)
+            redis_families = ()
+        yield from redis_families
+
+    def _from_database(self):
         from django.db.models import Count, Min
 
         from inference.models import Job
-        from inference.scheduler import scheduler_depths, scheduler_pools
-        from portal.redis import redis_client
+        from inference.scheduler import scheduler_pools
 
         depth = GaugeMetricFamily(
             "sluice_queue_jobs", "Queued jobs (not claimed by a worker yet).", labels=["pool", "priority"]
@@ -222,9 +243,11 @@ class QueueCollector:
         )
         for pool, jobs in running_by_pool.items():
             running.add_metric([pool], jobs)
-        yield depth
-        yield age
-        yield running
+        return depth, age, running
+
+    def _from_redis(self):
+        from inference.scheduler import scheduler_depths, scheduler_pools
+        from portal.redis import redis_client
 
         waiting = GaugeMetricFamily(
             "sluice_scheduler_waiting_jobs",
@@ -240,8 +263,7 @@ class QueueCollector:
         for queue in settings.SLUICE_WORKER_QUEUES:
             # Celery's Redis transport keeps each queue as a list under the queue's name.
             backlog.add_metric([queue], client.llen(queue))
-        yield waiting
-        yield backlog
+        return waiting, backlog
 
 
 class EngineHealthCollector:

@@ -203,3 +203,28 @@ def test_worker_exporter_serves_the_same_metrics_behind_the_same_token(settings)
     settings.SLUICE_METRICS_TOKEN = ""
     assert httpx.get(url, timeout=5).status_code == 200  # loopback
     assert httpx.get(url, headers={"X-Forwarded-For": "127.0.0.1"}, timeout=5).status_code == 401
+
+
+def test_a_scrape_while_redis_is_down_still_serves_the_counters(client, settings, tmp_path):
+    """SluiceAdmissionFailOpen is the alert for a Redis outage, and reads a counter the web pods
+    export: a scrape that failed whole (500) on its first Redis read could never show it."""
+    from portal.embedded_redis import embedded_redis_start
+    from portal.metrics import admission_observe
+
+    settings.SLUICE_METRICS_PROBE_ENGINES = False
+    redis_server = embedded_redis_start(data_dir=tmp_path)
+    settings.REDIS_URL = redis_server.url
+    assert "sluice_scheduler_waiting_jobs" in scrape(client)
+    redis_server.stop()
+    # What reservation_open records for a fail-open tier's request while Redis is down.
+    admission_observe(pool="text-batch", tier="pro", model="sluice-code-tiny", cost_mcu=1000,
+                      outcome="admitted", code="fail_open")
+
+    families = scrape(client)
+    fail_open = [s for s in families["sluice_admission_decisions"]
+                 if s.labels.get("code") == "fail_open" and s.name.endswith("_total")]
+    assert fail_open and fail_open[0].value >= 1
+    assert {s.labels["pool"] for s in families["sluice_jobs_running"]} == {"text-batch", "video-hbm"}
+    # What only Redis knows is left out, not made up.
+    assert not families.get("sluice_scheduler_waiting_jobs")
+    assert not families.get("sluice_celery_queue_messages")

@@ -402,6 +402,8 @@ def tenant_suspension_lift(*, tenant: Tenant, moderator, note: str = "") -> Tena
     suspension = selectors.suspension_active_for_tenant(tenant=tenant)
     if suspension is None:
         raise NotFound("This tenant has no suspension pending review.")
+    if not note.strip():  # the audit trail says why the tenant works again
+        raise InvalidParameter("Say why in the note: lifting a suspension needs one.", param="note")
     now = timezone.now()
     with transaction.atomic():
         _tenant_lock(tenant=tenant)

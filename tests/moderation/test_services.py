@@ -200,6 +200,10 @@ def test_strikes_suspend_the_tenant_and_a_moderator_lifts_it(cast, moderator, ap
 
     with pytest.raises(PermissionDenied):
         services.tenant_suspension_lift(tenant=cast.tenant, moderator=cast.owner.user)
+    for blank in ("", "  "):  # who lifts it says why, as a decision on a case does
+        with pytest.raises(InvalidParameter):
+            services.tenant_suspension_lift(tenant=cast.tenant, moderator=moderator, note=blank)
+    assert Tenant.objects.get(pk=cast.tenant.pk).is_suspended
     suspension = services.tenant_suspension_lift(tenant=cast.tenant, moderator=moderator, note="ok")
     assert (suspension.lifted_by, suspension.lift_note) == (moderator, "ok")
     assert api.bearer(cast.owner_key).get("/v1/models").status_code == 200

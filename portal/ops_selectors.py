@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from django.urls import NoReverseMatch, Resolver404, resolve, reverse
 from django.utils import timezone
+from redis import RedisError
 
 from inference.scheduler import scheduler_depths, scheduler_pools
 from portal.models import Tenant
@@ -60,10 +61,16 @@ class PoolState:
         return sum(self.depths.values())
 
 
-def pools_state() -> list[PoolState]:
+def pools_state() -> list[PoolState] | None:
+    """None while Redis does not answer: the console still renders, saying so (it answered 500
+    during the outage an operator opens it for)."""
     client = redis_client()
-    return [PoolState(load=pool_load(pool=pool, client=client), depths=scheduler_depths(pool=pool))
-            for pool in scheduler_pools()]
+    try:
+        return [PoolState(load=pool_load(pool=pool, client=client), depths=scheduler_depths(pool=pool))
+                for pool in scheduler_pools()]
+    except RedisError:
+        logger.warning("could not read the pools' state", exc_info=True)
+        return None
 
 
 _worker_ping_lock = threading.Lock()
@@ -101,8 +108,13 @@ def _workers_ping() -> list[str] | None:
     return sorted(replies or {})
 
 
-def admission_rejections(hours: int = 24) -> dict[str, int]:
-    return rejections_recent(client=redis_client(), hours=hours)
+def admission_rejections(hours: int = 24) -> dict[str, int] | None:
+    """None while Redis does not answer (like pools_state)."""
+    try:
+        return rejections_recent(client=redis_client(), hours=hours)
+    except RedisError:
+        logger.warning("could not read the admission rejections", exc_info=True)
+        return None
 
 
 def moderation_queue_url() -> str | None:

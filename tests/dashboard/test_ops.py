@@ -64,3 +64,24 @@ def test_a_broker_that_does_not_answer_is_logged_with_its_exception(monkeypatch,
         assert REAL_WORKERS_ALIVE() is None
     (record,) = [r for r in caplog.records if r.getMessage() == "could not ping workers"]
     assert record.exc_info and "Connection" in type(record.exc_info[1]).__name__ + str(record.exc_info[1])
+
+
+def test_the_console_renders_while_redis_is_down(cast, staff, settings, tmp_path):
+    """An operator opens the console during an outage: it answered 500 on its first Redis read.
+    What Redis holds (pools, rejections) says it is unknown; the tenants, from the database,
+    are still listed."""
+    from portal.embedded_redis import embedded_redis_start
+
+    redis_server = embedded_redis_start(data_dir=tmp_path)
+    settings.REDIS_URL = redis_server.url
+    client = Client()
+    client.force_login(staff)
+    assert client.get("/ops/").status_code == 200
+    redis_server.stop()
+
+    response = client.get("/ops/")
+    assert response.status_code == 200
+    assert response.context["pools"] is None and response.context["rejections"] is None
+    html = response.content.decode()
+    assert "Redis did not answer: the pools" in html and "Redis did not answer: the rejection" in html
+    assert "Acme" in html

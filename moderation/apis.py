@@ -20,9 +20,12 @@ MAX_INPUT_CHARS = 100_000
 
 
 class _InputField(serializers.Field):
-    """OpenAI accepts a string or a list of strings."""
+    """OpenAI accepts a string, a list of strings (a result each), or a list of multi-modal
+    parts (one input, one result) of which we screen the text ones."""
 
     def to_internal_value(self, data) -> list[str]:
+        if isinstance(data, list) and data and all(isinstance(part, dict) for part in data):
+            data = self._parts_text(data)
         items = [data] if isinstance(data, str) else data
         if not isinstance(items, list) or not items or not all(isinstance(i, str) for i in items):
             raise serializers.ValidationError("Give a string or a non-empty list of strings.")
@@ -31,6 +34,15 @@ class _InputField(serializers.Field):
         if any(len(item) > MAX_INPUT_CHARS for item in items):
             raise serializers.ValidationError(f"Each input is at most {MAX_INPUT_CHARS} characters.")
         return items
+
+    @staticmethod
+    def _parts_text(parts: list[dict]) -> str:
+        """`[{"type": "text", "text": ...}, ...]`: the text parts joined by newlines, as a chat
+        message's parts are (inference.requests.message_text)."""
+        if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in parts):
+            raise serializers.ValidationError(
+                'Only text parts ({"type": "text", "text": "..."}) are screened here; images are not.')
+        return "\n".join(part["text"] for part in parts)
 
 
 class ModerationsApi(APIView):

@@ -69,9 +69,15 @@ class Supervisor:
         return None
 
 
+class StartupInterrupted(Exception):
+    """Ctrl-C or SIGTERM arrived before the platform was up."""
+
+
 def _wait_for_http(url: str, supervisor: Supervisor, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if supervisor.stopping:
+            raise StartupInterrupted
         exited = supervisor.first_exited()
         if exited:
             raise RuntimeError(f"{exited[0]} exited with code {exited[1]} during start-up")
@@ -248,6 +254,8 @@ def run_platform(*, host: str, port: int, var_dir: Path, queues: list[str], conf
 
         call_command("migrate", interactive=False, verbosity=0)
         credentials = demo_seed()
+        if supervisor.stopping:
+            raise StartupInterrupted
         # So README examples work as pasted: curl -H "Authorization: Bearer $(cat var/demo_api_key)"
         key_file = var_dir / "demo_api_key"
         key_file.touch(mode=0o600)
@@ -292,6 +300,12 @@ def run_platform(*, host: str, port: int, var_dir: Path, queues: list[str], conf
                 print(f"{exited[0]} exited with code {exited[1]}; stopping.", file=sys.stderr)
                 return 1
             time.sleep(0.2)
+        return 0
+    except StartupInterrupted:
+        # Stop now: Ctrl-C during start-up went unheeded until the web server answered (up to
+        # WEB_START_TIMEOUT_S), after which it still printed the credentials and only then
+        # stopped; a supervisor that gave up waiting and killed the launcher left its children
+        # (each in a session of its own) running.
         return 0
     except RuntimeError as exc:
         print(f"make run failed: {exc}", file=sys.stderr)

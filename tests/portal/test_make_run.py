@@ -118,3 +118,41 @@ def test_make_run_serves_the_demo_and_stops_every_child(tmp_path, redis_kind):
     assert not alive, f"left running: {[p.pid for p in alive]}"
     assert output.lines[-1] == "Stopped."
     assert not [line for line in output.lines if REDIS_PASSWORD in line]
+
+
+def _processes_of_run(var_dir: Path) -> list[psutil.Process]:
+    """Every process started for this run: they all inherit its SLUICE_VAR_DIR."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("SLUICE_VAR_DIR") == str(var_dir):
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def test_ctrl_c_during_start_up_stops_at_once(tmp_path):
+    """Ctrl-C while the platform starts: it went on starting the web server and workers, waited
+    for them to answer (up to WEB_START_TIMEOUT_S), printed the credentials and only then
+    stopped."""
+    env = _platform_env(tmp_path, os.environ["REDIS_URL"])
+    env["SLUICE_WORKER_QUEUES"] = "default"
+    process = subprocess.Popen(
+        [sys.executable, "manage.py", "runplatform", "--port", str(free_port())],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    output = Output(process)
+    try:
+        output.wait_for(r"^Redis: ", timeout_s=60)  # signal handlers are in place
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0
+    time.sleep(0.5)  # the output thread reads the last lines
+    assert output.lines[-1] == "Stopped."
+    assert not [line for line in output.lines if line.startswith(("Dashboard:", "Admin login:"))]
+    gone, alive = psutil.wait_procs(_processes_of_run(tmp_path / "var"), timeout=10)
+    assert not alive, f"left running: {[p.cmdline() for p in alive]}"

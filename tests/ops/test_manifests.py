@@ -227,3 +227,31 @@ def test_beat_liveness_reads_how_old_its_schedule_is():
     assert probe == ["python", "-m", "portal.probes", "beat", schedule]
     # Saved every sync_every seconds: two missed saves, not one late one, mean a stalled beat.
     assert float(max_age_s) >= 2 * PersistentScheduler.sync_every
+
+
+# Periodic tasks that delete job outputs from the media volume: the reaper (outputs of deleted
+# jobs, and of superseded attempts) and retention (SLUICE_MEDIA_RETENTION_DAYS).
+MEDIA_REMOVING_TASKS = ("inference.jobs_reap", "inference.jobs_content_expire")
+
+
+def _media_mount(container: dict, pod: dict) -> dict | None:
+    claims = {volume["name"]: volume.get("persistentVolumeClaim", {}).get("claimName")
+              for volume in pod.get("volumes", [])}
+    config = next(doc for doc in _of_kind("ConfigMap") if doc["metadata"]["name"] == "sluice-config")
+    return next((mount for mount in container.get("volumeMounts", [])
+                 if claims.get(mount["name"]) == "sluice-media"
+                 and mount["mountPath"] == config["data"]["SLUICE_MEDIA_ROOT"]), None)
+
+
+@pytest.mark.parametrize("task", MEDIA_REMOVING_TASKS)
+def test_the_workers_that_remove_media_can_write_the_media_volume(task, settings):
+    """A worker without the volume "removes" a file that is not there (a missing file is no
+    error to the storage), then clears the row's pointers: a deleted or expired video stayed on
+    the volume for ever, with nothing left pointing at it."""
+    (entry,) = [entry for entry in settings.CELERY_BEAT_SCHEDULE.values() if entry["task"] == task]
+    queue = entry.get("options", {}).get("queue", settings.CELERY_TASK_DEFAULT_QUEUE)
+    pod = _pool_deployment(queue)["spec"]["template"]["spec"]
+    (worker,) = [c for c in pod["containers"] if c["command"][:4] == ["celery", "-A", "portal", "worker"]]
+    mount = _media_mount(worker, pod)
+    assert mount is not None, f"{task} runs on the {queue} workers, which do not mount the media volume"
+    assert not mount.get("readOnly", False)

@@ -189,7 +189,8 @@ def test_every_queue_has_workers_and_beat_runs_alone():
 def test_web_probes_and_autoscaling():
     (web,) = [doc for doc in _of_kind("Deployment") if doc["metadata"]["name"] == "sluice-web"]
     (container,) = web["spec"]["template"]["spec"]["containers"]
-    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # Readiness too: a shared dependency down must not empty the Service (test_probes.py).
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     (hpa,) = _of_kind("HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"]["name"] == "sluice-web"

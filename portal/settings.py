@@ -238,7 +238,9 @@ API_KEY_LAST_USED_RESOLUTION_S = env_int("SLUICE_API_KEY_LAST_USED_RESOLUTION_S"
 # /readyz gives each dependency this long to answer.
 READINESS_TIMEOUT_S = env_float("SLUICE_READINESS_TIMEOUT_S", 1.0, minimum=0.05)
 
-LOG_LEVEL = env_str("SLUICE_LOG_LEVEL", "INFO")
+# Any case (`debug` read as DEBUG); another word stops start-up naming the variable, not
+# logging's "Unable to configure root logger".
+LOG_LEVEL = env_choice("SLUICE_LOG_LEVEL", "info", ("debug", "info", "warning", "error", "critical")).upper()
 # One JSON object per line for log collectors; `make run` sets "plain" for people reading a terminal.
 LOG_FORMAT = env_choice("SLUICE_LOG_FORMAT", "json", ("json", "plain"))
 LOGGING = {
@@ -274,6 +276,13 @@ LOGGING = {
         # "Sending due task ..." for every beat tick (the scheduler's every 2 s): about a line a
         # second that says nothing, and make run's printed credentials scrolled away in seconds.
         "celery.beat": {"level": "WARNING"},
+        # uvicorn gives its loggers a plain-text handler of its own before the project loads:
+        # its lines (start-up, shutdown, websocket handshakes, "Exception in ASGI application"
+        # and its traceback) go through ours instead, as JSON and redacted. No level: uvicorn's
+        # --log-level keeps deciding it. Only this leaf: configuring "uvicorn" would reset its
+        # children, and uvicorn.access logs every request once it has a handler (undoing
+        # --no-access-log).
+        "uvicorn.error": {"handlers": ["console"], "propagate": False},
     },
 }
 

@@ -100,3 +100,75 @@ def test_database_and_redis_passwords_and_bearer_tokens_are_redacted():
         "sluice.test", logging.INFO, __file__, 1, "%s; Bearer %s", (
             "redis://127.0.0.1:6379/0", "sk-abcdefghijkl" + "S3cr3t" * 7), None))
     assert plain == "redis://127.0.0.1:6379/0; Bearer sk-abcdefghijkl[redacted]"
+
+
+@pytest.mark.slow
+def test_the_web_servers_own_lines_are_json_too(tmp_path):
+    """uvicorn gives its loggers a plain-text handler of its own before it loads the project:
+    started as deploy/k8s/web.yaml starts it, its lines (start-up, shutdown, websocket
+    handshakes, an "Exception in ASGI application" traceback) bypassed the JSON formatter and
+    its redaction, and a log pipeline parsing JSON lines got `INFO:     Started server process`."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+    import yaml
+
+    from portal.embedded_redis import free_port
+
+    repo = Path(__file__).resolve().parents[2]
+    (web,) = [doc for doc in yaml.safe_load_all((repo / "deploy" / "k8s" / "web.yaml").read_text())
+              if doc and doc["kind"] == "Deployment" and doc["metadata"]["name"] == "sluice-web"]
+    command = list(web["spec"]["template"]["spec"]["containers"][0]["command"])
+    port = free_port()
+    command[0] = sys.executable
+    command[command.index("--host") + 1] = "127.0.0.1"
+    command[command.index("--port") + 1] = str(port)
+    env = {key: value for key, value in os.environ.items() if key != "SLUICE_DEBUG"}
+    env.update(SLUICE_LOG_FORMAT="json", SLUICE_VAR_DIR=str(tmp_path / "var"))
+    stderr_path = tmp_path / "stderr"
+    with stderr_path.open("w") as stderr:
+        server = subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, stderr_path.read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+
+    lines = stderr_path.read_text().splitlines()
+    assert not [line for line in lines if line.startswith(("INFO:", "WARNING:", "ERROR:"))], lines
+    uvicorn = [entry for entry in (json.loads(line) for line in lines if line.startswith("{"))
+               if entry["logger"].startswith("uvicorn")]
+    messages = " | ".join(entry["message"] for entry in uvicorn)
+    assert "Started server process" in messages and "Shutting down" in messages
+    # --no-access-log still holds: a probe is not a log line.
+    assert not [entry for entry in uvicorn if entry["logger"] == "uvicorn.access"]
+
+
+@pytest.mark.parametrize(("level", "outcome"), [("debug", "DEBUG"), ("WARNING", "WARNING"),
+                                                ("loud", "SLUICE_LOG_LEVEL='loud' is not one of")])
+def test_log_level_is_read_in_any_case_and_a_wrong_one_is_named(level, outcome):
+    """`SLUICE_LOG_LEVEL=debug` stopped every process with logging's "Unable to configure root
+    logger", which names neither the variable nor its value."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, SLUICE_LOG_LEVEL=level, DJANGO_SETTINGS_MODULE="portal.settings")
+    started = subprocess.run(
+        [sys.executable, "-c", "import django, logging; django.setup(); "
+                               "print(logging.getLevelName(logging.getLogger().level))"],
+        cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=120)
+    assert outcome in started.stdout + started.stderr, started.stderr[-2000:]

@@ -7,10 +7,14 @@ django-environ does the parsing; this module fixes the defaults and the error me
 
 from __future__ import annotations
 
+import re
+
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
 _env = environ.Env()
+# A URL's scheme as urllib reads it (RFC 3986: a letter, then letters, digits, + - .).
+_URL_SCHEME = re.compile(r"([a-z][a-z0-9+.-]*)://", re.IGNORECASE)
 
 
 def env_str(name: str, default: str) -> str:
@@ -101,8 +105,19 @@ def env_float_list(name: str, default: list[float], *, minimum: float | None = N
 
 
 def env_database(name: str, default: str) -> dict:
+    url = _env.str(name, default=default)
+    scheme = match[1].lower() if (match := _URL_SCHEME.match(url)) else ""
+    # django-environ takes a scheme it does not know for a backend's module name (Django then
+    # fails at start-up naming neither the variable nor the value), and warns with the parsed
+    # URL, password included, when it finds no scheme at all. Neither message may carry the URL.
+    if scheme not in environ.Env.DB_SCHEMES:
+        found = f"the scheme {scheme}://" if scheme else "no valid scheme"
+        raise ImproperlyConfigured(
+            f"{name} has {found}, not a database's (postgres://user:password@host:5432/name, "
+            "sqlite:////absolute/path)"
+        )
     try:
-        return _env.db_url(name, default=default)
+        return _env.db_url_config(url)
     except Exception as exc:  # django-environ raises several types for a bad URL
         raise ImproperlyConfigured(f"{name} is not a valid database URL: {exc}") from exc
 

@@ -41,6 +41,7 @@ class Job(models.Model):
         VIDEO = "video"
 
     TERMINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.REJECTED)
+    ACTIVE = (Status.QUEUED, Status.RUNNING)  # waiting for a pool, or holding one
     # Legal moves. RUNNING -> QUEUED is the redelivery after a worker was lost.
     TRANSITIONS = {
         Status.QUEUED: (Status.RUNNING, Status.CANCELLED, Status.FAILED),

@@ -12,7 +12,11 @@ day) and failing with `queue_timeout`:
   attempt after the one it is at, once;
 - a job's end whose settlement committed and whose process died before mirroring it into Redis
   (the reservation's marker still there: its unused part still charged, its slot held) is
-  mirrored (`settlements_mirror_missed`).
+  mirrored (`settlements_mirror_missed`);
+- a queued or running job of a suspended tenant is cancelled as the suspension cancels it
+  (`jobs_cancel_for_suspended_tenants`: refunded, or stopped and billed for what it ran): the
+  suspension's own sweep runs once, after its commit, and misses a job when Redis refuses that
+  cancel or the process dies first.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from django.utils import timezone
 
 from inference.models import Job
 from inference.scheduler import scheduler_enqueue, scheduler_queued, scheduler_remove
-from inference.services import job_send
+from inference.services import job_send, jobs_cancel_for_suspended_tenants
 from portal.redis import redis_client
 from quotas.ledger import counters_rebuild, reservations_admitted, settlements_mirror_missed
 from quotas.limits import pool_lease_s, quota_limits_for, reservation_marker
@@ -38,12 +42,16 @@ RESENT_KEY = "s:resent:{job_id}"
 
 
 def jobs_reconcile(*, now: datetime | None = None) -> dict[str, int]:
-    """Every queued job older than SLUICE_SCHEDULER_RECONCILE_AFTER_S, a batch at a time in id
-    (= submission) order, then the settlements never mirrored. Returns how many were
-    `enqueued`, `admitted`, `resent` and `mirrored` (only those above zero)."""
+    """The suspended tenants' jobs still queued or running first (cancelled, so none of them is
+    queued again below), then every queued job older than SLUICE_SCHEDULER_RECONCILE_AFTER_S, a
+    batch at a time in id (= submission) order, then the settlements never mirrored. Returns
+    how many were `cancelled`, `enqueued`, `admitted`, `resent` and `mirrored` (only those
+    above zero)."""
     now = now or timezone.now()
     settled_before = now - timedelta(seconds=settings.SLUICE_SCHEDULER_RECONCILE_AFTER_S)
     outcomes: dict[str, int] = {}
+    if cancelled := jobs_cancel_for_suspended_tenants():
+        outcomes["cancelled"] = cancelled
     after = ""
     while True:
         batch = list(

@@ -604,16 +604,44 @@ def _deleted_jobs_outputs_remove() -> int:
 
 def jobs_cancel_for_tenant(*, tenant_id: int) -> int:
     """A suspended tenant's work stops: its queued jobs are cancelled and refunded, its running
-    ones stop at their next token or step and are billed for what they produced."""
+    ones stop at their next token or step and are billed for what they produced. Run after the
+    suspension committed (portal.signals.tenant_suspended): a job Redis refused to cancel is
+    logged and left to the reconciliation (jobs_cancel_for_suspended_tenants), the rest are
+    cancelled all the same, and the caller is not failed for it."""
+    cancelled = _jobs_cancel(Job.objects.filter(tenant_id=tenant_id, status__in=Job.ACTIVE))
+    if cancelled:
+        logger.info("tenant %s suspended: %d jobs cancelled", tenant_id, cancelled)
+    return cancelled
+
+
+# Jobs of suspended tenants the reconciliation cancels per round (the rest on the next ones).
+SUSPENDED_SWEEP_BATCH = 500
+
+
+def jobs_cancel_for_suspended_tenants() -> int:
+    """The reconciliation's sweep (inference/reconcile.py): any queued or running job of a
+    suspended tenant is cancelled as the suspension's own sweep cancels it; that sweep missed
+    it when Redis refused the cancel, or the process died before it ran. One query on the
+    active jobs (job_status_started); a running job already told to stop is told again (one
+    Redis SET) until it has stopped."""
+    jobs = (Job.objects.filter(status__in=Job.ACTIVE, tenant__status=Tenant.Status.SUSPENDED)
+            .order_by()[:SUSPENDED_SWEEP_BATCH])  # unordered: the status index alone finds them
+    return _jobs_cancel(jobs)
+
+
+def _jobs_cancel(jobs) -> int:
     cancelled = 0
-    for job in Job.objects.filter(tenant_id=tenant_id, status__in=[Job.Status.QUEUED, Job.Status.RUNNING]):
+    for job in jobs:
         try:
             job_cancel(job=job)
         except JobNotCancellable:
             continue  # it ended meanwhile
+        except redis.RedisError:
+            # Its cancel_requested_at is set; the reconciliation cancels it once Redis answers.
+            logger.warning("could not cancel job %s of suspended tenant %s yet: Redis refused",
+                           job.pk, job.tenant_id, exc_info=True)
+            continue
         cancelled += 1
-    if cancelled:
-        logger.info("tenant %s suspended: %d jobs cancelled", tenant_id, cancelled)
     return cancelled
 
 

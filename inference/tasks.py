@@ -34,7 +34,8 @@ def scheduler_tick() -> int:
 def scheduler_reconcile() -> dict:
     """Queued jobs Redis lost, or that a failed step left out of every queue, go back to it;
     admitted ones no worker claimed are sent again; settlements a dying process never
-    mirrored into Redis are mirrored (inference/reconcile.py)."""
+    mirrored into Redis are mirrored; suspended tenants' jobs still queued or running are
+    cancelled (inference/reconcile.py)."""
     return jobs_reconcile()
 
 

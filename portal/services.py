@@ -495,12 +495,16 @@ def user_delete_guard(sender, instance, **kwargs) -> None:
 
 def tenant_suspend(*, tenant: Tenant, actor: Actor = None, reason: str = "") -> bool:
     """Its keys stop working at once (api_key_authenticate); the apps stop its work when the
-    change commits (portal.signals.tenant_suspended). False: it was suspended already."""
+    change commits (portal.signals.tenant_suspended). False: it was suspended already.
+    The suspension stands once committed: a receiver that fails then (Redis down while
+    inference cancels the jobs) is logged, not raised to the moderator or admin, and the
+    reconciliation (inference/reconcile.py) cancels what it left."""
     with transaction.atomic():
         changed = _tenant_status_set(tenant=tenant, status=Tenant.Status.SUSPENDED, actor=actor,
                                      reason=reason, action=AuditEvent.Action.TENANT_SUSPENDED)
         if changed:
-            transaction.on_commit(lambda: tenant_suspended.send(sender=Tenant, tenant=tenant))
+            transaction.on_commit(lambda: tenant_suspended.send(sender=Tenant, tenant=tenant),
+                                  robust=True)
     return changed
 
 

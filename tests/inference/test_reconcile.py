@@ -139,3 +139,52 @@ def test_a_cancelled_or_timed_out_job_is_left_alone(settings, sent_tasks):
 def test_the_reconciliation_runs_on_beat(settings):
     assert any(entry["task"] == "inference.scheduler_reconcile"
                for entry in settings.CELERY_BEAT_SCHEDULE.values())
+
+
+def test_a_suspension_whose_cancel_redis_refused_stands_and_the_reconciliation_cancels_its_jobs(
+        settings, sent_tasks, monkeypatch, django_capture_on_commit_callbacks):
+    """The suspension's sweep runs after its commit: Redis refusing it failed the moderator's or
+    admin's request (500) and left the rest of the jobs running for the suspended tenant. The
+    sweep goes on past the refused job, and the reconciliation cancels what it left, refunded."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from inference import scheduler
+    from inference.services import job_cancel_requested
+    from portal.embedded_redis import free_port
+    from portal.services import tenant_suspend
+    from quotas.ledger import budget_used_from_ledger
+    from quotas.limits import period_of
+    from quotas.models import LedgerEntry
+
+    settings.SLUICE_POOL_SLOTS = {POOL: 1}
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100, max_jobs=10))
+    running = job_claim(job_id=video_job_submit(api_key, cu=2).job.pk, attempt=1)
+    waiting = [video_job_submit(api_key, cu=3).job for _ in range(2)]
+    other = video_job_submit(api_key_obj(tenant_with_limits(budget_cu=100)), cu=1).job
+
+    # Nothing listens there: taking a queued job out of its queue, the first step of its
+    # cancel, is refused (at once, not retried). The sweep reaches them before the running one.
+    closed = redis.Redis(port=free_port(), retry=Retry(NoBackoff(), 0))
+    with monkeypatch.context() as patched:
+        patched.setattr(scheduler, "redis_client", lambda **kwargs: closed)
+        with django_capture_on_commit_callbacks(execute=True):
+            assert tenant_suspend(tenant=api_key.tenant) is True  # nothing raised after the commit
+    api_key.tenant.refresh_from_db()
+    assert api_key.tenant.is_suspended
+    assert [Job.objects.get(pk=job.pk).status for job in waiting] == ["queued", "queued"]
+    assert job_cancel_requested(job_id=running.pk)  # the sweep went on past the refused ones
+
+    assert jobs_reconcile() == {"cancelled": 3}
+    for job in waiting:
+        job.refresh_from_db()
+        assert (job.status, job.actual_mcu) == ("cancelled", 0)
+        assert sorted(LedgerEntry.objects.filter(reservation_id=job.reservation_id)
+                      .values_list("kind", "mcu")) == [("refund", 3000), ("reserve", 3000), ("settle", 0)]
+    assert queued_ids(waiting) == set()
+    assert job_cancel_requested(job_id=running.pk)  # it stops at its next step, billed for it
+    assert not job_cancel_requested(job_id=other.pk)
+    assert Job.objects.get(pk=other.pk).status == "queued"
+    period = period_of(timezone.now())
+    assert budget_used_from_ledger(tenant_id=api_key.tenant_id, period=period)[0] == 2000
+    assert jobs_reconcile() == {"cancelled": 1}  # told again until it has stopped

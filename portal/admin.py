@@ -1,3 +1,5 @@
+import contextlib
+
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.actions import delete_selected as django_delete_selected
@@ -37,6 +39,10 @@ class MembershipInline(admin.TabularInline):
 
 @admin.register(Tenant)
 class TenantAdmin(admin.ModelAdmin):
+    """Deleting a tenant goes through services.tenant_delete: refused while it has history that
+    must be kept (its ledger, jobs, moderation cases, suspensions; suspend it instead), else its
+    keys are revoked and it goes."""
+
     list_display = ("name", "slug", "tier", "status", "created_at")
     list_filter = ("tier", "status")
     search_fields = ("name", "slug")
@@ -45,7 +51,7 @@ class TenantAdmin(admin.ModelAdmin):
     # Through the actions only: saved from the form, a suspension would skip tenant_suspend
     # (its signal stops the tenant's work) and lifting it the moderation check below.
     readonly_fields = ("status",)
-    actions = ["suspend", "unsuspend"]
+    actions = ["suspend", "unsuspend", "delete_selected"]
 
     @admin.action(description="Suspend selected tenants", permissions=["change"])
     def suspend(self, request, queryset):
@@ -70,6 +76,46 @@ class TenantAdmin(admin.ModelAdmin):
                 self.message_user(request, f"{tenant.slug} stays suspended: a moderation suspension "
                                            "is pending review (lift it in the review queue, "
                                            "/moderation/).", level=messages.ERROR)
+
+    def get_deleted_objects(self, objs, request):
+        # The confirmation page and the bulk action both ask this first: a refusal is listed as
+        # what stops the delete, and the delete button is not offered.
+        refusals = services.tenant_delete_refusals(tenants=objs)
+        if refusals:
+            # Not collected: the page would list the tenant's whole history, row by row, and
+            # say that staff may not delete it (its admins are read-only) instead of why.
+            return [str(obj) for obj in objs], {}, set(), refusals
+        deleted, model_count, perms_needed, protected = super().get_deleted_objects(objs, request)
+        # What goes with the tenant by design (its audit log, its last owner's membership) is
+        # refused one by one in its own admin: that is no missing permission here.
+        perms_needed -= {str(model._meta.verbose_name) for model in (AuditEvent, Membership)}
+        return deleted, model_count, perms_needed, protected
+
+    def delete_model(self, request, obj):
+        services.tenant_delete(tenant=obj, actor=request.user)
+
+    def delete_queryset(self, request, queryset):
+        for tenant in queryset.order_by("pk"):
+            with contextlib.suppress(NotFound):  # another request deleted it since the list was read
+                services.tenant_delete(tenant=tenant, actor=request.user)
+
+    def delete_view(self, request, object_id, extra_context=None):
+        try:
+            return super().delete_view(request, object_id, extra_context)
+        except InvalidParameter as exc:  # refused since the page was shown: nothing was deleted
+            self.message_user(request, exc.message, level=messages.ERROR)
+            return HttpResponseRedirect(request.path)
+
+    @admin.action(description="Delete selected tenants", permissions=["delete"])
+    def delete_selected(self, request, queryset):
+        """Django's action and its confirmation page, all or nothing: when tenant_delete refuses
+        one (decided under the tenant's lock; the page's check was not), none is deleted."""
+        try:
+            with transaction.atomic():
+                return django_delete_selected(self, request, queryset)
+        except InvalidParameter as exc:
+            self.message_user(request, exc.message, level=messages.ERROR)
+            return None
 
 
 class MembershipAdminForm(forms.ModelForm):

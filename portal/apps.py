@@ -9,8 +9,11 @@ class PortalConfig(AppConfig):
 
     def ready(self) -> None:
         from portal import schema  # noqa: F401 - registers the OpenAPI auth extension
-        from portal.services import user_delete_guard
+        from portal.services import tenant_delete_guard, user_delete_guard
 
         # Accounts are deleted through portal.services.user_delete only (its docstring says why).
         pre_delete.connect(user_delete_guard, sender=settings.AUTH_USER_MODEL,
                            dispatch_uid="portal.user_delete_guard")
+        # A tenant with history is never deleted, by any path (tenant_delete_guard says why).
+        pre_delete.connect(tenant_delete_guard, sender="portal.Tenant",
+                           dispatch_uid="portal.tenant_delete_guard")

@@ -7,6 +7,7 @@ import smtplib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from django.apps import apps
 from django.conf import settings
 from django.contrib.admin.models import LogEntry
 from django.contrib.auth import get_user_model
@@ -523,6 +524,77 @@ def _tenant_status_set(*, tenant: Tenant, status: str, actor: Actor, reason: str
         audit_record(tenant=tenant, action=action, actor=actor,
                      detail={"reason": reason} if reason else {})
     return bool(changed)
+
+
+# --- deleting a tenant -----------------------------------------------------------------------
+
+# What a tenant leaves that must outlive any decision to be rid of it, each related to it by a
+# `tenant` foreign key (CASCADE: deleted, it would go too): its bill (the ledger is the truth,
+# its reservations and jobs the usage the ledger and the usage reports refer to) and its
+# standing (moderation cases are strikes and the audit trail, with their decisions and its
+# suspensions). Its audit log, keys, members and webhooks go with it (AuditEvent: "kept for as
+# long as the tenant"). By app label (portal is the base the other apps build on), with the
+# name a refusal gives each.
+TENANT_HISTORY = {
+    "quotas.LedgerEntry": "ledger entries",
+    "quotas.Reservation": "budget reservations",
+    "inference.Job": "jobs",
+    "moderation.ModerationCase": "moderation cases",
+    "moderation.TenantSuspension": "suspensions",
+}
+
+
+def _tenant_history(*, tenant: Tenant) -> list[str]:
+    """The kinds of history the tenant has (one indexed EXISTS each)."""
+    return [name for label, name in TENANT_HISTORY.items()
+            if apps.get_model(label)._default_manager.filter(tenant_id=tenant.pk).exists()]
+
+
+def tenant_delete_refusals(*, tenants) -> list[str]:
+    """Why these tenants may not be deleted: the history each has. Empty: they may (a tenant
+    created by mistake, or one that never used anything). For the admin's confirmation page;
+    tenant_delete decides again under the tenant's lock."""
+    refusals = []
+    for tenant in tenants:
+        history = _tenant_history(tenant=tenant)
+        if history:
+            refusals.append(f"{tenant.name} ({tenant.slug}) has {', '.join(history)}: deleting the "
+                            f"tenant would delete them with it, and they must be kept. Suspend it "
+                            f"instead (the Suspend action): its keys stop working and its work stops.")
+    return refusals
+
+
+def tenant_delete(*, tenant: Tenant, actor: Actor = None) -> list[ApiKey]:
+    """Delete a tenant that has no history (platform staff `actor`: the admin, a command): its
+    keys are revoked first, as any revocation is (api_key_revoke: the platform's log names each
+    key that stopped), then it goes with its members, keys, audit log and webhooks. Refused (InvalidParameter)
+    when tenant_delete_refusals has reasons: suspend it instead. The tenant's row is locked
+    first, so a job or reservation being written for it (its foreign key waits for that lock)
+    is either seen by the check or waits, and then fails, on a tenant that is gone. Returns the
+    revoked keys."""
+    with transaction.atomic():
+        locked = Tenant.objects.select_for_update().filter(pk=tenant.pk).first()
+        if locked is None:
+            raise NotFound()  # deleted by another request since it was read
+        refusals = tenant_delete_refusals(tenants=[locked])
+        if refusals:
+            raise InvalidParameter(" ".join(refusals), param="tenant")
+        working = ApiKey.objects.filter(tenant=locked, revoked_at__isnull=True).order_by("pk")
+        revoked = [api_key_revoke(api_key=api_key, actor=actor, reason="its tenant was deleted")
+                   for api_key in working]
+        locked.delete()
+    logger.info("tenant %s (%s) deleted; %d key(s) revoked", tenant.pk, tenant.slug, len(revoked))
+    return revoked
+
+
+def tenant_delete_guard(sender, instance, **kwargs) -> None:
+    """pre_delete of every tenant (portal/apps.py). A delete that did not come through
+    tenant_delete (the shell, a command, a bulk delete) would cascade to the tenant's ledger,
+    jobs, moderation cases and suspensions: it is refused while any is there."""
+    history = _tenant_history(tenant=instance)
+    if history:
+        raise ProtectedError(f"{instance.name} ({instance.slug}) has {', '.join(history)}, which "
+                             "must be kept: suspend the tenant instead of deleting it.", {instance})
 
 
 def tenant_ensure_active(*, tenant: Tenant) -> None:

@@ -252,3 +252,100 @@ def test_deleting_an_account_that_history_names_is_refused_deactivating_it_is_no
     ops.refresh_from_db()
     assert not ops.is_active
     assert client.get("/admin/portal/apikey/").status_code == 302  # its session signs in no more
+
+
+def tenant_delete_url(tenant) -> str:
+    return f"/admin/portal/tenant/{tenant.pk}/delete/"
+
+
+def test_deleting_a_tenant_with_history_is_refused_in_the_admin_and_everywhere(admin_client, cast, api,
+                                                                             sent_tasks):
+    """Deleting a tenant cascaded to its ledger, jobs, moderation cases and suspensions: its bill
+    and its audit trail. It is refused, by the page, the bulk action, the service and the
+    shell alike, with the way out (suspend it); nothing goes."""
+    from django.db import transaction
+    from django.db.models import ProtectedError
+    from django.utils import timezone
+
+    from inference.models import Job
+    from moderation.models import ModerationCase, TenantSuspension
+    from moderation.services import tenant_staff_suspend
+    from portal.errors import InvalidParameter
+    from quotas.models import LedgerEntry
+    from tests.factories import UserFactory, video_job_submit
+
+    video_job_submit(ApiKey.objects.select_related("tenant__tier").get(prefix=cast.owner_key[3:15]))
+    ModerationCase.objects.create(tenant=cast.outsider_tenant, action="blocked", category="injection",
+                                  score=0.99, policy_slug="standard", prompt_expires_at=timezone.now())
+    tenant_staff_suspend(tenant=cast.outsider_tenant, user=UserFactory(username="ops", is_staff=True))
+    kept = (LedgerEntry.objects.count(), Job.objects.count(), ModerationCase.objects.count(),
+            TenantSuspension.objects.count())
+    assert kept[0] and all(kept)
+
+    acme_refusal = "Acme (acme) has ledger entries, budget reservations, jobs: deleting the tenant would"
+    globex_refusal = "Globex (globex) has moderation cases, suspensions"
+    page = admin_client.get(tenant_delete_url(cast.tenant)).content.decode()
+    assert acme_refusal in page and "Suspend it instead" in page
+    response = admin_client.post(tenant_delete_url(cast.tenant), {"post": "yes"})
+    assert response.status_code == 200 and acme_refusal in response.content.decode()
+    bulk = {"action": "delete_selected", "_selected_action": [cast.tenant.pk, cast.outsider_tenant.pk],
+            "post": "yes"}
+    page = admin_client.post("/admin/portal/tenant/", bulk).content.decode()
+    assert acme_refusal in page and globex_refusal in page
+
+    from portal.services import tenant_delete
+
+    with pytest.raises(InvalidParameter, match="Suspend it instead"):
+        tenant_delete(tenant=cast.tenant)
+    # Each in a transaction of its own, as the shell's autocommit runs it: Django's delete
+    # leaves its caller's transaction unusable once the guard refused it.
+    with pytest.raises(ProtectedError, match="suspend the tenant instead"), transaction.atomic():
+        cast.outsider_tenant.delete()
+    with pytest.raises(ProtectedError), transaction.atomic():
+        Tenant.objects.filter(pk=cast.tenant.pk).delete()
+
+    assert Tenant.objects.filter(pk__in=[cast.tenant.pk, cast.outsider_tenant.pk]).count() == 2
+    assert (LedgerEntry.objects.count(), Job.objects.count(), ModerationCase.objects.count(),
+            TenantSuspension.objects.count()) == kept
+    assert api.bearer(cast.owner_key).get("/v1/models").status_code == 200
+    assert not LogEntry.objects.filter(content_type=ContentType.objects.get_for_model(Tenant),
+                                       action_flag=DELETION).exists()
+
+
+def test_a_tenant_without_history_is_deleted_in_the_admin_its_keys_revoked_first(admin_client, cast, api):
+    from django.db.models.signals import pre_delete
+
+    from tests.factories import MembershipFactory, TenantFactory, UserFactory, api_key_for
+
+    def fresh(slug: str) -> tuple[Tenant, str]:
+        tenant = TenantFactory(name=slug.title(), slug=slug)
+        owner = MembershipFactory(tenant=tenant, role=Role.OWNER, user=UserFactory(username=f"{slug}-owner"))
+        return tenant, api_key_for(tenant, created_by=owner.user)
+
+    revoked_when_deleted = {}
+
+    def record(sender, instance, **kwargs):
+        revoked_when_deleted[instance.masked] = instance.revoked_at is not None
+
+    pre_delete.connect(record, sender=ApiKey, dispatch_uid="test.revoked_when_deleted")
+    try:
+        initech, initech_key = fresh("initech")
+        page = admin_client.get(tenant_delete_url(initech)).content.decode()
+        assert "Suspend it instead" not in page and 'name="post"' in page
+        assert admin_client.post(tenant_delete_url(initech), {"post": "yes"}).status_code == 302
+        assert not Tenant.objects.filter(pk=initech.pk).exists()
+        assert api.bearer(initech_key).get("/v1/models").status_code == 401
+        assert revoked_when_deleted == {initech_key[:15] + "…": True}
+        assert LogEntry.objects.filter(object_id=str(initech.pk), action_flag=DELETION).exists()
+        assert type(cast.owner.user).objects.filter(username="initech-owner").exists()  # the account stays
+
+        (hooli, hooli_key), (umbrella, umbrella_key) = fresh("hooli"), fresh("umbrella")
+        bulk = {"action": "delete_selected", "_selected_action": [hooli.pk, umbrella.pk]}
+        assert "Suspend it instead" not in admin_client.post("/admin/portal/tenant/", bulk).content.decode()
+        assert admin_client.post("/admin/portal/tenant/", {**bulk, "post": "yes"}).status_code == 302
+        assert not Tenant.objects.filter(pk__in=[hooli.pk, umbrella.pk]).exists()
+        assert revoked_when_deleted[hooli_key[:15] + "…"] and revoked_when_deleted[umbrella_key[:15] + "…"]
+    finally:
+        pre_delete.disconnect(dispatch_uid="test.revoked_when_deleted", sender=ApiKey)
+    assert Tenant.objects.filter(pk__in=[cast.tenant.pk, cast.outsider_tenant.pk]).count() == 2
+    assert api.bearer(cast.owner_key).get("/v1/models").status_code == 200

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from django.db import connection
+import contextlib
+import threading
+
+from django.db import DatabaseError, connection
 from django.http import HttpResponse, JsonResponse
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import serializers
@@ -60,9 +63,33 @@ def healthz(request):
 
 
 def _check_database() -> str:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT 1")
-        cursor.fetchone()
+    """SELECT 1 on a thread the request waits for at most READINESS_TIMEOUT_S. A database that
+    accepts connections and then says nothing held /readyz for psycopg's connect timeout (130 s
+    unless the URL sets one, and never under 2 s), or for ever once connected; the thread is left
+    to end with its connection attempt."""
+    from django.conf import settings
+
+    outcome: list[Exception | None] = []
+
+    def select_one() -> None:
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1")
+                cursor.fetchone()
+            outcome.append(None)
+        except Exception as exc:  # handed to the request's thread
+            outcome.append(exc)
+        finally:
+            with contextlib.suppress(DatabaseError):
+                connection.close()  # this thread's own connection (or back to the pool)
+
+    checker = threading.Thread(target=select_one, name="readyz-database", daemon=True)
+    checker.start()
+    checker.join(settings.READINESS_TIMEOUT_S)
+    if not outcome:
+        raise TimeoutError(f"no answer within {settings.READINESS_TIMEOUT_S} s")
+    if outcome[0] is not None:
+        raise outcome[0]
     return "ok"
 
 

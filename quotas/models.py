@@ -75,6 +75,7 @@ class LedgerEntry(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
+        verbose_name_plural = "ledger entries"
         indexes = [
             models.Index(fields=["tenant", "period", "kind"], name="ledger_tenant_period"),
             models.Index(fields=["tenant", "created_at"], name="ledger_tenant_time"),

@@ -198,6 +198,22 @@ def test_web_probes_and_autoscaling():
     assert secret_refs == {"sluice-secrets"}
 
 
+def test_web_pods_drain_before_their_grace_period_ends():
+    """Without a preStop sleep a stopping pod closed its listener at once, while the Service's
+    proxies and the ingress still sent it new connections for a few seconds (refused); without
+    --timeout-graceful-shutdown uvicorn waited for every open SSE stream, and the kubelet
+    SIGKILLed it at the grace period's end. The sleep runs first, then uvicorn's shutdown, and
+    both must end before the grace period does."""
+    (web,) = [doc for doc in _of_kind("Deployment") if doc["metadata"]["name"] == "sluice-web"]
+    pod = web["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    sleep_s = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    command = container["command"]
+    graceful_s = int(command[command.index("--timeout-graceful-shutdown") + 1])
+    assert sleep_s >= 3 and graceful_s >= 10
+    assert sleep_s + graceful_s < pod["terminationGracePeriodSeconds"]
+
+
 def _worker_containers() -> list[dict]:
     return [c for doc in _of_kind("Deployment") for c in doc["spec"]["template"]["spec"]["containers"]
             if c["command"][:4] == ["celery", "-A", "portal", "worker"]]

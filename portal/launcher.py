@@ -25,6 +25,10 @@ from portal.embedded_redis import EmbeddedRedis, embedded_redis_start, redis_ans
 from portal.logs import secrets_redact
 
 STOP_GRACE_S = 15.0
+# uvicorn's --timeout-graceful-shutdown: on SIGTERM it ends the SSE streams still open after this
+# long and exits. Without it, it waited for them, and an open stream had the web server killed
+# at STOP_GRACE_S.
+WEB_GRACEFUL_SHUTDOWN_S = 10
 # The web server answers /healthz once it has imported the project and loaded the safety
 # classifier, while four workers and the engines import torch beside it: 50-55 s on the idle
 # 2-core machine, more with anything else running (60 s here made make run give up).
@@ -91,6 +95,12 @@ def _wait_for_http(url: str, supervisor: Supervisor, timeout_s: float) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout_s:.0f} s (the web server loads the "
                        "safety classifier before it answers, beside the workers' and engines' "
                        "start-up: is the machine busy?)")
+
+
+def web_server_argv(*, host: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "uvicorn", "portal.asgi:application", "--host", host,
+            "--port", str(port), "--log-level", "warning", "--no-access-log",
+            "--timeout-graceful-shutdown", str(WEB_GRACEFUL_SHUTDOWN_S)]
 
 
 # A job's process is killed this many heartbeat TTLs after its pool's SLUICE_JOB_MAX_RUN_S.
@@ -266,9 +276,7 @@ def run_platform(*, host: str, port: int, var_dir: Path, queues: list[str], conf
         env.setdefault("SLUICE_DEBUG", "true")
         env.setdefault("SLUICE_LOG_FORMAT", "plain")  # a person reads this terminal
         supervisor.spawn(
-            "web",
-            [sys.executable, "-m", "uvicorn", "portal.asgi:application", "--host", host,
-             "--port", str(port), "--log-level", "warning", "--no-access-log"],
+            "web", web_server_argv(host=host, port=port),
             {"SLUICE_DB_POOL_MAX": "16", **env},  # PostgreSQL only (settings.DB_POOL_MAX)
         )
         engines = _spawn_text_engines(supervisor, env)

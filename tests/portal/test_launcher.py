@@ -19,3 +19,11 @@ def test_a_web_server_that_never_answers_is_reported_with_the_likely_cause(monke
     monkeypatch.setattr(launcher.time, "sleep", lambda _s: None)
     with pytest.raises(RuntimeError, match="did not answer within 0 s.*safety classifier"):
         launcher._wait_for_http("http://127.0.0.1:9/healthz", launcher.Supervisor(), timeout_s=0)
+
+
+def test_the_web_server_ends_open_streams_before_make_run_kills_it():
+    """On Ctrl-C uvicorn waited for every open SSE stream, so a dashboard or client following a
+    job had the web server SIGKILLed STOP_GRACE_S later. It ends them itself, in time."""
+    argv = launcher.web_server_argv(host="127.0.0.1", port=8000)
+    graceful_s = float(argv[argv.index("--timeout-graceful-shutdown") + 1])
+    assert 0 < graceful_s <= launcher.STOP_GRACE_S - 3  # uvicorn's own exit after it

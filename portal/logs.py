@@ -98,3 +98,16 @@ class JsonLogFormatter(PlainLogFormatter):
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return secrets_redact(json.dumps(entry, default=str))
+
+
+def transformers_logs_route() -> None:
+    """transformers writes its warnings to stderr through a handler of its own ("[transformers]
+    ...", not propagated) and draws a tqdm bar while it loads weights: both bypassed the JSON
+    formatter, so the safety classifier's load put non-JSON lines in every web and worker pod's
+    log. Its records go to the root logger's handlers instead (its level stays WARNING), and no
+    bars. Imports transformers: call it where a model is loaded, not at start-up."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_default_handler()
+    transformers_logging.enable_propagation()
+    transformers_logging.disable_progress_bar()

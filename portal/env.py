@@ -119,7 +119,13 @@ def env_database(name: str, default: str) -> dict:
     try:
         return _env.db_url_config(url)
     except Exception as exc:  # django-environ raises several types for a bad URL
-        raise ImproperlyConfigured(f"{name} is not a valid database URL: {exc}") from exc
+        # Not its message, nor the chained traceback: urllib quotes the part it could not read,
+        # the password when the host is missing ("Port could not be cast to integer value as
+        # 's3cret'").
+        raise ImproperlyConfigured(
+            f"{name} is not a valid database URL ({exc.__class__.__name__}): check its host and "
+            "port, and percent-encode special characters in its password"
+        ) from None
 
 
 def env_dict_int(name: str, default: dict[str, int]) -> dict[str, int]:

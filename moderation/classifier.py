@@ -36,6 +36,7 @@ from django.conf import settings
 from moderation.errors import ClassifierUnavailable
 from moderation.models import OPERATING_POINTS
 from portal.heap import long_lived_freeze
+from portal.logs import transformers_logs_route
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class Encoder:
 
         if threads is not None:
             torch.set_num_threads(threads)
+        transformers_logs_route()
         path = str(encoder_path())
         self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

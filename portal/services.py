@@ -37,6 +37,7 @@ from portal.signals import tenant_suspended
 
 logger = logging.getLogger(__name__)
 User = get_user_model()
+_USERNAME_MAX_LENGTH = User._meta.get_field(User.USERNAME_FIELD).max_length
 
 # Compared against when a prefix is unknown, so that path costs the same as a wrong secret.
 _UNKNOWN_KEY_DIGEST = "0" * 64
@@ -237,6 +238,9 @@ def membership_invite(*, actor: Membership, email: str, role: str, site_url: str
     with transaction.atomic():
         user = User.objects.filter(email__iexact=email).first()
         if user is None:
+            if len(email) > _USERNAME_MAX_LENGTH:  # the new account's user name is the address
+                raise InvalidParameter(f"An address of more than {_USERNAME_MAX_LENGTH} characters "
+                                       "cannot get an account here.", param="email")
             user = User.objects.create_user(username=email.lower(), email=email)
             user.set_unusable_password()
             user.save(update_fields=["password"])

@@ -4,9 +4,10 @@ never a 500, and lands where the next step is."""
 from __future__ import annotations
 
 import pytest
+from django.contrib.auth import get_user_model
 from django.test import Client
 
-from portal.models import ApiKey
+from portal.models import ApiKey, Membership
 
 pytestmark = pytest.mark.django_db
 
@@ -36,4 +37,22 @@ def test_the_largest_key_limits_are_issued(cast):
     assert response.status_code == 200
     key = ApiKey.objects.get(tenant=cast.tenant, name="big")
     assert (key.cu_cap, key.cu_per_minute) == (API_KEY_CU_CAP_MAX, API_KEY_CU_PER_MINUTE_MAX)
+
+
+def test_inviting_an_address_longer_than_a_user_name_is_a_form_error(cast, mailoutbox):
+    address = "a" * 150 + "@example.com"  # a valid address; user names hold 150 characters
+    response = as_user(cast.admin.user).post("/t/acme/members/", {"email": address, "role": "member"})
+    assert response.status_code == 200
+    assert "more than 150 characters" in response.content.decode()
+    assert not get_user_model().objects.filter(email=address).exists()
+    assert mailoutbox == []
+
+
+def test_a_long_address_that_has_an_account_is_invited(cast, mailoutbox):
+    address = "b" * 150 + "@example.com"
+    person = get_user_model().objects.create_user(username="bee", email=address)
+    response = as_user(cast.admin.user).post("/t/acme/members/", {"email": address, "role": "viewer"})
+    assert response.status_code == 200
+    assert Membership.objects.filter(tenant=cast.tenant, user=person).exists()
+    assert [mail.to for mail in mailoutbox] == [[address]]
 

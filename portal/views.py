@@ -213,6 +213,8 @@ def member_update_view(request, membership: Membership, membership_id: int):
                                           f"they created: {', '.join(k.name for k in revoked)}.")
             else:
                 messages.success(request, f"Removed {target.user}.")
+            if target.pk == membership.pk:  # they left: this tenant's pages are a 404 to them now
+                return redirect("dashboard-home")
         else:
             changed = services.membership_role_change(
                 actor=membership, membership=target, role=form.cleaned_data["role"]

@@ -56,3 +56,18 @@ def test_a_long_address_that_has_an_account_is_invited(cast, mailoutbox):
     assert Membership.objects.filter(tenant=cast.tenant, user=person).exists()
     assert [mail.to for mail in mailoutbox] == [[address]]
 
+
+def test_an_admin_who_removes_themselves_lands_on_their_home_not_a_404(cast):
+    browser = as_user(cast.admin.user)
+    browser.get("/t/acme/members/")
+    response = browser.post(f"/t/acme/members/{cast.admin.pk}/", {"action": "remove"}, follow=True)
+    assert response.status_code == 200
+    assert response.redirect_chain[-1][0] == "/"
+    assert "You are not a member of any tenant" in response.content.decode()
+    assert f"Removed {cast.admin.user}." in response.content.decode()
+    assert not Membership.objects.filter(pk=cast.admin.pk).exists()
+    # Removing someone else still comes back to the members page.
+    owner = as_user(cast.owner.user)
+    response = owner.post(f"/t/acme/members/{cast.viewer.pk}/", {"action": "remove"})
+    assert response["Location"] == "/t/acme/members/"
+

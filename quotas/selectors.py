@@ -26,8 +26,11 @@ def usage_rows(*, tenant: Tenant, start: date, end: date, group_by: list[str]) -
         tenant=tenant,
         kind__in=[LedgerEntry.Kind.SETTLE, LedgerEntry.Kind.ADJUST],
         created_at__gte=datetime.combine(start, time.min, tzinfo=UTC),
-        created_at__lt=datetime.combine(end + timedelta(days=1), time.min, tzinfo=UTC),
-    ).annotate(day=TruncDate("created_at", tzinfo=UTC))
+    )
+    if end < date.max:  # the day after 9999-12-31 is an OverflowError (it was a 500)
+        queryset = queryset.filter(
+            created_at__lt=datetime.combine(end + timedelta(days=1), time.min, tzinfo=UTC))
+    queryset = queryset.annotate(day=TruncDate("created_at", tzinfo=UTC))
     rows = (
         queryset.values(*fields)
         .annotate(mcu=Sum("mcu"), requests=Count("id", filter=Q(kind=LedgerEntry.Kind.SETTLE)))

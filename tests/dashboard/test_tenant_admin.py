@@ -71,3 +71,15 @@ def test_an_admin_who_removes_themselves_lands_on_their_home_not_a_404(cast):
     response = owner.post(f"/t/acme/members/{cast.viewer.pk}/", {"action": "remove"})
     assert response["Location"] == "/t/acme/members/"
 
+
+@pytest.mark.parametrize("dates", ["start=9999-12-31&end=9999-12-31", "start=9999-01-01&end=9999-12-31"])
+def test_usage_export_of_the_last_representable_day_is_empty_not_a_500(cast, dates):
+    response = as_user(cast.viewer.user).get(f"/t/acme/usage.csv?{dates}")
+    assert response.status_code == 200
+    assert b"".join(response.streaming_content).decode().splitlines() == ["date,model,api_key,requests,cu"]
+
+
+def test_usage_api_of_the_last_representable_day_is_empty_not_a_500(cast, api):
+    response = api.bearer(cast.owner_key).get("/v1/usage?start_date=9999-12-31&end_date=9999-12-31")
+    assert response.status_code == 200
+    assert response.json()["data"] == [] and response.json()["total_cu"] == 0

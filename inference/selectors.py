@@ -22,13 +22,6 @@ def job_get_for_tenant(*, tenant: Tenant, job_id: str, kind: str | None = None) 
     return job
 
 
-def jobs_for_tenant(*, tenant: Tenant, kind: str | None = None, status: str | None = None,
-                    after: str | None = None, limit: int = 20) -> list[Job]:
-    """Newest first; `after` is the last id of the previous page (ids sort by time)."""
-    return list(_jobs_listed(tenant=tenant, kind=kind, statuses=[status] if status else None,
-                             after=after, order="desc")[:limit])
-
-
 @dataclass(frozen=True)
 class JobPage:
     jobs: list[Job]

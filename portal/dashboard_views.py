@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import uuid
 from datetime import date, timedelta
+from urllib.parse import urlencode
 
 from django.contrib import messages
 from django.http import HttpResponse, StreamingHttpResponse
@@ -18,7 +19,7 @@ from rest_framework.exceptions import ValidationError
 from inference.media import job_media_response
 from inference.models import Job
 from inference.registry import model_get, models_for_tier
-from inference.selectors import job_get_for_tenant, jobs_for_tenant
+from inference.selectors import job_get_for_tenant, jobs_page_for_tenant
 from inference.services import job_cancel
 from portal import selectors, services
 from portal.errors import InvalidParameter, PermissionDenied, SluiceError, to_sluice_error
@@ -43,10 +44,17 @@ def _job_filters(request) -> dict:
 @tenant_page
 def jobs_page(request, membership: Membership):
     filters = _job_filters(request)
+    after = request.GET.get("after") or None
+    page = jobs_page_for_tenant(tenant=membership.tenant, limit=JOBS_SHOWN, after=after,
+                                kind=filters["kind"] or None,
+                                statuses=[filters["status"]] if filters["status"] else None)
+    shown = {name: value for name, value in filters.items() if value}
     context = {
         "tenant": membership.tenant,
-        "jobs": jobs_for_tenant(tenant=membership.tenant, limit=JOBS_SHOWN,
-                                kind=filters["kind"] or None, status=filters["status"] or None),
+        "jobs": page.jobs,
+        # Older jobs are a page on, after the last one shown (ids sort by time), filters kept.
+        "older_query": urlencode({**shown, "after": page.jobs[-1].pk}) if page.has_more else None,
+        "newest_query": urlencode(shown) if after else None,
         "filters": filters,
         "kinds": Job.Kind.choices,
         "statuses": Job.Status.choices,

@@ -83,3 +83,43 @@ def test_usage_api_of_the_last_representable_day_is_empty_not_a_500(cast, api):
     response = api.bearer(cast.owner_key).get("/v1/usage?start_date=9999-12-31&end_date=9999-12-31")
     assert response.status_code == 200
     assert response.json()["data"] == [] and response.json()["total_cu"] == 0
+
+
+# --- long lists: every row reachable a page at a time, in a bounded number of queries -------------
+
+
+def _links(html: str, label: str) -> list[str]:
+    import html as html_module
+    import re
+
+    return [html_module.unescape(href) for href in re.findall(rf'<a href="([^"]*)">{label}</a>', html)]
+
+
+def test_every_job_is_reachable_from_the_jobs_list_a_page_at_a_time(cast, video_job, sent_tasks):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from portal.dashboard_views import JOBS_SHOWN
+    from portal.services import playground_submit
+    from tests.dashboard.conftest import VIDEO
+
+    submitted = [video_job.pk] + [playground_submit(actor=cast.member, payload=dict(VIDEO)).job.pk
+                                  for _ in range(JOBS_SHOWN + 5)]
+    browser = as_user(cast.viewer.user)
+    browser.get("/t/acme/jobs/")
+    with CaptureQueriesContext(connection) as queries:
+        first = browser.get("/t/acme/jobs/?status=queued&kind=video").content.decode()
+    assert len(queries) <= 8, [query["sql"] for query in queries]  # not one per row
+    listed = [job_id for job_id in submitted[::-1] if f'id="job-row-{job_id}"' in first]
+    assert listed == submitted[::-1][:JOBS_SHOWN]
+    (older,) = _links(first, "Older jobs")
+    assert "status=queued" in older and "kind=video" in older, "the filters are kept"
+    second = browser.get(f"/t/acme/jobs/{older}").content.decode()
+    listed = [job_id for job_id in submitted[::-1] if f'id="job-row-{job_id}"' in second]
+    assert listed == submitted[::-1][JOBS_SHOWN:]
+    assert _links(second, "Older jobs") == []
+    assert _links(second, "Newest jobs") in (["?kind=video&status=queued"], ["?status=queued&kind=video"])
+    # htmx's refresh of the table keeps the page it shows.
+    partial = browser.get(f"/t/acme/jobs/{older}", HTTP_HX_REQUEST="true").content.decode()
+    assert f'id="job-row-{video_job.pk}"' in partial and "<html" not in partial
+

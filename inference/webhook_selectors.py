@@ -26,6 +26,7 @@ def webhook_deliveries_for_endpoint(
     """Newest first, with the event and the attempt log loaded."""
     return (
         WebhookDelivery.objects.filter(endpoint__tenant=tenant, endpoint=endpoint)
+        .order_by("-created_at", "-pk")  # one order for every page, ties too
         .select_related("event")
         .prefetch_related(
             Prefetch("log", queryset=WebhookAttempt.objects.order_by("-number"))

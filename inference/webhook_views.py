@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from django import forms
 from django.contrib import messages
+from django.core.paginator import Paginator
 from django.http import Http404
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
@@ -80,10 +81,11 @@ def webhook_deliveries_page(request, membership: Membership, endpoint_id: str):
     tenant = membership.tenant
     endpoint = selectors.webhook_endpoint_get_for_tenant(tenant=tenant, endpoint_id=endpoint_id)
     deliveries = selectors.webhook_deliveries_for_endpoint(tenant=tenant, endpoint=endpoint)
+    page = Paginator(deliveries, _DELIVERIES_SHOWN).get_page(request.GET.get("page"))
     return render(request, "inference/webhook_deliveries.html", {
         "tenant": tenant,
         "endpoint": endpoint,
-        "deliveries": deliveries[:_DELIVERIES_SHOWN],
+        "deliveries": page,
         "can_manage": membership.has_role_at_least(_MANAGER_ROLE),
     })
 

@@ -123,3 +123,30 @@ def test_every_job_is_reachable_from_the_jobs_list_a_page_at_a_time(cast, video_
     partial = browser.get(f"/t/acme/jobs/{older}", HTTP_HX_REQUEST="true").content.decode()
     assert f'id="job-row-{video_job.pk}"' in partial and "<html" not in partial
 
+
+def test_every_delivery_is_reachable_from_the_delivery_log_a_page_at_a_time(cast, settings):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from inference.webhook_models import WebhookAttempt
+    from inference.webhook_views import _DELIVERIES_SHOWN
+    from inference.webhooks import webhook_endpoint_create, webhook_event_publish
+
+    settings.SLUICE_WEBHOOK_ALLOW_PRIVATE = True
+    endpoint = webhook_endpoint_create(tenant=cast.tenant, url="http://127.0.0.1:9/hooks")
+    events = [webhook_event_publish(tenant=cast.tenant, event_type="job.completed", data={"n": n})
+              for n in range(_DELIVERIES_SHOWN + 3)]
+    for event in events:
+        (delivery,) = event.deliveries.all()
+        WebhookAttempt.objects.create(delivery=delivery, number=1, status_code=500, latency_ms=3)
+    browser = as_user(cast.admin.user)
+    browser.get(f"/t/acme/webhooks/{endpoint.pk}/")
+    with CaptureQueriesContext(connection) as queries:
+        first = browser.get(f"/t/acme/webhooks/{endpoint.pk}/").content.decode()
+    assert len(queries) <= 10, [query["sql"] for query in queries]  # not one per row
+    newest_first = [event.pk for event in events[::-1]]
+    assert [pk for pk in newest_first if pk in first] == newest_first[:_DELIVERIES_SHOWN]
+    (older,) = _links(first, "Older")
+    second = browser.get(f"/t/acme/webhooks/{endpoint.pk}/{older}").content.decode()
+    assert [pk for pk in newest_first if pk in second] == newest_first[_DELIVERIES_SHOWN:]
+    assert _links(second, "Newer") == ["?page=1"]

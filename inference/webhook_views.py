@@ -19,7 +19,7 @@ from inference.webhook_models import (
     WEBHOOK_EVENT_TYPES,
     WebhookEndpoint,
 )
-from portal.errors import InvalidParameter
+from portal.errors import InvalidParameter, SluiceError
 from portal.models import Membership, Role
 from portal.services import require_role
 from portal.views import tenant_page
@@ -71,8 +71,9 @@ def webhooks_page(request, membership: Membership):
             endpoint = services.webhook_endpoint_create(tenant=membership.tenant, actor=membership,
                                                        **form.cleaned_data)
             return _render_endpoints(request, membership, revealed=endpoint)
-        except InvalidParameter as exc:
+        except SluiceError as exc:  # a bad URL, the endpoint limit, or Redis not answering (503)
             form.add_error(exc.param if exc.param in form.fields else None, exc.message)
+            return _render_endpoints(request, membership, form=form, status=exc.http_status)
     return _render_endpoints(request, membership, form=form, status=400)
 
 

@@ -150,3 +150,26 @@ def test_every_delivery_is_reachable_from_the_delivery_log_a_page_at_a_time(cast
     second = browser.get(f"/t/acme/webhooks/{endpoint.pk}/{older}").content.decode()
     assert [pk for pk in newest_first if pk in second] == newest_first[_DELIVERIES_SHOWN:]
     assert _links(second, "Newer") == ["?page=1"]
+
+
+# --- Redis not answering: the action's page says so, never a 500 ----------------------------------
+
+REDIS_NOBODY_LISTENS = "redis://127.0.0.1:1/0"
+
+
+def test_adding_a_webhook_while_redis_does_not_answer_says_to_retry(cast, settings):
+    from inference.webhook_models import WebhookEndpoint
+
+    settings.SLUICE_WEBHOOK_ALLOW_PRIVATE = True
+    browser = as_user(cast.admin.user)
+    form = {"url": "http://127.0.0.1:9/hooks", "event_types": ["job.completed"]}
+    healthy_url, settings.REDIS_URL = settings.REDIS_URL, REDIS_NOBODY_LISTENS
+    response = browser.post("/t/acme/webhooks/", form)
+    assert response.status_code == 503
+    assert "cannot be created right now. Retry later." in response.content.decode()
+    assert 'value="http://127.0.0.1:9/hooks"' in response.content.decode(), "the form keeps its input"
+    assert not WebhookEndpoint.objects.exists()
+    settings.REDIS_URL = healthy_url
+    assert browser.post("/t/acme/webhooks/", form).status_code == 200
+    assert WebhookEndpoint.objects.filter(tenant=cast.tenant).count() == 1
+

@@ -14,6 +14,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_POST
+from redis import RedisError
 from rest_framework.exceptions import ValidationError
 
 from inference.media import job_media_response
@@ -85,6 +86,8 @@ def job_cancel_view(request, membership: Membership, job_id: str):
         messages.success(request, f"Cancelling {job.pk}: a running job stops at its next step.")
     except SluiceError as exc:
         messages.error(request, exc.message)
+    except RedisError:  # the scheduler's queue did not answer; cancelling again finishes it
+        messages.error(request, f"Could not cancel {job.pk} right now: try again in a moment.")
     return redirect("tenant-job", tenant_slug=membership.tenant.slug, job_id=job.pk)
 
 

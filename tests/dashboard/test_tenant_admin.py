@@ -173,3 +173,20 @@ def test_adding_a_webhook_while_redis_does_not_answer_says_to_retry(cast, settin
     assert browser.post("/t/acme/webhooks/", form).status_code == 200
     assert WebhookEndpoint.objects.filter(tenant=cast.tenant).count() == 1
 
+
+def test_cancelling_while_redis_does_not_answer_says_so_and_cancelling_again_finishes(cast, video_job,
+                                                                                      settings):
+    from inference.models import Job
+
+    browser = as_user(cast.member.user)
+    healthy_url, settings.REDIS_URL = settings.REDIS_URL, REDIS_NOBODY_LISTENS
+    response = browser.post(f"/t/acme/jobs/{video_job.pk}/cancel/", follow=True)
+    assert response.status_code == 200
+    assert response.redirect_chain == [(f"/t/acme/jobs/{video_job.pk}/", 302)]
+    assert f"Could not cancel {video_job.pk} right now: try again in a moment." in response.content.decode()
+    settings.REDIS_URL = healthy_url
+    response = browser.post(f"/t/acme/jobs/{video_job.pk}/cancel/", follow=True)
+    assert f"Cancelling {video_job.pk}" in response.content.decode()
+    video_job.refresh_from_db()
+    assert video_job.status == Job.Status.CANCELLED
+    assert video_job.reservation.state == "settled" and video_job.reservation.settled_mcu == 0

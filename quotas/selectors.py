@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 
 from django.db.models import Count, Q, Sum
-from django.db.models.functions import TruncDate
+from django.db.models.functions import Coalesce, TruncDate
 
 from portal.models import Tenant
 from quotas.cost import mcu_to_cu
@@ -20,17 +20,23 @@ GROUPINGS = {"day": "day", "model": "model", "key": "api_key_id"}
 
 
 def usage_rows(*, tenant: Tenant, start: date, end: date, group_by: list[str]) -> list[dict]:
-    """CU charged per group between start and end (inclusive), oldest first."""
+    """CU charged per group between start and end (inclusive), oldest first. A settlement counts
+    on the day its work was admitted (its reservation's), an adjustment on its own: the day of
+    the period whose budget it is billed to. By the settlement's own day, a job admitted before
+    midnight at the end of a month and settled after it was in the next month's usage and
+    missing from its own, which its budget and the ledger's period bill it to."""
     fields = [GROUPINGS[name] for name in group_by]
+    admitted_at = Coalesce("reservation__created_at", "created_at")
     queryset = LedgerEntry.objects.filter(
         tenant=tenant,
         kind__in=[LedgerEntry.Kind.SETTLE, LedgerEntry.Kind.ADJUST],
-        created_at__gte=datetime.combine(start, time.min, tzinfo=UTC),
-    )
+        period__in=_periods_between(start, end),  # the (tenant, period, kind) index
+    ).alias(admitted_at=admitted_at).filter(
+        admitted_at__gte=datetime.combine(start, time.min, tzinfo=UTC))
     if end < date.max:  # the day after 9999-12-31 is an OverflowError (it was a 500)
         queryset = queryset.filter(
-            created_at__lt=datetime.combine(end + timedelta(days=1), time.min, tzinfo=UTC))
-    queryset = queryset.annotate(day=TruncDate("created_at", tzinfo=UTC))
+            admitted_at__lt=datetime.combine(end + timedelta(days=1), time.min, tzinfo=UTC))
+    queryset = queryset.annotate(day=TruncDate(admitted_at, tzinfo=UTC))
     rows = (
         queryset.values(*fields)
         .annotate(mcu=Sum("mcu"), requests=Count("id", filter=Q(kind=LedgerEntry.Kind.SETTLE)))
@@ -38,6 +44,11 @@ def usage_rows(*, tenant: Tenant, start: date, end: date, group_by: list[str]) -
     )
     return list(rows)
 
+
+def _periods_between(start: date, end: date) -> list[str]:
+    """The periods ("2026-11") from start's to end's, both included."""
+    months = range(start.year * 12 + start.month - 1, end.year * 12 + end.month)
+    return [f"{month // 12:04d}-{month % 12 + 1:02d}" for month in months]
 
 
 def usage_chart(*, tenant: Tenant, start: date, end: date) -> dict:

@@ -190,3 +190,76 @@ def test_cancelling_while_redis_does_not_answer_says_so_and_cancelling_again_fin
     video_job.refresh_from_db()
     assert video_job.status == Job.Status.CANCELLED
     assert video_job.reservation.state == "settled" and video_job.reservation.settled_mcu == 0
+
+
+# --- usage: the export's numbers are the ledger's, at the month's edge too ------------------------
+
+
+def _csv_rows(browser: Client, start, end) -> list[list[str]]:
+    import csv
+
+    response = browser.get(f"/t/acme/usage.csv?start={start}&end={end}")
+    assert response.status_code == 200
+    return list(csv.reader(b"".join(response.streaming_content).decode().splitlines()))[1:]
+
+
+def _billed_cu(tenant, period: str) -> float:
+    """What the ledger bills the tenant for a period: its settlements and adjustments."""
+    from django.db.models import Sum
+
+    from quotas.models import LedgerEntry
+
+    mcu = LedgerEntry.objects.filter(tenant=tenant, period=period, kind__in=["settle", "adjust"]
+                                     ).aggregate(total=Sum("mcu"))["total"] or 0
+    return mcu / 1000
+
+
+def test_usage_export_agrees_with_the_ledger_for_a_month_a_job_ran_across_the_end_of(cast, api):
+    """A job admitted at 23:59:50 on the last day of a month and settled at 00:00:10 on the
+    next is the earlier month's: its budget was reserved from, and its settlement billed to, that
+    period. The export and /v1/usage counted it on the settlement's day, in the next month."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from quotas.ledger import ledger_adjust, reservation_open, reservation_settle
+    from quotas.limits import period_bounds, period_of
+    from quotas.models import LedgerEntry, Reservation
+
+    api_key = ApiKey.objects.select_related("tenant__tier").get(prefix=cast.owner_key[3:15])
+
+    def run(cost_cu: float, actual_cu: float) -> str:
+        opened = reservation_open(api_key=api_key, model_id="sluice-code-tiny", pool="text-batch",
+                                  cost_mcu=int(cost_cu * 1000), mode="sync")
+        reservation_settle(reservation_id=opened.reservation.id, actual_mcu=int(actual_cu * 1000))
+        return opened.reservation.id
+
+    this_period = period_of(timezone.now())
+    month_start = period_bounds(this_period)[0]
+    last_period = period_of(month_start - timedelta(days=1))
+    # Across the edge: rewritten to the times and period the ledger would have written.
+    across = run(5, 3)  # 2 CU refunded
+    admitted, settled = month_start - timedelta(seconds=10), month_start + timedelta(seconds=10)
+    Reservation.objects.filter(pk=across).update(created_at=admitted, settled_at=settled,
+                                                 period=last_period)
+    LedgerEntry.objects.filter(reservation_id=across, kind="reserve").update(created_at=admitted,
+                                                                           period=last_period)
+    LedgerEntry.objects.filter(reservation_id=across).exclude(kind="reserve").update(
+        created_at=settled, period=last_period)
+    # This month: a settled job with a refund, and an operator's credit on the same key.
+    run(4, 1.5)
+    ledger_adjust(tenant_id=cast.tenant.pk, mcu=-500, note="goodwill", api_key_id=api_key.pk)
+
+    browser = as_user(cast.viewer.user)
+    last_start = period_bounds(last_period)[0].date()
+    last_end = month_start.date() - timedelta(days=1)
+    today = timezone.now().date()
+    for (start, end), period in [((last_start, last_end), last_period),
+                                 ((month_start.date(), today), this_period)]:
+        rows = _csv_rows(browser, start, end)
+        assert sum(float(row[4]) for row in rows) == _billed_cu(cast.tenant, period), period
+        usage = api.bearer(cast.owner_key).get(f"/v1/usage?start_date={start}&end_date={end}").json()
+        assert usage["total_cu"] == _billed_cu(cast.tenant, period), period
+    assert _billed_cu(cast.tenant, last_period) == 3.0 and _billed_cu(cast.tenant, this_period) == 1.0
+    (row,) = _csv_rows(browser, last_start, last_end)
+    assert row[0] == last_end.isoformat() and row[3] == "1"  # the day it was admitted, one request

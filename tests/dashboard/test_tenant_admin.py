@@ -263,3 +263,14 @@ def test_usage_export_agrees_with_the_ledger_for_a_month_a_job_ran_across_the_en
     assert _billed_cu(cast.tenant, last_period) == 3.0 and _billed_cu(cast.tenant, this_period) == 1.0
     (row,) = _csv_rows(browser, last_start, last_end)
     assert row[0] == last_end.isoformat() and row[3] == "1"  # the day it was admitted, one request
+
+
+def test_a_key_capped_at_zero_is_listed_with_its_cap_not_as_uncapped(cast):
+    """A cap of 0 (set in the admin: the key may spend nothing) read as "—", no cap."""
+    import re
+
+    blocked = ApiKey.objects.get(prefix=cast.owner_key[3:15])
+    ApiKey.objects.filter(pk=blocked.pk).update(cu_cap=0)
+    html = as_user(cast.viewer.user).get("/t/acme/keys/").content.decode()
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", html.split(blocked.masked, 1)[1], flags=re.S)
+    assert cells[4] == "0"  # after the key: created by, created, last used, expires, CU cap

@@ -241,7 +241,15 @@ def membership_invite(*, actor: Membership, email: str, role: str, site_url: str
             if len(email) > _USERNAME_MAX_LENGTH:  # the new account's user name is the address
                 raise InvalidParameter(f"An address of more than {_USERNAME_MAX_LENGTH} characters "
                                        "cannot get an account here.", param="email")
-            user = User.objects.create_user(username=email.lower(), email=email)
+            try:
+                with transaction.atomic():
+                    user = User.objects.create_user(username=email.lower(), email=email)
+            except IntegrityError as exc:
+                # Another account has the address as its user name: one whose address has
+                # changed since, or a concurrent invitation's. Neither is this person's to join.
+                raise InvalidParameter(f"{email} is another account's user name; invite it "
+                                       "again in a moment, or ask Sluice's staff.", param="email"
+                                       ) from exc
             user.set_unusable_password()
             user.save(update_fields=["password"])
         membership, created = Membership.objects.get_or_create(

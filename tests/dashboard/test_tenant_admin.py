@@ -57,6 +57,23 @@ def test_a_long_address_that_has_an_account_is_invited(cast, mailoutbox):
     assert [mail.to for mail in mailoutbox] == [[address]]
 
 
+
+def test_inviting_an_address_that_is_another_accounts_user_name_is_a_form_error(cast, mailoutbox):
+    """That account's address changed since an invitation made it: it is not the address's
+    account (accounts are matched by address), and a new one cannot take its user name."""
+    moved = get_user_model().objects.create_user(username="alice@example.com",
+                                                 email="alice@new.example")
+    browser = as_user(cast.admin.user)
+    response = browser.post("/t/acme/members/", {"email": "Alice@example.com", "role": "member"})
+    assert response.status_code == 200
+    assert "Alice@example.com is another account&#x27;s user name" in response.content.decode()
+    assert not Membership.objects.filter(tenant=cast.tenant, user=moved).exists()
+    assert get_user_model().objects.filter(email__iexact="alice@example.com").count() == 0
+    assert mailoutbox == []
+    # The form and the tenant carry on: the next invitation goes through.
+    assert "mailed them the invitation" in browser.post(
+        "/t/acme/members/", {"email": "bob@example.com", "role": "member"}).content.decode()
+
 def test_an_admin_who_removes_themselves_lands_on_their_home_not_a_404(cast):
     browser = as_user(cast.admin.user)
     browser.get("/t/acme/members/")

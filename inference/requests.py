@@ -107,6 +107,12 @@ class _MessageInput(serializers.Serializer):
         return "system" if value == "developer" else value
 
 
+# PostgreSQL's JSON refuses U+0000: text kept in a job's params must not hold it (a job's insert
+# failed with a 500). DRF's CharField refuses it with this message; these fields are not one.
+NULL_CHARACTER = "\x00"
+NULL_CHARACTERS_REFUSED = "Null characters are not allowed."
+
+
 class _StopField(serializers.Field):
     """OpenAI's `stop`: a string or up to 4 strings."""
 
@@ -116,6 +122,8 @@ class _StopField(serializers.Field):
             raise serializers.ValidationError("Send a non-empty string or a list of them.")
         if len(values) > 4:
             raise serializers.ValidationError("At most 4 stop sequences.")
+        if any(NULL_CHARACTER in value for value in values):
+            raise serializers.ValidationError(NULL_CHARACTERS_REFUSED)
         return values
 
     def to_representation(self, value):
@@ -265,6 +273,8 @@ def text_request_parse(*, payload: dict, tier: Tier, chat: bool | None = None) -
     else:  # a raw prompt is the caller's own: its special tokens (fill-in-the-middle) count
         prompt_text = data["prompt"]
         prompt_token_ids = encode(spec, prompt_text)
+    if not is_chat and NULL_CHARACTER in prompt_text:  # kept in the job's params (code_context)
+        raise InvalidParameter(f"prompt: {NULL_CHARACTERS_REFUSED}", param="prompt")
     prompt_tokens = len(prompt_token_ids)
     context = spec.context_length or 0
     max_tokens = data.get("max_completion_tokens") or data.get("max_tokens")

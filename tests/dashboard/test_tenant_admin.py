@@ -291,3 +291,14 @@ def test_a_key_capped_at_zero_is_listed_with_its_cap_not_as_uncapped(cast):
     html = as_user(cast.viewer.user).get("/t/acme/keys/").content.decode()
     cells = re.findall(r"<td[^>]*>(.*?)</td>", html.split(blocked.masked, 1)[1], flags=re.S)
     assert cells[4] == "0"  # after the key: created by, created, last used, expires, CU cap
+
+
+def test_a_code_prompt_with_a_null_character_is_explained_beside_the_form(cast, sent_tasks):
+    """The job's params keep the prompt, and PostgreSQL's JSON refuses U+0000: it was a 500."""
+    from inference.models import Job
+
+    response = as_user(cast.member.user).post("/t/acme/playground/", {
+        "model": "sluice-code-tiny", "prompt": "def f():\x00", "max_tokens": "4"})
+    assert response.status_code == 400
+    assert "prompt: Null characters are not allowed." in response.content.decode()
+    assert not Job.objects.exists() and sent_tasks == []

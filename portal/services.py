@@ -181,8 +181,10 @@ def playground_api_key(*, tenant: Tenant) -> ApiKey:
     never shown (the dashboard submits on the member's behalf; nobody types it). Jobs need a
     key, and a dedicated one keeps playground usage apart in the ledger and the key list."""
     api_key = (
-        ApiKey.objects.filter(tenant=tenant, name=PLAYGROUND_KEY_NAME, revoked_at__isnull=True,
-                              expires_at__isnull=True)
+        # No issuer: a member may name a key of their own "Dashboard playground" (and cap it),
+        # and the playground ran everyone's jobs on it, under that member's cap and name.
+        ApiKey.objects.filter(tenant=tenant, name=PLAYGROUND_KEY_NAME, created_by__isnull=True,
+                              revoked_at__isnull=True, expires_at__isnull=True)
         .select_related("tenant__tier").order_by("pk").first()
     )
     if api_key is None:

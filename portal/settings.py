@@ -420,6 +420,12 @@ SLUICE_SAFETY_RULES_TTL_S = env_float("SLUICE_SAFETY_RULES_TTL_S", 30.0, minimum
 SLUICE_SAFETY_POLICY_TTL_S = env_float("SLUICE_SAFETY_POLICY_TTL_S", 5.0, minimum=0)
 # Intra-op threads for the safety encoder; 1 keeps a request from contending with its neighbours.
 SLUICE_SAFETY_TORCH_THREADS = env_int("SLUICE_SAFETY_TORCH_THREADS", 1, minimum=1)
+# Windows of 254 word pieces the classifier reads of one text, its head included: one encoder
+# pass each (moderation.classifier.window_spans). 16 read whole a text of up to about 3,500 word
+# pieces: the code model's whole context (1,024 tokens) at 3.4 word pieces a token, where the
+# densest prompt of the safety corpus has 3.25 and English and code about 0.7. A longer text is
+# sampled: 16 windows spread evenly over it. At least 2, the head and the end.
+SLUICE_SAFETY_MAX_WINDOWS = env_int("SLUICE_SAFETY_MAX_WINDOWS", 16, minimum=2)
 SLUICE_MODERATION_PROMPT_RETENTION_DAYS = env_int(
     "SLUICE_MODERATION_PROMPT_RETENTION_DAYS", 30, minimum=0
 )

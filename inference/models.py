@@ -25,6 +25,10 @@ CONTENT_EXPIRED_KEY = "expired_at"
 # their end. Expired and deleted ones leave the index, so each run reads only what is due.
 EXPIRABLE = (models.Q(finished_at__isnull=False, deleted_at__isnull=True) & HOLDS_CONTENT
              & ~models.Q(result__has_key=CONTENT_EXPIRED_KEY))
+# A job whose cancel was requested and that has not ended (Job.ACTIVE): Redis refused the
+# cancel's second step, or its running worker has yet to stop. The reconciliation finishes it.
+CANCEL_UNFINISHED = (models.Q(cancel_requested_at__isnull=False)
+                     & models.Q(status__in=("queued", "running")))
 
 
 class Job(models.Model):
@@ -94,6 +98,9 @@ class Job(models.Model):
                          condition=DELETED_WITH_CONTENT),
             models.Index(fields=["finished_at"], name="job_content_expirable",
                          condition=EXPIRABLE),
+            # The reconciliation's look for cancels still to finish: nearly always empty.
+            models.Index(fields=["cancel_requested_at"], name="job_cancel_unfinished",
+                         condition=CANCEL_UNFINISHED),
         ]
 
     def __str__(self) -> str:

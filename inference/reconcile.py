@@ -16,7 +16,11 @@ day) and failing with `queue_timeout`:
 - a queued or running job of a suspended tenant is cancelled as the suspension cancels it
   (`jobs_cancel_for_suspended_tenants`: refunded, or stopped and billed for what it ran): the
   suspension's own sweep runs once, after its commit, and misses a job when Redis refuses that
-  cancel or the process dies first.
+  cancel or the process dies first;
+- a cancel that was requested (recorded in the database) and not finished, because Redis
+  refused its second step, is finished (`jobs_cancel_finish`): a queued or admitted job is
+  cancelled and refunded in full, a running one whose flag Redis never got has it raised again.
+  (`job_claim` never starts a job whose cancel was requested either.)
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from django.utils import timezone
 
 from inference.models import Job
 from inference.scheduler import scheduler_enqueue, scheduler_queued, scheduler_remove
-from inference.services import job_send, jobs_cancel_for_suspended_tenants
+from inference.services import job_send, jobs_cancel_finish, jobs_cancel_for_suspended_tenants
 from portal.redis import redis_client
 from quotas.ledger import counters_rebuild, reservations_admitted, settlements_mirror_missed
 from quotas.limits import pool_lease_s, quota_limits_for, reservation_marker
@@ -43,15 +47,17 @@ RESENT_KEY = "s:resent:{job_id}"
 
 def jobs_reconcile(*, now: datetime | None = None) -> dict[str, int]:
     """The suspended tenants' jobs still queued or running first (cancelled, so none of them is
-    queued again below), then every queued job older than SLUICE_SCHEDULER_RECONCILE_AFTER_S, a
-    batch at a time in id (= submission) order, then the settlements never mirrored. Returns
-    how many were `cancelled`, `enqueued`, `admitted`, `resent` and `mirrored` (only those
-    above zero)."""
+    queued again below), then the cancels requested and not finished, then every queued job
+    older than SLUICE_SCHEDULER_RECONCILE_AFTER_S (none with a cancel requested), a batch at a
+    time in id (= submission) order, then the settlements never mirrored. Returns how many were
+    `cancelled`, `cancels_finished`, `cancel_flags_raised`, `enqueued`, `admitted`, `resent`
+    and `mirrored` (only those above zero)."""
     now = now or timezone.now()
     settled_before = now - timedelta(seconds=settings.SLUICE_SCHEDULER_RECONCILE_AFTER_S)
     outcomes: dict[str, int] = {}
     if cancelled := jobs_cancel_for_suspended_tenants():
         outcomes["cancelled"] = cancelled
+    outcomes.update(jobs_cancel_finish(now=now))
     after = ""
     while True:
         batch = list(

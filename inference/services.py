@@ -23,7 +23,7 @@ from django.utils import timezone
 
 from inference.errors import IdempotencyConflict, JobNotCancellable
 from inference.events import event_publish, stream_key
-from inference.models import DELETED_WITH_CONTENT, IdempotencyKey, Job
+from inference.models import CANCEL_UNFINISHED, DELETED_WITH_CONTENT, IdempotencyKey, Job
 from inference.registry import ModelSpec, ModelVariant
 from inference.scheduler import (
     scheduler_dispatch,
@@ -255,17 +255,33 @@ def job_claim(*, job_id: str, attempt: int, announce: bool = True) -> Job | None
     # it would be free work on capacity another job holds. The reaper fails it (queue_timeout).
     reservation_held = Exists(Reservation.objects.filter(pk=OuterRef("reservation_id"),
                                                          state__in=Reservation.ACTIVE_STATES))
+    # Nor once its cancel was requested: it waited with its cancel unfinished (Redis refused
+    # the cancel's second step, and a dispatch round or the reconciliation sent it since).
     claimed = update_returning(
         Job.objects.filter(Q(reservation__isnull=True) | reservation_held, pk=job_id,
-                           status=Job.Status.QUEUED, attempts=attempt - 1),
+                           status=Job.Status.QUEUED, attempts=attempt - 1,
+                           cancel_requested_at__isnull=True),
         status=Job.Status.RUNNING, attempts=attempt, started_at=now,
     )
     if not claimed:
+        _claim_refused_cancel_finish(job_id=job_id, attempt=attempt)
         return None
     (job,) = claimed
     if announce:
         job_started(job=job)
     return job
+
+
+def _claim_refused_cancel_finish(*, job_id: str, attempt: int) -> None:
+    """A claim found nothing to take (the rare path: read only then). When that is because a
+    cancel was requested of the job this message would have started, the cancel is finished
+    here: it never ran, so it is cancelled and refunded in full, not left for the
+    reconciliation while its worker idles. A Redis error goes to the task, which retries."""
+    requested = Job.objects.filter(pk=job_id, status=Job.Status.QUEUED, attempts=attempt - 1,
+                                   cancel_requested_at__isnull=False).first()
+    if requested is not None:
+        with contextlib.suppress(JobNotCancellable):  # it ended meanwhile
+            job_cancel(job=requested)
 
 
 def job_started(*, job: Job, attempt_seq: int | None = None) -> None:
@@ -629,6 +645,36 @@ def jobs_cancel_for_suspended_tenants() -> int:
     return _jobs_cancel(jobs)
 
 
+# A recorded cancel request is its own request's to finish for this long (it does within
+# milliseconds); then the reconciliation finishes it, not racing a cancel still under way.
+CANCEL_FINISH_AFTER = timedelta(seconds=10)
+# Cancels the reconciliation finishes per round (the rest on the next ones).
+CANCEL_FINISH_BATCH = 500
+
+
+def jobs_cancel_finish(*, now: datetime) -> dict[str, int]:
+    """The reconciliation's sweep (inference/reconcile.py) of cancels recorded and not finished:
+    job_cancel records the request (`cancel_requested_at`) before it takes a queued job out of
+    the scheduler's queue or raises a running job's flag in Redis, and Redis refusing that step
+    left the job queued (a dispatch round could start it) or running unflagged. A queued or
+    admitted one is cancelled and refunded in full (`cancels_finished`); a running one whose
+    flag Redis has not got has it raised again (`cancel_flags_raised`), and its worker stops it
+    and is billed for what it ran. Each through job_cancel, as its own request would have; one
+    query on the job_cancel_unfinished index, one MGET for the running ones' flags. Returns the
+    counts above zero."""
+    jobs = list(Job.objects.filter(CANCEL_UNFINISHED, cancel_requested_at__lt=now - CANCEL_FINISH_AFTER)
+                .order_by("cancel_requested_at")[:CANCEL_FINISH_BATCH])
+    running = [job for job in jobs if job.status == Job.Status.RUNNING]
+    # A flag up is the worker's to read: raising it again would only count the same job every
+    # round until its worker stops it (a step of a large video may take a while).
+    flagged = jobs_cancel_requested(job_ids=[job.pk for job in running]) if running else set()
+    outcomes = {
+        "cancels_finished": _jobs_cancel([job for job in jobs if job.status == Job.Status.QUEUED]),
+        "cancel_flags_raised": _jobs_cancel([job for job in running if job.pk not in flagged]),
+    }
+    return {outcome: count for outcome, count in outcomes.items() if count}
+
+
 def _jobs_cancel(jobs) -> int:
     cancelled = 0
     for job in jobs:
@@ -637,9 +683,10 @@ def _jobs_cancel(jobs) -> int:
         except JobNotCancellable:
             continue  # it ended meanwhile
         except redis.RedisError:
-            # Its cancel_requested_at is set; the reconciliation cancels it once Redis answers.
-            logger.warning("could not cancel job %s of suspended tenant %s yet: Redis refused",
-                           job.pk, job.tenant_id, exc_info=True)
+            # Its cancel_requested_at is set; the reconciliation finishes it once Redis answers
+            # (jobs_cancel_finish).
+            logger.warning("could not cancel job %s of tenant %s yet: Redis refused", job.pk,
+                           job.tenant_id, exc_info=True)
             continue
         cancelled += 1
     return cancelled

@@ -35,7 +35,7 @@ def scheduler_reconcile() -> dict:
     """Queued jobs Redis lost, or that a failed step left out of every queue, go back to it;
     admitted ones no worker claimed are sent again; settlements a dying process never
     mirrored into Redis are mirrored; suspended tenants' jobs still queued or running are
-    cancelled (inference/reconcile.py)."""
+    cancelled, and cancels whose Redis step was refused are finished (inference/reconcile.py)."""
     return jobs_reconcile()
 
 

@@ -4,6 +4,7 @@ cancellation, recovery. (Real workers run in test_worker.py.)"""
 from __future__ import annotations
 
 import pytest
+import redis
 from django.utils import timezone
 
 from inference.models import Job
@@ -169,6 +170,41 @@ def test_a_cancel_that_read_the_job_queued_stops_it_when_a_worker_claimed_it_mea
     claimed.refresh_from_db()
     assert claimed.status == "cancelled" and claimed.actual_mcu == 300
     assert used(api_key.tenant_id) == 300
+
+
+def test_a_job_whose_cancel_redis_refused_is_cancelled_not_started_when_a_worker_gets_it(
+        settings, sent_tasks):
+    """A cancel whose request was recorded while Redis refused to take the job out of the
+    scheduler's queue: once Redis answers, a dispatch round hands the job to a worker. Its claim
+    started it (billed for what it ran before its worker saw a flag that was never raised); the
+    claim ends it cancelled instead, refunded in full, nothing run, and frees its slot."""
+    from inference.events import events_read
+
+    settings.SLUICE_POOL_SLOTS = {"video-hbm": 1}
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100, max_jobs=10))
+    running = video_job_submit(api_key, cu=2).job
+    waiting = video_job_submit(api_key, cu=3).job
+    healthy_url, settings.REDIS_URL = settings.REDIS_URL, "redis://127.0.0.1:1/0"
+    try:
+        with pytest.raises(redis.RedisError):
+            job_cancel(job=waiting)
+    finally:
+        settings.REDIS_URL = healthy_url
+    job_succeed(job=job_claim(job_id=running.pk, attempt=1), actual_mcu=2000, result={}, usage={})
+    assert [job_id for job_id, *_ in sent_tasks] == [running.pk, waiting.pk]  # still queued there
+
+    assert job_claim(job_id=waiting.pk, attempt=1) is None
+    waiting.refresh_from_db()
+    assert (waiting.status, waiting.actual_mcu, waiting.attempts, waiting.started_at) == (
+        "cancelled", 0, 0, None)
+    assert sorted(LedgerEntry.objects.filter(reservation_id=waiting.reservation_id)
+                  .values_list("kind", "mcu")) == [("refund", 3000), ("reserve", 3000), ("settle", 0)]
+    assert used(api_key.tenant_id) == 2000
+    assert [event.type for event in events_read(job_id=waiting.pk)] == ["job.queued", "job.cancelled"]
+    assert job_claim(job_id=waiting.pk, attempt=1) is None  # a duplicate delivery: nothing more
+    assert LedgerEntry.objects.filter(reservation_id=waiting.reservation_id, kind="settle").count() == 1
+    following = video_job_submit(api_key).job
+    assert sent_tasks[-1] == (following.pk, 1, "video-hbm")  # its slot was given back
 
 
 def test_priority_first_then_fair_share_across_tenants(settings, sent_tasks):

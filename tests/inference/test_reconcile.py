@@ -188,3 +188,88 @@ def test_a_suspension_whose_cancel_redis_refused_stands_and_the_reconciliation_c
     period = period_of(timezone.now())
     assert budget_used_from_ledger(tenant_id=api_key.tenant_id, period=period)[0] == 2000
     assert jobs_reconcile() == {"cancelled": 1}  # told again until it has stopped
+
+
+REDIS_NOBODY_LISTENS = "redis://127.0.0.1:1/0"
+
+
+def cancel_while_redis_refuses(settings, job) -> None:
+    """A cancel (the dashboard's, the API's) while Redis does not answer: its request is
+    recorded in the row, and its next step - taking a queued job out of the scheduler's queue,
+    raising a running job's flag - is refused."""
+    from inference.services import job_cancel
+
+    healthy_url, settings.REDIS_URL = settings.REDIS_URL, REDIS_NOBODY_LISTENS
+    try:
+        with pytest.raises(redis.RedisError):
+            job_cancel(job=job)
+    finally:
+        settings.REDIS_URL = healthy_url
+    assert Job.objects.get(pk=job.pk).cancel_requested_at is not None
+
+
+def test_queued_and_admitted_jobs_whose_cancel_redis_refused_are_cancelled_and_refunded_once_it_answers(
+        settings, sent_tasks):
+    """The reconciliation skipped a queued job with a cancel request unless its tenant was
+    suspended: the cancel was never finished (a dispatch round could still start the job, an
+    admitted one held its pool slot) unless its user clicked again. It is finished once, as the
+    cancel itself would have: out of the queue, refunded in full, its slot given on."""
+    from inference.services import job_cancel_requested
+    from quotas.ledger import budget_used_from_ledger
+    from quotas.limits import CounterKeys, period_of
+    from quotas.models import LedgerEntry
+
+    settings.SLUICE_POOL_SLOTS = {POOL: 1}
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100, max_jobs=10))
+    admitted = video_job_submit(api_key, cu=2).job  # sent to its pool, no worker took it yet
+    waiting = video_job_submit(api_key, cu=3).job  # in the scheduler's queue
+    assert [job_id for job_id, *_ in sent_tasks] == [admitted.pk]
+    for job in (admitted, waiting):
+        cancel_while_redis_refuses(settings, job)
+    assert [Job.objects.get(pk=job.pk).status for job in (admitted, waiting)] == ["queued", "queued"]
+    assert queued_ids([waiting]) == {waiting.pk}
+
+    assert jobs_reconcile() == {}  # just requested: its own request may be finishing it
+    assert jobs_reconcile(now=later(11)) == {"cancels_finished": 2}
+    for job, reserved_mcu in ((admitted, 2000), (waiting, 3000)):
+        job.refresh_from_db()
+        assert (job.status, job.actual_mcu, job.started_at) == ("cancelled", 0, None)
+        assert sorted(LedgerEntry.objects.filter(reservation_id=job.reservation_id)
+                      .values_list("kind", "mcu")) == [("refund", reserved_mcu),
+                                                       ("reserve", reserved_mcu), ("settle", 0)]
+        assert not job_cancel_requested(job_id=job.pk)
+    assert queued_ids([waiting]) == set()
+    assert jobs_reconcile(now=later(11)) == {}  # once
+    period = period_of(timezone.now())
+    budget = CounterKeys(tenant_id=api_key.tenant_id, api_key_id=0, period=period, pool="").budget
+    assert int(redis_client().get(budget)) == budget_used_from_ledger(
+        tenant_id=api_key.tenant_id, period=period)[0] == 0
+    # The admitted job's late message runs nothing; its slot went to the next job.
+    assert job_claim(job_id=admitted.pk, attempt=1) is None
+    following = video_job_submit(api_key).job
+    assert sent_tasks[-1] == (following.pk, 1, POOL)
+
+
+def test_a_running_job_whose_cancel_flag_redis_refused_gets_it_once_redis_answers(settings, sent_tasks):
+    """The cancel of a running job is its flag in Redis, which its worker reads: refused, the
+    job ran to its end for a user who had cancelled it. The reconciliation raises it again,
+    once: while it is up, stopping is the worker's, billed for what it ran."""
+    from inference.services import job_cancel_requested, job_cancelled
+
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    running = job_claim(job_id=video_job_submit(api_key, cu=2).job.pk, attempt=1)
+    cancel_while_redis_refuses(settings, running)
+    assert not job_cancel_requested(job_id=running.pk)
+
+    assert jobs_reconcile() == {}
+    assert jobs_reconcile(now=later(11)) == {"cancel_flags_raised": 1}
+    assert job_cancel_requested(job_id=running.pk)  # what its worker reads every 50 ms
+    assert Job.objects.get(pk=running.pk).status == "running"
+    assert jobs_reconcile(now=later(11)) == {}  # up: the worker's to read
+    redis_client().delete(f"s:cancel:{running.pk}")  # lost again (Redis restarted empty)
+    assert jobs_reconcile(now=later(11)) == {"cancel_flags_raised": 1}
+
+    assert job_cancelled(job=running, actual_mcu=700, usage={}, result={}) is True
+    running.refresh_from_db()
+    assert (running.status, running.actual_mcu) == ("cancelled", 700)
+    assert jobs_reconcile(now=later(11)) == {}

@@ -30,7 +30,9 @@ def usage_rows(*, tenant: Tenant, start: date, end: date, group_by: list[str]) -
     queryset = LedgerEntry.objects.filter(
         tenant=tenant,
         kind__in=[LedgerEntry.Kind.SETTLE, LedgerEntry.Kind.ADJUST],
-        period__in=_periods_between(start, end),  # the (tenant, period, kind) index
+        # A range on the (tenant, period, kind) index: "YYYY-MM" sorts as its months do. (A
+        # list of the periods between had 96,000 entries for an export ending 9999-12-31.)
+        period__gte=f"{start.year:04d}-{start.month:02d}", period__lte=f"{end.year:04d}-{end.month:02d}",
     ).alias(admitted_at=admitted_at).filter(
         admitted_at__gte=datetime.combine(start, time.min, tzinfo=UTC))
     if end < date.max:  # the day after 9999-12-31 is an OverflowError (it was a 500)
@@ -44,11 +46,6 @@ def usage_rows(*, tenant: Tenant, start: date, end: date, group_by: list[str]) -
     )
     return list(rows)
 
-
-def _periods_between(start: date, end: date) -> list[str]:
-    """The periods ("2026-11") from start's to end's, both included."""
-    months = range(start.year * 12 + start.month - 1, end.year * 12 + end.month)
-    return [f"{month // 12:04d}-{month % 12 + 1:02d}" for month in months]
 
 
 def usage_chart(*, tenant: Tenant, start: date, end: date) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
+from django.core.exceptions import DisallowedHost, RequestDataTooBig, SuspiciousOperation
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions as drf_exceptions
@@ -124,6 +125,15 @@ class UnsupportedMediaType(SluiceError):
     default_message = "Send the request body as application/json."
 
 
+class RequestTooLarge(SluiceError):
+    """A body over DATA_UPLOAD_MAX_MEMORY_SIZE."""
+
+    code = "invalid_parameter"
+    http_status = 413
+    default_message = "The request body is larger than this server accepts."
+    retryable = False
+
+
 def _first_error(detail, path: str = "") -> tuple[str | None, str]:
     """Flatten a DRF ValidationError detail into (param path, first message)."""
     if isinstance(detail, Mapping):
@@ -148,6 +158,16 @@ def to_sluice_error(exc: Exception) -> SluiceError | None:
         if param:
             message = f"{param}: {message}"
         return InvalidParameter(message, param=param)
+    # Django's own refusals of a request: a 500 from an API view, an HTML page from Django.
+    if isinstance(exc, RequestDataTooBig):
+        from django.conf import settings
+
+        return RequestTooLarge(f"The request body is over {settings.DATA_UPLOAD_MAX_MEMORY_SIZE:,} "
+                               "bytes, the most this server accepts.")
+    if isinstance(exc, DisallowedHost):
+        return InvalidParameter("This server does not answer to that Host header.", param="Host")
+    if isinstance(exc, SuspiciousOperation):  # too many form fields or files
+        return InvalidParameter(str(exc) or None)
     if isinstance(exc, drf_exceptions.ParseError):
         return InvalidParameter(f"Malformed request body: {exc.detail}")
     if isinstance(exc, drf_exceptions.UnsupportedMediaType):

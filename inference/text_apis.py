@@ -16,6 +16,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, NamedTuple
 
+from django.core.exceptions import RequestDataTooBig
 from django.db import close_old_connections
 from django.http import JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
@@ -31,7 +32,14 @@ from moderation.selectors import safety_policy_for_tenant
 from moderation.services import safety_verdict_enforce
 from portal.authentication import ApiPrincipal, bearer_token
 from portal.db import database_step
-from portal.errors import InvalidApiKey, InvalidParameter, SluiceError, json_error
+from portal.errors import (
+    InvalidApiKey,
+    InvalidParameter,
+    MethodNotAllowed,
+    SluiceError,
+    json_error,
+    to_sluice_error,
+)
 from portal.parsers import json_object_require
 from portal.services import api_key_authenticate
 
@@ -127,6 +135,8 @@ def _submit(request, *, chat: bool) -> _Submitted:
         payload = json_object_require(json.loads(request.body or b"{}"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidParameter(f"The body is not valid JSON: {exc}") from exc
+    except RequestDataTooBig as exc:  # Django's HTML 400 page otherwise
+        raise to_sluice_error(exc) from exc
     tier = api_key.tenant.tier
     policy = safety_policy_for_tenant(tenant=api_key.tenant)
     endpoint = "chat.completions" if chat else "completions"
@@ -401,15 +411,29 @@ async def _stream(job: Job, shape: _Shape, text: TextRequest):
             _cancel_in_background(job.pk)
 
 
+@database_step
+def _method_not_allowed(request) -> JsonResponse:
+    """Any method but POST, answered as DRF's views answer it: a key is checked first (a wrong
+    one is the 401) and is the request's principal (the rate-limit headers), and the 405 says
+    in `Allow` what is allowed (RFC 9110)."""
+    try:
+        token = bearer_token(request.headers.get("Authorization", ""))
+        if token is not None:
+            request.user = ApiPrincipal(api_key=api_key_authenticate(raw_key=token))
+        error = MethodNotAllowed(f'Method "{request.method}" not allowed.',
+                                 headers={"Allow": "POST"})
+    except SluiceError as refused:
+        error = refused
+    return json_error(error)
+
+
 def _text_endpoint(*, chat: bool):
     """One POST-only, CSRF-exempt (bearer keys, not cookies) view per OpenAI endpoint."""
 
     @csrf_exempt
     async def view(request):
         if request.method != "POST":
-            from portal.errors import MethodNotAllowed
-
-            return json_error(MethodNotAllowed())
+            return await _method_not_allowed(request)
         return await _generate(request, chat=chat)
 
     return view

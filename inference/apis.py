@@ -19,10 +19,10 @@ from inference.models import Job
 from inference.scheduler import scheduler_position
 from inference.selectors import JobPage, job_get_for_tenant, jobs_page_for_tenant
 from inference.services import job_cancel, job_delete, job_terminal_event
-from portal.authentication import bearer_token
+from portal.authentication import ApiPrincipal, bearer_token
 from portal.db import database_step
 from portal.errors import InvalidApiKey, SluiceError, json_error
-from portal.models import Membership
+from portal.models import ApiKey, Membership
 from portal.services import api_key_authenticate
 
 SSE_KEEPALIVE_S = 15
@@ -135,11 +135,19 @@ class JobCancelApi(APIView):
 def job_for_caller(*, authorization: str, user, job_id: str) -> Job:
     """The job if the caller may see it: by API key (its tenant), or by dashboard session
     (a tenant the user belongs to). Raises the same NotFound otherwise."""
+    return job_for_key_or_user(api_key=caller_api_key(authorization), user=user, job_id=job_id)
+
+
+def caller_api_key(authorization: str) -> ApiKey | None:
+    """The key `Authorization` presents, None if it presents none; InvalidApiKey if it is wrong."""
+    token = bearer_token(authorization or "")
+    return None if token is None else api_key_authenticate(raw_key=token)
+
+
+def job_for_key_or_user(*, api_key: ApiKey | None, user, job_id: str) -> Job:
     from portal.errors import NotFound
 
-    token = bearer_token(authorization or "")
-    if token is not None:
-        api_key = api_key_authenticate(raw_key=token)
+    if api_key is not None:
         return job_get_for_tenant(tenant=api_key.tenant, job_id=job_id)
     if user is not None and user.is_authenticated:
         job = Job.objects.filter(pk=job_id, deleted_at__isnull=True).first()
@@ -167,6 +175,15 @@ def job_end_read(job_id: str) -> JobEnd | None:
     return JobEnd(type=event_type, data=data, ended_at=(job.finished_at or job.queued_at).timestamp())
 
 
+def _job_for_request(request, *, user, job_id: str) -> Job:
+    """job_for_caller for an HTTP request. A key is the request's principal, as DRF's views make
+    it: its answers, errors and the stream alike, carry the rate-limit headers (DESIGN.md)."""
+    api_key = caller_api_key(request.headers.get("Authorization", ""))
+    if api_key is not None:
+        request.user = ApiPrincipal(api_key=api_key)
+    return job_for_key_or_user(api_key=api_key, user=user, job_id=job_id)
+
+
 async def job_events_sse(request, job_id: str):
     """GET /v1/jobs/{id}/events: the job's events as Server-Sent Events, resumable with
     Last-Event-ID (or ?after=<seq>). Ends after the terminal event; 204 to a client resuming
@@ -174,9 +191,7 @@ async def job_events_sse(request, job_id: str):
     user = await request.auser()
     try:
         # database_step: the connection goes back to the pool when the call returns.
-        job = await database_step(job_for_caller)(
-            authorization=request.headers.get("Authorization", ""), user=user, job_id=job_id
-        )
+        job = await database_step(_job_for_request)(request, user=user, job_id=job_id)
         after = _after_seq(request.headers.get("Last-Event-ID") or request.GET.get("after"))
         events = await events_to_end(job_id=job.pk, after_seq=after, block_ms=round(SSE_KEEPALIVE_S * 1000),
                                      job_end=functools.partial(job_end_read, job.pk))

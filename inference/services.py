@@ -33,7 +33,7 @@ from inference.scheduler import (
 )
 from inference.webhooks import webhook_events_job_content_remove
 from portal.db import update_returning
-from portal.errors import NotFound, TenantSuspended
+from portal.errors import InvalidParameter, NotFound, TenantSuspended
 from portal.metrics import job_claim_observe, job_finish_observe
 from portal.models import ApiKey, Tenant
 from portal.redis import lua_script, redis_client
@@ -66,6 +66,14 @@ CANCEL_KEY = "s:cancel:{job_id}"
 
 def request_fingerprint(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _idempotency_key_check(idempotency_key: str) -> None:
+    """A key longer than its column is the client's 400 (it failed the job's insert: a 500)."""
+    longest = IdempotencyKey._meta.get_field("key").max_length
+    if len(idempotency_key) > longest:
+        raise InvalidParameter(f"An Idempotency-Key is at most {longest} characters.",
+                               param="Idempotency-Key")
 
 
 def _idempotent_job(*, api_key: ApiKey, idempotency_key: str, fingerprint: str) -> Job | None:
@@ -109,6 +117,7 @@ def job_submit(
     mode="async": the job waits in the scheduler for capacity."""
     fingerprint = request_fingerprint(request_body if request_body is not None else params)
     if idempotency_key:
+        _idempotency_key_check(idempotency_key)
         earlier = _idempotent_job(api_key=api_key, idempotency_key=idempotency_key,
                                   fingerprint=fingerprint)
         if earlier is not None:

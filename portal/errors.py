@@ -187,6 +187,8 @@ def to_sluice_error(exc: Exception) -> SluiceError | None:
     if isinstance(exc, drf_exceptions.APIException):
         error = SluiceError(str(exc.detail))
         error.http_status = exc.status_code
+        if exc.status_code < 500:  # the client's doing (406 not_acceptable), not internal_error
+            error.code = exc.default_code
         return error
     return None
 

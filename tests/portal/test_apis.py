@@ -82,3 +82,12 @@ def test_tiers_are_seeded_with_design_limits(db):
     assert free.queue_priority < pro.queue_priority < enterprise.queue_priority
     assert free.text_variant == "quantized" and pro.text_variant == "full"
     assert Tenant.objects.count() == 0
+
+
+def test_an_accept_header_no_renderer_offers_is_a_406_not_acceptable(cast, api):
+    """A client error: the body said code internal_error, as for a server fault."""
+    response = api.bearer(cast.owner_key).get("/v1/models", HTTP_ACCEPT="text/html")
+    assert response.status_code == 406
+    assert response.json()["error"] == {
+        "type": "invalid_request_error", "code": "not_acceptable", "param": None,
+        "message": "Could not satisfy the request Accept header."}

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.http import HttpResponse, StreamingHttpResponse
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
@@ -227,6 +229,17 @@ _VIDEO_STATUS = {
 }
 
 
+def video_content_expiry(job: Job) -> datetime | None:
+    """When a completed video's files go (inference/retention.py): its retention after its end,
+    the one it expired under once it has. None while it has no files, or keeps them for ever."""
+    from inference.retention import RETENTION_DAYS
+
+    if job.status != Job.Status.SUCCEEDED or job.finished_at is None:
+        return None
+    days = (job.result or {}).get(RETENTION_DAYS, settings.SLUICE_MEDIA_RETENTION_DAYS)
+    return job.finished_at + timedelta(days=days) if days else None
+
+
 def video_representation(job: Job) -> dict:
     params = job.params
     return {
@@ -243,6 +256,7 @@ def video_representation(job: Job) -> dict:
         "created_at": _epoch(job.queued_at),
         # When it ended, however it ended (OpenAI sets it on failed videos too).
         "completed_at": _epoch(job.finished_at),
+        "expires_at": _epoch(video_content_expiry(job)),
         "queue": job_queue_info(job),
         "estimated_cu": job.estimated_mcu / 1000,
         "actual_cu": None if job.actual_mcu is None else job.actual_mcu / 1000,

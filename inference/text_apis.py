@@ -234,7 +234,7 @@ class _Shape:
 
     def usage_chunk(self, usage: dict) -> dict:
         return {**self._envelope("chat.completion.chunk" if self.chat else "text_completion"),
-                "choices": [], "usage": usage}
+                "choices": [], "usage": _usage(usage)}
 
     def full(self, *, text: str, finish_reason: str, usage: dict, partial: dict | None) -> dict:
         if self.chat:
@@ -244,7 +244,19 @@ class _Shape:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
         if partial is not None:
             choice["partial_completion"] = partial
-        return {**self._envelope(self.object), "choices": [choice], "usage": usage}
+        return {**self._envelope(self.object), "choices": [choice], "usage": _usage(usage)}
+
+
+def _usage(usage: dict | None) -> dict:
+    """OpenAI's usage always has its three counts (the SDK reads a missing one as None, not 0):
+    a job cancelled before it started has none, having used no token."""
+    return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, **(usage or {})}
+
+
+def _finish_reason(result: dict, *, cancelled: bool) -> str:
+    """The engine's reason (`cancelled` for a job stopped while it generated), else how the job
+    ended: one cancelled before it started has no result, and did not `stop`."""
+    return result.get("finish_reason") or ("cancelled" if cancelled else "stop")
 
 
 class SourceClosingStream(StreamingHttpResponse):
@@ -330,8 +342,8 @@ async def _generate(request, *, chat: bool):
         return json_error(JobFailed(code=job.error_code, message=job.error_message))
     result = job.result or {}
     body = shape.full(text=result.get("text", "".join(pieces)),
-                      finish_reason=result.get("finish_reason", "stop"), usage=job.usage,
-                      partial=result.get("partial"))
+                      finish_reason=_finish_reason(result, cancelled=job.status == Job.Status.CANCELLED),
+                      usage=job.usage, partial=result.get("partial"))
     return JsonResponse(body, headers=headers)
 
 
@@ -342,9 +354,10 @@ def _job_is_over(job_id: str) -> bool:
     return Job.objects.filter(pk=job_id).values_list("status", flat=True).first() in Job.TERMINAL
 
 
-def _stream_tail(shape: _Shape, text: TextRequest, *, result: dict, usage: dict) -> str:
+def _stream_tail(shape: _Shape, text: TextRequest, *, result: dict, usage: dict,
+                 cancelled: bool) -> str:
     """The last chunks and [DONE], in one write, not three."""
-    tail = _sse(shape.chunk(finish_reason=result.get("finish_reason", "stop"),
+    tail = _sse(shape.chunk(finish_reason=_finish_reason(result, cancelled=cancelled),
                             partial=result.get("partial")))
     if text.include_usage:
         tail += _sse(shape.usage_chunk(usage))
@@ -385,7 +398,8 @@ async def _stream(job: Job, shape: _Shape, text: TextRequest):
                     final = await _terminal_job(job.pk)
                     result, usage = final.result or {}, final.usage
                 finished = True
-                yield _stream_tail(shape, text, result=result, usage=usage)
+                yield _stream_tail(shape, text, result=result, usage=usage,
+                                   cancelled=event.type == "job.cancelled")
                 return
             elif event.type == "job.failed":
                 finished = True
@@ -399,7 +413,8 @@ async def _stream(job: Job, shape: _Shape, text: TextRequest):
             failed = JobFailed(code=final.error_code, message=final.error_message)
             yield _sse_error_end(failed)
         else:
-            yield _stream_tail(shape, text, result=final.result or {}, usage=final.usage)
+            yield _stream_tail(shape, text, result=final.result or {}, usage=final.usage,
+                               cancelled=final.status == Job.Status.CANCELLED)
     except StreamInterrupted as error:
         # Not `finished`: the job is cancelled below and billed for what it produced, instead
         # of running on, billed in full, after a stream that looked complete.

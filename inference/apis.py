@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.http import HttpResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.exceptions import NotAcceptable
@@ -21,7 +22,7 @@ from inference.models import Job
 from inference.scheduler import scheduler_position
 from inference.selectors import JobPage, job_get_for_tenant, jobs_page_for_tenant
 from inference.services import job_cancel, job_delete, job_terminal_event
-from portal.authentication import ApiPrincipal, bearer_token
+from portal.authentication import ApiPrincipal, bearer_token, method_not_allowed
 from portal.db import database_step
 from portal.errors import InvalidApiKey, SluiceError, json_error
 from portal.models import ApiKey, Membership
@@ -186,10 +187,13 @@ def _job_for_request(request, *, user, job_id: str) -> Job:
     return job_for_key_or_user(api_key=api_key, user=user, job_id=job_id)
 
 
+@csrf_exempt  # it changes nothing: any method but a read is the JSON 405, not CSRF's HTML 403
 async def job_events_sse(request, job_id: str):
     """GET /v1/jobs/{id}/events: the job's events as Server-Sent Events, resumable with
     Last-Event-ID (or ?after=<seq>). Ends after the terminal event; 204 to a client resuming
     after it (EventSource reconnects after every end of a response, but not after a 204)."""
+    if request.method not in ("GET", "HEAD"):
+        return await database_step(method_not_allowed)(request, allowed="GET, HEAD")
     user = await request.auser()
     try:
         # database_step: the connection goes back to the pool when the call returns.

@@ -30,12 +30,11 @@ from moderation.cascade import safety_check_input
 from moderation.rules import rules_active
 from moderation.selectors import safety_policy_for_tenant
 from moderation.services import safety_verdict_enforce
-from portal.authentication import ApiPrincipal, bearer_token
+from portal.authentication import ApiPrincipal, bearer_token, method_not_allowed
 from portal.db import database_step
 from portal.errors import (
     InvalidApiKey,
     InvalidParameter,
-    MethodNotAllowed,
     SluiceError,
     json_error,
     to_sluice_error,
@@ -426,29 +425,13 @@ async def _stream(job: Job, shape: _Shape, text: TextRequest):
             _cancel_in_background(job.pk)
 
 
-@database_step
-def _method_not_allowed(request) -> JsonResponse:
-    """Any method but POST, answered as DRF's views answer it: a key is checked first (a wrong
-    one is the 401) and is the request's principal (the rate-limit headers), and the 405 says
-    in `Allow` what is allowed (RFC 9110)."""
-    try:
-        token = bearer_token(request.headers.get("Authorization", ""))
-        if token is not None:
-            request.user = ApiPrincipal(api_key=api_key_authenticate(raw_key=token))
-        error = MethodNotAllowed(f'Method "{request.method}" not allowed.',
-                                 headers={"Allow": "POST"})
-    except SluiceError as refused:
-        error = refused
-    return json_error(error)
-
-
 def _text_endpoint(*, chat: bool):
     """One POST-only, CSRF-exempt (bearer keys, not cookies) view per OpenAI endpoint."""
 
     @csrf_exempt
     async def view(request):
         if request.method != "POST":
-            return await _method_not_allowed(request)
+            return await database_step(method_not_allowed)(request, allowed="POST")
         return await _generate(request, chat=chat)
 
     return view

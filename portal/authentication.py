@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from django.http import JsonResponse
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 from rest_framework.permissions import SAFE_METHODS, BasePermission
 
-from portal.errors import InvalidApiKey, PermissionDenied
+from portal.errors import InvalidApiKey, MethodNotAllowed, PermissionDenied, SluiceError, json_error
 from portal.models import ROLE_RANK, ApiKey, Membership, Role, Tenant
 from portal.services import api_key_authenticate
 
@@ -38,6 +39,21 @@ def bearer_token(header_value: bytes | str) -> str | None:
     if len(parts) != 2 or parts[0].lower() != "bearer":
         raise InvalidApiKey()
     return parts[1]
+
+
+def method_not_allowed(request, *, allowed: str) -> JsonResponse:
+    """A plain (not DRF) API view's answer to a method it does not serve, as DRF's views answer
+    it: a key is checked first (a wrong one is the 401) and is the request's principal (the
+    rate-limit headers), and the 405 lists in `Allow` what is allowed (RFC 9110)."""
+    try:
+        token = bearer_token(request.headers.get("Authorization", ""))
+        if token is not None:
+            request.user = ApiPrincipal(api_key=api_key_authenticate(raw_key=token))
+        error = MethodNotAllowed(f'Method "{request.method}" not allowed.',
+                                 headers={"Allow": allowed})
+    except SluiceError as refused:
+        error = refused
+    return json_error(error)
 
 
 class ApiKeyAuthentication(BaseAuthentication):

@@ -41,3 +41,19 @@ async def test_events_answers_carry_the_keys_rate_limit_headers(cast, sent_tasks
         refused = await AsyncClient().get(f"/v1/jobs/{job.pk}/events", headers=headers)
         assert refused.status_code == 401 and "x-request-id" in refused
         assert "x-ratelimit-limit-cu" not in refused
+
+
+@pytest.mark.parametrize("method", ["post", "put", "delete", "options"])
+async def test_another_method_than_a_read_is_the_json_405(cast, sent_tasks, method):
+    """POST, PUT and DELETE got CSRF's HTML 403 page, OPTIONS the event stream."""
+    job = await sync_to_async(_ended_job)(cast.tenant)
+    client = AsyncClient(enforce_csrf_checks=True)  # as a client without Django's cookie is
+    auth = {"Authorization": f"Bearer {cast.owner_key}"}
+    response = await getattr(client, method)(f"/v1/jobs/{job.pk}/events", headers=auth)
+    assert response.status_code == 405
+    assert response["Allow"] == "GET, HEAD"
+    assert response.json()["error"]["code"] == "method_not_allowed"
+    assert response["x-ratelimit-limit-cu"] == "2000" and "x-request-id" in response
+    wrong_key = await getattr(client, method)(f"/v1/jobs/{job.pk}/events",
+                                              headers={"Authorization": "Bearer sk-nope"})
+    assert wrong_key.status_code == 401

@@ -115,5 +115,6 @@ urlpatterns = [
     ),
 ]
 
+handler400 = "portal.views.bad_request"
 handler404 = "portal.views.not_found"
 handler500 = "portal.views.server_error"

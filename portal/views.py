@@ -14,10 +14,11 @@ from django.shortcuts import redirect, render
 from django.template.defaultfilters import pluralize
 from django.utils import timezone
 from django.views.decorators.http import require_POST
+from django.views.defaults import bad_request as django_bad_request
 
 from portal import selectors, services
 from portal.audit import audit_events_for_tenant
-from portal.errors import InvalidParameter, NotFound, PermissionDenied, json_error
+from portal.errors import InvalidParameter, NotFound, PermissionDenied, json_error, to_sluice_error
 from portal.forms import ApiKeyCreateForm, MemberInviteForm, MemberUpdateForm
 from portal.models import AuditEvent, Membership, Role
 from quotas.services import budget_status
@@ -227,6 +228,14 @@ def member_update_view(request, membership: Membership, membership_id: int):
 
 def _wants_json(request) -> bool:
     return request.path.startswith("/v1/")
+
+
+def bad_request(request, exception=None):
+    """Django's own 400s (a Host that ALLOWED_HOSTS does not list, a body over its limit read
+    outside an API view): an API client gets the error body, not Django's HTML page."""
+    if _wants_json(request):
+        return json_error(to_sluice_error(exception) or InvalidParameter())
+    return django_bad_request(request, exception)
 
 
 def not_found(request, exception=None):

@@ -41,3 +41,16 @@ def test_too_many_form_fields_is_a_400_in_the_error_shape(cast, api, sent_tasks,
     assert response.json()["error"]["code"] == "invalid_parameter"
     assert "DATA_UPLOAD_MAX_NUMBER_FIELDS" in response.json()["error"]["message"]
     assert not Job.objects.exists()
+
+
+def test_a_host_the_server_does_not_answer_to_is_a_400_in_the_error_shape_under_v1(cast, api, client):
+    """Django's host check answered API clients with its HTML 'Bad Request (400)' page."""
+    response = api.bearer(cast.owner_key).get("/v1/models", HTTP_HOST="attacker.example")
+    assert response.status_code == 400
+    assert response.json()["error"] == {
+        "type": "invalid_request_error", "code": "invalid_parameter", "param": "Host",
+        "message": "This server does not answer to that Host header."}
+    assert "x-request-id" in response
+    # The dashboard keeps Django's page.
+    page = client.get("/accounts/login/", HTTP_HOST="attacker.example")
+    assert page.status_code == 400 and page["Content-Type"].startswith("text/html")

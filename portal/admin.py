@@ -14,6 +14,29 @@ from portal.errors import InvalidParameter, NotFound
 from portal.models import ApiKey, AuditEvent, Membership, Tenant, Tier
 
 
+class ServiceDeleteAdmin:
+    """For a model whose delete goes through a service that may refuse it (InvalidParameter:
+    tenant_delete, user_delete). The confirmation page checked first, but the service decides
+    again under its lock, so a refusal can still come on the POST."""
+
+    def delete_view(self, request, object_id, extra_context=None):
+        try:
+            return super().delete_view(request, object_id, extra_context)
+        except InvalidParameter as exc:  # refused since the page was shown: nothing was deleted
+            self.message_user(request, exc.message, level=messages.ERROR)
+            return HttpResponseRedirect(request.path)
+
+    def delete_selected_all_or_nothing(self, request, queryset):
+        """Django's delete action and its confirmation page in one transaction: a refusal of
+        one deletes none."""
+        try:
+            with transaction.atomic():
+                return django_delete_selected(self, request, queryset)
+        except InvalidParameter as exc:
+            self.message_user(request, exc.message, level=messages.ERROR)
+            return None
+
+
 @admin.register(Tier)
 class TierAdmin(admin.ModelAdmin):
     list_display = (
@@ -38,7 +61,7 @@ class MembershipInline(admin.TabularInline):
 
 
 @admin.register(Tenant)
-class TenantAdmin(admin.ModelAdmin):
+class TenantAdmin(ServiceDeleteAdmin, admin.ModelAdmin):
     """Deleting a tenant goes through services.tenant_delete: refused while it has history that
     must be kept (its ledger, jobs, moderation cases, suspensions; suspend it instead), else its
     keys are revoked and it goes."""
@@ -99,23 +122,10 @@ class TenantAdmin(admin.ModelAdmin):
             with contextlib.suppress(NotFound):  # another request deleted it since the list was read
                 services.tenant_delete(tenant=tenant, actor=request.user)
 
-    def delete_view(self, request, object_id, extra_context=None):
-        try:
-            return super().delete_view(request, object_id, extra_context)
-        except InvalidParameter as exc:  # refused since the page was shown: nothing was deleted
-            self.message_user(request, exc.message, level=messages.ERROR)
-            return HttpResponseRedirect(request.path)
-
     @admin.action(description="Delete selected tenants", permissions=["delete"])
     def delete_selected(self, request, queryset):
-        """Django's action and its confirmation page, all or nothing: when tenant_delete refuses
-        one (decided under the tenant's lock; the page's check was not), none is deleted."""
-        try:
-            with transaction.atomic():
-                return django_delete_selected(self, request, queryset)
-        except InvalidParameter as exc:
-            self.message_user(request, exc.message, level=messages.ERROR)
-            return None
+        """When tenant_delete refuses one (decided under the tenant's lock), none is deleted."""
+        return self.delete_selected_all_or_nothing(request, queryset)
 
 
 class MembershipAdminForm(forms.ModelForm):
@@ -254,7 +264,7 @@ admin.site.unregister(get_user_model())
 
 
 @admin.register(get_user_model())
-class UserAdmin(DjangoUserAdmin):
+class UserAdmin(ServiceDeleteAdmin, DjangoUserAdmin):
     """Deleting an account goes through services.user_delete: its memberships are removed as the
     membership admin removes them (the keys they created revoked, audit-logged), refused where a
     tenant would be left without an owner or the account's history would go (deactivate it).
@@ -318,20 +328,7 @@ class UserAdmin(DjangoUserAdmin):
         for user in queryset.order_by("pk"):
             services.user_delete(user=user, actor=request.user)
 
-    def delete_view(self, request, object_id, extra_context=None):
-        try:
-            return super().delete_view(request, object_id, extra_context)
-        except InvalidParameter as exc:  # refused since the page was shown: nothing was deleted
-            self.message_user(request, exc.message, level=messages.ERROR)
-            return HttpResponseRedirect(request.path)
-
     @admin.action(description="Delete selected users", permissions=["delete"])
     def delete_selected(self, request, queryset):
-        """Django's action and its confirmation page, all or nothing: when user_delete refuses one
-        (decided under the owners' lock; the page's check was not), none is deleted."""
-        try:
-            with transaction.atomic():
-                return django_delete_selected(self, request, queryset)
-        except InvalidParameter as exc:
-            self.message_user(request, exc.message, level=messages.ERROR)
-            return None
+        """When user_delete refuses one (decided under the owners' lock), none is deleted."""
+        return self.delete_selected_all_or_nothing(request, queryset)

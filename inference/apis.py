@@ -22,11 +22,10 @@ from inference.models import Job
 from inference.scheduler import scheduler_position
 from inference.selectors import JobPage, job_get_for_tenant, jobs_page_for_tenant
 from inference.services import job_cancel, job_delete, job_terminal_event
-from portal.authentication import ApiPrincipal, bearer_token, method_not_allowed
+from portal.authentication import ApiPrincipal, api_key_from_authorization, method_not_allowed
 from portal.db import database_step
 from portal.errors import InvalidApiKey, SluiceError, json_error
 from portal.models import ApiKey, Membership
-from portal.services import api_key_authenticate
 
 SSE_KEEPALIVE_S = 15
 
@@ -138,13 +137,8 @@ class JobCancelApi(APIView):
 def job_for_caller(*, authorization: str, user, job_id: str) -> Job:
     """The job if the caller may see it: by API key (its tenant), or by dashboard session
     (a tenant the user belongs to). Raises the same NotFound otherwise."""
-    return job_for_key_or_user(api_key=caller_api_key(authorization), user=user, job_id=job_id)
-
-
-def caller_api_key(authorization: str) -> ApiKey | None:
-    """The key `Authorization` presents, None if it presents none; InvalidApiKey if it is wrong."""
-    token = bearer_token(authorization or "")
-    return None if token is None else api_key_authenticate(raw_key=token)
+    return job_for_key_or_user(api_key=api_key_from_authorization(authorization), user=user,
+                               job_id=job_id)
 
 
 def job_for_key_or_user(*, api_key: ApiKey | None, user, job_id: str) -> Job:
@@ -181,7 +175,7 @@ def job_end_read(job_id: str) -> JobEnd | None:
 def _job_for_request(request, *, user, job_id: str) -> Job:
     """job_for_caller for an HTTP request. A key is the request's principal, as DRF's views make
     it: its answers, errors and the stream alike, carry the rate-limit headers (DESIGN.md)."""
-    api_key = caller_api_key(request.headers.get("Authorization", ""))
+    api_key = api_key_from_authorization(request.headers.get("Authorization", ""))
     if api_key is not None:
         request.user = ApiPrincipal(api_key=api_key)
     return job_for_key_or_user(api_key=api_key, user=user, job_id=job_id)

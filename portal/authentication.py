@@ -41,14 +41,21 @@ def bearer_token(header_value: bytes | str) -> str | None:
     return parts[1]
 
 
+def api_key_from_authorization(value: bytes | str) -> ApiKey | None:
+    """The key an `Authorization` header presents, None if it presents none; InvalidApiKey if
+    it is malformed, unknown, revoked or expired."""
+    token = bearer_token(value or "")
+    return None if token is None else api_key_authenticate(raw_key=token)
+
+
 def method_not_allowed(request, *, allowed: str) -> JsonResponse:
     """A plain (not DRF) API view's answer to a method it does not serve, as DRF's views answer
     it: a key is checked first (a wrong one is the 401) and is the request's principal (the
     rate-limit headers), and the 405 lists in `Allow` what is allowed (RFC 9110)."""
     try:
-        token = bearer_token(request.headers.get("Authorization", ""))
-        if token is not None:
-            request.user = ApiPrincipal(api_key=api_key_authenticate(raw_key=token))
+        api_key = api_key_from_authorization(request.headers.get("Authorization", ""))
+        if api_key is not None:
+            request.user = ApiPrincipal(api_key=api_key)
         error = MethodNotAllowed(f'Method "{request.method}" not allowed.',
                                  headers={"Allow": allowed})
     except SluiceError as refused:

@@ -122,6 +122,13 @@ def api_key_revoke(*, api_key: ApiKey, actor: Actor = None, reason: str = "") ->
     return api_key
 
 
+def _api_keys_revoke(api_keys, *, actor: Actor, reason: str) -> list[ApiKey]:
+    """Revoke those of `api_keys` (a queryset) that still work, in pk order, each as
+    api_key_revoke does (audit-logged with `reason`). Returns them."""
+    return [api_key_revoke(api_key=api_key, actor=actor, reason=reason)
+            for api_key in api_keys.filter(revoked_at__isnull=True).order_by("pk")]
+
+
 def api_key_authenticate(*, raw_key: str) -> ApiKey:
     """Resolve a presented key to its ApiKey, or raise the same InvalidApiKey for every cause."""
     material = key_material_parse(raw_key.strip())
@@ -355,10 +362,9 @@ def _membership_delete(*, membership: Membership, actor: Actor) -> list[ApiKey]:
     hold it. Returns those keys."""
     membership_owner_rule_check(membership=membership, role=None)
     membership.delete()
-    created = ApiKey.objects.filter(tenant_id=membership.tenant_id, created_by_id=membership.user_id,
-                                    revoked_at__isnull=True).order_by("pk")
-    revoked = [api_key_revoke(api_key=api_key, actor=actor, reason="its issuer was removed")
-               for api_key in created]
+    revoked = _api_keys_revoke(
+        ApiKey.objects.filter(tenant_id=membership.tenant_id, created_by_id=membership.user_id),
+        actor=actor, reason="its issuer was removed")
     audit_record(tenant=membership.tenant_id, action=AuditEvent.Action.MEMBER_REMOVED,
                  actor=actor, target=user_label(membership.user),
                  detail={"role": membership.role, "keys_revoked": [k.masked for k in revoked]})
@@ -462,9 +468,8 @@ def user_delete(*, user, actor: Actor = None) -> list[ApiKey]:
             raise InvalidParameter(" ".join(refusals), param="user")
         revoked = [api_key for membership in memberships
                    for api_key in _membership_delete(membership=membership, actor=actor)]
-        left_over = ApiKey.objects.filter(created_by=user, revoked_at__isnull=True).order_by("pk")
-        revoked += [api_key_revoke(api_key=api_key, actor=actor, reason="its issuer's account was deleted")
-                    for api_key in left_over]
+        revoked += _api_keys_revoke(ApiKey.objects.filter(created_by=user), actor=actor,
+                                    reason="its issuer's account was deleted")
         user_id = user.pk
         user.delete()
     logger.info("user %s deleted; %d key(s) revoked", user_id, len(revoked))
@@ -484,10 +489,8 @@ def user_deactivate(*, user, actor: Actor = None) -> list[ApiKey]:
     with transaction.atomic():
         User.objects.filter(pk=user.pk).update(is_active=False)
         user.is_active = False
-        left = ApiKey.objects.filter(created_by=user, revoked_at__isnull=True).order_by("pk")
-        revoked = [api_key_revoke(api_key=api_key, actor=actor,
-                                  reason="its issuer's account was deactivated")
-                   for api_key in left]
+        revoked = _api_keys_revoke(ApiKey.objects.filter(created_by=user), actor=actor,
+                                   reason="its issuer's account was deactivated")
     logger.info("user %s deactivated; %d key(s) revoked", user.pk, len(revoked))
     return revoked
 
@@ -593,9 +596,8 @@ def tenant_delete(*, tenant: Tenant, actor: Actor = None) -> list[ApiKey]:
         refusals = tenant_delete_refusals(tenants=[locked])
         if refusals:
             raise InvalidParameter(" ".join(refusals), param="tenant")
-        working = ApiKey.objects.filter(tenant=locked, revoked_at__isnull=True).order_by("pk")
-        revoked = [api_key_revoke(api_key=api_key, actor=actor, reason="its tenant was deleted")
-                   for api_key in working]
+        revoked = _api_keys_revoke(ApiKey.objects.filter(tenant=locked), actor=actor,
+                                   reason="its tenant was deleted")
         locked.delete()
     logger.info("tenant %s (%s) deleted; %d key(s) revoked", tenant.pk, tenant.slug, len(revoked))
     return revoked

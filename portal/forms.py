@@ -25,6 +25,13 @@ class MemberInviteForm(forms.Form):
     email = forms.EmailField(label="Email")
     role = forms.ChoiceField(choices=Role.choices, initial=Role.MEMBER, label="Role")
 
+    def __init__(self, *args, roles: list[Role] | None = None, **kwargs):
+        """`roles`: the ones the inviter may give (Membership.roles_grantable); the form offers
+        only those, so an admin is not shown an "owner" that the service would refuse."""
+        super().__init__(*args, **kwargs)
+        if roles is not None:
+            self.fields["role"].choices = [(role.value, role.label) for role in roles]
+
 
 class MemberUpdateForm(forms.Form):
     action = forms.ChoiceField(choices=[("change_role", "change role"), ("remove", "remove")])

@@ -118,6 +118,19 @@ class Membership(models.Model):
     def has_role_at_least(self, role: str) -> bool:
         return ROLE_RANK[Role(self.role)] >= ROLE_RANK[Role(role)]
 
+    def roles_grantable(self) -> list[Role]:
+        """The roles this member may give (inviting, changing a role): an admin gives any role
+        but owner, an owner any role, anyone else none. The dashboard offers only these, and the
+        services refuse the rest."""
+        if not self.has_role_at_least(Role.ADMIN):
+            return []
+        return [role for role in Role if role != Role.OWNER or self.role == Role.OWNER]
+
+    def may_manage(self, other: Membership) -> bool:
+        """Whether this member may change `other`'s role or remove them: admins and owners may,
+        except that only an owner touches an owner."""
+        return self.has_role_at_least(Role.ADMIN) and (other.role != Role.OWNER or self.role == Role.OWNER)
+
 
 class ApiKey(models.Model):
     """`sk-<prefix><secret>`: the prefix finds the row, only an HMAC of the secret is stored."""

@@ -230,7 +230,7 @@ def _check_role_grant(*, actor: Membership, role: str) -> None:
     require_role(membership=actor, role=Role.ADMIN)
     if role not in Role.values:
         raise InvalidParameter(f"Unknown role {role!r}.", param="role")
-    if role == Role.OWNER and actor.role != Role.OWNER:
+    if role not in actor.roles_grantable():
         raise PermissionDenied("Only an owner can make someone an owner.")
 
 
@@ -375,7 +375,7 @@ def membership_role_change(*, actor: Membership, membership: Membership, role: s
     with transaction.atomic():
         actor, membership = _memberships_lock(membership=membership, actor=actor)
         _check_role_grant(actor=actor, role=role)
-        if membership.role == Role.OWNER and actor.role != Role.OWNER:
+        if not actor.may_manage(membership):
             raise PermissionDenied("Only an owner can change an owner's role.")
         return _membership_role_write(membership=membership, role=role, actor=actor)
 
@@ -385,7 +385,7 @@ def membership_remove(*, actor: Membership, membership: Membership) -> list[ApiK
     with transaction.atomic():
         actor, membership = _memberships_lock(membership=membership, actor=actor)
         require_role(membership=actor, role=Role.ADMIN)
-        if membership.role == Role.OWNER and actor.role != Role.OWNER:
+        if not actor.may_manage(membership):
             raise PermissionDenied("Only an owner can remove an owner.")
         return _membership_delete(membership=membership, actor=actor)
 

@@ -146,7 +146,8 @@ def api_key_revoke_view(request, membership: Membership, key_id: int):
 @tenant_page
 def members_page(request, membership: Membership):
     tenant = membership.tenant
-    form = MemberInviteForm(request.POST or None)
+    roles = membership.roles_grantable()
+    form = MemberInviteForm(request.POST or None, roles=roles)
     if request.method == "POST":
         services.require_role(membership=membership, role=Role.ADMIN)
         if form.is_valid():
@@ -166,13 +167,17 @@ def members_page(request, membership: Membership):
                                               "sent them a new link.")
                 else:
                     messages.success(request, f"Added {address} and mailed them the invitation.")
-                form = MemberInviteForm()
+                form = MemberInviteForm(roles=roles)
             except InvalidParameter as exc:
                 form.add_error(exc.param if exc.param in form.fields else None, exc.message)
+    members = list(selectors.members_for_tenant(tenant=tenant))
+    for member in members:  # an owner's row has no controls for an admin: the service refuses them
+        member.manageable = membership.may_manage(member)
     context = {
         "tenant": tenant,
-        "members": selectors.members_for_tenant(tenant=tenant),
+        "members": members,
         "form": form,
+        "roles_grantable": roles,
         "can_manage": membership.has_role_at_least(Role.ADMIN),
     }
     return render(request, "portal/members.html", context)

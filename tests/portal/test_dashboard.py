@@ -218,6 +218,26 @@ def test_only_owners_grant_or_touch_ownership(client, cast):
     assert Membership.objects.get(pk=cast.admin.pk).role == Role.OWNER
 
 
+def test_the_members_page_offers_only_what_the_viewer_may_do(client, cast):
+    """An admin was offered "owner" in every role menu and controls on the owner's row, each a
+    403 when used: the page now offers only the roles and rows the services allow."""
+    page = login(client, cast.admin).get("/t/acme/members/").content.decode()
+    invite_menu = re.search(r'<select name="role"[^>]*>(.*?)</select>', page, re.S).group(1)
+    assert 'value="owner"' not in invite_menu and 'value="admin"' in invite_menu
+    assert f'id="role-{cast.owner.pk}"' not in page, "the owner's row has no role menu for an admin"
+    assert f'id="role-{cast.member.pk}"' in page
+    member_menu = re.search(rf'<select id="role-{cast.member.pk}"[^>]*>(.*?)</select>', page, re.S).group(1)
+    assert 'value="owner"' not in member_menu
+    # A forged post of the hidden choice is still refused by the form, and nobody is added.
+    response = client.post("/t/acme/members/", {"email": "boss@example.com", "role": "owner"})
+    assert response.status_code == 200 and not Membership.objects.filter(user__email="boss@example.com").exists()
+
+    page = login(Client(), cast.owner).get("/t/acme/members/").content.decode()
+    invite_menu = re.search(r'<select name="role"[^>]*>(.*?)</select>', page, re.S).group(1)
+    assert 'value="owner"' in invite_menu
+    assert f'id="role-{cast.admin.pk}"' in page
+
+
 def test_the_last_owner_cannot_be_demoted_or_removed(client, cast):
     login(client, cast.owner)
     client.post(f"/t/acme/members/{cast.owner.pk}/", {"action": "change_role", "role": "admin"})

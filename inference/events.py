@@ -166,6 +166,36 @@ def events_read(*, job_id: str, after_seq: int = 0) -> list[JobEvent]:
     return [_decode(entry_id, fields) for entry_id, fields in entries]
 
 
+# Entries a backward read of a stream takes per round trip (attempt_last_event).
+BACKWARD_PAGE = 100
+
+
+def attempt_last_event(*, job_id: str, attempt: int, event_type: str) -> JobEvent | None:
+    """The last `event_type` event that `attempt` of a running job published (its stream's
+    events carry no attempt): read back from the stream's end, no further than where that
+    attempt began, its job.started or the job.queued that handed it out. None when it
+    published none, or the stream lost them. Most often the first page: the event sought is
+    the attempt's latest of its kind, and the attempt's latest events end the stream."""
+    client = redis_client()
+    # Which attempt appended the latest of a run's events (lua/publish.lua): another one, or
+    # none, and the stream holds nothing this attempt published.
+    appended_by = client.hget(f"{stream_key(job_id)}:last", "attempt")
+    if appended_by is None or int(appended_by) != attempt:
+        return None
+    newest = "+"
+    while True:
+        entries = client.xrevrange(stream_key(job_id), max=newest, min="-", count=BACKWARD_PAGE)
+        for entry_id, fields in entries:
+            event = _decode(entry_id, fields)
+            if event.type == event_type:
+                return event
+            if event.type in ("job.started", "job.queued"):
+                return None
+        if len(entries) < BACKWARD_PAGE or event.seq <= 1:
+            return None
+        newest = f"0-{event.seq - 1}"
+
+
 # One asyncio Redis client (a connection pool) per event loop for every follower on it: a
 # client per follower paid a connect and its handshake on every stream (~1.4 ms of CPU).
 _follow_clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -21,10 +21,11 @@ from django.db.models import Exists, OuterRef, Q
 from django.urls import reverse
 from django.utils import timezone
 
+from inference.engines.base import text_usage
 from inference.errors import IdempotencyConflict, JobNotCancellable
-from inference.events import event_publish, stream_key
+from inference.events import attempt_last_event, event_publish, stream_key
 from inference.models import CANCEL_UNFINISHED, DELETED_WITH_CONTENT, IdempotencyKey, Job
-from inference.registry import ModelSpec, ModelVariant
+from inference.registry import ModelSpec, ModelVariant, model_get
 from inference.scheduler import (
     scheduler_dispatch,
     scheduler_enqueue,
@@ -38,7 +39,7 @@ from portal.metrics import job_claim_observe, job_finish_observe
 from portal.models import ApiKey, Tenant
 from portal.redis import lua_script, redis_client
 from quotas.admission import ADMITTED
-from quotas.cost import CostEstimate
+from quotas.cost import CostEstimate, text_cost, video_run_cost_mcu
 from quotas.ledger import (
     reservation_abandon,
     reservation_extend,
@@ -714,7 +715,12 @@ def job_recover_lost(*, job: Job) -> str:
     """A running job whose worker stopped heartbeating: redeliver it, or after the last
     attempt fail it with worker_lost (a full refund). One that ran past its pool's limit was
     stopped for it (or hung where its worker could not stop it): it fails with job_timeout
-    instead of running it all again."""
+    instead of running it all again. One whose cancel was requested while it ran is cancelled
+    and billed for what its attempt produced (`cancelled`), as its worker would have ended it:
+    queued again, it was refunded in full (its claim is refused, or the reconciliation
+    finishes the cancel of a queued job), so the tokens or steps it had streamed were free."""
+    if job.cancel_requested_at is not None:
+        return _lost_attempt_cancel(job)
     limit = timedelta(seconds=job_max_run_s(job.pool))
     if job.started_at and timezone.now() - job.started_at > limit:
         job_fail(job=job, code="job_timeout", message=job_timeout_message(job.pool))
@@ -723,17 +729,58 @@ def job_recover_lost(*, job: Job) -> str:
         job_fail(job=job, code="worker_lost",
                  message=f"The worker running this job was lost {job.attempts} times.")
         return "failed"
-    requeued = Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING, attempts=job.attempts).update(
+    requeued = Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING, attempts=job.attempts,
+                                  cancel_requested_at__isnull=True).update(
         status=Job.Status.QUEUED, started_at=None, progress=0.0
     )
     if requeued != 1:
-        return "moved"
+        # Its cancel was recorded since the read: the attempt's to bill, not to run again.
+        cancelling = Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING, attempts=job.attempts,
+                                        cancel_requested_at__isnull=False).first()
+        return _lost_attempt_cancel(cancelling) if cancelling is not None else "moved"
     if job.reservation_id:  # the next attempt gets a whole lease, as the first one did
         reservation_extend(reservation_id=job.reservation_id, seconds=pool_lease_s(job.pool))
     event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type="job.queued",
                   data={"status": "queued", "reason": "worker_lost", "attempt": job.attempts})
     job_send(job.pk, pool=job.pool, attempt=job.attempts + 1)  # it still holds its pool slot
     return "requeued"
+
+
+def _lost_attempt_cancel(job: Job) -> str:
+    """End a running job whose cancel was requested and whose worker is lost as that worker
+    would have: cancelled, charged for what the attempt produced, the rest refunded. `moved`
+    when it ended meanwhile (its worker was alive after all and settled it: charged once)."""
+    actual_mcu, usage = _lost_attempt_produced(job)
+    if not job_cancelled(job=job, actual_mcu=actual_mcu, usage=usage):
+        return "moved"
+    logger.warning("job %s: its worker was lost after its cancel was requested; cancelled and "
+                   "charged %s mCU for what attempt %s produced", job.pk, actual_mcu, job.attempts)
+    return "cancelled"
+
+
+def _lost_attempt_produced(job: Job) -> tuple[int, dict]:
+    """What the running attempt of `job` produced, read from what it published (its engine's
+    count of it is lost with its worker), priced as its engine prices a stopped run (actual
+    mCU, usage). Text: its prompt and the tokens its last job.output counted, once it had
+    streamed any (tokens its output moderation still held back are not: nothing is billed that
+    was not streamed). Video: the denoising steps its last job.progress reported done. Nothing
+    when its stream holds none of them (Redis lost it): refunded in full."""
+    spec = model_get(job.model)
+    if job.kind == Job.Kind.TEXT:
+        output = attempt_last_event(job_id=job.pk, attempt=job.attempts, event_type="job.output")
+        if output is None:
+            return 0, {}
+        prompt_tokens = len(job.params.get("prompt_token_ids") or ())
+        completion_tokens = int(output.data.get("tokens") or 0)
+        cost = text_cost(spec=spec, variant=spec.variant(job.variant), prompt_tokens=prompt_tokens,
+                         completion_tokens=completion_tokens)
+        return cost.mcu, text_usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+    progress = attempt_last_event(job_id=job.pk, attempt=job.attempts, event_type="job.progress")
+    steps_run = int(progress.data.get("step") or 0) if progress is not None else 0
+    if not steps_run:
+        return 0, {}
+    return (video_run_cost_mcu(spec=spec, params=job.params, steps_run=steps_run),
+            {"steps": steps_run, "frames": 0})
 
 
 # One reaper run at a time: after an outage beat's backlog of ticks arrives at once, and runs
@@ -748,8 +795,8 @@ def jobs_reap() -> dict[str, int]:
     push out the leases of those still heartbeating, and close queued jobs whose reservation
     ran out, and publish the terminal events Redis refused, and remove the outputs of deleted
     jobs that ended after their delete. Returns how many of each (`requeued`, `failed`,
-    `moved`, `renewed`, `timed_out`, `announced`, `purged`), or `skipped` when another run
-    holds the reaper's lock."""
+    `cancelled`, `moved`, `renewed`, `timed_out`, `announced`, `purged`), or `skipped` when
+    another run holds the reaper's lock."""
     client = redis_client()
     token = secrets.token_hex(8)
     if not client.set(REAP_LOCK_KEY, token, nx=True, px=REAP_LOCK_MS):

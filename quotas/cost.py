@@ -77,3 +77,13 @@ def video_cost(*, spec: ModelSpec, width: int, height: int, frames: int, steps: 
             "model_factor": spec.cu_factor,
         },
     )
+
+
+def video_run_cost_mcu(*, spec: ModelSpec, params: dict, steps_run: int) -> int:
+    """What a video job (`params`, as it was submitted) costs for the denoising steps it ran:
+    the cost model is linear in steps, so a run stopped early pays for those it did (its
+    engine's cancel, or the reaper's for a worker lost after the cancel); none, nothing."""
+    if steps_run <= 0:
+        return 0
+    return video_cost(spec=spec, width=int(params["width"]), height=int(params["height"]),
+                      frames=int(params["frames"]), steps=steps_run).mcu

@@ -43,5 +43,13 @@ class RunResult:
     stopped: bool = False  # True when the run ended early on request (cancel)
 
 
+def text_usage(*, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """A text run's usage as OpenAI's completions report it (the job's `usage`): the engine's
+    end, and the reaper's for a run whose worker was lost after its cancel."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
 class Engine(Protocol):
     def run(self, context: RunContext) -> RunResult: ...

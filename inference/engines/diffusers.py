@@ -29,7 +29,7 @@ from inference.engines.base import RunContext, RunResult, StopRequested
 from inference.media import video_output_names
 from inference.registry import ModelSpec, VideoSpec
 from portal.metrics import video_generation_observe
-from quotas.cost import video_cost
+from quotas.cost import video_run_cost_mcu
 
 logger = logging.getLogger(__name__)
 
@@ -142,13 +142,14 @@ class DiffusersVideoEngine:
         except StopRequested:
             video_generation_observe(model=self.spec.id, steps=steps_done[0],
                                      seconds=time.monotonic() - started)
-            return RunResult(actual_mcu=self._cost(params, steps_done[0]), stopped=True,
-                             usage={"steps": steps_done[0], "frames": 0})
+            return RunResult(
+                actual_mcu=video_run_cost_mcu(spec=self.spec, params=params, steps_run=steps_done[0]),
+                stopped=True, usage={"steps": steps_done[0], "frames": 0})
         video_generation_observe(model=self.spec.id, steps=steps, seconds=time.monotonic() - started)
         frames = output.frames[0]
         video_path, thumbnail_path = self._store(context.job_id, context.attempt, frames)
         return RunResult(
-            actual_mcu=self._cost(params, steps),
+            actual_mcu=video_run_cost_mcu(spec=self.spec, params=params, steps_run=steps),
             result={"video": video_path, "thumbnail": thumbnail_path, "frames": int(frames.shape[0]),
                     "width": int(frames.shape[2]), "height": int(frames.shape[1]),
                     "fps": self.spec.video.fps},
@@ -164,12 +165,6 @@ class DiffusersVideoEngine:
             logger.exception("preview of %s at step %s failed", context.job_id, step)
             return
         context.emit_preview({"step": step, "steps": steps, **preview})
-
-    def _cost(self, params: dict, steps_run: int) -> int:
-        if steps_run == 0:
-            return 0
-        return video_cost(spec=self.spec, width=int(params["width"]), height=int(params["height"]),
-                          frames=int(params["frames"]), steps=steps_run).mcu
 
     def _store(self, job_id: str, attempt: int, frames: np.ndarray) -> tuple[str, str]:
         """Each attempt writes names of its own, once (video_output_names): an attempt the

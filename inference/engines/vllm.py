@@ -20,7 +20,7 @@ from pathlib import Path
 import urllib3
 from django.conf import settings
 
-from inference.engines.base import RunContext, RunResult
+from inference.engines.base import RunContext, RunResult, text_usage
 from inference.partial import partial_completion
 from inference.registry import ModelSpec, ModelVariant
 from portal.metrics import text_generation_observe
@@ -212,9 +212,8 @@ class VllmTextEngine:
             actual_mcu=text_cost(spec=self.spec, variant=variant, prompt_tokens=prompt_tokens,
                                  completion_tokens=completion_tokens).mcu,
             result=result,
-            usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                   "total_tokens": prompt_tokens + completion_tokens,
-                   "prompt_tokens_details": {"cached_tokens": cached or 0}},
+            usage=text_usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                             cached_tokens=cached or 0),
             stopped=stopped,
         )
 

@@ -297,6 +297,103 @@ def test_a_worker_taken_for_lost_cannot_end_the_attempt_that_replaced_it(sent_ta
     assert used(api_key.tenant_id) == 1000
 
 
+def counters_match_the_ledger(api_key) -> int:
+    """The tenant's and the key's budget counters in Redis, which must be what the ledger says
+    they are; returns that figure."""
+    from quotas.limits import CounterKeys
+
+    keys = CounterKeys(tenant_id=api_key.tenant_id, api_key_id=api_key.pk,
+                       period=period_of(timezone.now()), pool="")
+    figures = {int(redis_client().get(keys.budget)), int(redis_client().get(keys.key_used)),
+               used(api_key.tenant_id)}
+    assert len(figures) == 1, figures
+    return figures.pop()
+
+
+def test_a_video_whose_worker_was_lost_after_its_cancel_is_billed_for_the_steps_it_ran(sent_tasks):
+    """Cancelled while it ran, and its worker died before it saw the flag: the reaper queued it
+    again, its next claim was refused and it was refunded in full, its steps run for free. It
+    is cancelled as its worker would have cancelled it: billed for the steps its job.progress
+    reported done (the cost model is linear in steps), the rest refunded, Redis as the ledger,
+    its pool slot freed; and a worker alive after all cannot settle it a second time."""
+    from inference.events import events_read
+    from inference.registry import model_get
+    from inference.services import job_progress, job_started
+    from quotas.cost import video_cost
+    from quotas.limits import CounterKeys
+
+    spec = model_get("sluice-video-tiny")
+    params = {**VIDEO_JOB_PARAMS, "width": 1280, "height": 720, "frames": 80, "steps": 8}
+    full = video_cost(spec=spec, width=1280, height=720, frames=80, steps=8).mcu
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    job = job_claim(job_id=video_job_submit(api_key, cu=full / 1000, params=params).job.pk, attempt=1)
+    job_started(job=job, attempt_seq=1)  # as the runner publishes its run
+    for step in (1, 2, 3):
+        job_progress(job=job, progress=step * 12.5, data={"step": step, "steps": 8},
+                     attempt_seq=step + 1)
+    job_cancel(job=job)
+    heartbeat_lost(job)
+
+    assert jobs_reap() == {"cancelled": 1}
+    three_steps = video_cost(spec=spec, width=1280, height=720, frames=80, steps=3).mcu
+    assert 0 < three_steps < full
+    ended = Job.objects.get(pk=job.pk)
+    assert (ended.status, ended.actual_mcu, ended.usage) == ("cancelled", three_steps,
+                                                             {"steps": 3, "frames": 0})
+    assert sorted(LedgerEntry.objects.filter(reservation_id=job.reservation_id)
+                  .values_list("kind", "mcu")) == [
+        ("refund", full - three_steps), ("reserve", full), ("settle", three_steps)]
+    assert counters_match_the_ledger(api_key) == three_steps
+    slots = CounterKeys(tenant_id=api_key.tenant_id, api_key_id=api_key.pk, period="", pool="video-hbm")
+    assert redis_client().zcard(slots.in_flight) == 0 == int(redis_client().get(slots.pool_sum))
+    assert len(sent_tasks) == 1  # not sent again
+    assert events_read(job_id=job.pk)[-1].type == "job.cancelled"
+    assert job_cancelled(job=job, actual_mcu=full, usage={}) is False  # its worker, late
+    assert counters_match_the_ledger(api_key) == three_steps
+
+
+def test_a_completion_whose_worker_was_lost_after_its_cancel_is_billed_for_its_tokens(sent_tasks):
+    """The same for text, on its second attempt (the first was lost without a cancel and is not
+    billed, as a redelivered job never is): the prompt and the tokens the second attempt's last
+    job.output counted. The cancel here is recorded after the reaper read the job running, so
+    its redelivery is refused for it."""
+    from inference.registry import model_get
+    from inference.services import job_output, job_started, job_submit
+    from quotas.cost import text_cost
+
+    spec = model_get("sluice-code-tiny")
+    variant = spec.variant("full")
+    estimate = text_cost(spec=spec, variant=variant, prompt_tokens=40, completion_tokens=2000)
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
+    submitted = job_submit(api_key=api_key, spec=spec, variant=variant, mode="async",
+                           params={"prompt_token_ids": list(range(40)), "max_tokens": 2000},
+                           estimate=estimate).job
+
+    def streamed(job, *, tokens: tuple[int, ...]) -> None:
+        job_started(job=job, attempt_seq=1)
+        for seq, count in enumerate(tokens, start=2):
+            job_output(job=job, data={"delta": "x = 1\n", "tokens": count}, attempt_seq=seq)
+
+    first = job_claim(job_id=submitted.pk, attempt=1)
+    streamed(first, tokens=(10, 30, 60))
+    heartbeat_lost(first)
+    assert jobs_reap() == {"requeued": 1}
+    second = job_claim(job_id=submitted.pk, attempt=2)
+    streamed(second, tokens=(4, 9))
+    read_running = Job.objects.get(pk=submitted.pk)  # the reaper's read, before the cancel
+    job_cancel(job=second)
+
+    assert job_recover_lost(job=read_running) == "cancelled"
+    charged = text_cost(spec=spec, variant=variant, prompt_tokens=40, completion_tokens=9).mcu
+    ended = Job.objects.get(pk=submitted.pk)
+    assert (ended.status, ended.attempts, ended.actual_mcu) == ("cancelled", 2, charged)
+    assert ended.usage == {"prompt_tokens": 40, "completion_tokens": 9, "total_tokens": 49,
+                           "prompt_tokens_details": {"cached_tokens": 0}}
+    assert counters_match_the_ledger(api_key) == charged
+    assert sent_tasks[-1] == (submitted.pk, 2, "text-batch")  # no third attempt
+    assert LedgerEntry.objects.filter(reservation_id=submitted.reservation_id, kind="settle").count() == 1
+
+
 def test_a_job_that_outlives_its_lease_while_heartbeating_keeps_it_and_is_charged(settings, sent_tasks):
     """A long (or redelivered) job: the reaper pushes its lease out while its worker heartbeats,
     so the orphan sweep does not refund it and its pool slot, and it is charged when it ends."""

@@ -8,6 +8,12 @@ the database (`next_attempt_at`, from SLUICE_WEBHOOK_RETRY_SCHEDULE_S with jitte
 `webhook_deliveries_dispatch` hands due ones back to the queue. Retries live in the database, not
 in Celery countdowns, because the schedule spans a day and a Redis broker redelivers long-ETA
 messages unreliably; it also means a lost message or a killed worker is retried, never forgotten.
+
+An endpoint has at most SLUICE_WEBHOOK_ENDPOINT_MAX_IN_FLIGHT deliveries in flight: each attempt
+holds a slot of the endpoint's lease semaphore (quotas' semaphore, inference/lua/webhook_slot_*.lua)
+from before its claim until it is recorded. An attempt that finds none free waits in the
+endpoint's line, oldest delivery first, without spending an attempt: its message comes back after
+a short countdown, sooner when a slot is given back (the giver wakes the head of the line).
 """
 
 from __future__ import annotations
@@ -15,11 +21,13 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import random
 import secrets
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
+import kombu.exceptions
 import redis
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
@@ -44,6 +52,7 @@ from portal.audit import Actor, audit_record
 from portal.errors import InvalidParameter
 from portal.metrics import webhook_attempt_observe
 from portal.models import AuditEvent, Tenant
+from portal.redis import lua_script, redis_client
 from quotas.errors import SystemOverloaded
 
 logger = logging.getLogger(__name__)
@@ -248,10 +257,10 @@ def webhook_endpoint_secret_rotate(*, endpoint: WebhookEndpoint, actor: Actor = 
 # --- publishing ------------------------------------------------------------------------------
 
 
-def _enqueue_attempt(*, delivery_id: str, attempt: int) -> None:
+def _enqueue_attempt(*, delivery_id: str, attempt: int, countdown_s: float | None = None) -> None:
     from inference.webhook_tasks import webhook_deliver_task  # the task module imports this one
 
-    webhook_deliver_task.delay_on_commit(delivery_id, attempt)
+    webhook_deliver_task.apply_async_on_commit((delivery_id, attempt), countdown=countdown_s)
 
 
 def _claim_lease() -> timedelta:
@@ -393,7 +402,8 @@ def _deleted_job_content_drop(event: WebhookEvent) -> WebhookEvent:
 def webhook_delivery_attempt(*, delivery_id: str, attempt: int) -> WebhookDelivery | None:
     """Make attempt number `attempt` of a delivery (the task's body). A missing delivery, one that
     is settled, or an attempt number another worker already took is a no-op (returns None): queue
-    redelivery and the sweeper's re-dispatch are both normal."""
+    redelivery and the sweeper's re-dispatch are both normal. So is an attempt that finds the
+    endpoint's slots taken: it waits its turn (`_delivery_wait`) and is made later."""
     delivery = (
         WebhookDelivery.objects.select_related("endpoint", "event", "endpoint__tenant")
         .filter(pk=delivery_id)
@@ -410,12 +420,28 @@ def webhook_delivery_attempt(*, delivery_id: str, attempt: int) -> WebhookDelive
             last_error="endpoint disabled", updated_at=now,
         )
         return None
+    holder = secrets.token_hex(8)
+    place = _endpoint_slot_take(endpoint_id=endpoint.pk, holder=holder,
+                                member=_line_member(delivery.pk, attempt))
+    if place:
+        _delivery_wait(delivery=delivery, attempt=attempt, place=place)
+        return None
+    try:
+        return _delivery_send(delivery=delivery, attempt=attempt)
+    finally:
+        # Every way out, an exception's too; a worker that dies here leaves the slot to its lease.
+        _endpoint_slot_release(endpoint_id=endpoint.pk, holder=holder)
+
+
+def _delivery_send(*, delivery: WebhookDelivery, attempt: int) -> WebhookDelivery | None:
+    now = timezone.now()
     claimed = WebhookDelivery.objects.filter(
         pk=delivery.pk, status__in=WebhookDelivery.LIVE_STATUSES, attempts=attempt - 1
     ).update(attempts=attempt, next_attempt_at=now + _claim_lease(), updated_at=now)
     if claimed != 1:
         return None
 
+    endpoint = delivery.endpoint
     body = webhook_body_serialize(_deleted_job_content_drop(delivery.event))
     headers = webhook_headers_sign(endpoint=endpoint, message_id=delivery.event_id, body=body,
                                    now=now)
@@ -429,6 +455,74 @@ def webhook_delivery_attempt(*, delivery_id: str, attempt: int) -> WebhookDelive
         max_body_bytes=settings.SLUICE_WEBHOOK_RESPONSE_MAX_BYTES,
     )
     return _attempt_record(delivery=delivery, attempt=attempt, started_at=now, response=response)
+
+
+# --- an endpoint's deliveries in flight ------------------------------------------------------
+
+# The head of the line looks again this soon (a slot given back wakes it sooner); those behind
+# it later, by their place, so a long line is not a stream of messages going round the queue.
+_SLOT_RECHECK_S = 1.0
+_SLOT_RECHECK_MAX_S = 30.0
+
+
+def _slot_keys(endpoint_id: str) -> list[str]:
+    return [f"wh:ep:{endpoint_id}:slots", f"wh:ep:{endpoint_id}:line",
+            f"wh:ep:{endpoint_id}:places"]
+
+
+def _line_member(delivery_id: str, attempt: int) -> str:
+    return f"{delivery_id}:{attempt}"
+
+
+def _ms(duration: timedelta) -> int:
+    return math.ceil(duration.total_seconds() * 1000)
+
+
+def _endpoint_slot_take(*, endpoint_id: str, holder: str, member: str,
+                        lease: timedelta | None = None) -> int:
+    """0 when `holder` took one of the endpoint's slots (until `lease`, the claim's by default);
+    otherwise the place in line `member` now waits at (1: next)."""
+    # A place outlives the longest recheck by a lease: a member's message may wait in a busy
+    # queue for a while, and one that never comes back (lost) is woken by a give-back anyway.
+    keep = timedelta(seconds=_SLOT_RECHECK_MAX_S) + _claim_lease()
+    return lua_script(redis_client(), "webhook_slot_take", package="inference")(
+        keys=_slot_keys(endpoint_id),
+        args=[holder, member, settings.SLUICE_WEBHOOK_ENDPOINT_MAX_IN_FLIGHT,
+              _ms(lease if lease is not None else _claim_lease()), _ms(keep)],
+    )
+
+
+def _endpoint_slot_release(*, endpoint_id: str, holder: str) -> None:
+    """Give the slot back and wake the head of the line, never raising: this runs on the way out
+    of an attempt, whose own outcome (or exception) must not be replaced."""
+    try:
+        woken = lua_script(redis_client(), "webhook_slot_release", package="inference")(
+            keys=_slot_keys(endpoint_id),
+            args=[holder, settings.SLUICE_WEBHOOK_ENDPOINT_MAX_IN_FLIGHT],
+        )
+        for member in woken:
+            delivery_id, attempt = member.decode().rsplit(":", 1)
+            # A duplicate of its own recheck: whichever comes second finds the attempt taken.
+            _enqueue_attempt(delivery_id=delivery_id, attempt=int(attempt))
+    except (redis.RedisError, kombu.exceptions.OperationalError):
+        # The slot's lease frees it; the line's own rechecks come anyway.
+        logger.warning("webhook endpoint %s: slot not given back", endpoint_id, exc_info=True)
+
+
+def _delivery_wait(*, delivery: WebhookDelivery, attempt: int, place: int) -> None:
+    """The endpoint has its deliveries in flight: this attempt waits in line without being made
+    (no attempt spent, nothing logged) and comes back after a countdown. Its due time moves past
+    that countdown by a lease, so should the message be lost the sweeper sends it again."""
+    limit = settings.SLUICE_WEBHOOK_ENDPOINT_MAX_IN_FLIGHT
+    countdown_s = min(_SLOT_RECHECK_MAX_S, _SLOT_RECHECK_S * math.ceil(place / limit))
+    due = timezone.now() + timedelta(seconds=countdown_s) + _claim_lease()
+    waiting = WebhookDelivery.objects.filter(
+        pk=delivery.pk, status__in=WebhookDelivery.LIVE_STATUSES, attempts=attempt - 1
+    ).update(next_attempt_at=due)
+    if waiting == 1:
+        _enqueue_attempt(delivery_id=delivery.pk, attempt=attempt, countdown_s=countdown_s)
+        logger.info("webhook delivery %s attempt %d endpoint=%s waits for a slot (place %d)",
+                    delivery.pk, attempt, delivery.endpoint_id, place)
 
 
 def _attempt_record(*, delivery: WebhookDelivery, attempt: int, started_at: datetime,

@@ -72,7 +72,7 @@ end
 
 local pool_used = pool_leases_expire(KEYS[5], KEYS[6], KEYS[7], KEYS[8],
                                      tonumber(stored[5] or '0'), now)
-local fits_concurrency = redis.call('ZCARD', KEYS[5]) < conc_limit
+local fits_concurrency = slots_free(KEYS[5], conc_limit) > 0
 local fits_pool = pool_fits(KEYS[7], pool_used, cost, pool_capacity, tonumber(ARGV[16]))
 local admit = fits_concurrency and fits_pool
 

@@ -20,7 +20,7 @@ local function pool_acquire(in_flight_key, pool_hash, pool_zset, pool_sum, marke
   local pool_used = pool_leases_expire(in_flight_key, pool_hash, pool_zset, pool_sum,
                                        tonumber(redis.call('GET', pool_sum) or '0'), now)
   if not pool_fits(pool_zset, pool_used, cost, capacity, slots) then return 'wait_pool' end
-  if redis.call('ZCARD', in_flight_key) >= job_cap then return 'wait_tenant' end
+  if slots_free(in_flight_key, job_cap) <= 0 then return 'wait_tenant' end
 
   pool_take(in_flight_key, pool_hash, pool_zset, pool_sum, id, cost, now + lease_ms)
   redis.call('HSET', marker, 'state', 'admitted')

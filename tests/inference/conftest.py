@@ -27,11 +27,17 @@ class Received:
 
 
 class Receiver:
-    """Answers POSTs with scripted replies (then 200 "ok") and records what it received."""
+    """Answers POSTs with scripted replies (then 200 "ok") and records what it received.
+    `hold()` keeps the requests that arrive waiting for their answer until `let_go()`; it counts
+    the requests in its hands at once."""
 
     def __init__(self) -> None:
         self.requests: list[Received] = []
         self.replies: deque[Reply] = deque()
+        self.in_flight = self.most_in_flight = 0
+        self.changed = threading.Condition()
+        self.released = threading.Event()
+        self.released.set()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -39,7 +45,14 @@ class Receiver:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 receiver.requests.append(Received(self.path, dict(self.headers.items()), body))
                 reply = receiver.replies.popleft() if receiver.replies else Reply()
+                with receiver.changed:
+                    receiver.in_flight += 1
+                    receiver.most_in_flight = max(receiver.most_in_flight, receiver.in_flight)
+                    receiver.changed.notify_all()
+                receiver.released.wait(timeout=30)
                 time.sleep(reply.delay_s)
+                with receiver.changed:
+                    receiver.in_flight -= 1
                 try:
                     self.send_response(reply.status)
                     for name, value in reply.headers.items():
@@ -66,11 +79,23 @@ class Receiver:
     def script(self, *replies: Reply) -> None:
         self.replies.extend(replies)
 
+    def hold(self) -> None:
+        self.released.clear()
+
+    def let_go(self) -> None:
+        self.released.set()
+
+    def wait_in_flight(self, count: int, timeout_s: float = 10) -> None:
+        with self.changed:
+            assert self.changed.wait_for(lambda: self.in_flight >= count, timeout=timeout_s), (
+                f"{self.in_flight} requests in flight, waited for {count}")
+
     def __enter__(self) -> Receiver:
         self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self.let_go()
         self.server.shutdown()
         self.server.server_close()
 

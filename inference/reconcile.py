@@ -5,8 +5,10 @@ day) and failing with `queue_timeout`:
 
 - a job whose reservation waits for the pool and that is in no scheduler queue (Redis lost its
   data, or `job_submit` committed and then Redis refused the enqueue) is queued again;
-- a job a dispatch round took onto the pool whose admission the database never recorded
-  (`reservations_admitted` failed after the round) has it recorded;
+- a job a dispatch round took onto the pool whose admission the database never recorded has it
+  recorded: the round's process died before `reservations_admitted`, or the database refused
+  it and Redis then refused to keep the job for the pool's next round, which records it
+  itself (inference/scheduler.py);
 - an admitted job no worker claimed (its Celery message was never sent, or was lost with the
   broker's data) is sent again. A duplicate is harmless: `job_claim` takes the job only for the
   attempt after the one it is at, once;

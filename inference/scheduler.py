@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import redis
 from django.conf import settings
+from django.db import Error as DatabaseFailure  # DatabaseError, or InterfaceError (closed)
 
 from inference.models import Job
 from portal.redis import lua_script, redis_client
@@ -103,7 +104,8 @@ def scheduler_dispatch(*, pool: str, start_job) -> int:
     round, which are sent all the same, nor its own job: the job keeps the pool slot and the
     admission the round gave it, and the pool's next round (a job's end, a submission, the
     2 s tick) sends it again, before any queued job. Sent twice, it still runs once: the
-    worker's claim takes a job for one attempt, once."""
+    worker's claim takes a job for one attempt, once. A round whose admissions the database
+    refused to record keeps all its jobs so, unsent, and raises nothing."""
     pool_keys = CounterKeys(tenant_id=0, api_key_id=0, period="", pool=pool)
     started = lua_script(redis_client(), "dispatch", package="inference")(
         keys=[_priorities_key(pool), _jobs_key(pool), f"s:vt:{pool}", pool_keys.pool_hash,
@@ -117,7 +119,19 @@ def scheduler_dispatch(*, pool: str, start_job) -> int:
     reservation_by_job = {job_id.decode(): reservation_id.decode()
                           for job_id, reservation_id in zip(started[::2], started[1::2], strict=True)}
     # Those sent again were recorded before; only a still-queued reservation is updated.
-    reservations_admitted(reservation_ids=list(reservation_by_job.values()), pool=pool)
+    try:
+        reservations_admitted(reservation_ids=list(reservation_by_job.values()), pool=pool)
+    except DatabaseFailure:
+        # None is sent unrecorded: its reservation would keep a queued one's day-long lease
+        # (a lost worker's slot held that long) and a rebuild would count it queued, not on
+        # the pool. The round's jobs keep their slots, as unsent ones do, and the pool's next
+        # round (a job's end, a submission, the 2 s tick) records and sends them first; not
+        # raised to the caller, whose own work (a job's end, a submission) has committed.
+        logger.warning("the database did not record the admission of jobs %s to pool %s; the "
+                       "next dispatch round records and sends them", sorted(reservation_by_job),
+                       pool, exc_info=True)
+        _unsent_keep(pool=pool, unsent=reservation_by_job)
+        return 0
     unsent: dict[str, str] = {}
     for job_id, reservation_id in reservation_by_job.items():
         try:
@@ -135,8 +149,8 @@ def _unsent_keep(*, pool: str, unsent: dict[str, str]) -> None:
     try:
         redis_client().hset(_unsent_key(pool), mapping=unsent)
     except redis.RedisError:
-        # They stay admitted in the database: the reconciliation sends them again
-        # (SLUICE_JOB_RESEND_AFTER_S after their admission).
+        # The reconciliation records the admissions the database missed, and sends the jobs
+        # again (SLUICE_JOB_RESEND_AFTER_S after their admission).
         logger.warning("jobs %s could not be kept for the next dispatch round of pool %s",
                        sorted(unsent), pool, exc_info=True)
 

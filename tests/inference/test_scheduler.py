@@ -106,6 +106,55 @@ def test_a_job_refused_again_is_kept_for_the_round_after(settings, broker):
     assert broker.sent[-1] == (job.pk, 1, POOL) and pool_in_flight_mcu() == (2, 2000)
 
 
+@pytest.mark.django_db(transaction=True)  # the round's database connection is ended under it
+def test_a_round_whose_admissions_the_database_refused_sends_them_next_round(settings, broker):
+    """The database went away as a round recorded the admissions it made (its backend ended):
+    the error reached the caller, whose own work had committed (here a job's end: its worker's
+    task retried; a cancel was answered 500), and the round's job held its pool slot unsent
+    until the reconciliation recorded it and sent it again, a minute and more later. The round
+    now keeps it, unsent and unrecorded, and the next round records it and sends it; nothing
+    is left for the reconciliation, and it runs and is charged once."""
+    from django.db import connection
+
+    from inference.reconcile import jobs_reconcile
+    from tests.inference.test_job_settlement import backend_terminate
+    from tests.inference.test_reconcile import later
+
+    settings.SLUICE_POOL_SLOTS = {POOL: 1}
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100, max_jobs=10))
+    running = video_job_submit(api_key).job
+    waiting = video_job_submit(api_key, cu=2).job
+    claimed = job_claim(job_id=running.pk, attempt=1)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (pid,) = cursor.fetchone()
+
+    def database_lost_at_the_admissions(execute, sql, params, many, context):
+        if sql.startswith('UPDATE "quotas_reservation" SET "state" = %s, "expires_at"'):
+            backend_terminate(pid)
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(database_lost_at_the_admissions):
+        assert job_succeed(job=claimed, actual_mcu=1000, result={}, usage={}) is True
+    connection.close()  # the next query opens a new one, as Django does per request or task
+    assert Job.objects.get(pk=running.pk).status == "succeeded"
+    assert Reservation.objects.get(pk=waiting.reservation_id).state == "queued"
+    assert broker.sent == [(running.pk, 1, POOL)]  # not sent unrecorded
+    assert pool_in_flight_mcu() == (1, 2000)  # its slot, kept for it
+
+    assert pool_dispatch(pool=POOL) == 1  # the next round: the 2 s tick, an end, a submission
+    assert broker.sent[-1] == (waiting.pk, 1, POOL)
+    assert Reservation.objects.get(pk=waiting.reservation_id).state == "admitted"
+    assert jobs_reconcile(now=later(31)) == {}
+    assert job_succeed(job=job_claim(job_id=waiting.pk, attempt=1), actual_mcu=1500, result={},
+                       usage={})
+    assert pool_dispatch(pool=POOL) == 0 and len(broker.sent) == 2
+    used = budget_used_from_ledger(tenant_id=api_key.tenant_id, period=period_of(timezone.now()))[0]
+    keys = CounterKeys(tenant_id=api_key.tenant_id, api_key_id=0, period=period_of(timezone.now()),
+                       pool=POOL)
+    assert used == 2500 == int(redis_client().get(keys.budget))
+
+
 # --- queue ETAs ---------------------------------------------------------------------------------
 
 

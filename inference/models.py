@@ -112,12 +112,17 @@ class Job(models.Model):
 
 
 class IdempotencyKey(models.Model):
-    """`Idempotency-Key` of a creating POST, scoped per tenant and kept for 24 h."""
+    """`Idempotency-Key` of a creating POST, scoped per tenant and kept for 24 h: the job or the
+    webhook endpoint the first request made (inference/idempotency.py)."""
 
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
     key = models.CharField(max_length=255)
     request_hash = models.CharField(max_length=64)
     job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    # Kept when the endpoint is deleted (emptied): a retry is told it is gone, as for a deleted
+    # job, rather than making another one.
+    webhook_endpoint = models.ForeignKey("inference.WebhookEndpoint", null=True, blank=True,
+                                         on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

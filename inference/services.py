@@ -5,8 +5,6 @@ the ledger is settled and the event published."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import secrets
 from dataclasses import dataclass
@@ -22,8 +20,13 @@ from django.urls import reverse
 from django.utils import timezone
 
 from inference.engines.base import text_usage
-from inference.errors import IdempotencyConflict, JobNotCancellable
+from inference.errors import JobNotCancellable
 from inference.events import attempt_last_event, event_publish, stream_key
+from inference.idempotency import (
+    idempotency_key_check,
+    idempotency_record_find,
+    request_fingerprint,
+)
 from inference.models import CANCEL_UNFINISHED, DELETED_WITH_CONTENT, IdempotencyKey, Job
 from inference.registry import ModelSpec, ModelVariant, model_get
 from inference.scheduler import (
@@ -34,7 +37,7 @@ from inference.scheduler import (
 )
 from inference.webhooks import webhook_events_job_content_remove
 from portal.db import update_returning
-from portal.errors import InvalidParameter, NotFound, TenantSuspended
+from portal.errors import NotFound, TenantSuspended
 from portal.metrics import job_claim_observe, job_finish_observe
 from portal.models import ApiKey, Tenant
 from portal.redis import lua_script, redis_client
@@ -56,7 +59,6 @@ if TYPE_CHECKING:  # the tokenizer behind it loads on import; callers hand a par
 
 logger = logging.getLogger(__name__)
 
-IDEMPOTENCY_TTL = timedelta(hours=24)
 HEARTBEAT_KEY = "s:hb:{job_id}"  # the attempt whose worker beats (a stale attempt's beat is no sign of life)
 # A worker of a release before heartbeats carried their attempt wrote 1 whatever attempt it ran.
 OLD_RELEASE_HEARTBEAT = b"1"
@@ -65,31 +67,11 @@ HEARTBEAT_MISSING_KEY = "s:hb:missing:{job_id}"
 CANCEL_KEY = "s:cancel:{job_id}"
 
 
-def request_fingerprint(body: dict) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _idempotency_key_check(idempotency_key: str) -> None:
-    """A key longer than its column is the client's 400 (it failed the job's insert: a 500)."""
-    longest = IdempotencyKey._meta.get_field("key").max_length
-    if len(idempotency_key) > longest:
-        raise InvalidParameter(f"An Idempotency-Key is at most {longest} characters.",
-                               param="Idempotency-Key")
-
-
 def _idempotent_job(*, api_key: ApiKey, idempotency_key: str, fingerprint: str) -> Job | None:
-    record = (
-        IdempotencyKey.objects.filter(tenant_id=api_key.tenant_id, key=idempotency_key)
-        .select_related("job")
-        .first()
-    )
+    record = idempotency_record_find(tenant_id=api_key.tenant_id, idempotency_key=idempotency_key,
+                                     fingerprint=fingerprint)
     if record is None:
         return None
-    if record.created_at < timezone.now() - IDEMPOTENCY_TTL:
-        record.delete()  # expired: the key may be reused
-        return None
-    if record.request_hash != fingerprint:
-        raise IdempotencyConflict(param="Idempotency-Key")
     if record.job.deleted_at is not None:
         # Neither the deleted job (its text would be replayed) nor a second one (charged again).
         raise NotFound("The job this Idempotency-Key made was deleted.", param="Idempotency-Key")
@@ -118,7 +100,7 @@ def job_submit(
     mode="async": the job waits in the scheduler for capacity."""
     fingerprint = request_fingerprint(request_body if request_body is not None else params)
     if idempotency_key:
-        _idempotency_key_check(idempotency_key)
+        idempotency_key_check(idempotency_key)
         earlier = _idempotent_job(api_key=api_key, idempotency_key=idempotency_key,
                                   fingerprint=fingerprint)
         if earlier is not None:

@@ -5,12 +5,13 @@ from django.db import DatabaseError
 from django.utils import timezone
 from redis import RedisError
 
+from inference.idempotency import IDEMPOTENCY_TTL
 from inference.models import IdempotencyKey
 from inference.reconcile import jobs_reconcile
 from inference.retention import jobs_content_expire
 from inference.runner import job_run
 from inference.scheduler import scheduler_pools
-from inference.services import IDEMPOTENCY_TTL, jobs_reap, pool_dispatch
+from inference.services import jobs_reap, pool_dispatch
 
 
 @shared_task(

@@ -53,9 +53,10 @@ class EndpointOutput(serializers.Serializer):
 
 
 class EndpointWithSecretOutput(EndpointOutput):
-    """Only in the answers to create and rotate: the one time the secret is shown."""
+    """Only in the answers to create and rotate: the one time the secret is shown (null in a
+    create replayed for its Idempotency-Key: shown once means once; rotate for a new one)."""
 
-    secret = serializers.CharField()
+    secret = serializers.CharField(allow_null=True)
 
 
 class AttemptOutput(serializers.Serializer):
@@ -136,12 +137,20 @@ class WebhookListApi(APIView):
         return Response({"object": "list", "data": EndpointOutput(endpoints, many=True).data})
 
     @extend_schema(operation_id="webhooks_create", request=Input,
-                   responses={201: EndpointWithSecretOutput})
+                   responses={201: EndpointWithSecretOutput, 200: EndpointWithSecretOutput})
     def post(self, request):
-        endpoint = services.webhook_endpoint_create(tenant=request.user.tenant, actor=request.user.api_key,
-                                                    **_input_validated(self.Input, request.data))
-        return Response(EndpointWithSecretOutput(endpoint).data, status=status.HTTP_201_CREATED,
-                        headers=_NO_STORE)
+        created = services.webhook_endpoint_create_idempotent(
+            tenant=request.user.tenant, actor=request.user.api_key,
+            idempotency_key=request.headers.get("Idempotency-Key"),
+            **_input_validated(self.Input, request.data))
+        if created.replayed:
+            # The secret is shown once, in the first answer: a replay (anyone who sends the key
+            # and body again within a day) does not read it back; a client that lost that
+            # answer rotates the secret.
+            return Response({**EndpointOutput(created.endpoint).data, "secret": None},
+                            status=status.HTTP_200_OK, headers=_NO_STORE)
+        return Response(EndpointWithSecretOutput(created.endpoint).data,
+                        status=status.HTTP_201_CREATED, headers=_NO_STORE)
 
 
 class WebhookDetailApi(APIView):

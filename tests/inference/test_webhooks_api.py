@@ -201,3 +201,49 @@ def test_changes_need_a_key_an_admin_issued_and_any_key_reads(api, cast, endpoin
     response = api.bearer(admin_key).patch(f"/v1/webhooks/{endpoint_id}", {"enabled": False},
                                            format="json")
     assert response.status_code == 200 and response.json()["enabled"] is False
+
+
+# --- Idempotency-Key on create -------------------------------------------------------------
+
+
+def test_create_with_an_idempotency_key_makes_one_endpoint_and_shows_its_secret_once(
+        cast, api, receiver, sent_tasks):
+    from inference.models import IdempotencyKey
+    from portal.models import AuditEvent
+
+    body = {"url": receiver.url, "event_types": ["job.completed", "job.failed"]}
+    client = api.bearer(cast.owner_key)
+    first = client.post("/v1/webhooks", body, format="json", HTTP_IDEMPOTENCY_KEY="ep-1")
+    assert first.status_code == 201 and first.json()["secret"].startswith("whsec_")
+    # The retry of a creation whose answer was lost: the same endpoint, not a second one with a
+    # second secret; the secret is not shown again (rotate for a new one).
+    again = client.post("/v1/webhooks", body, format="json", HTTP_IDEMPOTENCY_KEY="ep-1")
+    assert again.status_code == 200 and again["Cache-Control"] == "no-store"
+    assert again.json() == {**first.json(), "secret": None}
+    assert WebhookEndpoint.objects.filter(tenant=cast.tenant).count() == 1
+    assert AuditEvent.objects.filter(action=AuditEvent.Action.WEBHOOK_CREATED).count() == 1
+    record = IdempotencyKey.objects.get(tenant=cast.tenant, key="ep-1")
+    assert record.webhook_endpoint_id == first.json()["id"] and record.job_id is None
+    assert first.json()["secret"] not in str(vars(record))
+
+    # The same key with another body, here or for a job: the conflict, nothing made.
+    for path, other in [("/v1/webhooks", {**body, "description": "other"}),
+                        ("/v1/videos", {"model": "sluice-video-tiny", "prompt": "a blue circle",
+                                        "size": "64x64", "seconds": 0.5})]:
+        conflict = client.post(path, other, format="json", HTTP_IDEMPOTENCY_KEY="ep-1")
+        assert conflict.status_code == 409, conflict.json()
+        assert (conflict.json()["error"]["code"], conflict.json()["error"]["param"]) == (
+            "idempotency_conflict", "Idempotency-Key")
+    assert WebhookEndpoint.objects.filter(tenant=cast.tenant).count() == 1 and sent_tasks == []
+    # Keys are per tenant: another tenant's same key makes its own endpoint.
+    theirs = api.bearer(cast.outsider_key).post("/v1/webhooks", body, format="json",
+                                                HTTP_IDEMPOTENCY_KEY="ep-1")
+    assert theirs.status_code == 201 and theirs.json()["id"] != first.json()["id"]
+
+    # Once the endpoint is deleted, its retry is told so rather than making another.
+    api.bearer(cast.owner_key).delete(f"/v1/webhooks/{first.json()['id']}")
+    gone = client.post("/v1/webhooks", body, format="json", HTTP_IDEMPOTENCY_KEY="ep-1")
+    assert gone.status_code == 404 and gone.json()["error"]["param"] == "Idempotency-Key"
+    too_long = client.post("/v1/webhooks", body, format="json", HTTP_IDEMPOTENCY_KEY="k" * 256)
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "Idempotency-Key"
+    assert not WebhookEndpoint.objects.filter(tenant=cast.tenant).exists()

@@ -7,6 +7,7 @@ from datetime import datetime
 from django.db.models import Count, QuerySet
 
 from inference.models import Job
+from inference.scheduler import scheduler_pools
 from portal.errors import NotFound
 from portal.models import Tenant
 
@@ -59,6 +60,17 @@ def jobs_in_flight_for_tenant(*, tenant: Tenant) -> dict[str, int]:
         .values_list("status").annotate(n=Count("id"))
     )
     return {"queued": counts.get(Job.Status.QUEUED, 0), "running": counts.get(Job.Status.RUNNING, 0)}
+
+
+def jobs_running_by_pool() -> dict[str, int]:
+    """Jobs a worker is running now, per pool, every scheduler pool included (zeros too): the
+    metrics' gauge, and what `make run`'s stop waits for. Platform-wide, so no tenant."""
+    running = dict.fromkeys(scheduler_pools(), 0)
+    running.update(
+        Job.objects.filter(status=Job.Status.RUNNING).values("pool")
+        .annotate(jobs=Count("id")).values_list("pool", "jobs")
+    )
+    return running
 
 
 def job_errors_for_tenant(*, tenant: Tenant, since: datetime) -> list[dict]:

@@ -216,7 +216,7 @@ class QueueCollector:
         from django.db.models import Count, Min
 
         from inference.models import Job
-        from inference.scheduler import scheduler_pools
+        from inference.selectors import jobs_running_by_pool
 
         depth = GaugeMetricFamily(
             "sluice_queue_jobs", "Queued jobs (not claimed by a worker yet).", labels=["pool", "priority"]
@@ -236,12 +236,7 @@ class QueueCollector:
             depth.add_metric(labels, row["jobs"])
             age.add_metric(labels, max(0.0, (now - row["oldest"]).total_seconds()))
         # Every pool, zeros included: autoscalers add this to the queue depth (docs/operations.md).
-        running_by_pool = dict.fromkeys(scheduler_pools(), 0)
-        running_by_pool.update(
-            Job.objects.filter(status=Job.Status.RUNNING).values("pool")
-            .annotate(jobs=Count("id")).values_list("pool", "jobs")
-        )
-        for pool, jobs in running_by_pool.items():
+        for pool, jobs in jobs_running_by_pool().items():
             running.add_metric([pool], jobs)
         return depth, age, running
 

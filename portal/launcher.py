@@ -4,7 +4,11 @@ It picks a Redis (the configured one if it answers, else an embedded redis-serve
 seeds the demo, starts the ASGI server and one Celery worker per queue, prints the three
 lines a script can read, and on Ctrl-C / SIGTERM stops every process it started.
 Each child runs in its own process group so the whole tree under it (prefork children,
-engine processes) is signalled together.
+engine processes) can be signalled together.
+
+Once the platform is up, the first Ctrl-C / SIGTERM drains: the Celery workers' main processes
+alone get SIGTERM (Celery's warm shutdown: take no new task, finish the running ones), and
+everything else waits for them. The next one, or SLUICE_STOP_DRAIN_S, stops every group now.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from pathlib import Path
 from portal.embedded_redis import EmbeddedRedis, embedded_redis_start, redis_answers
 from portal.logs import secrets_redact
 
+# After SIGTERM to every process group, how long before SIGKILL.
 STOP_GRACE_S = 15.0
+WORKER_PREFIX = "worker:"
 # uvicorn's --timeout-graceful-shutdown: on SIGTERM it ends the SSE streams still open after this
 # long and exits. Without it, it waited for them, and an open stream had the web server killed
 # at STOP_GRACE_S.
@@ -39,7 +45,15 @@ WEB_START_TIMEOUT_S = 300.0
 class Supervisor:
     children: dict[str, subprocess.Popen] = field(default_factory=dict)
     embedded_redis: EmbeddedRedis | None = None
-    stopping: bool = False
+    # Ctrl-C / SIGTERM received so far (request_stop): each one hurries the stop a step further.
+    stop_requests: int = 0
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop_requests > 0
+
+    def request_stop(self, signum=None, frame=None) -> None:
+        self.stop_requests += 1
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         self.children[name] = subprocess.Popen(argv, env=env, start_new_session=True)
@@ -50,13 +64,45 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(child.pid, sig)
 
-    def stop(self) -> None:
+    def _running(self, prefix: str = "") -> list[subprocess.Popen]:
+        return [child for name, child in self.children.items()
+                if name.startswith(prefix) and child.poll() is None]
+
+    def _wait(self, prefix: str, *, timeout_s: float, hurried_at: int) -> bool:
+        """Wait until no child named `prefix`... runs (True), or the timeout passes or the
+        `hurried_at`th stop request arrives (False)."""
+        deadline = time.monotonic() + timeout_s
+        while self._running(prefix):
+            if self.stop_requests >= hurried_at or time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    def workers_drain(self, *, timeout_s: float) -> bool:
+        """Celery's warm shutdown, as Ctrl-C gives it in a worker's own terminal: SIGTERM to each
+        worker's main process alone, which takes no new task and waits for its running ones.
+        (Sent to the group, it reached the prefork children too, which died mid-job: the job
+        was recovered later as worker_lost.) Returns whether every worker exited in time,
+        before a stop request after the one that began the stop (none began it when a child
+        exited; two pressed at once skip the drain).
+
+        Everything else stays up meanwhile. The text workers' jobs stream from the engines.
+        The web server relays the jobs to their clients (a blocking completion, an SSE or
+        websocket follower): stopped first, it would cut the very streams the drain lets
+        finish. What it admits meanwhile stays queued for the next start."""
+        for child in self._running(WORKER_PREFIX):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGTERM)
+        return self._wait(WORKER_PREFIX, timeout_s=timeout_s,
+                          hurried_at=min(self.stop_requests, 1) + 1)
+
+    def stop(self, *, drain_s: float = 0.0) -> None:
+        """Stop every child: first drain the workers for up to `drain_s`, then SIGTERM to every
+        group and SIGKILL STOP_GRACE_S later, or at the next stop request; Redis last."""
+        if drain_s > 0:
+            self.workers_drain(timeout_s=drain_s)
         self._signal_groups(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
-        for child in self.children.values():
-            remaining = max(0.1, deadline - time.monotonic())
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.wait(timeout=remaining)
+        self._wait("", timeout_s=STOP_GRACE_S, hurried_at=self.stop_requests + 1)
         # Anything left in a child's group (including orphaned grandchildren) is killed.
         for child in self.children.values():
             with contextlib.suppress(ProcessLookupError):
@@ -242,12 +288,9 @@ def run_platform(*, host: str, port: int, var_dir: Path, queues: list[str], conf
     from portal.demo import DEMO_PRINTED_TIER, demo_seed
 
     supervisor = Supervisor()
-
-    def request_stop(signum, frame):
-        supervisor.stopping = True
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, supervisor.request_stop)
+    signal.signal(signal.SIGTERM, supervisor.request_stop)
+    drain_s = 0.0  # until the platform is up a stop does not wait for jobs (none ran yet)
 
     try:
         # REDIS_URL may carry Redis's password: the lines say where, never that.
@@ -286,7 +329,7 @@ def run_platform(*, host: str, port: int, var_dir: Path, queues: list[str], conf
             if queue == queues[0]:
                 # One machine: the first worker also runs the periodic tasks (celery beat).
                 argv += ["--beat", "--schedule", str(var_dir / "celerybeat-schedule")]
-            supervisor.spawn(f"worker:{queue}", argv, {"SLUICE_DB_CONN_MAX_AGE": "60", **env})
+            supervisor.spawn(f"{WORKER_PREFIX}{queue}", argv, {"SLUICE_DB_CONN_MAX_AGE": "60", **env})
         _wait_for_http(f"http://{host}:{port}/healthz", supervisor, timeout_s=WEB_START_TIMEOUT_S)
         cpus = engine_cpus(settings.SLUICE_ENGINE_CPUS, available=os.sched_getaffinity(0),
                            has_gpu=vllm_has_gpu())
@@ -301,6 +344,7 @@ def run_platform(*, host: str, port: int, var_dir: Path, queues: list[str], conf
             if tier_slug != "pro":
                 print(f"Other demo keys: {tier_slug}={key}", flush=True)
         print("Press Ctrl-C to stop.", flush=True)
+        drain_s = settings.SLUICE_STOP_DRAIN_S
 
         while not supervisor.stopping:
             exited = supervisor.first_exited()
@@ -320,5 +364,23 @@ def run_platform(*, host: str, port: int, var_dir: Path, queues: list[str], conf
         return 1
     finally:
         print("Stopping…", flush=True)
-        supervisor.stop()
+        if drain_s > 0:
+            print(_drain_line(queues, drain_s), flush=True)
+        supervisor.stop(drain_s=drain_s)
         print("Stopped.", flush=True)
+
+
+def _drain_line(queues: list[str], drain_s: float) -> str:
+    """What the stop waits for, and how to stop now."""
+    from django.db import DatabaseError
+
+    from inference.selectors import jobs_running_by_pool
+
+    try:
+        running_by_pool = jobs_running_by_pool()
+        running = sum(running_by_pool.get(queue, 0) for queue in queues)
+        jobs = f"{running} job{'' if running == 1 else 's'} still running"
+    except DatabaseError:  # a stop must not fail for a count
+        jobs = "jobs still running (the database did not answer)"
+    return (f"Stopping: {jobs}; the workers finish them first (at most {drain_s:.0f} s, "
+            "SLUICE_STOP_DRAIN_S). Press Ctrl-C again to stop now.")

@@ -318,6 +318,11 @@ SLUICE_POOL_SLOTS = env_dict_int("SLUICE_POOL_SLOTS", {"text-batch": 32, "video-
 # worker stops it and it fails with `job_timeout`, charged for what it produced. Its heartbeat
 # is what renews its lease, so without a limit a hung engine held its slot for ever.
 SLUICE_JOB_MAX_RUN_S = env_dict_int("SLUICE_JOB_MAX_RUN_S", {"text-batch": 900, "video-hbm": 3600})
+# `make run`'s first Ctrl-C / SIGTERM lets the workers finish their running jobs (Celery's warm
+# shutdown) for at most this long, then stops everything as a second one does (0: at once).
+# The longest pool limit by default: by then every job has ended or been stopped for it.
+SLUICE_STOP_DRAIN_S = env_int("SLUICE_STOP_DRAIN_S", max(SLUICE_JOB_MAX_RUN_S.values(), default=3600),
+                              minimum=0)
 SLUICE_POOL_RETRY_AFTER_S = env_int("SLUICE_POOL_RETRY_AFTER_S", 2, minimum=1)
 # The scheduler's reconciliation (beat, every 30 s): a queued job older than this that is in no
 # scheduler queue (Redis lost it, or a step after its commit failed) is queued again; an

@@ -20,10 +20,10 @@ from inference.errors import StreamInterrupted
 from inference.events import JobEnd, events_to_end
 from inference.models import Job
 from inference.scheduler import scheduler_position
-from inference.selectors import JobPage, job_get_for_tenant, jobs_page_for_tenant
+from inference.selectors import job_get_for_tenant, jobs_page_for_tenant
 from inference.services import job_cancel, job_delete, job_terminal_event
 from portal.authentication import ApiPrincipal, api_key_from_authorization, method_not_allowed
-from portal.db import database_step
+from portal.db import Page, database_step
 from portal.errors import InvalidApiKey, SluiceError, json_error
 from portal.models import ApiKey, Membership
 
@@ -82,11 +82,11 @@ class ListInput(serializers.Serializer):
     order = serializers.ChoiceField(choices=["asc", "desc"], required=False, default="desc")
 
 
-def list_body(page: JobPage, data: list[dict]) -> dict:
-    """OpenAI's list shape around a page of objects."""
+def list_body(page: Page, data: list[dict]) -> dict:
+    """OpenAI's list shape around a page of objects (jobs, videos, a webhook delivery log)."""
     return {"object": "list", "data": data,
-            "first_id": page.jobs[0].pk if page.jobs else None,
-            "last_id": page.jobs[-1].pk if page.jobs else None,
+            "first_id": page.rows[0].pk if page.rows else None,
+            "last_id": page.rows[-1].pk if page.rows else None,
             "has_more": page.has_more}
 
 
@@ -103,7 +103,7 @@ class JobListApi(APIView):
         status = data.pop("status", None)
         page = jobs_page_for_tenant(tenant=request.user.tenant, statuses=[status] if status else None,
                                     **data)
-        return Response(list_body(page, JobOutputSerializer(page.jobs, many=True).data))
+        return Response(list_body(page, JobOutputSerializer(page.rows, many=True).data))
 
 
 class JobDetailApi(APIView):
@@ -294,7 +294,7 @@ class VideoListApi(APIView):
         statuses = [job_status for job_status, name in _VIDEO_STATUS.items() if name == status]
         page = jobs_page_for_tenant(tenant=request.user.tenant, kind=Job.Kind.VIDEO,
                                     statuses=statuses or None, **data)
-        return Response(list_body(page, [video_representation(job) for job in page.jobs]))
+        return Response(list_body(page, [video_representation(job) for job in page.rows]))
 
 
 class VideoDetailApi(APIView):

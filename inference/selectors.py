@@ -1,13 +1,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import datetime
 
 from django.db.models import Count, QuerySet
 
 from inference.models import Job
 from inference.scheduler import scheduler_pools
+from portal.db import Page, page_after
 from portal.errors import NotFound
 from portal.models import Tenant
 
@@ -23,34 +23,17 @@ def job_get_for_tenant(*, tenant: Tenant, job_id: str, kind: str | None = None) 
     return job
 
 
-@dataclass(frozen=True)
-class JobPage:
-    jobs: list[Job]
-    has_more: bool
-
-
 def jobs_page_for_tenant(*, tenant: Tenant, kind: str | None = None,
                          statuses: Iterable[str] | None = None, after: str | None = None,
-                         order: str = "desc", limit: int = 20) -> JobPage:
-    """A page of a list in id order (`desc`: newest first), after the id `after` in that order.
-    One row more than the page is read: whether there is more is known, not guessed from a
-    full page (a last page that is exactly full said there was more)."""
-    rows = list(_jobs_listed(tenant=tenant, kind=kind, statuses=statuses, after=after,
-                             order=order)[:limit + 1])
-    return JobPage(jobs=rows[:limit], has_more=len(rows) > limit)
-
-
-def _jobs_listed(*, tenant: Tenant, kind: str | None, statuses: Iterable[str] | None,
-                 after: str | None, order: str) -> QuerySet[Job]:
-    # Job ids are ULIDs: their order is their creation's.
+                         order: str = "desc", limit: int = 20) -> Page:
+    """A page of the tenant's jobs in id order (`desc`: newest first; job ids are ULIDs, their
+    order is their creation's), after the id `after` in that order."""
     queryset: QuerySet[Job] = Job.objects.filter(tenant=tenant, deleted_at__isnull=True)
     if kind:
         queryset = queryset.filter(kind=kind)
     if statuses:
         queryset = queryset.filter(status__in=list(statuses))
-    if order == "asc":
-        return queryset.filter(id__gt=after).order_by("id") if after else queryset.order_by("id")
-    return queryset.filter(id__lt=after).order_by("-id") if after else queryset.order_by("-id")
+    return page_after(queryset, after=after, order=order, limit=limit)
 
 
 def jobs_in_flight_for_tenant(*, tenant: Tenant) -> dict[str, int]:

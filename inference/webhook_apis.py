@@ -10,6 +10,7 @@ from rest_framework.views import APIView
 
 from inference import webhook_selectors as selectors
 from inference import webhooks as services
+from inference.apis import ListInput, list_body
 from inference.webhook_models import WEBHOOK_EVENT_TYPES, WebhookDelivery, WebhookEndpoint
 from portal.authentication import IssuedByTenantAdmin
 from portal.errors import InvalidParameter
@@ -197,26 +198,24 @@ class WebhookRotateSecretApi(APIView):
 
 
 class WebhookDeliveryListApi(APIView):
-    class Input(serializers.Serializer):
-        limit = serializers.IntegerField(required=False, default=20, min_value=1, max_value=100)
+    class Input(ListInput):
         status = serializers.ChoiceField(choices=WebhookDelivery.Status.choices, required=False)
 
     @extend_schema(
         operation_id="webhooks_deliveries_list", parameters=[Input],
         responses=inline_serializer("WebhookDeliveryList", {
-            "object": serializers.CharField(), "data": DeliveryWithLogOutput(many=True)}),
+            "object": serializers.CharField(), "data": DeliveryWithLogOutput(many=True),
+            "first_id": serializers.CharField(allow_null=True),
+            "last_id": serializers.CharField(allow_null=True),
+            "has_more": serializers.BooleanField()}),
     )
     def get(self, request, endpoint_id: str):
         endpoint = _endpoint_for(request, endpoint_id)
         params = self.Input(data=request.query_params)
         params.is_valid(raise_exception=True)
-        deliveries = selectors.webhook_deliveries_for_endpoint(tenant=request.user.tenant,
-                                                               endpoint=endpoint)
-        if "status" in params.validated_data:
-            deliveries = deliveries.filter(status=params.validated_data["status"])
-        deliveries = deliveries[: params.validated_data["limit"]]
-        return Response({"object": "list",
-                         "data": DeliveryWithLogOutput(deliveries, many=True).data})
+        page = selectors.webhook_deliveries_page_for_endpoint(
+            tenant=request.user.tenant, endpoint=endpoint, **params.validated_data)
+        return Response(list_body(page, DeliveryWithLogOutput(page.rows, many=True).data))
 
 
 class WebhookRedeliverApi(APIView):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.db.models import Prefetch, QuerySet
 
 from inference.webhook_models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from portal.db import Page, page_after
 from portal.errors import NotFound
 from portal.models import Tenant
 
@@ -32,6 +33,19 @@ def webhook_deliveries_for_endpoint(
             Prefetch("log", queryset=WebhookAttempt.objects.order_by("-number"))
         )
     )
+
+
+def webhook_deliveries_page_for_endpoint(
+    *, tenant: Tenant, endpoint: WebhookEndpoint, status: str | None = None,
+    after: str | None = None, order: str = "desc", limit: int = 20,
+) -> Page:
+    """A page of the endpoint's delivery log in id order (ids are ULIDs: their creation's), after
+    the delivery `after`, as the jobs list pages (a log that grows while it is read never
+    repeats or skips a delivery, as an offset did)."""
+    deliveries = webhook_deliveries_for_endpoint(tenant=tenant, endpoint=endpoint)
+    if status:
+        deliveries = deliveries.filter(status=status)
+    return page_after(deliveries, after=after, order=order, limit=limit)
 
 
 def webhook_delivery_get_for_tenant(*, tenant: Tenant, delivery_id: str) -> WebhookDelivery:

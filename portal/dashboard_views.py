@@ -52,9 +52,9 @@ def jobs_page(request, membership: Membership):
     shown = {name: value for name, value in filters.items() if value}
     context = {
         "tenant": membership.tenant,
-        "jobs": page.jobs,
+        "jobs": page.rows,
         # Older jobs are a page on, after the last one shown (ids sort by time), filters kept.
-        "older_query": urlencode({**shown, "after": page.jobs[-1].pk}) if page.has_more else None,
+        "older_query": urlencode({**shown, "after": page.rows[-1].pk}) if page.has_more else None,
         "newest_query": urlencode(shown) if after else None,
         "filters": filters,
         "kinds": Job.Kind.choices,

@@ -3,12 +3,35 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from channels.db import DatabaseSyncToAsync
 from django.conf import settings
 from django.db import connections, transaction
 from django.db.models import QuerySet
 from django.db.models.sql import UpdateQuery
+
+
+@dataclass(frozen=True)
+class Page:
+    """A page of a list (OpenAI's list shape around it: inference.apis.list_body)."""
+
+    rows: list
+    has_more: bool
+
+
+def page_after(queryset: QuerySet, *, after: str | None = None, order: str = "desc",
+               limit: int = 20) -> Page:
+    """A page of `queryset` in primary-key order (`desc`: newest first, for keys that sort by
+    time: ULIDs), after the key `after` in that order: a cursor, so rows added meanwhile never
+    shift a page as an offset's do. One row more than the page is read: whether there is more is
+    known, not guessed from a full page (a last page that is exactly full said there was more)."""
+    if order == "asc":
+        queryset = (queryset.filter(pk__gt=after) if after else queryset).order_by("pk")
+    else:
+        queryset = (queryset.filter(pk__lt=after) if after else queryset).order_by("-pk")
+    rows = list(queryset[:limit + 1])
+    return Page(rows=rows[:limit], has_more=len(rows) > limit)
 
 
 def update_returning(queryset: QuerySet, **changes) -> list:

@@ -141,6 +141,44 @@ def test_delivery_log_and_redeliver(cast, api, endpoint_body, receiver):
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_parameter"
 
 
+def test_the_delivery_log_pages_with_a_cursor_as_the_jobs_list_does(cast, api, endpoint_body):
+    endpoint_id = endpoint_body["id"]
+    for number in range(5):
+        webhook_event_publish(tenant=cast.tenant, event_type="job.completed",
+                              data={"id": f"job_{number}"})
+    newest_first = list(WebhookDelivery.objects.filter(endpoint_id=endpoint_id)
+                        .order_by("-pk").values_list("pk", flat=True))
+    url = f"/v1/webhooks/{endpoint_id}/deliveries"
+
+    def page(**params) -> tuple[list[str], dict]:
+        response = api.get(url, params)
+        assert response.status_code == 200, response.json()
+        body = response.json()
+        return [delivery["id"] for delivery in body["data"]], body
+
+    ids, first = page(limit=2)
+    assert ids == newest_first[:2]
+    assert (first["object"], first["first_id"], first["last_id"], first["has_more"]) == (
+        "list", newest_first[0], newest_first[1], True)
+    # A delivery made meanwhile shifts no page: the next one starts after the last id seen.
+    webhook_event_publish(tenant=cast.tenant, event_type="job.failed", data={"id": "job_new"})
+    ids, second = page(limit=2, after=first["last_id"])
+    assert ids == newest_first[2:4] and second["has_more"] is True
+    ids, last = page(limit=2, after=second["last_id"])
+    assert ids == newest_first[4:] and last["has_more"] is False  # one more read, not guessed
+    assert page(limit=1, after=newest_first[3])[1]["has_more"] is False  # exactly full
+    assert page(order="asc", limit=3)[0] == newest_first[::-1][:3]
+    assert page(status="succeeded")[0] == []
+    for bad in ({"limit": 0}, {"limit": 101}, {"order": "sideways"}):
+        response = api.get(url, bad)
+        assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_parameter"
+    # Another tenant's endpoint, with or without a cursor from its log: the same 404 as none.
+    outsider = api.bearer(cast.outsider_key)
+    for params in ({}, {"after": newest_first[0]}):
+        response = outsider.get(url, params)
+        assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+
+
 def test_outsider_gets_404_everywhere(cast, api, endpoint_body, receiver):
     endpoint_id = endpoint_body["id"]
     delivery = delivered(cast.tenant)

@@ -539,9 +539,8 @@ def _ms(duration: timedelta) -> int:
     return math.ceil(duration.total_seconds() * 1000)
 
 
-def _endpoint_slot_take(*, endpoint_id: str, holder: str, member: str,
-                        lease: timedelta | None = None) -> int:
-    """0 when `holder` took one of the endpoint's slots (until `lease`, the claim's by default);
+def _endpoint_slot_take(*, endpoint_id: str, holder: str, member: str) -> int:
+    """0 when `holder` took one of the endpoint's slots (for an attempt's claim lease);
     otherwise the place in line `member` now waits at (1: next)."""
     # A place outlives the longest recheck by a lease: a member's message may wait in a busy
     # queue for a while, and one that never comes back (lost) is woken by a give-back anyway.
@@ -549,7 +548,7 @@ def _endpoint_slot_take(*, endpoint_id: str, holder: str, member: str,
     return lua_script(redis_client(), "webhook_slot_take", package="inference")(
         keys=_slot_keys(endpoint_id),
         args=[holder, member, settings.SLUICE_WEBHOOK_ENDPOINT_MAX_IN_FLIGHT,
-              _ms(lease if lease is not None else _claim_lease()), _ms(keep)],
+              _ms(_claim_lease()), _ms(keep)],
     )
 
 

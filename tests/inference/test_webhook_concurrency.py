@@ -98,6 +98,7 @@ def _queued(redis_client) -> list[tuple[list, bool]]:
 def test_an_endpoint_gets_at_most_its_limit_at_once_while_another_is_not_held_up(
         cast, receiver, second_receiver, settings, clean_redis):
     settings.SLUICE_WEBHOOK_ENDPOINT_MAX_IN_FLIGHT = 2
+    settings.SLUICE_WEBHOOK_TIMEOUT_S = 30  # the held requests wait for the test, however slow
     slow = webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)
     fast = webhook_endpoint_create(tenant=cast.tenant, url=second_receiver.url)
     for number in range(4):

@@ -65,7 +65,7 @@ def admission_decide(
         keys=[
             keys.budget, keys.key_used, keys.tenant_tat, keys.key_tat, keys.in_flight,
             keys.pool_hash, keys.pool_zset, keys.pool_sum,
-            f"q:r:{reservation_id}",
+            f"q:r:{reservation_id}", keys.queued,
         ],
         args=[
             cost_mcu,

@@ -186,7 +186,7 @@ def _decide(client, keys, limits, cost_mcu, mode, reservation_id) -> AdmissionTi
 def _release_in_redis(client, keys: CounterKeys, reservation_id: str, *, refund_mcu: int) -> int:
     return lua_script(client, "settle")(
         keys=[reservation_marker(reservation_id), keys.budget, keys.key_used, keys.in_flight,
-              keys.pool_hash, keys.pool_zset, keys.pool_sum],
+              keys.pool_hash, keys.pool_zset, keys.pool_sum, keys.queued],
         args=[reservation_id, refund_mcu],
     )
 
@@ -346,25 +346,22 @@ def counters_rebuild(
     for a rebuild lost what admissions Redis had counted and the database not yet committed
     hold (a job being stored), and their release then refunded a counter that never held
     them; instead rebuild.lua overwrites them in one step with the ledger's figures plus those
-    admissions, found through the tenant's in-flight zset, read before the ledger (a queued one
-    is in no per-tenant index: see rebuild.lua). It reads again while that zset changed under
-    it; False (nothing written) when it did at every one of REBUILD_FORCED_READS reads."""
+    admissions, found through the tenant's in-flight and queued zsets, read before the ledger.
+    It reads again while those changed under it; False (nothing written) when they did at
+    every one of REBUILD_FORCED_READS reads."""
     now = timezone.now()
     client = redis_client()
     tenant_keys = CounterKeys(tenant_id=tenant_id, api_key_id=0, period=period, pool="")
     with transaction.atomic():
         for _ in range(REBUILD_FORCED_READS if force else 1):
-            in_flight_read = (
-                [member.decode() for member in client.zrange(tenant_keys.in_flight, 0, -1)]
-                if force else []
-            )
+            open_read = _open_reservations_read(client, tenant_keys) if force else []
             payload = _rebuild_payload(client, tenant_id=tenant_id, period=period, now=now,
-                                       api_key_id=api_key_id, in_flight_read=in_flight_read)
+                                       api_key_id=api_key_id, open_read=open_read)
             if force:
                 payload["force"] = {
                     "period": period, "in_flight_key": tenant_keys.in_flight,
-                    "marker_prefix": RESERVATION_MARKER_PREFIX, "read": in_flight_read,
-                    "known": payload.pop("known"),
+                    "queued_key": tenant_keys.queued, "marker_prefix": RESERVATION_MARKER_PREFIX,
+                    "read": open_read, "known": payload.pop("known"),
                 }
             else:
                 payload.pop("known")
@@ -380,10 +377,20 @@ def counters_rebuild(
     return outcome == 1
 
 
+def _open_reservations_read(client: redis.Redis, keys: CounterKeys) -> list[str]:
+    """The reservations Redis holds open for the tenant of `keys`, in one round trip: admitted
+    (its in-flight zset) or queued (its queued zset, but those whose marker has expired)."""
+    pipe = client.pipeline(transaction=False)
+    pipe.zrange(keys.in_flight, 0, -1)
+    pipe.zrangebyscore(keys.queued, int(time.time() * 1000), "+inf")
+    in_flight, queued = pipe.execute()
+    return sorted({member.decode() for member in (*in_flight, *queued)})
+
+
 def _rebuild_payload(client: redis.Redis, *, tenant_id: int, period: str, now: datetime,
-                     api_key_id: int | None, in_flight_read: list[str]) -> dict:
+                     api_key_id: int | None, open_read: list[str]) -> dict:
     """rebuild.lua's argument, read from the database inside `counters_rebuild`'s transaction
-    (the running reservations locked), and `known`: those of `in_flight_read` whose reserve the
+    (the running reservations locked), and `known`: those of `open_read` whose reserve the
     ledger figures hold."""
     running = Reservation.objects.select_for_update(no_key=True).filter(
         tenant_id=tenant_id, period=period, state__in=Reservation.ACTIVE_STATES
@@ -403,7 +410,7 @@ def _rebuild_payload(client: redis.Redis, *, tenant_id: int, period: str, now: d
             "lease_until_ms": int(reservation.expires_at.timestamp() * 1000),
         })
     used, by_key, known = _ledger_read(tenant_id=tenant_id, period=period,
-                                       reservation_ids=in_flight_read)
+                                       reservation_ids=open_read)
     if api_key_id is not None:
         by_key.setdefault(api_key_id, 0)
     # Settlements Redis has not seen yet: the ledger read above holds them, so the rebuild

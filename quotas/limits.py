@@ -122,6 +122,12 @@ class CounterKeys:
         return f"{IN_FLIGHT_PREFIX}{self.tenant_id}"
 
     @property
+    def queued(self) -> str:
+        """The tenant's reservations admission queued for pool capacity, until their release
+        (id -> marker expiry ms): admit.lua, settle.lua, a forced rebuild's read."""
+        return f"q:cq:{self.tenant_id}"
+
+    @property
     def pool_hash(self) -> str:
         return f"q:ph:{self.pool}"
 

@@ -5,7 +5,7 @@
 -- KEYS: 1 budget used (mCU)   2 key used (mCU)     3 tenant TAT   4 key TAT
 --       5 tenant in-flight zset (id -> lease expiry ms)
 --       6 pool hash (id -> mCU)  7 pool zset (id -> lease expiry ms)  8 pool sum (mCU)
---       9 reservation hash
+--       9 reservation hash  10 tenant's queued zset (id -> marker expiry ms)
 -- ARGV: 1 cost  2 budget limit (-1 none)  3 key cap (-1 none)
 --       4 tenant rate (mCU/min)  5 tenant burst (mCU)  6 key rate (-1 none)  7 key burst
 --       8 concurrent-job cap  9 pool capacity (mCU)  10 mode "sync"|"async"
@@ -98,5 +98,13 @@ end
 -- row is not committed yet in that key's counter too (the name carries the period).
 redis.call('HSET', KEYS[9], 'state', outcome, 'cost', cost, 'pool', ARGV[14], 'key_used', KEYS[2])
 redis.call('EXPIRE', KEYS[9], reservation_ttl)
+if outcome == 'queued' then
+  -- Indexed by tenant as an admitted one is (its in-flight zset): a forced rebuild finds it
+  -- there while its job's transaction has not committed it. It leaves on release (settle.lua)
+  -- or, never released, when its marker expires (the score; dropped here on the next one).
+  redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', now)
+  redis.call('ZADD', KEYS[10], now + reservation_ttl * 1000, reservation_id)
+  redis.call('EXPIRE', KEYS[10], reservation_ttl)
+end
 t_remaining, t_reset = bucket_state(t_new_tat, t_interval, t_tolerance)
 return {outcome, 0, used, t_remaining, t_reset}

@@ -14,17 +14,13 @@
 -- Forced (`force`, the rebuild_counters command): the counters exist and are overwritten, in
 -- this one step, with the ledger's figures plus what Redis counted that the ledger read did
 -- not see: an admission whose row is not committed yet (job_submit commits it after
--- admit.lua ran). Those are found through the tenant's in-flight zset: a live marker (state
--- admitted or queued) written by admit.lua (`key_used` names the key counter it was counted
--- in, and its period) for this period whose reserve was not in the ledger read (`known`;
--- the locked running reservations were committed before it) adds its cost to the budget
--- counter and to that key counter.
--- Limit: an admission queued for pool capacity (async, state 'queued') is in no per-tenant
--- index until its job is committed (the scheduler's job hash, enqueue.lua, is written after
--- job_submit's commit; only its marker q:r:<id> exists, which names no tenant): a forced
--- rebuild that runs inside such a submit's transaction (milliseconds) leaves its cost out of
--- the rebuilt counter, which then gives its refund back once more on release.
--- The zset members were read (`read`) before the ledger: one the ledger read could not have
+-- admit.lua ran). Those are found through the tenant's in-flight zset (admitted) and queued
+-- zset (queued for pool capacity, admit.lua): a live marker (state admitted or queued)
+-- written by admit.lua (`key_used` names the key counter it was counted in, and its period)
+-- for this period whose reserve was not in the ledger read (`known`; the locked running
+-- reservations were committed before it) adds its cost to the budget counter and to that key
+-- counter.
+-- The zsets' members were read (`read`) before the ledger: one the ledger read could not have
 -- looked for (admitted since), or one whose marker went since (released: its refund went to
 -- the counter this overwrites) other than a locked running reservation's, makes the script
 -- write nothing and return -1: the caller reads again.
@@ -34,7 +30,8 @@
 --              reservations: [{key, state, cost, pool, in_flight_key, pool_hash, pool_zset,
 --                              pool_sum, lease_until_ms}],
 --              settled: [{key, in_flight_key, pool_hash, pool_zset, pool_sum, live_only}],
---              force: {period, in_flight_key, marker_prefix, read: [id], known: [id]}}
+--              force: {period, in_flight_key, queued_key, marker_prefix, read: [id],
+--                      known: [id]}}
 -- Returns 1 if applied, 0 if another rebuild got there first, -1 (forced) to read again.
 -- (Key names inside ARGV: Sluice keeps hot counters on one Redis primary, not a cluster.)
 
@@ -53,7 +50,14 @@ if force then
     if not locked[id] and redis.call('EXISTS', force.marker_prefix .. id) == 0 then return -1 end
   end
   local suffix = ':' .. force.period
-  for _, id in ipairs(redis.call('ZRANGE', force.in_flight_key, 0, -1)) do
+  local open = redis.call('ZRANGE', force.in_flight_key, 0, -1)
+  for _, id in ipairs(redis.call('ZRANGE', force.queued_key, 0, -1)) do
+    -- One a dispatch round moved onto the pool is in both: counted once.
+    if redis.call('HGET', force.marker_prefix .. id, 'state') == 'queued' then
+      table.insert(open, id)
+    end
+  end
+  for _, id in ipairs(open) do
     local marker = redis.call('HMGET', force.marker_prefix .. id, 'state', 'cost', 'key_used')
     local state, cost, key_used = marker[1], marker[2], marker[3]
     if (state == 'admitted' or state == 'queued') and key_used and not known[id]

@@ -629,11 +629,14 @@ def test_a_rebuild_counts_an_unmirrored_settlement_once(settings):
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.parametrize("submission", ["commits", "rolls back"])
-def test_the_rebuild_command_keeps_an_admission_not_yet_committed(submission):
+@pytest.mark.parametrize(("admission", "submission"), [
+    ("admitted", "commits"), ("admitted", "rolls back"), ("queued", "rolls back")])
+def test_the_rebuild_command_keeps_an_admission_not_yet_committed(admission, submission):
     """The command dropped the budget counter and rebuilt it from the ledger: an admission Redis
     had counted whose rows were not committed yet (job_submit stores the job with them) was
-    missing from it, and its release then refunded a counter that never held it."""
+    missing from it, and its release then refunded a counter that never held it. So was one
+    queued for the pool (async, the tenant at its job cap here), in no per-tenant index until
+    its job was committed, after the overwrite kept only the admitted ones."""
     import threading
 
     from django.core.management import call_command
@@ -641,15 +644,15 @@ def test_the_rebuild_command_keeps_an_admission_not_yet_committed(submission):
 
     from quotas.ledger import reservation_abandon
 
-    api_key = api_key_obj(tenant_with_limits(budget_cu=100))
-    open_cu(api_key, 1)  # committed: 1 CU used
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100, max_jobs=1))
+    first = open_cu(api_key, 1)  # committed: 1 CU used, the tenant's one job slot held
     admitted, end_it, storing = threading.Event(), threading.Event(), []
 
     def submit_a_job() -> None:
         try:
             try:
                 with transaction.atomic():  # as job_submit stores a job with its reservation
-                    storing.append(open_cu(api_key, 4))
+                    storing.append(open_cu(api_key, 4, mode="async"))
                     admitted.set()
                     end_it.wait(timeout=10)
                     if submission == "rolls back":
@@ -659,10 +662,13 @@ def test_the_rebuild_command_keeps_an_admission_not_yet_committed(submission):
         finally:
             connection.close()
 
+    if admission == "admitted":
+        reservation_settle(reservation_id=first.reservation.id, actual_mcu=1000)  # slot freed
     submitting = threading.Thread(target=submit_a_job)
     submitting.start()
     try:
         assert admitted.wait(timeout=10)
+        assert storing[0].ticket.outcome == admission
         call_command("rebuild_counters", "--tenant", api_key.tenant.slug)
         assert ledger_used(api_key.tenant_id) == 1000  # the admission's rows are not in it
         assert counter(api_key.tenant_id) == 5000
@@ -677,6 +683,9 @@ def test_the_rebuild_command_keeps_an_admission_not_yet_committed(submission):
     else:
         assert counter(api_key.tenant_id) == ledger_used(api_key.tenant_id) == 1000
     assert int(redis_client().get(slot_keys(api_key).key_used)) == ledger_used(api_key.tenant_id)
+    # What was released left no reservation behind in the tenant's indexes to read again for.
+    call_command("rebuild_counters", "--tenant", api_key.tenant.slug)
+    assert counter(api_key.tenant_id) == ledger_used(api_key.tenant_id)
 
 
 @pytest.mark.django_db

@@ -348,6 +348,9 @@ SLUICE_WEBHOOK_ALLOW_PRIVATE = env_bool("SLUICE_WEBHOOK_ALLOW_PRIVATE", False)
 # Exact `host:port` pairs exempt from the address check (an internal receiver you trust).
 SLUICE_WEBHOOK_ALLOWED_HOSTS = env_list("SLUICE_WEBHOOK_ALLOWED_HOSTS", [])
 SLUICE_WEBHOOK_MAX_REDIRECTS = env_int("SLUICE_WEBHOOK_MAX_REDIRECTS", 3, minimum=0)
+# Deliveries in flight at once to one endpoint: a slow receiver holds this many webhook
+# workers at most, the rest wait their turn (not counted as attempts) and the others' go on.
+SLUICE_WEBHOOK_ENDPOINT_MAX_IN_FLIGHT = env_int("SLUICE_WEBHOOK_ENDPOINT_MAX_IN_FLIGHT", 4, minimum=1)
 SLUICE_WEBHOOK_RESPONSE_MAX_BYTES = env_int("SLUICE_WEBHOOK_RESPONSE_MAX_BYTES", 1024, minimum=0)
 # After a rotation the old secret keeps signing (a second signature) for this long.
 SLUICE_WEBHOOK_SECRET_OVERLAP_S = env_int("SLUICE_WEBHOOK_SECRET_OVERLAP_S", 86400, minimum=0)

@@ -29,8 +29,9 @@ def test_rate_limit_headers_on_every_keyed_response(cast, api):
     spend(key_of(cast.owner_key), 500)
     after = api.get("/v1/models/nope")  # error responses carry them too
     assert after.status_code == 404
-    assert after["x-ratelimit-remaining-cu"] == "1500"
-    assert int(after["x-ratelimit-reset-cu"]) == 15  # 500 CU at 2,000 CU/min
+    # The bucket refills 33 CU a second: a loaded machine's request comes a little later.
+    assert 1500 <= int(after["x-ratelimit-remaining-cu"]) <= 1540
+    assert 13 <= int(after["x-ratelimit-reset-cu"]) <= 15  # 500 CU at 2,000 CU/min
     assert "x-ratelimit-limit-cu" not in api.bearer("sk-bad").get("/v1/models")
 
 

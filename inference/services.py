@@ -697,16 +697,17 @@ def job_recover_lost(*, job: Job) -> str:
     """A running job whose worker stopped heartbeating: redeliver it, or after the last
     attempt fail it with worker_lost (a full refund). One that ran past its pool's limit was
     stopped for it (or hung where its worker could not stop it): it fails with job_timeout
-    instead of running it all again. One whose cancel was requested while it ran is cancelled
-    and billed for what its attempt produced (`cancelled`), as its worker would have ended it:
-    queued again, it was refunded in full (its claim is refused, or the reconciliation
-    finishes the cancel of a queued job), so the tokens or steps it had streamed were free."""
+    instead of running it all again, billed for what its attempt produced as its worker's
+    timeout bills it and as its message says (it was charged nothing). One whose cancel was
+    requested while it ran is cancelled and billed for what its attempt produced
+    (`cancelled`), as its worker would have ended it: queued again, it was refunded in full
+    (its claim is refused, or the reconciliation finishes the cancel of a queued job), so the
+    tokens or steps it had streamed were free."""
     if job.cancel_requested_at is not None:
-        return _lost_attempt_cancel(job)
+        return _lost_attempt_end(job, timed_out=False)
     limit = timedelta(seconds=job_max_run_s(job.pool))
     if job.started_at and timezone.now() - job.started_at > limit:
-        job_fail(job=job, code="job_timeout", message=job_timeout_message(job.pool))
-        return "failed"
+        return _lost_attempt_end(job, timed_out=True)
     if job.attempts >= settings.SLUICE_JOB_MAX_ATTEMPTS:
         job_fail(job=job, code="worker_lost",
                  message=f"The worker running this job was lost {job.attempts} times.")
@@ -719,7 +720,7 @@ def job_recover_lost(*, job: Job) -> str:
         # Its cancel was recorded since the read: the attempt's to bill, not to run again.
         cancelling = Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING, attempts=job.attempts,
                                         cancel_requested_at__isnull=False).first()
-        return _lost_attempt_cancel(cancelling) if cancelling is not None else "moved"
+        return _lost_attempt_end(cancelling, timed_out=False) if cancelling is not None else "moved"
     if job.reservation_id:  # the next attempt gets a whole lease, as the first one did
         reservation_extend(reservation_id=job.reservation_id, seconds=pool_lease_s(job.pool))
     event_publish(job_id=job.pk, tenant_id=job.tenant_id, event_type="job.queued",
@@ -728,16 +729,25 @@ def job_recover_lost(*, job: Job) -> str:
     return "requeued"
 
 
-def _lost_attempt_cancel(job: Job) -> str:
-    """End a running job whose cancel was requested and whose worker is lost as that worker
-    would have: cancelled, charged for what the attempt produced, the rest refunded. `moved`
-    when it ended meanwhile (its worker was alive after all and settled it: charged once)."""
+def _lost_attempt_end(job: Job, *, timed_out: bool) -> str:
+    """End a running job whose worker is lost as that worker would have: charged for what the
+    attempt produced, the rest refunded; failed with job_timeout (`failed`) when it ran past
+    its pool's limit, else cancelled on request (`cancelled`). `moved` when it ended meanwhile
+    (its worker was alive after all and settled it, or the row is at another attempt: `_finish`
+    claims it at the attempt read, so it is charged once)."""
     actual_mcu, usage = _lost_attempt_produced(job)
-    if not job_cancelled(job=job, actual_mcu=actual_mcu, usage=usage):
+    if timed_out:
+        ended = job_fail(job=job, code="job_timeout", message=job_timeout_message(job.pool),
+                         actual_mcu=actual_mcu, usage=usage)
+        outcome, why = "failed", "it ran past its pool's limit; failed"
+    else:
+        ended = job_cancelled(job=job, actual_mcu=actual_mcu, usage=usage)
+        outcome, why = "cancelled", "its cancel was requested; cancelled"
+    if not ended:
         return "moved"
-    logger.warning("job %s: its worker was lost after its cancel was requested; cancelled and "
-                   "charged %s mCU for what attempt %s produced", job.pk, actual_mcu, job.attempts)
-    return "cancelled"
+    logger.warning("job %s: its worker was lost after %s and charged %s mCU for what attempt %s "
+                   "produced", job.pk, why, actual_mcu, job.attempts)
+    return outcome
 
 
 def _lost_attempt_produced(job: Job) -> tuple[int, dict]:

@@ -310,12 +310,39 @@ def counters_match_the_ledger(api_key) -> int:
     return figures.pop()
 
 
-def test_a_video_whose_worker_was_lost_after_its_cancel_is_billed_for_the_steps_it_ran(sent_tasks):
+# How the reaper ends a running job whose worker was lost, billing what its attempt produced
+# (job_recover_lost): its cancel was requested, or it ran past its pool's SLUICE_JOB_MAX_RUN_S
+# (job_timeout, whose message says that what it produced is charged). The status it ends in.
+LOST_ATTEMPT_ENDS = {"cancel": "cancelled", "timeout": "failed"}
+
+
+def lost_attempt_end_arrange(ended_by: str, *, job, pool: str, settings) -> None:
+    """What ends `job`'s attempt once its worker is taken for lost (heartbeat_lost: 60 s ago)."""
+    if ended_by == "cancel":
+        job_cancel(job=job)
+    else:
+        settings.SLUICE_JOB_MAX_RUN_S = {pool: 30}
+
+
+def lost_attempt_end_assert(ended_by: str, ended: Job) -> None:
+    from inference.services import job_timeout_message
+
+    assert ended.status == LOST_ATTEMPT_ENDS[ended_by]
+    if ended_by == "timeout":
+        assert (ended.error_code, ended.error_message) == ("job_timeout",
+                                                           job_timeout_message(ended.pool))
+
+
+@pytest.mark.parametrize("ended_by", LOST_ATTEMPT_ENDS)
+def test_a_video_whose_worker_was_lost_after_its_cancel_or_limit_is_billed_for_its_steps(
+        ended_by, settings, sent_tasks):
     """Cancelled while it ran, and its worker died before it saw the flag: the reaper queued it
-    again, its next claim was refused and it was refunded in full, its steps run for free. It
-    is cancelled as its worker would have cancelled it: billed for the steps its job.progress
-    reported done (the cost model is linear in steps), the rest refunded, Redis as the ledger,
-    its pool slot freed; and a worker alive after all cannot settle it a second time."""
+    again, its next claim was refused and it was refunded in full, its steps run for free. Past
+    its pool's limit as its worker died: failed with job_timeout, charged nothing although its
+    message says what it produced is. It is ended as its worker would have ended it: billed
+    for the steps its job.progress reported done (the cost model is linear in steps), the rest
+    refunded, Redis as the ledger, its pool slot freed; and a worker alive after all cannot
+    settle it a second time, nor the reaper again on a read from before the end."""
     from inference.events import events_read
     from inference.registry import model_get
     from inference.services import job_progress, job_started
@@ -331,15 +358,16 @@ def test_a_video_whose_worker_was_lost_after_its_cancel_is_billed_for_the_steps_
     for step in (1, 2, 3):
         job_progress(job=job, progress=step * 12.5, data={"step": step, "steps": 8},
                      attempt_seq=step + 1)
-    job_cancel(job=job)
+    lost_attempt_end_arrange(ended_by, job=job, pool="video-hbm", settings=settings)
     heartbeat_lost(job)
+    read_running = Job.objects.get(pk=job.pk)
 
-    assert jobs_reap() == {"cancelled": 1}
+    assert jobs_reap() == {LOST_ATTEMPT_ENDS[ended_by]: 1}
     three_steps = video_cost(spec=spec, width=1280, height=720, frames=80, steps=3).mcu
     assert 0 < three_steps < full
     ended = Job.objects.get(pk=job.pk)
-    assert (ended.status, ended.actual_mcu, ended.usage) == ("cancelled", three_steps,
-                                                             {"steps": 3, "frames": 0})
+    lost_attempt_end_assert(ended_by, ended)
+    assert (ended.actual_mcu, ended.usage) == (three_steps, {"steps": 3, "frames": 0})
     assert sorted(LedgerEntry.objects.filter(reservation_id=job.reservation_id)
                   .values_list("kind", "mcu")) == [
         ("refund", full - three_steps), ("reserve", full), ("settle", three_steps)]
@@ -347,16 +375,21 @@ def test_a_video_whose_worker_was_lost_after_its_cancel_is_billed_for_the_steps_
     slots = CounterKeys(tenant_id=api_key.tenant_id, api_key_id=api_key.pk, period="", pool="video-hbm")
     assert redis_client().zcard(slots.in_flight) == 0 == int(redis_client().get(slots.pool_sum))
     assert len(sent_tasks) == 1  # not sent again
-    assert events_read(job_id=job.pk)[-1].type == "job.cancelled"
-    assert job_cancelled(job=job, actual_mcu=full, usage={}) is False  # its worker, late
+    assert events_read(job_id=job.pk)[-1].type == f"job.{ended.status}"
+    # Its worker, late, ends it as its cancel or its timeout would have: refused.
+    assert job_cancelled(job=job, actual_mcu=full, usage={}) is False
+    assert job_fail(job=job, code="job_timeout", message="late", actual_mcu=full) is False
+    assert job_recover_lost(job=read_running) == "moved"
     assert counters_match_the_ledger(api_key) == three_steps
 
 
-def test_a_completion_whose_worker_was_lost_after_its_cancel_is_billed_for_its_tokens(sent_tasks):
-    """The same for text, on its second attempt (the first was lost without a cancel and is not
-    billed, as a redelivered job never is): the prompt and the tokens the second attempt's last
-    job.output counted. The cancel here is recorded after the reaper read the job running, so
-    its redelivery is refused for it."""
+@pytest.mark.parametrize("ended_by", LOST_ATTEMPT_ENDS)
+def test_a_completion_whose_worker_was_lost_after_its_cancel_or_limit_is_billed_for_its_tokens(
+        ended_by, settings, sent_tasks):
+    """The same for text, on its second attempt (the first was lost without a cancel, within
+    the limit, and is not billed, as a redelivered job never is): the prompt and the tokens the
+    second attempt's last job.output counted. A cancel here is recorded after the reaper read
+    the job running, so its redelivery is refused for it."""
     from inference.registry import model_get
     from inference.services import job_output, job_started, job_submit
     from quotas.cost import text_cost
@@ -380,13 +413,15 @@ def test_a_completion_whose_worker_was_lost_after_its_cancel_is_billed_for_its_t
     assert jobs_reap() == {"requeued": 1}
     second = job_claim(job_id=submitted.pk, attempt=2)
     streamed(second, tokens=(4, 9))
-    read_running = Job.objects.get(pk=submitted.pk)  # the reaper's read, before the cancel
-    job_cancel(job=second)
+    heartbeat_lost(second)
+    read_running = Job.objects.get(pk=submitted.pk)  # the reaper's read, before a cancel
+    lost_attempt_end_arrange(ended_by, job=second, pool="text-batch", settings=settings)
 
-    assert job_recover_lost(job=read_running) == "cancelled"
+    assert job_recover_lost(job=read_running) == LOST_ATTEMPT_ENDS[ended_by]
     charged = text_cost(spec=spec, variant=variant, prompt_tokens=40, completion_tokens=9).mcu
     ended = Job.objects.get(pk=submitted.pk)
-    assert (ended.status, ended.attempts, ended.actual_mcu) == ("cancelled", 2, charged)
+    lost_attempt_end_assert(ended_by, ended)
+    assert (ended.attempts, ended.actual_mcu) == (2, charged)
     assert ended.usage == {"prompt_tokens": 40, "completion_tokens": 9, "total_tokens": 49,
                            "prompt_tokens_details": {"cached_tokens": 0}}
     assert counters_match_the_ledger(api_key) == charged

@@ -1,5 +1,12 @@
 """Video jobs through a real Celery worker subprocess running the tiny diffusers pipeline
-(and, for the SDK and websocket tests, the ASGI app under uvicorn)."""
+(and, for the SDK and websocket tests, the ASGI app under uvicorn).
+
+Most tests share one worker for the module (`video_worker`): a worker's start-up is about 15 s
+of the 2-core machine's CPU and its stop about 4 s, most of this module's time when each test
+started its own. The tests that need a worker of their own (one they stop or kill, one whose
+database connections are counted from its first job) come first: once the shared worker runs,
+it would take their jobs too.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +23,28 @@ from inference.events import TERMINAL_EVENTS, events_read
 from inference.models import Job
 from inference.services import job_recover_lost, jobs_reap
 from quotas.models import LedgerEntry
+from tests.conftest import WorkerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture(scope="module")
+def video_worker(django_db_setup, django_db_blocker):
+    """A video-hbm worker for the module's tests, started by the first that asks. Its previews
+    every 2 steps are the SDK test's; progress webhooks at most every 0.5 s the throttle test's
+    (only that test's tenant has an endpoint)."""
+    with django_db_blocker.unblock():
+        worker = WorkerProcess("video-hbm", {"SLUICE_VIDEO_PREVIEW_EVERY": "2",
+                                             "SLUICE_WEBHOOK_PROGRESS_INTERVAL_S": "0.5"})
+    yield worker
+    worker.stop()
+
+
+def output_since_now(worker):
+    """A function that returns what the worker logged after this call (the shared worker's
+    log holds earlier tests' lines too)."""
+    start = len(worker.output())
+    return lambda: worker.output()[start:]
 
 
 def create_video(api, key, **fields):
@@ -55,14 +82,61 @@ def follow_websocket(server, job_id: str, key: str, timeout_s: float = 120) -> l
     return events
 
 
-def test_openai_sdk_and_a_websocket_follow_a_video_to_a_playable_mp4(cast, start_worker,
+def test_a_worker_keeps_its_database_connection_from_job_to_job(cast, api, start_worker):
+    """Celery's Django fixup closes the connection around every task unless told otherwise: a
+    new PostgreSQL backend (fork, authentication) per job. Sluice's workers reuse theirs."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("observes PostgreSQL backends (CI runs the suite on PostgreSQL)")
+    worker = start_worker("video-hbm", PGAPPNAME="sluice-test-worker")
+
+    def worker_backends() -> set[int]:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+                           ["sluice-test-worker"])
+            return {pid for (pid,) in cursor.fetchall()}
+
+    seen = []
+    for _ in range(2):
+        job_id = create_video(api, cast.owner_key)["id"]
+        wait_for(lambda job_id=job_id: "job.completed" in event_types(job_id), 120, worker,
+                 "completion")
+        time.sleep(0.5)  # past the task's end, where the fixup would have closed it
+        seen.append(worker_backends())
+    assert seen[0] and seen[0] == seen[1]
+
+
+def test_sigkilled_worker_job_is_redelivered_and_completes_once(cast, api, start_worker, settings,
+                                                                request):
+    # The reaper's grace is the workers' heartbeat TTL, as in production where both read one
+    # setting (with the default 15 s here, the reaper waited 12 s more than the heartbeat).
+    settings.SLUICE_JOB_HEARTBEAT_TTL_S = 2
+    first = start_worker("video-hbm")
+    video = create_video(api, cast.owner_key, num_inference_steps=12)
+    job_id = video["id"]
+    wait_for(lambda: "job.progress" in event_types(job_id), 120, first, "the first step")
+    first.kill()
+    assert Job.objects.get(pk=job_id).status == "running"
+    # The heartbeat (2 s in these workers) expires; the reaper hands the job out again.
+    outcome = wait_for(lambda: jobs_reap(), 30, what="the reaper to notice")
+    assert outcome == {"requeued": 1}
+    second = request.getfixturevalue("video_worker")  # a fresh worker: the module's from now on
+    wait_for(lambda: "job.completed" in event_types(job_id), 180, second, "completion")
+    job = Job.objects.get(pk=job_id)
+    assert job.attempts == 2
+    assert event_types(job_id).count("job.completed") == 1
+    assert LedgerEntry.objects.filter(reservation__job=job, kind="settle").count() == 1
+    assert job.actual_mcu == job.estimated_mcu
+
+
+def test_openai_sdk_and_a_websocket_follow_a_video_to_a_playable_mp4(cast, video_worker,
                                                                        start_live_server, tmp_path):
     """The official SDK against a live server and a real worker: create -> every step in order
     (plus previews) over a websocket -> completed -> the mp4 decodes; ranges like a browser's;
     outsiders get 404."""
-    server = start_live_server()
-    worker = start_worker("video-hbm", SLUICE_VIDEO_PREVIEW_EVERY="2")
-    server.wait_ready()
+    worker_log = output_since_now(video_worker)
+    server = start_live_server().wait_ready()
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=cast.owner_key, max_retries=0, timeout=120)
     # Off the SDK's typed literals (those are sora sizes, accepted too, see test_apis): the SDK
     # sends any string, and extra_body carries Sluice's own fields in the same multipart form.
@@ -116,20 +190,20 @@ def test_openai_sdk_and_a_websocket_follow_a_video_to_a_playable_mp4(cast, start
     assert job.actual_mcu == job.estimated_mcu > 0
     settles = LedgerEntry.objects.filter(reservation__job=job, kind="settle")
     assert [entry.mcu for entry in settles] == [job.actual_mcu]
-    assert "Traceback" not in worker.output()
+    assert "Traceback" not in worker_log()
 
 
-def test_progress_webhooks_are_throttled_per_job(cast, api, start_worker, receiver):
+def test_progress_webhooks_are_throttled_per_job(cast, api, video_worker, start_worker, receiver):
     from inference.webhook_models import WebhookEvent
     from inference.webhooks import webhook_endpoint_create
 
     webhook_endpoint_create(tenant=cast.tenant, url=receiver.url,
                             event_types=["job.progress", "job.completed"])
-    interval_s = 0.5
-    env = {"SLUICE_WEBHOOK_PROGRESS_INTERVAL_S": str(interval_s), "SLUICE_WEBHOOK_ALLOW_PRIVATE": "true",
-           "SLUICE_VIDEO_PREVIEW_EVERY": "0"}
-    worker = start_worker("video-hbm", **env)
-    start_worker("webhooks", **env)  # delivers to the local receiver
+    interval_s = 0.5  # the video worker's
+    worker = video_worker
+    # Delivers to the local receiver.
+    start_worker("webhooks", SLUICE_WEBHOOK_PROGRESS_INTERVAL_S=str(interval_s),
+                 SLUICE_WEBHOOK_ALLOW_PRIVATE="true")
     steps = 40
     job_id = create_video(api, cast.owner_key, num_inference_steps=steps)["id"]
     wait_for(lambda: "job.completed" in event_types(job_id), 120, worker, "completion")
@@ -148,8 +222,8 @@ def test_progress_webhooks_are_throttled_per_job(cast, api, start_worker, receiv
     assert delivered.count("job.progress") == len(progress) and delivered.count("job.completed") == 1
 
 
-def test_cancel_running_video_stops_within_one_step_and_refunds(cast, api, start_worker):
-    worker = start_worker("video-hbm")
+def test_cancel_running_video_stops_within_one_step_and_refunds(cast, api, video_worker):
+    worker = video_worker
     # 256x256: a step long enough that the test's own cancel request (polling, an HTTP round
     # trip) lands well before the last step, also on a loaded machine (128x128 once did not).
     video = create_video(api, cast.owner_key, num_inference_steps=50, size="256x256")
@@ -170,35 +244,14 @@ def test_cancel_running_video_stops_within_one_step_and_refunds(cast, api, start
     assert event_types(job_id)[-1] == "job.cancelled"
 
 
-def test_sigkilled_worker_job_is_redelivered_and_completes_once(cast, api, start_worker, settings):
-    # The reaper's grace is the workers' heartbeat TTL, as in production where both read one
-    # setting (with the default 15 s here, the reaper waited 12 s more than the heartbeat).
-    settings.SLUICE_JOB_HEARTBEAT_TTL_S = 2
-    first = start_worker("video-hbm")
-    video = create_video(api, cast.owner_key, num_inference_steps=12)
-    job_id = video["id"]
-    wait_for(lambda: "job.progress" in event_types(job_id), 120, first, "the first step")
-    first.kill()
-    assert Job.objects.get(pk=job_id).status == "running"
-    # The heartbeat (2 s in these workers) expires; the reaper hands the job out again.
-    outcome = wait_for(lambda: jobs_reap(), 30, what="the reaper to notice")
-    assert outcome == {"requeued": 1}
-    second = start_worker("video-hbm")
-    wait_for(lambda: "job.completed" in event_types(job_id), 180, second, "completion")
-    job = Job.objects.get(pk=job_id)
-    assert job.attempts == 2
-    assert event_types(job_id).count("job.completed") == 1
-    assert LedgerEntry.objects.filter(reservation__job=job, kind="settle").count() == 1
-    assert job.actual_mcu == job.estimated_mcu
-
-
 def test_an_attempt_handed_to_another_stops_publishes_nothing_more_and_the_job_ends_once(
-        cast, api, start_worker):
+        cast, api, video_worker):
     """A worker cut off from Redis longer than the heartbeat TTL is taken for lost and its job
     queued again while it runs on. It must stop at its next step, publish nothing more and end
     nothing: the new attempt (here on the same worker, once the old one stopped) runs the job
     to its end, announced and charged once."""
-    worker = start_worker("video-hbm")
+    worker = video_worker
+    worker_log = output_since_now(worker)
     # 1280x720: a step (~0.1 s here) long enough that the run outlasts the watcher's check.
     job_id = create_video(api, cast.owner_key, num_inference_steps=50, size="1280x720")["id"]
     wait_for(lambda: "job.progress" in event_types(job_id), 120, worker, "the first step")
@@ -225,29 +278,4 @@ def test_an_attempt_handed_to_another_stops_publishes_nothing_more_and_the_job_e
     job = Job.objects.get(pk=job_id)
     assert job.status == "cancelled" and job.attempts == 2
     assert LedgerEntry.objects.filter(reservation__job=job, kind="settle").count() == 1
-    assert "attempt 1 stopped, the job was handed to another attempt" in worker.output()
-
-
-def test_a_worker_keeps_its_database_connection_from_job_to_job(cast, api, start_worker):
-    """Celery's Django fixup closes the connection around every task unless told otherwise: a
-    new PostgreSQL backend (fork, authentication) per job. Sluice's workers reuse theirs."""
-    from django.db import connection
-
-    if connection.vendor != "postgresql":
-        pytest.skip("observes PostgreSQL backends (CI runs the suite on PostgreSQL)")
-    worker = start_worker("video-hbm", PGAPPNAME="sluice-test-worker")
-
-    def worker_backends() -> set[int]:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s",
-                           ["sluice-test-worker"])
-            return {pid for (pid,) in cursor.fetchall()}
-
-    seen = []
-    for _ in range(2):
-        job_id = create_video(api, cast.owner_key)["id"]
-        wait_for(lambda job_id=job_id: "job.completed" in event_types(job_id), 120, worker,
-                 "completion")
-        time.sleep(0.5)  # past the task's end, where the fixup would have closed it
-        seen.append(worker_backends())
-    assert seen[0] and seen[0] == seen[1]
+    assert "attempt 1 stopped, the job was handed to another attempt" in worker_log()

@@ -17,6 +17,11 @@ is only measured. Metrics, for each system on dev and on test_ood:
   test_ood's harmful "how to" requests that are not among train's (moderation/augment.py
   derives the training rows the same way from train); two fixed lists of ordinary short turns
   and short harmful requests;
+* long prompts, read in many windows (moderation.classifier): documents of 2-9k characters
+  made of a split's benign rows (half code where it has code), the same documents with one of
+  the split's attack rows (jailbreak, injection) inserted at a random place, and with one of its
+  harmful rows (moderation.augment.long_documents_of, a fixed seed), for dev and test_ood: the
+  `standard` policy's block rate on each (on the benign ones, a false-positive rate);
 * fragments: the distinct 4-, 8-, 16- and 24-character openings of dev's and test_ood's rows,
   scored alone as output is (P(harmful)), and how many are over the block threshold at the
   default operating point: why a stream's windows under OUTPUT_CLASSIFIER_MIN_CHARS are left
@@ -37,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moderation.augment import is_code_row, long_documents_of
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -48,11 +55,6 @@ BATCH = 32
 
 def _category(row: dict) -> str:
     return (row.get("category") or "").split(":")[0]
-
-
-def is_code(row: dict) -> bool:
-    category = row.get("category") or ""
-    return category == "code" or category.startswith(("code:", "code_completion:"))
 
 
 def read(path: Path) -> list[dict]:
@@ -197,7 +199,7 @@ def split_metrics(result: Result, rows: list[dict], dev_attack_threshold: float 
         }
     benign = labels == 0
     risky = benign & np.array([_category(r) in RISKY_BENIGN for r in rows])
-    code = benign & np.array([is_code(r) for r in rows])
+    code = benign & np.array([is_code_row(r) for r in rows])
     metrics = {
         "per_class": per_class,
         "recall_at_1pct_fpr": recall_at_fpr(result.attack, labels, 0.01),
@@ -284,6 +286,36 @@ def short_turns(system, sets: dict[str, tuple[list[str], bool]]) -> dict[str, tu
     return out
 
 
+LONG_DOCUMENTS = 120  # per split, and as many with an attack row, and with a harmful row
+LONG_DOCUMENTS_SEED = 0
+LONG_SETS = {"": "benign", "attack": "attack", "harmful": "harmful"}
+
+
+def long_document_sets(splits: dict[str, list[dict]]) -> dict[str, list]:
+    """Split -> its long documents (moderation.augment.LongDocument)."""
+    return {split: long_documents_of(rows, count=LONG_DOCUMENTS, seed=LONG_DOCUMENTS_SEED,
+                                     inserts=("attack", "harmful"))
+            for split, rows in splits.items()}
+
+
+def long_prompts(system, sets: dict[str, list]) -> dict[str, dict[str, tuple[int, int]]]:
+    """Split -> set (benign, benign code, attack, harmful) -> (blocked, documents)."""
+    out = {}
+    for split, documents in sets.items():
+        blocked = system.run([document.text for document in documents])[0].blocked
+        counts = {}
+        for inserted, name in LONG_SETS.items():
+            chosen = [bool(hit) for hit, document in zip(blocked, documents, strict=True)
+                      if document.inserted == inserted]
+            counts[name] = (sum(chosen), len(chosen))
+        code = [bool(hit) for hit, document in zip(blocked, documents, strict=True)
+                if not document.inserted and document.kind == "code"]
+        if code:
+            counts["benign code"] = (sum(code), len(code))
+        out[split] = counts
+    return out
+
+
 FRAGMENT_CHARS = (4, 8, 16, 24)
 
 
@@ -327,6 +359,10 @@ def table(results: dict[str, dict]) -> str:
             ("block_fpr_benign", "benign blocked (standard policy)"),
             ("block_fpr_risky_benign", "risky-looking benign blocked"),
             ("block_fpr_code", "benign coding prompts blocked"),
+            ("long_benign_blocked", f"long benign blocked ({LONG_DOCUMENTS} documents)"),
+            ("long_benign_code_blocked", "long benign code blocked"),
+            ("long_attack_blocked", "long + one attack row blocked"),
+            ("long_harmful_blocked", "long + one harmful row blocked"),
         ):
             if all(key in results[name][split] for name in names):
                 rows.append((f"{split} {title}", [_fmt(results[name][split][key]) for name in names]))
@@ -360,11 +396,19 @@ def main() -> None:
     results = {cascade.name: evaluate(cascade, dev, ood, single_sample)}
     sets = short_turn_sets(train, dev, ood)
     shorts = {cascade.name: short_turns(cascade, sets)}
+    long_sets = long_document_sets({"dev": dev, "ood": ood})
+    longs = {cascade.name: long_prompts(cascade, long_sets)}
     print("cascade measured; fitting the baseline", flush=True)
     baseline = Baseline(train, dev)
     results[baseline.name] = evaluate(baseline, dev, ood, single_sample)
     shorts[baseline.name] = short_turns(baseline, sets)
+    longs[baseline.name] = long_prompts(baseline, long_sets)
 
+    for system, splits in longs.items():
+        for split, counts in splits.items():
+            results[system][split].update(
+                {f"long_{name.replace(' ', '_')}_blocked": blocked / rows
+                 for name, (blocked, rows) in counts.items()})
     print(table(results))
     print("\nshort turns: blocked by the standard policy (should be: no / yes)")
     for name, (_, should_block) in sets.items():
@@ -399,6 +443,9 @@ def main() -> None:
            for key, name in zip(("short_benign_openings_blocked_dev", "short_harmful_blocked_dev",
                                  "short_harmful_blocked_ood", "ordinary_short_turns_blocked",
                                  "short_harmful_requests_blocked"), sets, strict=True)},
+        **{f"long_{name.replace(' ', '_')}_blocked_{split}": round(blocked / rows, 4)
+           for split, counts in longs[cascade.name].items()
+           for name, (blocked, rows) in counts.items()},
         **{f"openings_{chars}_over_block_threshold": round(flagged / distinct, 4)
            for chars, (distinct, flagged, _) in fragments.items()},
     }

@@ -19,6 +19,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 _PUNCTUATION = [
     "](", ")}", "\\!", "--", "**", "==", "};", "\"", "'", ".", ",", ";", ":", "!", "?", "(",
@@ -161,3 +162,67 @@ def augment_short_turns(
         benign = rng.sample(benign, benign_openings)
     harmful = short_harmful_forms_of(rows)
     return [*benign, *harmful], ["benign"] * len(benign) + ["harmful"] * len(harmful)
+
+
+# --- long documents -----------------------------------------------------------------------------
+#
+# A prompt longer than one window is read in many windows (moderation.classifier), and each
+# reading is one more chance of a false block: the benign rows are short (167 characters at the
+# median) and the thresholds were picked on them read whole. Long prompts are derived from a
+# split's own rows to measure that rate (bench/safety.py on dev and test_ood) and to pick the
+# windows' thresholds (moderation.classifier, on train only).
+
+LONG_DOCUMENT_CHARS = (2_000, 9_000)
+UNSAFE_INSERTS = {"attack": ("injection", "jailbreak"), "harmful": ("harmful",)}
+
+
+def is_code_row(row: dict) -> bool:
+    category = row.get("category") or ""
+    return category == "code" or category.startswith(("code:", "code_completion:"))
+
+
+@dataclass(frozen=True)
+class LongDocument:
+    text: str
+    kind: str  # "code" or "text": what its benign paragraphs are
+    inserted: str = ""  # "" for a benign document, else the UNSAFE_INSERTS kind of its one unsafe row
+
+
+def long_documents_of(
+    rows: Sequence[dict], *, count: int, seed: int, inserts: Sequence[str] = ()
+) -> list[LongDocument]:
+    """`count` benign documents of a split's benign rows, and for each kind in `inserts` the
+    same documents with one of the split's rows of that kind added.
+
+    A document is benign rows of one kind (code, or any other; half of each where the split has
+    both), each at most once, joined by blank lines until it reaches a length drawn from
+    LONG_DOCUMENT_CHARS; rows longer than its lower bound are left out, so it overruns by less
+    than that. The unsafe row goes between two paragraphs or at either end, each place as
+    likely. Deterministic for a seed; the benign documents do not depend on `inserts`.
+    """
+    shortest, longest = LONG_DOCUMENT_CHARS
+    pools = {
+        kind: [row["text"] for row in rows if row["label"] == "benign"
+               and is_code_row(row) == (kind == "code") and len(row["text"]) <= shortest]
+        for kind in ("code", "text")
+    }
+    kinds = [kind for kind, pool in pools.items() if pool]
+    rng = random.Random(seed)  # noqa: S311 - reproducible data, not secrets
+    documents: list[tuple[str, list[str]]] = []
+    for index in range(count):
+        kind = kinds[index * len(kinds) // count]
+        pool, target = pools[kind], rng.randint(shortest, longest)
+        order = rng.sample(range(len(pool)), len(pool))
+        paragraphs: list[str] = []
+        while order and sum(map(len, paragraphs)) + 2 * len(paragraphs) < target:
+            paragraphs.append(pool[order.pop()])
+        documents.append((kind, paragraphs))
+    out = [LongDocument(text="\n\n".join(paragraphs), kind=kind) for kind, paragraphs in documents]
+    for offset, inserted in enumerate(inserts, start=1):
+        unsafe = [row["text"] for row in rows if row["label"] in UNSAFE_INSERTS[inserted]]
+        place = random.Random(seed + offset)  # noqa: S311
+        for kind, paragraphs in documents:
+            at = place.randint(0, len(paragraphs))
+            text = "\n\n".join([*paragraphs[:at], place.choice(unsafe), *paragraphs[at:]])
+            out.append(LongDocument(text=text, kind=kind, inserted=inserted))
+    return out

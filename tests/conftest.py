@@ -73,6 +73,31 @@ def _test_database_left_unused_at_the_end(django_db_setup, django_db_blocker):
                            "WHERE datname = current_database() AND pid <> pg_backend_pid()")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _transactional_tests_end_by_deleting_rows():
+    """After each transactional test (127 of them) Django's flush empties every table. On
+    PostgreSQL it did so with one TRUNCATE of the ~50 tables, which gives each table and index
+    new files: 0.3-0.6 s a test, against about 0.05 s to DELETE the few rows a test leaves, in
+    one transaction with the foreign keys (Django makes them deferrable) checked at its commit.
+    What the flush leaves is the same: empty tables (sequences are not reset either way), then
+    post_migrate's content types and permissions. A flush asked to reset sequences or cascade
+    still truncates."""
+    from django.db.backends.postgresql.operations import DatabaseOperations
+
+    truncate = DatabaseOperations.sql_flush
+
+    def delete_rows(self, style, tables, *, reset_sequences=False, allow_cascade=False):
+        if not tables or reset_sequences or allow_cascade:
+            return truncate(self, style, tables, reset_sequences=reset_sequences,
+                            allow_cascade=allow_cascade)
+        return ["SET CONSTRAINTS ALL DEFERRED"] + [
+            f"DELETE FROM {self.quote_name(table)}" for table in tables]  # noqa: S608 - table names
+
+    DatabaseOperations.sql_flush = delete_rows
+    yield
+    DatabaseOperations.sql_flush = truncate
+
+
 @pytest.fixture(autouse=True)
 def clean_redis():
     """Empty the test Redis database, except kombu's queue bindings: this process declared

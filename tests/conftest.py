@@ -226,39 +226,22 @@ class _Subprocess:
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=10)
 
-    def request_stop(self) -> None:
-        """SIGTERM to its process group; `wait_stopped()` waits for it (`stop()` does both)."""
-        import os
-        import signal
-
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-
-    def wait_stopped(self) -> None:
-        import subprocess
-
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.kill()
-        self.log.close()
-
     def stop(self) -> None:
-        self.request_stop()
-        self.wait_stopped()
+        """At its test's (or module's) end: SIGKILL to the whole group. What a test asserts of
+        the process it has read by then; a graceful stop (Celery's warm shutdown, which also
+        waits out a job still running, then the interpreter's teardown of a heap of half a
+        million objects) took about 4 s a worker, a dozen times a run. The graceful stops have
+        tests of their own (tests/ops/test_shutdown.py, tests/portal/test_make_run.py)."""
+        self.kill()
+        self.log.close()
 
     def output(self) -> str:
         return self.log_path.read_text()
 
 
 def processes_stop(processes: list[_Subprocess]) -> None:
-    """Stop them together: each takes 2-3 s to exit (Celery's warm shutdown, then the
-    interpreter's teardown of a heap of half a million objects), one after another added up."""
     for process in processes:
-        process.request_stop()
-    for process in processes:
-        process.wait_stopped()
+        process.stop()
 
 
 class WorkerProcess(_Subprocess):

@@ -2,8 +2,7 @@
 (and, for the SDK and websocket tests, the ASGI app under uvicorn).
 
 Most tests share one worker for the module (`video_worker`): a worker's start-up is about 15 s
-of the 2-core machine's CPU and its stop about 4 s, most of this module's time when each test
-started its own. The tests that need a worker of their own (one they stop or kill, one whose
+of the 2-core machine's CPU, most of this module's time when each test started its own. The tests that need a worker of their own (one they stop or kill, one whose
 database connections are counted from its first job) come first: once the shared worker runs,
 it would take their jobs too.
 """

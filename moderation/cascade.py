@@ -24,8 +24,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import numpy as np
-
 from moderation.classifier import (
     LABELS,
     UNSAFE_LABELS,
@@ -33,7 +31,6 @@ from moderation.classifier import (
     attack_scores,
     classifier_get,
     harmful_scores,
-    readings_over,
 )
 from moderation.normalize import NormalizedText, text_normalize
 from moderation.rules import RuleHit, RuleSet, rules_active
@@ -104,28 +101,16 @@ def _ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 3)
 
 
-@dataclass(frozen=True)
-class _Readings:
-    """One prompt's readings' scores: its texts (the prompt, decoded payloads) read at their
-    heads, and the windows past a long text's head, which count only where they stand out
-    (moderation.classifier.readings_over)."""
-
-    scores: dict[str, np.ndarray]  # "attack", "harmful": one per reading
-    is_window: np.ndarray
-
-    def over(self, score: str, fpr: float, thresholds: Thresholds) -> bool:
-        return readings_over(scores=self.scores[score], is_window=self.is_window,
-                             threshold=thresholds.threshold(score, fpr),
-                             contrast=thresholds.window_contrast(score, fpr))
-
-
-def _decide(readings: _Readings, judged: Sequence[str], policy: Policy,
-            thresholds: Thresholds) -> str:
-    """`judged` leaves out "attack" where attacks are not judged (model output, see the window
-    checker)."""
-    for fpr, action in ((policy.block_fpr, BLOCK), (policy.review_fpr, REVIEW)):
-        if any(readings.over(score, fpr, thresholds) for score in judged):
-            return action
+def _decide(attack: float, harmful: float, policy: Policy, thresholds: Thresholds) -> str:
+    """`attack` is 0.0 where attacks are not judged (model output, see the window checker)."""
+    if attack >= thresholds.attack(policy.block_fpr) or harmful >= thresholds.harmful(
+        policy.block_fpr
+    ):
+        return BLOCK
+    if attack >= thresholds.attack(policy.review_fpr) or harmful >= thresholds.harmful(
+        policy.review_fpr
+    ):
+        return REVIEW
     return ALLOW
 
 
@@ -253,16 +238,11 @@ def safety_check_inputs(
         started = time.perf_counter()
         # A long prompt is read whole, in overlapping windows of 256 word pieces after its head
         # (up to SLUICE_SAFETY_MAX_WINDOWS, beyond which they are spread over it).
-        heads = len(to_embed)
         for owner, text in list(zip(owners, to_embed, strict=True)):
             for window in classifier.encoder.windows(text):
                 owners.append(owner)
                 to_embed.append(window)
         probabilities = classifier.probabilities(to_embed)
-        is_window = np.arange(len(to_embed)) >= heads
-        rows_of: dict[int, list[int]] = {}
-        for row, owner in enumerate(owners):
-            rows_of.setdefault(owner, []).append(row)
         attack, harmful = attack_scores(probabilities), harmful_scores(probabilities)
         # In a batch the encoder pass is shared: each prompt is charged its share.
         classifier_ms = _ms_since(started) / len(set(owners))
@@ -280,15 +260,8 @@ def safety_check_inputs(
                 "injection": round(float(probabilities[row, LABELS.index("injection")]), 6),
                 "harmful": round(float(harmful[worst_harmful[owner]]), 6),
             }
-            rows = rows_of[owner]
-            # The harmful score is judged as reported, to six places (as it always was).
-            readings = _Readings(
-                scores={"attack": attack[rows],
-                        "harmful": np.array([round(float(harmful[r]), 6) for r in rows])},
-                is_window=is_window[rows],
-            )
-            judged = ("attack", "harmful") if judge_attacks else ("harmful",)
-            action = _decide(readings, judged, policy, classifier.thresholds)
+            judged_attack = float(attack[row]) if judge_attacks else 0.0
+            action = _decide(judged_attack, scores["harmful"], policy, classifier.thresholds)
             timings = dict(prepared[owner].timings_ms, classifier=round(classifier_ms, 3))
             verdicts[owner] = SafetyVerdict(
                 action=action,

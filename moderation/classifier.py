@@ -12,10 +12,7 @@
   (`artifacts/safety_head.npz`); inference is two matrix products.
 * Thresholds (`artifacts/safety_thresholds.json`): for the attack score (P(jailbreak) +
   P(injection)) and the harmful score (P(harmful)), the value above which a given share of
-  dev's benign rows would be flagged. Policies pick these operating points. A window after a
-  long prompt's head counts only where it also stands out from the prompt's least unsafe
-  reading by a contrast, picked per operating point on long documents made of train's benign
-  rows so that the windows add that share of false flags (see readings_over).
+  dev's benign rows would be flagged. Policies pick these operating points.
 
 `classifier_get()` loads all of it once per process. `classifier_train()` rebuilds both
 artifacts from the dataset (`python manage.py train_safety_classifier`).
@@ -31,7 +28,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -284,19 +281,12 @@ def harmful_scores(probabilities: np.ndarray) -> np.ndarray:
     return probabilities[:, LABELS.index("harmful")]
 
 
-SCORES = ("attack", "harmful")
-
-
 @dataclass(frozen=True)
 class Thresholds:
-    """Score thresholds keyed by the false-positive rate each gives on dev's benign rows, and
-    the windows' contrasts (readings_over) keyed by the same operating points."""
+    """Score thresholds keyed by the false-positive rate each gives on dev's benign rows."""
 
     attack_at_fpr: dict[float, float]
     harmful_at_fpr: dict[float, float]
-    # Empty (a file from before them): every window over the threshold counts, as before.
-    window_attack_contrast_at_fpr: dict[float, float] = field(default_factory=dict)
-    window_harmful_contrast_at_fpr: dict[float, float] = field(default_factory=dict)
 
     @staticmethod
     def _lookup(table: dict[float, float], fpr: float) -> float:
@@ -310,77 +300,19 @@ class Thresholds:
     def harmful(self, fpr: float) -> float:
         return self._lookup(self.harmful_at_fpr, fpr)
 
-    def threshold(self, score: str, fpr: float) -> float:
-        return self.attack(fpr) if score == "attack" else self.harmful(fpr)
-
-    def window_contrast(self, score: str, fpr: float) -> float:
-        table = (self.window_attack_contrast_at_fpr if score == "attack"
-                 else self.window_harmful_contrast_at_fpr)
-        return self._lookup(table, fpr) if table else 0.0
-
     def to_json(self) -> dict:
-        tables = {
-            "attack_at_fpr": self.attack_at_fpr,
-            "harmful_at_fpr": self.harmful_at_fpr,
-            "window_attack_contrast_at_fpr": self.window_attack_contrast_at_fpr,
-            "window_harmful_contrast_at_fpr": self.window_harmful_contrast_at_fpr,
+        return {
+            "attack_at_fpr": {str(fpr): value for fpr, value in self.attack_at_fpr.items()},
+            "harmful_at_fpr": {str(fpr): value for fpr, value in self.harmful_at_fpr.items()},
         }
-        return {name: {str(fpr): value for fpr, value in table.items()}
-                for name, table in tables.items() if table}
 
     @classmethod
     def load(cls, path: Path) -> Thresholds:
         raw = json.loads(path.read_text())
-        tables = {name: {float(k): float(v) for k, v in raw.get(name, {}).items()}
-                  for name in ("attack_at_fpr", "harmful_at_fpr", "window_attack_contrast_at_fpr",
-                               "window_harmful_contrast_at_fpr")}
-        return cls(**tables)
-
-
-# --- long prompts: which windows count ----------------------------------------------------------
-#
-# A long prompt is read in up to SLUICE_SAFETY_MAX_WINDOWS windows, and any reading over the
-# threshold blocked it: one more chance of a false block per window. The head reads a window of
-# several benign requests one after another as jailbreak-like (documents of 2-9k characters made
-# of dev's benign non-code rows: a median window attack score of .99, 59 of 60 blocked under
-# `standard`, 34 of them on their head's reading). A window past the head now counts only where
-# it also stands out from the prompt's least unsafe reading by a contrast, in logits: one attack
-# paragraph in benign code stands out, a document that reads alike throughout does not. The
-# contrast per operating point is picked on long documents of train's rows
-# (window_contrasts_pick) so that the windows add that share of false flags to the head's.
-# Compared on dev's long documents at the same added share: a higher threshold for windows
-# blocked as many benign documents and fewer with an attack; the median reading as the
-# reference did as well as the minimum, but a prompt that repeats its attack in most windows
-# would raise its own bar. With the minimum, a window over the threshold's logit plus the
-# contrast always counts, whatever else the prompt holds (its head, under the threshold or the
-# prompt is over anyway, bounds the minimum).
-
-
-def score_logits(scores: np.ndarray) -> np.ndarray:
-    # float32 probabilities: 1 - 1e-7 is about as close to 1 as they get.
-    clipped = np.clip(scores.astype(np.float64), 1e-7, 1 - 1e-7)
-    return np.log(clipped / (1 - clipped))
-
-
-def window_contrast_of(*, scores: np.ndarray, is_window: np.ndarray, threshold: float) -> float:
-    """How far, in logits, the most outstanding window over `threshold` stands above the
-    prompt's least unsafe reading; -inf where no window is over the threshold."""
-    over = is_window & (scores >= threshold)
-    if not over.any():
-        return float("-inf")
-    logits = score_logits(scores)
-    return float((logits[over] - logits.min()).max())
-
-
-def readings_over(
-    *, scores: np.ndarray, is_window: np.ndarray, threshold: float, contrast: float
-) -> bool:
-    """Whether a prompt's readings of one score put it over `threshold`: a whole text's reading
-    (the prompt's head, a decoded payload's) when it is; a window past a head when it also
-    stands out by `contrast` (0: whenever it is, the rule before the contrasts)."""
-    if (scores[~is_window] >= threshold).any():
-        return True
-    return window_contrast_of(scores=scores, is_window=is_window, threshold=threshold) >= contrast
+        return cls(
+            attack_at_fpr={float(k): float(v) for k, v in raw["attack_at_fpr"].items()},
+            harmful_at_fpr={float(k): float(v) for k, v in raw["harmful_at_fpr"].items()},
+        )
 
 
 class SafetyClassifier:
@@ -459,54 +391,6 @@ def _fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 def thresholds_pick(*, benign_scores: np.ndarray) -> dict[float, float]:
     """For each operating point, the score that at most that share of benign rows exceeds."""
     return {fpr: float(np.quantile(benign_scores, 1.0 - fpr)) for fpr in OPERATING_POINTS}
-
-
-# Long documents of train's benign rows the windows' contrasts are picked on: 400 give the 1%
-# point from the 4th most outstanding document (the 0.2% point from the 1st or 2nd).
-CONTRAST_DOCUMENTS = 400
-CONTRAST_SEED = 7
-
-
-def window_contrasts_pick(
-    *, encoder: Encoder, head: SafetyHead, thresholds: Thresholds, rows: Sequence[dict],
-    documents: int = CONTRAST_DOCUMENTS, log: Callable[[str], None] = logger.info,
-) -> Thresholds:
-    """`thresholds` with the windows' contrasts: for each operating point and score, the one
-    that at most that share of long benign documents made of `rows` (train's: the head's own
-    rows, though never read many together) reach with a window while their head is under both
-    thresholds, so that a long prompt's windows add the operating point's share of false flags
-    to its head's, as a short prompt has. Each document is read as the cascade reads a prompt
-    (normalised, its head and its windows); the rules are not asked."""
-    from moderation.augment import long_documents_of
-    from moderation.normalize import text_normalize
-
-    benign = long_documents_of(rows, count=documents, seed=CONTRAST_SEED)
-    log(f"reading {len(benign)} long benign documents for the windows' contrasts")
-    started = time.perf_counter()
-    outstanding: dict[str, dict[float, list[float]]] = {
-        score: {fpr: [] for fpr in OPERATING_POINTS} for score in SCORES}
-    for document in benign:
-        text = text_normalize(document.text).text
-        readings = [text, *encoder.windows(text)]
-        probabilities = head.probabilities(encoder.embed(readings))
-        is_window = np.arange(len(readings)) > 0
-        scores = dict(zip(SCORES, (attack_scores(probabilities), harmful_scores(probabilities)),
-                          strict=True))
-        for fpr in OPERATING_POINTS:
-            head_over = any(values[0] >= thresholds.threshold(score, fpr)
-                            for score, values in scores.items())
-            for score, values in scores.items():
-                outstanding[score][fpr].append(float("-inf") if head_over else window_contrast_of(
-                    scores=values, is_window=is_window, threshold=thresholds.threshold(score, fpr)))
-    log(f"read in {time.perf_counter() - started:.0f}s")
-    # Never below 0: a window under the threshold never counts, whatever its contrast. (-inf,
-    # no window over it, is made finite for the quantile's interpolation.)
-    contrasts = {score: {fpr: max(0.0, float(np.quantile(
-                             np.nan_to_num(values, neginf=-1e9), 1.0 - fpr)))
-                         for fpr, values in by_fpr.items()}
-                 for score, by_fpr in outstanding.items()}
-    return dataclasses.replace(thresholds, window_attack_contrast_at_fpr=contrasts["attack"],
-                               window_harmful_contrast_at_fpr=contrasts["harmful"])
 
 
 def harmful_goals(rows: Sequence[dict]) -> list[str]:
@@ -589,8 +473,6 @@ def classifier_train(
         attack_at_fpr=thresholds_pick(benign_scores=attack[benign]),
         harmful_at_fpr=thresholds_pick(benign_scores=harmful_scores(dev_probs)[benign]),
     )
-    thresholds = window_contrasts_pick(encoder=encoder, head=head, thresholds=thresholds,
-                                       rows=train_rows, log=log)
     is_attack = dev_labels >= LABELS.index("injection")
     report = TrainReport(
         train_rows=len(train_texts),
@@ -616,7 +498,6 @@ def classifier_train(
                 "train_rows": report.train_rows,
                 "augmented_rows": report.augmented_rows,
                 "picked_on": dev_path.name,
-                "window_contrasts_picked_on": _contrasts_picked_on(train_path),
                 **thresholds.to_json(),
                 "dev_accuracy": report.dev_accuracy,
                 "dev_attack_recall_at_1pct_fpr_first_window": (
@@ -633,29 +514,3 @@ def classifier_train(
         f"dev attack recall at 1% FPR {report.dev_attack_recall_at_1pct_fpr:.3f}"
     )
     return report
-
-
-def _contrasts_picked_on(train_path: Path) -> str:
-    return (f"{train_path.name}: {CONTRAST_DOCUMENTS} long documents of its benign rows "
-            f"(seed {CONTRAST_SEED})")
-
-
-def window_contrasts_update(
-    *, train_path: Path, out_dir: Path, log: Callable[[str], None] = logger.info
-) -> Thresholds:
-    """Pick the windows' contrasts for the head in `out_dir` and write them into its thresholds
-    file, without training the head again (classifier_train picks them too)."""
-    thresholds_path = out_dir / THRESHOLDS_FILE
-    _, _, train_rows = dataset_read(train_path)
-    thresholds = window_contrasts_pick(
-        encoder=Encoder(threads=1), head=SafetyHead.load(out_dir / HEAD_FILE),
-        thresholds=Thresholds.load(thresholds_path), rows=train_rows, log=log,
-    )
-    raw = json.loads(thresholds_path.read_text())
-    raw.update({"window_contrasts_picked_on": _contrasts_picked_on(train_path),
-                **thresholds.to_json()})
-    thresholds_path.write_text(json.dumps(raw, indent=2) + "\n")
-    log(f"wrote the windows' contrasts into {thresholds_path}: "
-        f"{thresholds.window_attack_contrast_at_fpr} (attack), "
-        f"{thresholds.window_harmful_contrast_at_fpr} (harmful)")
-    return thresholds

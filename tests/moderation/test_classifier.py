@@ -1,4 +1,3 @@
-import json
 import math
 import os
 import random
@@ -16,9 +15,6 @@ from moderation.classifier import (
     attack_scores,
     classifier_get,
     encoder_path,
-    readings_over,
-    window_contrast_of,
-    window_contrasts_pick,
 )
 from moderation.models import OPERATING_POINTS
 
@@ -275,64 +271,3 @@ def test_the_default_cap_reads_a_prompt_filling_the_code_models_context_whole(se
         spans = window_spans(word_starts=word_starts, max_windows=settings.SLUICE_SAFETY_MAX_WINDOWS)
         read = set(range(WINDOW_TOKENS)).union(*(range(start, end) for start, end in spans))
         assert read == set(range(pieces))
-
-
-def test_a_window_counts_only_where_it_stands_out_from_the_least_unsafe_reading():
-    is_window = np.array([False, True, True])
-    alike = np.array([0.4, 0.98, 0.97])  # every reading about as unsafe
-    standing_out = np.array([0.001, 0.98, 0.002])
-    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
-    assert window_contrast_of(scores=alike, is_window=is_window, threshold=0.5) == pytest.approx(
-        logit(0.98) - logit(0.4), rel=1e-5)
-    for scores, counts in ((alike, False), (standing_out, True)):
-        assert readings_over(scores=scores, is_window=is_window, threshold=0.5,
-                             contrast=6.0) is counts
-        # Contrast 0 (a thresholds file without contrasts): every window over the threshold counts.
-        assert readings_over(scores=scores, is_window=is_window, threshold=0.5, contrast=0.0)
-    # A head over the threshold counts whatever the windows; a window under it never does.
-    assert readings_over(scores=np.array([0.6, 0.1]), is_window=is_window[:2], threshold=0.5,
-                         contrast=99.0)
-    assert not readings_over(scores=np.array([1e-6, 0.45]), is_window=is_window[:2],
-                             threshold=0.5, contrast=0.0)
-    assert window_contrast_of(scores=np.array([0.1]), is_window=is_window[:1],
-                              threshold=0.5) == float("-inf")
-
-
-def test_window_contrasts_round_trip_and_an_older_file_counts_every_window(tmp_path: Path):
-    table = dict.fromkeys(OPERATING_POINTS, 0.5)
-    contrasts = {fpr: 10.0 - index for index, fpr in enumerate(OPERATING_POINTS)}
-    thresholds = Thresholds(attack_at_fpr=table, harmful_at_fpr=table,
-                            window_attack_contrast_at_fpr=contrasts,
-                            window_harmful_contrast_at_fpr=contrasts)
-    (tmp_path / "t.json").write_text(json.dumps(thresholds.to_json()))
-    loaded = Thresholds.load(tmp_path / "t.json")
-    assert loaded == thresholds and loaded.window_contrast("attack", 0.03) == contrasts[0.02]
-    older = Thresholds(attack_at_fpr=table, harmful_at_fpr=table)
-    (tmp_path / "old.json").write_text(json.dumps(older.to_json()))
-    assert "window_attack_contrast_at_fpr" not in older.to_json()
-    assert Thresholds.load(tmp_path / "old.json").window_contrast("harmful", 0.01) == 0.0
-
-
-def test_shipped_window_contrasts_cover_every_operating_point():
-    thresholds = classifier_get().thresholds
-    for table in (thresholds.window_attack_contrast_at_fpr,
-                  thresholds.window_harmful_contrast_at_fpr):
-        assert set(table) == set(OPERATING_POINTS) and min(table.values()) >= 0
-
-
-def test_window_contrasts_are_picked_on_long_documents_of_the_rows_given():
-    """As the training command picks them (400 documents there, three here): the thresholds are
-    kept, a contrast is added for each operating point and score, and one document of which
-    no window is over the threshold gives a contrast of 0."""
-    classifier = classifier_get()
-    rows = [{"text": f"You are a famous chef number {n}. Describe your favourite dish and the "
-                     f"story behind it, staying in character.", "label": "benign",
-             "category": "roleplay"} for n in range(60)]
-    picked = window_contrasts_pick(encoder=classifier.encoder, head=classifier.head,
-                                   thresholds=classifier.thresholds, rows=rows, documents=3)
-    assert picked.attack_at_fpr == classifier.thresholds.attack_at_fpr
-    assert picked.harmful_at_fpr == classifier.thresholds.harmful_at_fpr
-    for table in (picked.window_attack_contrast_at_fpr, picked.window_harmful_contrast_at_fpr):
-        assert set(table) == set(OPERATING_POINTS) and min(table.values()) >= 0
-    # These rows' harmful scores are far under every threshold: nothing to contrast.
-    assert set(picked.window_harmful_contrast_at_fpr.values()) == {0.0}

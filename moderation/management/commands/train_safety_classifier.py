@@ -1,8 +1,4 @@
-"""Rebuild the committed safety head and thresholds from the dataset (train + dev only).
-
---window-contrasts-only picks the long prompts' window contrasts (train's long documents) for
-the committed head and writes them into its thresholds file, leaving the head as it is.
-"""
+"""Rebuild the committed safety head and thresholds from the dataset (train + dev only)."""
 
 from __future__ import annotations
 
@@ -11,7 +7,7 @@ from pathlib import Path
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from moderation.classifier import HEAD_SEED, classifier_train, window_contrasts_update
+from moderation.classifier import HEAD_SEED, classifier_train
 
 DEFAULT_DATA = settings.BASE_DIR.parent / "shared" / "data" / "safety"
 
@@ -25,20 +21,13 @@ class Command(BaseCommand):
         parser.add_argument("--seed", type=int, default=0, help="draws the augmented rows")
         parser.add_argument("--head-seed", type=int, default=HEAD_SEED,
                             help="the head's initial weights")
-        parser.add_argument("--window-contrasts-only", action="store_true",
-                            help="only pick the windows' contrasts, for the head in --out")
 
-    def handle(self, *args, data: Path, out: Path, seed: int, head_seed: int,
-               window_contrasts_only: bool, **options):
-        log = self.stdout.write
-        if window_contrasts_only:
-            window_contrasts_update(train_path=data / "train.jsonl", out_dir=out, log=log)
-            return
+    def handle(self, *args, data: Path, out: Path, seed: int, head_seed: int, **options):
         classifier_train(
             train_path=data / "train.jsonl",
             dev_path=data / "dev.jsonl",
             out_dir=out,
             seed=seed,
             head_seed=head_seed,
-            log=log,
+            log=lambda line: self.stdout.write(line),
         )

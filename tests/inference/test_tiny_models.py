@@ -6,6 +6,7 @@ is checked by `python -m inference.tinymodels.check_vllm` and by the text engine
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -24,6 +25,8 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "inference" / "artifacts"
 CODE_MODEL = ARTIFACTS / "sluice-code-tiny"
 CODE_MODEL_INT8 = ARTIFACTS / "sluice-code-tiny-int8"
 VIDEO_MODEL = ARTIFACTS / "sluice-video-tiny"
+# Read once (~2 s: every .py file of the stdlib), for the parametrisation and the train test.
+stdlib_files = functools.cache(stdlib_source_files)
 
 
 @pytest.fixture(autouse=True)
@@ -91,7 +94,7 @@ def tricky_stdlib_files() -> list[Path]:
     covers those.)
     """
     root = stdlib_root()
-    files = stdlib_source_files()
+    files = stdlib_files()
     with_unicode = [root / f.relative_path for f in files if not f.text.isascii()][:3]
     ordinary = [root / name for name in ("typing.py", "inspect.py", "textwrap.py")]
     # CRLF files live in test data dirs, which the corpus skips; the tokenizer must not care.
@@ -129,7 +132,7 @@ def test_train_command_runs_end_to_end_on_a_tiny_budget(tmp_path: Path, monkeypa
     # tokenizer on all of it and tokenising its 3.3M tokens took most of this test's time. One
     # torch thread: the tiny model's generation (the completions eval) ran five times slower
     # on two threads while another process used the second core.
-    every_tenth_file = stdlib_source_files()[::10]
+    every_tenth_file = stdlib_files()[::10]
     monkeypatch.setattr(train_code, "stdlib_source_files", lambda: every_tenth_file)
     out = tmp_path / "code"
     train_code.main(

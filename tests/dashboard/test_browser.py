@@ -1,7 +1,8 @@
 """The dashboard in a real browser: Debian's chromium driven by Playwright against the real
 ASGI server (uvicorn subprocess) and a real Celery worker running the tiny video model.
 
-The server and the worker are started once for the module and share the test database;
+The server (the text stack's, when the run has text tests) and the worker are started once for
+the module and share the test database;
 each test gets a fresh, logged-out browser context and saves a screenshot under
 test-artifacts/ (phone-width ones too), from which docs/screenshots/ are refreshed.
 """
@@ -30,7 +31,13 @@ PHONE = {"width": 390, "height": 844}
 
 
 @pytest.fixture(scope="module")
-def server(django_db_setup, django_db_blocker):
+def server(request, django_db_setup, django_db_blocker):
+    """The text stack's server when this run starts it anyway (for the playground's text test
+    below, and the text API tests): a server's start is ~15 s of the 2-core machine's CPU.
+    Otherwise (that test deselected) one of the module's own."""
+    if any("text_stack" in item.fixturenames for item in request.session.items):
+        yield request.getfixturevalue("text_stack")
+        return
     with django_db_blocker.unblock():
         live = LiveServer().wait_ready()
     yield live.url
@@ -214,8 +221,8 @@ def test_moderator_reaches_the_review_queue_from_the_console_and_decides_a_case(
     shot(page, "moderation-decided")
 
 
-# Last in the module: it starts the vLLM engines (shared with the text API tests), which
-# busy-poll a core from then on.
+# Last in the module: the vLLM engines (shared with the text API tests) busy-poll a core while
+# they generate.
 def test_playground_text_stream_shows_tokens_as_they_arrive(page, browser_cast, text_stack):
     # Count changes to the output while the page is open: tokens must land one batch at a
     # time over the job's websocket, not in one piece with a reload at the end.

@@ -319,6 +319,29 @@ def start_live_server():
     processes_stop(servers)
 
 
+@pytest.fixture(scope="session")
+def fresh_asgi_process(tmp_path_factory):
+    """A fresh interpreter, its output for the tests that need one (tests/portal/test_heap.py,
+    tests/ops/test_logs.py): each such process, loading the project and the safety classifier,
+    is ~15 s of the 2-core machine's CPU. It imports what a worker imports (the Celery app, the
+    job runner), then the ASGI entry point, which loads the classifier and freezes the heap
+    with their extension types in it (triton's), and prints the freeze count. It logs as pods do
+    (JSON), with transformers' own verbosity and progress-bar switches unset."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, SLUICE_LOG_FORMAT="json", DJANGO_SETTINGS_MODULE="portal.settings",
+               SLUICE_VAR_DIR=str(tmp_path_factory.mktemp("fresh-asgi-var")))
+    env.pop("TRANSFORMERS_VERBOSITY", None)
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    probe = ("import django; django.setup(); import portal.celery, inference.runner; "
+             "import gc, portal.asgi; print(gc.get_freeze_count())")
+    return subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parents[1],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
 # The real text stack (vLLM servers, text worker, ASGI server), started once per session for
 # every module that asks (the text API tests, the dashboard's text playground).
 from tests.inference.text_stack import text_engines, text_stack  # noqa: E402, F401

@@ -175,23 +175,12 @@ def test_log_level_is_read_in_any_case_and_a_wrong_one_is_named(level, outcome):
 
 
 @pytest.mark.slow
-def test_loading_the_safety_classifier_writes_only_json_lines(tmp_path):
+def test_loading_the_safety_classifier_writes_only_json_lines(fresh_asgi_process):
     """transformers gives its logger a stderr handler of its own and draws a tqdm bar while it
     loads weights: every web and worker pod's log began with `Loading weights: 100%|####| ...`
-    and `[transformers] ...` lines that a pipeline parsing JSON lines could not read."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = dict(os.environ, SLUICE_LOG_FORMAT="json", SLUICE_VAR_DIR=str(tmp_path / "var"),
-               DJANGO_SETTINGS_MODULE="portal.settings")
-    env.pop("TRANSFORMERS_VERBOSITY", None)
-    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
-    loaded = subprocess.run(
-        [sys.executable, "-c", "import django; django.setup(); "
-                               "from moderation.classifier import classifier_get; classifier_get()"],
-        cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=300)
+    and `[transformers] ...` lines that a pipeline parsing JSON lines could not read. (The
+    process loads it as the web server does, logging JSON.)"""
+    loaded = fresh_asgi_process
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     entries = []
     for line in loaded.stderr.splitlines():

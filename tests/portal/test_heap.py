@@ -1,16 +1,11 @@
 """Long-lived objects are frozen out of the garbage collector's full passes (portal/heap.py)."""
 
 import gc
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from portal.heap import long_lived_freeze
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_freezing_takes_the_objects_held_now_out_of_the_collectors_passes():
@@ -25,21 +20,9 @@ def test_freezing_takes_the_objects_held_now_out_of_the_collectors_passes():
         gc.unfreeze()
 
 
-@pytest.fixture(scope="module")
-def asgi_process() -> subprocess.CompletedProcess:
-    """One fresh process for the two tests that need one (each took ~15 s of CPU, loading the
-    project and the safety classifier): what a worker imports (the Celery app, the job runner)
-    and then the ASGI entry point, which loads the classifier and freezes the heap with their
-    extension types in it (triton's, which nanobind reported as leaked at exit)."""
-    probe = ("import django; django.setup(); import portal.celery, inference.runner; "
-             "import gc, portal.asgi; print(gc.get_freeze_count())")
-    return subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
-
-
-def test_the_asgi_entry_point_freezes_what_it_loaded(asgi_process):
-    assert asgi_process.returncode == 0, asgi_process.stderr[-2000:]
-    assert int(asgi_process.stdout.strip().splitlines()[-1]) > 100_000
+def test_the_asgi_entry_point_freezes_what_it_loaded(fresh_asgi_process):
+    assert fresh_asgi_process.returncode == 0, fresh_asgi_process.stderr[-2000:]
+    assert int(fresh_asgi_process.stdout.strip().splitlines()[-1]) > 100_000
 
 
 @pytest.mark.django_db(transaction=True)
@@ -51,10 +34,10 @@ def test_a_worker_and_its_prefork_child_freeze_what_they_loaded(start_worker):
         time.sleep(0.2)
 
 
-def test_a_process_that_froze_its_heap_exits_without_leak_reports(asgi_process):
+def test_a_process_that_froze_its_heap_exits_without_leak_reports(fresh_asgi_process):
     """Left frozen at exit, objects of extension types count as leaked (nanobind printed a page
     of warnings for triton's at every worker shutdown): the heap is unfrozen at exit."""
-    finished = asgi_process
+    finished = fresh_asgi_process
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert "froze" in finished.stdout + finished.stderr
     assert "leaked" not in finished.stderr, finished.stderr[-2000:]

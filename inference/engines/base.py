@@ -44,8 +44,10 @@ class RunResult:
 
 
 def text_usage(*, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    """A text run's usage as OpenAI's completions report it (the job's `usage`): the engine's
-    end, and the reaper's for a run whose worker was lost after its cancel."""
+    """A text run's usage as OpenAI's completions report it (the job's `usage`), wherever a run
+    is billed: the engine's end of it, and the reaper's end of an attempt whose worker was lost
+    (`_lost_attempt_end`: cancelled on request or failed past its time limit, billed for the
+    tokens it streamed)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}

@@ -146,3 +146,37 @@ def test_an_endpoint_gets_at_most_its_limit_at_once_while_another_is_not_held_up
     outcomes = sorted(WebhookDelivery.objects.filter(endpoint=slow).values_list("status", "attempts"))
     assert outcomes == [(Status.FAILED, 1)] + [(Status.SUCCEEDED, 1)] * 3
     assert WebhookAttempt.objects.filter(delivery__endpoint=slow).count() == 4
+
+
+@pytest.mark.django_db
+def test_an_attempt_that_raises_gives_its_slot_back_and_the_next_delivery_goes(
+        cast, receiver, settings, clean_redis, monkeypatch):
+    """Not an HTTP failure (recorded as one) but an exception out of the attempt, here recording
+    it after the receiver answered: the slot it held is free again at once, not after its lease,
+    so the endpoint's next delivery is made rather than waiting in line."""
+    import inference.webhooks
+
+    settings.SLUICE_WEBHOOK_ENDPOINT_MAX_IN_FLIGHT = 1
+    endpoint = webhook_endpoint_create(tenant=cast.tenant, url=receiver.url)
+    for number in range(2):
+        webhook_event_publish(tenant=cast.tenant, event_type="job.completed",
+                              data={"id": f"job_{number}", "status": "succeeded"})
+    first, second = WebhookDelivery.objects.filter(endpoint=endpoint).order_by("pk")
+    slots = f"wh:ep:{endpoint.pk}:slots"
+    held_while_raising = []
+
+    def record_fails(**_kwargs):
+        held_while_raising.append(clean_redis.zcard(slots))
+        raise RuntimeError("the attempt's record failed")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(inference.webhooks, "_attempt_record", record_fails)
+        with pytest.raises(RuntimeError, match="record failed"):
+            webhook_delivery_attempt(delivery_id=first.pk, attempt=1)
+    assert held_while_raising == [1] and len(receiver.requests) == 1
+    assert clean_redis.zcard(slots) == 0
+
+    delivered = webhook_delivery_attempt(delivery_id=second.pk, attempt=1)
+    assert (delivered.status, delivered.attempts) == (Status.SUCCEEDED, 1)
+    assert len(receiver.requests) == 2 and clean_redis.zcard(slots) == 0
+    assert not clean_redis.exists(f"wh:ep:{endpoint.pk}:line")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import kombu.exceptions
 import redis
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import transaction
 from django.db.models import Exists, OuterRef, Q
 from django.urls import reverse
 from django.utils import timezone
@@ -22,11 +22,7 @@ from django.utils import timezone
 from inference.engines.base import text_usage
 from inference.errors import JobNotCancellable
 from inference.events import attempt_last_event, event_publish, stream_key
-from inference.idempotency import (
-    idempotency_key_check,
-    idempotency_record_find,
-    request_fingerprint,
-)
+from inference.idempotency import Idempotency, idempotency_record_create, idempotent_create
 from inference.models import CANCEL_UNFINISHED, DELETED_WITH_CONTENT, IdempotencyKey, Job
 from inference.registry import ModelSpec, ModelVariant, model_get
 from inference.scheduler import (
@@ -44,6 +40,7 @@ from portal.redis import lua_script, redis_client
 from quotas.admission import ADMITTED
 from quotas.cost import CostEstimate, text_cost, video_run_cost_mcu
 from quotas.ledger import (
+    Opened,
     reservation_abandon,
     reservation_extend,
     reservation_open,
@@ -67,15 +64,11 @@ HEARTBEAT_MISSING_KEY = "s:hb:missing:{job_id}"
 CANCEL_KEY = "s:cancel:{job_id}"
 
 
-def _idempotent_job(*, api_key: ApiKey, idempotency_key: str, fingerprint: str) -> Job | None:
-    record = idempotency_record_find(tenant_id=api_key.tenant_id, idempotency_key=idempotency_key,
-                                     fingerprint=fingerprint)
-    if record is None:
-        return None
+def _idempotent_job(record: IdempotencyKey) -> tuple[Job, None]:
     if record.job.deleted_at is not None:
         # Neither the deleted job (its text would be replayed) nor a second one (charged again).
         raise NotFound("The job this Idempotency-Key made was deleted.", param="Idempotency-Key")
-    return record.job
+    return record.job, None  # no reservation opened: the earlier request's job holds its own
 
 
 @dataclass(frozen=True)
@@ -98,41 +91,17 @@ def job_submit(
 ) -> Submission:
     """Admit (reserve CU) and queue a job. mode="sync": saturation is a 503 now;
     mode="async": the job waits in the scheduler for capacity."""
-    fingerprint = request_fingerprint(request_body if request_body is not None else params)
-    if idempotency_key:
-        idempotency_key_check(idempotency_key)
-        earlier = _idempotent_job(api_key=api_key, idempotency_key=idempotency_key,
-                                  fingerprint=fingerprint)
-        if earlier is not None:
-            return Submission(job=earlier, replayed=True)
-
+    (job, opened), replayed = idempotent_create(
+        tenant_id=api_key.tenant_id, idempotency_key=idempotency_key,
+        request=request_body if request_body is not None else params,
+        create=lambda idempotency: _job_open(api_key=api_key, spec=spec, variant=variant,
+                                             params=params, estimate=estimate, mode=mode,
+                                             idempotency=idempotency),
+        replay=_idempotent_job,
+    )
+    if replayed:
+        return Submission(job=job, replayed=True)
     tenant = api_key.tenant
-    opened = None
-    try:
-        # One transaction for the reservation, its ledger row and the job: a job never exists
-        # without its reservation, and one commit instead of two.
-        with transaction.atomic():
-            opened = reservation_open(api_key=api_key, model_id=spec.id, pool=spec.pool,
-                                      cost_mcu=estimate.mcu, mode=mode)
-            job = Job.objects.create(
-                tenant=tenant, api_key=api_key, kind=spec.kind, model=spec.id,
-                variant=variant.name, params=params, priority=tenant.tier.queue_priority,
-                pool=spec.pool, reservation=opened.reservation, estimated_mcu=estimate.mcu,
-            )
-            if idempotency_key:
-                IdempotencyKey.objects.create(tenant=tenant, key=idempotency_key,
-                                              request_hash=fingerprint, job=job)
-    except Exception as exc:
-        if opened is not None:  # its rows rolled back: release what Redis holds
-            reservation_abandon(opened)
-        if not isinstance(exc, IntegrityError) or not idempotency_key:
-            raise
-        # Two requests with one Idempotency-Key raced; the other one won.
-        earlier = _idempotent_job(api_key=api_key, idempotency_key=idempotency_key,
-                                  fingerprint=fingerprint)
-        if earlier is None:
-            raise
-        return Submission(job=earlier, replayed=True)
 
     # The key was checked before the request was screened and priced; a suspension that
     # committed meanwhile ran its sweep (jobs_cancel_for_tenant) without this job. Read after
@@ -163,6 +132,32 @@ def job_submit(
         logger.warning("job %s submitted but not queued yet (Redis or the broker refused); the "
                        "scheduler's reconciliation queues it", job.id, exc_info=True)
     return Submission(job=job, replayed=False, rate=opened.ticket.rate)
+
+
+def _job_open(*, api_key: ApiKey, spec: ModelSpec, variant: ModelVariant, params: dict,
+              estimate: CostEstimate, mode: str, idempotency: Idempotency | None,
+              ) -> tuple[Job, Opened]:
+    """Admit the job and store it, with its Idempotency-Key. One transaction for the
+    reservation, its ledger row, the job and the key: a job never exists without its
+    reservation, and one commit instead of two. When it rolls back (a second request with the
+    key, among others), what admission holds in Redis is given back before the error goes on."""
+    tenant = api_key.tenant
+    opened = None
+    try:
+        with transaction.atomic():
+            opened = reservation_open(api_key=api_key, model_id=spec.id, pool=spec.pool,
+                                      cost_mcu=estimate.mcu, mode=mode)
+            job = Job.objects.create(
+                tenant=tenant, api_key=api_key, kind=spec.kind, model=spec.id,
+                variant=variant.name, params=params, priority=tenant.tier.queue_priority,
+                pool=spec.pool, reservation=opened.reservation, estimated_mcu=estimate.mcu,
+            )
+            idempotency_record_create(tenant_id=tenant.pk, idempotency=idempotency, job=job)
+    except Exception:
+        if opened is not None:  # its rows rolled back: release what Redis holds
+            reservation_abandon(opened)
+        raise
+    return job, opened
 
 
 def video_job_create(*, api_key: ApiKey, payload: dict, idempotency_key: str | None = None,

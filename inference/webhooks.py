@@ -38,11 +38,7 @@ from django.utils import timezone
 from standardwebhooks import Webhook
 
 from inference.events import webhook_tenant_add
-from inference.idempotency import (
-    idempotency_key_check,
-    idempotency_record_find,
-    request_fingerprint,
-)
+from inference.idempotency import Idempotency, idempotency_record_create, idempotent_create
 from inference.models import CONTENT_EXPIRED_KEY, IdempotencyKey, Job
 from inference.ssrf import GuardedResponse, UnsafeUrl, guarded_post, url_check_for_registration
 from inference.webhook_models import (
@@ -145,7 +141,7 @@ def webhook_endpoint_create(
     description: str = "",
     enabled: bool = True,
     actor: Actor = None,
-    idempotency: tuple[str, str] | None = None,
+    idempotency: Idempotency | None = None,
 ) -> WebhookEndpoint:
     """A new endpoint with a fresh secret. `endpoint.secret` is for this response only.
     `idempotency`: the (Idempotency-Key, request fingerprint) recorded with it, in its
@@ -174,10 +170,8 @@ def webhook_endpoint_create(
         )
         _audit(endpoint, AuditEvent.Action.WEBHOOK_CREATED, actor,
                {"host": _host(url), "event_types": event_types, "enabled": enabled})
-        if idempotency is not None:
-            key, fingerprint = idempotency
-            IdempotencyKey.objects.create(tenant=tenant, key=key, request_hash=fingerprint,
-                                          webhook_endpoint=endpoint)
+        idempotency_record_create(tenant_id=tenant.pk, idempotency=idempotency,
+                                  webhook_endpoint=endpoint)
     logger.info("webhook endpoint created tenant=%s endpoint=%s", tenant.slug, endpoint.id)
     return endpoint
 
@@ -194,35 +188,18 @@ def webhook_endpoint_create_idempotent(*, tenant: Tenant, idempotency_key: str |
     and body again return the endpoint the first request made (a retry after a lost answer makes
     no second endpoint with a second secret); another body is the conflict. A replay is not a
     creation: nothing is validated or counted against the endpoint limit again."""
-    if not idempotency_key:
-        return EndpointCreation(webhook_endpoint_create(tenant=tenant, actor=actor, **fields),
-                                replayed=False)
-    idempotency_key_check(idempotency_key)
-    # Scoped to this request: a body can never match a job's under the same key.
-    fingerprint = request_fingerprint({"webhook_endpoint_create": fields})
-    earlier = _idempotent_endpoint(tenant=tenant, idempotency_key=idempotency_key,
-                                   fingerprint=fingerprint)
-    if earlier is not None:
-        return EndpointCreation(earlier, replayed=True)
-    try:
-        endpoint = webhook_endpoint_create(tenant=tenant, actor=actor,
-                                           idempotency=(idempotency_key, fingerprint), **fields)
-    except IntegrityError:
-        # Two requests with one key raced; the other one's endpoint is the answer.
-        earlier = _idempotent_endpoint(tenant=tenant, idempotency_key=idempotency_key,
-                                       fingerprint=fingerprint)
-        if earlier is None:
-            raise
-        return EndpointCreation(earlier, replayed=True)
-    return EndpointCreation(endpoint, replayed=False)
+    endpoint, replayed = idempotent_create(
+        tenant_id=tenant.pk, idempotency_key=idempotency_key,
+        # Scoped to this request: a body can never match a job's under the same key.
+        request={"webhook_endpoint_create": fields},
+        create=lambda idempotency: webhook_endpoint_create(tenant=tenant, actor=actor,
+                                                           idempotency=idempotency, **fields),
+        replay=_idempotent_endpoint,
+    )
+    return EndpointCreation(endpoint, replayed=replayed)
 
 
-def _idempotent_endpoint(*, tenant: Tenant, idempotency_key: str,
-                         fingerprint: str) -> WebhookEndpoint | None:
-    record = idempotency_record_find(tenant_id=tenant.pk, idempotency_key=idempotency_key,
-                                     fingerprint=fingerprint)
-    if record is None:
-        return None
+def _idempotent_endpoint(record: IdempotencyKey) -> WebhookEndpoint:
     if record.webhook_endpoint is None:
         # Not a second endpoint for a retry of a creation whose endpoint was deleted since.
         raise NotFound("The webhook endpoint this Idempotency-Key made was deleted.",

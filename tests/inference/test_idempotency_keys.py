@@ -1,12 +1,24 @@
-"""The Idempotency-Key header itself: a key the job's row cannot hold is the client's 400."""
+"""The Idempotency-Key header itself: a key the job's row cannot hold is the client's 400; two
+requests with one key at once make one job or endpoint, and the second replays it."""
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
+
 import pytest
+from django.db import connection, transaction
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from inference.models import IdempotencyKey, Job
+from inference.webhook_models import WebhookEndpoint
+from portal.models import AuditEvent, Tenant
+from quotas.ledger import budget_used_from_ledger
+from quotas.limits import CounterKeys, period_of
 from quotas.models import Reservation
+from tests.factories import api_key_obj, tenant_with_limits, video_job_submit
 
 VIDEO_BODY = {"model": "sluice-video-tiny", "prompt": "a blue circle", "size": "64x64",
               "seconds": 0.5, "num_inference_steps": 2}
@@ -40,3 +52,104 @@ def test_a_completion_with_a_key_over_255_characters_is_a_400_not_a_500(cast, se
     _assert_refused_by_name(client.post(
         "/v1/completions", {"model": "sluice-code-tiny", "prompt": "def f():", "max_tokens": 4},
         format="json", HTTP_IDEMPOTENCY_KEY="k" * 256))
+
+
+# --- two requests with one key at once -------------------------------------------------------
+
+
+def _backends_waiting_on_locks() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                       "AND wait_event_type = 'Lock'")
+        return cursor.fetchone()[0]
+
+
+def at_once_with_one_key(tenant: Tenant, key: str, *requests: Callable[[], object]) -> list:
+    """Run the requests concurrently, each on its own thread and transaction, released together
+    once all of them found no record of `key` and wait to insert theirs (a third transaction
+    holds an uncommitted one meanwhile, then rolls it back): the race in which both pass the
+    lookup. What each returned, or the exception it raised."""
+    if connection.vendor != "postgresql":
+        pytest.skip("a unique index's wait and concurrent transactions need PostgreSQL")
+    held, release = threading.Event(), threading.Event()
+    results: list = [None] * len(requests)
+
+    def hold_the_key() -> None:
+        try:
+            with transaction.atomic():
+                IdempotencyKey.objects.create(tenant=tenant, key=key, request_hash="held")
+                held.set()
+                release.wait(90)
+                transaction.set_rollback(True)
+        finally:
+            connection.close()
+
+    def run(index: int, request: Callable[[], object]) -> None:
+        try:
+            results[index] = request()
+        except Exception as exc:  # noqa: BLE001 (reported by the test's assertions)
+            results[index] = exc
+        finally:
+            connection.close()
+
+    holder = threading.Thread(target=hold_the_key)
+    holder.start()
+    assert held.wait(10)
+    threads = [threading.Thread(target=run, args=pair) for pair in enumerate(requests)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60  # the first request of a session imports the views
+    while _backends_waiting_on_locks() < len(requests):
+        assert time.monotonic() < deadline, "the requests never all waited to insert the key"
+        time.sleep(0.02)
+    release.set()
+    holder.join()
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
+@pytest.mark.django_db(transaction=True)  # each request commits on its own connection
+def test_two_webhook_creations_with_one_key_at_once_make_one_endpoint(cast, receiver, sent_tasks):
+    body = {"url": receiver.url, "event_types": ["job.completed"]}
+
+    def create():
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {cast.owner_key}")
+        return client.post("/v1/webhooks", body, format="json", HTTP_IDEMPOTENCY_KEY="ep-race")
+
+    responses = at_once_with_one_key(cast.tenant, "ep-race", create, create)
+    assert sorted(response.status_code for response in responses) == [200, 201], responses
+    first, replay = sorted(responses, key=lambda response: response.status_code, reverse=True)
+    # The loser's endpoint, secret and audit row rolled back; it answers with the winner's,
+    # its secret not shown again.
+    assert first.json()["secret"].startswith("whsec_")
+    assert replay.json() == {**first.json(), "secret": None}
+    assert list(WebhookEndpoint.objects.values_list("pk", flat=True)) == [first.json()["id"]]
+    assert AuditEvent.objects.filter(action=AuditEvent.Action.WEBHOOK_CREATED).count() == 1
+    assert IdempotencyKey.objects.get(key="ep-race").webhook_endpoint_id == first.json()["id"]
+
+
+@pytest.mark.django_db(transaction=True)  # each submission commits on its own connection
+def test_two_job_submissions_with_one_key_at_once_make_one_job_charged_once(
+        sent_tasks, clean_redis, settings):
+    # Room for both admissions, so the winner is sent at once whichever of the two wins.
+    settings.SLUICE_POOL_SLOTS = {"video-hbm": 2}
+    api_key = api_key_obj(tenant_with_limits(budget_cu=100, max_jobs=2))
+
+    def submit():
+        return video_job_submit(api_key, cu=2, idempotency_key="job-race",
+                                request_body={"prompt": "a"})
+
+    submissions = at_once_with_one_key(api_key.tenant, "job-race", submit, submit)
+    assert sorted(submission.replayed for submission in submissions) == [False, True], submissions
+    (job,) = Job.objects.all()
+    assert {submission.job.pk for submission in submissions} == {job.pk}
+    assert sent_tasks == [(job.pk, 1, "video-hbm")]
+    # The loser's reservation rolled back with its job, and Redis gave back what it admitted.
+    assert list(Reservation.objects.values_list("pk", flat=True)) == [job.reservation_id]
+    keys = CounterKeys(tenant_id=api_key.tenant_id, api_key_id=api_key.pk,
+                       period=period_of(timezone.now()), pool="video-hbm")
+    assert budget_used_from_ledger(tenant_id=api_key.tenant_id, period=keys.period)[0] == 2000
+    assert int(clean_redis.get(keys.budget)) == 2000 == int(clean_redis.get(keys.pool_sum))
+    assert clean_redis.zcard(keys.in_flight) == 1

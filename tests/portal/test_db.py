@@ -75,3 +75,31 @@ async def test_database_steps_of_successive_requests_reuse_the_pools_threads():
     assert results == list(range(24))
     # The pool's threads (a thread per request is the failure).
     assert all(thread.name.startswith("db-step") for thread in threads)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_database_step_returns_its_connection_also_under_channels_test_communicators():
+    """Channels' communicators (WebsocketCommunicator) make channels.db's close_old_connections
+    a no-op while a test awaits them. A step's pooled thread kept its connection past the test
+    then, and a later test without database access got a 500 from that thread's next step
+    (tests/portal/test_asgi_handler.py after tests/dashboard/test_live.py)."""
+    from channels.testing import ApplicationCommunicator
+    from django.db import connections
+
+    from portal.db import database_step
+
+    def step():
+        wrapper = connections["default"]  # the step thread's own
+        with wrapper.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        return wrapper
+
+    async def application(scope, receive, send):
+        await receive()
+        await send({"type": "stepped", "connection": await database_step(step)()})
+
+    communicator = ApplicationCommunicator(application, {"type": "test"})
+    await communicator.send_input({"type": "go"})
+    stepped = await communicator.receive_output(timeout=10)
+    assert stepped["connection"].connection is None  # closed when the step ended
+    await communicator.wait(timeout=10)

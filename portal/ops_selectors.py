@@ -26,6 +26,10 @@ WORKER_PING_TIMEOUT_S = 0.5
 # One ping's answer serves every console page load in this process for this long: concurrent
 # loads wait for the ping in flight instead of each broadcasting to every worker.
 WORKER_PING_REUSE_S = 2.0
+# The ping's connection gives up on a broker read after this long: above the 0.5 s its reply
+# queue's BRPOP takes to come back empty, so only a broker that took the connection and then
+# said nothing (stopped, hung) hits it. Without it the console waited for such a broker forever.
+WORKER_PING_SOCKET_TIMEOUT_S = 1.0
 MODERATION_QUEUE_PATH = "/moderation/"
 
 
@@ -96,11 +100,19 @@ def _workers_ping() -> list[str] | None:
     its own until it returned: its replies were read after ~0.5 s, often after its 0.5 s
     timeout, and the console listed no workers (measured: 3 of 15 back-to-back pings, 9 of 45
     in threes). With the BRPOP timeout at the ping's own, closing the connection (which reads
-    the BRPOP in flight) costs no more wait."""
+    the BRPOP in flight) costs no more wait.
+
+    A broker that does not answer is said at once: one connection attempt, not kombu's retries
+    for the broker connection's 4 s (each refused connect then slept 2 s: the console took 6 s to
+    say the broker was down), which may take the ping's own 0.5 s to connect and
+    WORKER_PING_SOCKET_TIMEOUT_S for each answer."""
     from portal.celery import app
 
+    options = {"polling_interval": WORKER_PING_TIMEOUT_S, "max_retries": 0,
+               "socket_connect_timeout": WORKER_PING_TIMEOUT_S,
+               "socket_timeout": WORKER_PING_SOCKET_TIMEOUT_S}
     try:
-        with app.connection_for_read(transport_options={"polling_interval": WORKER_PING_TIMEOUT_S}) as connection:
+        with app.connection_for_read(transport_options=options) as connection:
             replies = app.control.inspect(timeout=WORKER_PING_TIMEOUT_S, connection=connection).ping()
     except Exception:  # broker down: the console still renders, saying so
         logger.warning("could not ping workers", exc_info=True)

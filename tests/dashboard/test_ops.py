@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+
 import pytest
 from django.test import Client
 
@@ -52,18 +56,42 @@ def test_queued_jobs_show_as_queue_depth_per_priority(cast, staff, sent_tasks, m
     assert first.pk != second.pk
 
 
-def test_a_broker_that_does_not_answer_is_logged_with_its_exception(monkeypatch, caplog):
+def _real_ping_timed(monkeypatch, broker_url: str) -> tuple[list[str] | None, float]:
+    """The console's real ping (the autouse fixture replaces it in this module's other tests)
+    against `broker_url`, and how long it took."""
     from portal.celery import app
 
-    # The console's real ping (the autouse fixture replaces it in this module's other tests),
-    # against a port where no broker listens. The connection never opens, so nothing of Celery's
-    # remote control is left in this process.
     monkeypatch.setattr(ops_selectors, "_worker_ping_answer", None)
-    monkeypatch.setitem(app.conf, "broker_url", "redis://127.0.0.1:1/0")
+    monkeypatch.setitem(app.conf, "broker_url", broker_url)
+    started = time.monotonic()
+    answer = REAL_WORKERS_ALIVE()
+    return answer, time.monotonic() - started
+
+
+def test_a_broker_that_refuses_the_connection_is_reported_at_once_and_logged(monkeypatch, caplog):
+    # A port where no broker listens. The connection never opens, so nothing of Celery's remote
+    # control is left in this process. Kombu retried the connect for 4 s, 2 s apart: 6 s.
     with caplog.at_level("WARNING", logger="portal.ops_selectors"):
-        assert REAL_WORKERS_ALIVE() is None
+        answer, took_s = _real_ping_timed(monkeypatch, "redis://127.0.0.1:1/0")
+    assert answer is None and took_s < 2
     (record,) = [r for r in caplog.records if r.getMessage() == "could not ping workers"]
     assert record.exc_info and "Connection" in type(record.exc_info[1]).__name__ + str(record.exc_info[1])
+
+
+def test_a_broker_that_takes_the_connection_and_says_nothing_is_reported_as_down(monkeypatch):
+    """A stopped or hung broker: the kernel completes the connection, nothing answers. The ping
+    waited for its first answer forever (here: until the listener closes, 5 s later)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)  # never accepted: connects complete, nothing is read or answered
+        port = listener.getsockname()[1]
+        closing = threading.Timer(5, listener.close)
+        closing.start()
+        try:
+            answer, took_s = _real_ping_timed(monkeypatch, f"redis://127.0.0.1:{port}/0")
+        finally:
+            closing.cancel()
+    assert answer is None and took_s < 2
 
 
 def test_the_console_renders_while_redis_is_down(cast, staff, settings, tmp_path):

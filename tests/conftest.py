@@ -344,7 +344,13 @@ def fresh_asgi_process(tmp_path_factory):
 
 # The real text stack (vLLM servers, text worker, ASGI server), started once per session for
 # every module that asks (the text API tests, the dashboard's text playground).
-from tests.inference.text_stack import text_engines, text_stack  # noqa: E402, F401
+from tests.inference.text_stack import (  # noqa: E402, F401
+    text_engines,
+    text_engines_started,
+    text_server,
+    text_stack,
+    text_worker,
+)
 
 
 def _needs_text_engines(item) -> bool:

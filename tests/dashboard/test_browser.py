@@ -1,8 +1,8 @@
 """The dashboard in a real browser: Debian's chromium driven by Playwright against the real
 ASGI server (uvicorn subprocess) and a real Celery worker running the tiny video model.
 
-The server (the text stack's, when the run has text tests) and the worker are started once for
-the module and share the test database;
+The server (the text stack's, when the run has text tests; the engines are waited for by the
+text test alone) and the worker are started once for the module and share the test database;
 each test gets a fresh, logged-out browser context and saves a screenshot under
 test-artifacts/ (phone-width ones too), from which docs/screenshots/ are refreshed.
 """
@@ -32,11 +32,12 @@ PHONE = {"width": 390, "height": 844}
 
 @pytest.fixture(scope="module")
 def server(request, django_db_setup, django_db_blocker):
-    """The text stack's server when this run starts it anyway (for the playground's text test
-    below, and the text API tests): a server's start is ~15 s of the 2-core machine's CPU.
-    Otherwise (that test deselected) one of the module's own."""
-    if any("text_stack" in item.fixturenames for item in request.session.items):
-        yield request.getfixturevalue("text_stack")
+    """The text stack's web server when this run starts it anyway (for the playground's text
+    test below, and the text API tests): a server's start is ~15 s of the 2-core machine's CPU.
+    Only that server, not the stack: the tests before the text one do not wait for the engines
+    (they load meanwhile). Otherwise (that test deselected) a server of the module's own."""
+    if any("text_server" in item.fixturenames for item in request.session.items):
+        yield request.getfixturevalue("text_server")
         return
     with django_db_blocker.unblock():
         live = LiveServer().wait_ready()

@@ -93,7 +93,7 @@ def engines_spawn(max_num_seqs: int = ENGINE_MAX_NUM_SEQS) -> Engines:
 
 
 # Started when collection ends (tests/conftest.py) if any collected test needs them, so they
-# load while the tests that do not run; `text_engines` takes them over.
+# load while the tests that do not run; `text_engines_started` takes them over.
 early_engines: Engines | None = None
 
 
@@ -112,29 +112,54 @@ def engines_stop_early() -> None:
 
 
 @pytest.fixture(scope="session")
-def text_engines():
-    """vLLM servers with one running sequence each, so tier priorities decide who goes first."""
+def text_engines_started():
+    """The vLLM servers (taken over from the collection's end, or started now), maybe still
+    loading: their URLs are set for this process and the subprocesses started after, so what
+    needs only the URLs (the text stack's web server) does not wait a minute for the engines."""
     global early_engines
     engines, early_engines = early_engines or engines_spawn(), None
     try:
-        engines.wait_ready()
-        engines.pin_to_first_core()
-        value = ",".join(f"{name}={url}" for name, url in engines.urls.items())
-        os.environ["SLUICE_VLLM_URLS"] = value
+        os.environ["SLUICE_VLLM_URLS"] = ",".join(f"{name}={url}" for name, url in engines.urls.items())
         settings.SLUICE_VLLM_URLS = engines.urls
-        yield engines.urls
+        yield engines
     finally:
         engines.stop()
 
 
 @pytest.fixture(scope="session")
-def text_stack(text_engines, django_db_setup, django_db_blocker):
-    """(server URL) with a text-batch worker behind it."""
-    from tests.conftest import LiveServer, WorkerProcess, processes_stop
+def text_engines(text_engines_started):
+    """vLLM servers with one running sequence each, so tier priorities decide who goes first."""
+    text_engines_started.wait_ready()
+    text_engines_started.pin_to_first_core()
+    return text_engines_started.urls
+
+
+@pytest.fixture(scope="session")
+def text_worker(text_engines_started, django_db_setup, django_db_blocker):
+    """A text-batch worker, started (not waited for)."""
+    from tests.conftest import WorkerProcess
 
     with django_db_blocker.unblock():
         # Rules edited by a test must reach the worker at once (no rule cache).
         worker = WorkerProcess("text-batch", {"SLUICE_SAFETY_RULES_TTL_S": "0"})
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture(scope="session")
+def text_server(text_engines_started, django_db_setup, django_db_blocker):
+    """(server URL) The text stack's web server: it needs the engines' URLs, not the engines,
+    so the browser tests that run no text use it while the engines load."""
+    from tests.conftest import LiveServer
+
+    with django_db_blocker.unblock():
         server = LiveServer({"SLUICE_SAFETY_RULES_TTL_S": "0"}).wait_ready()
     yield server.url
-    processes_stop([server, worker])
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def text_stack(text_engines, text_worker, text_server):
+    """(server URL) with a text-batch worker behind it and the engines loaded. The worker starts
+    before the server (when neither is up yet, they boot side by side)."""
+    return text_server

@@ -8,6 +8,15 @@ class IdempotencyConflict(SluiceError):
     retryable = False
 
 
+class InvalidPromptContext(SluiceError):
+    """Messages the model's chat template refuses (a real checkpoint's template may require
+    user/assistant turns to alternate, say), or a chat request to a model without a template."""
+
+    code = "invalid_prompt_context"
+    http_status = 400
+    default_message = "The messages do not form a conversation this model accepts."
+
+
 class JobNotCancellable(SluiceError):
     code = "invalid_parameter"
     http_status = 400

@@ -9,8 +9,10 @@ from pathlib import Path
 
 # Imported at start-up, not lazily on the first request: transformers' lazy first import is
 # not thread-safe, and concurrent first requests failed with "cannot import name AutoTokenizer".
+import jinja2
 from transformers import AutoTokenizer
 
+from inference.errors import InvalidPromptContext
 from inference.registry import ModelSpec
 from portal.errors import InvalidParameter
 
@@ -25,8 +27,20 @@ def tokenizer_for(spec: ModelSpec, variant: str = "full"):
 
 
 def render_chat(spec: ModelSpec, messages: list[dict]) -> str:
-    """The prompt text a chat request becomes, through the model's chat template."""
-    return tokenizer_for(spec).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    """The prompt text a chat request becomes, through the model's chat template. A template
+    that refuses the messages (`raise_exception` in many checkpoints' templates) answers the
+    400 with its own words, not a 500; a template that does not parse is the server's bug."""
+    tokenizer = tokenizer_for(spec)
+    if tokenizer.chat_template is None:
+        raise InvalidPromptContext(f"{spec.id} has no chat template: send a prompt to "
+                                   "/v1/completions instead.", param="messages")
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except jinja2.TemplateSyntaxError:
+        raise
+    except jinja2.TemplateError as exc:
+        raise InvalidPromptContext(f"{spec.id}'s chat template refused the messages: {exc}",
+                                   param="messages") from exc
 
 
 def encode_chat(spec: ModelSpec, messages: list[dict]) -> tuple[str, list[int]]:

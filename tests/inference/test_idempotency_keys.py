@@ -3,12 +3,9 @@ requests with one key at once make one job or endpoint, and the second replays i
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable
 
 import pytest
-from django.db import connection, transaction
 from django.utils import timezone
 from rest_framework.test import APIClient
 
@@ -19,6 +16,7 @@ from quotas.ledger import budget_used_from_ledger
 from quotas.limits import CounterKeys, period_of
 from quotas.models import Reservation
 from tests.factories import api_key_obj, tenant_with_limits, video_job_submit
+from tests.races import released_together
 
 VIDEO_BODY = {"model": "sluice-video-tiny", "prompt": "a blue circle", "size": "64x64",
               "seconds": 0.5, "num_inference_steps": 2}
@@ -57,56 +55,13 @@ def test_a_completion_with_a_key_over_255_characters_is_a_400_not_a_500(cast, se
 # --- two requests with one key at once -------------------------------------------------------
 
 
-def _backends_waiting_on_locks() -> int:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                       "AND wait_event_type = 'Lock'")
-        return cursor.fetchone()[0]
-
-
 def at_once_with_one_key(tenant: Tenant, key: str, *requests: Callable[[], object]) -> list:
-    """Run the requests concurrently, each on its own thread and transaction, released together
-    once all of them found no record of `key` and wait to insert theirs (a third transaction
-    holds an uncommitted one meanwhile, then rolls it back): the race in which both pass the
-    lookup. What each returned, or the exception it raised."""
-    if connection.vendor != "postgresql":
-        pytest.skip("a unique index's wait and concurrent transactions need PostgreSQL")
-    held, release = threading.Event(), threading.Event()
-    results: list = [None] * len(requests)
-
-    def hold_the_key() -> None:
-        try:
-            with transaction.atomic():
-                IdempotencyKey.objects.create(tenant=tenant, key=key, request_hash="held")
-                held.set()
-                release.wait(90)
-                transaction.set_rollback(True)
-        finally:
-            connection.close()
-
-    def run(index: int, request: Callable[[], object]) -> None:
-        try:
-            results[index] = request()
-        except Exception as exc:  # noqa: BLE001 (reported by the test's assertions)
-            results[index] = exc
-        finally:
-            connection.close()
-
-    holder = threading.Thread(target=hold_the_key)
-    holder.start()
-    assert held.wait(10)
-    threads = [threading.Thread(target=run, args=pair) for pair in enumerate(requests)]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + 60  # the first request of a session imports the views
-    while _backends_waiting_on_locks() < len(requests):
-        assert time.monotonic() < deadline, "the requests never all waited to insert the key"
-        time.sleep(0.02)
-    release.set()
-    holder.join()
-    for thread in threads:
-        thread.join(60)
-    return results
+    """The requests at once, released together once all of them found no record of `key` and
+    wait to insert theirs (a third transaction holds an uncommitted one meanwhile): the race in
+    which both pass the lookup. What each returned, or the exception it raised."""
+    return released_together(
+        lambda: IdempotencyKey.objects.create(tenant=tenant, key=key, request_hash="held"),
+        *requests)
 
 
 @pytest.mark.django_db(transaction=True)  # each request commits on its own connection

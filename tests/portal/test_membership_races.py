@@ -4,68 +4,27 @@ both wait there, then let go together."""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable
 
 import pytest
-from django.db import connection, transaction
 from django.http import HttpResponse
 from django.test import Client
 
 from portal.models import Membership, Role, Tenant
+from tests.races import released_together
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 LAST_OWNER = "A tenant needs at least one owner."
 
 
-def _backends_waiting_on_locks() -> int:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                       "AND wait_event_type = 'Lock'")
-        return cursor.fetchone()[0]
-
-
 def at_once(tenant: Tenant, *requests: Callable[[], object]) -> list[object]:
-    """Run the requests concurrently, each in its own transaction, released together once all
-    of them wait for the tenant's owners' rows (held meanwhile by a third transaction)."""
-    if connection.vendor != "postgresql":
-        pytest.skip("row locks and concurrent transactions need PostgreSQL")
-    held, release = threading.Event(), threading.Event()
-    results: list[object] = [None] * len(requests)
-
-    def hold_the_owners() -> None:
-        try:
-            with transaction.atomic():
-                list(Membership.objects.select_for_update()
-                     .filter(tenant=tenant, role=Role.OWNER).order_by("pk"))
-                held.set()
-                release.wait(90)
-        finally:
-            connection.close()
-
-    def run(index: int, request: Callable[[], object]) -> None:
-        try:
-            results[index] = request()
-        finally:
-            connection.close()
-
-    holder = threading.Thread(target=hold_the_owners)
-    holder.start()
-    assert held.wait(10)
-    threads = [threading.Thread(target=run, args=pair) for pair in enumerate(requests)]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + 60  # the first request of a session imports the views
-    while _backends_waiting_on_locks() < len(requests):
-        assert time.monotonic() < deadline, "the requests never both waited for the owners' lock"
-        time.sleep(0.02)
-    release.set()
-    holder.join()
-    for thread in threads:
-        thread.join(60)
-    return results
+    """The requests at once, released together once all of them wait for the tenant's owners'
+    rows (held meanwhile by a third transaction)."""
+    return released_together(
+        lambda: list(Membership.objects.select_for_update()
+                     .filter(tenant=tenant, role=Role.OWNER).order_by("pk")),
+        *requests)
 
 
 def two_owners(cast) -> tuple[Membership, Membership]:

@@ -35,6 +35,7 @@ import argparse
 import importlib
 import json
 import os
+import platform
 import random
 import statistics
 import time
@@ -376,6 +377,16 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default_data = Path(__file__).resolve().parents[2] / "shared" / "data" / "safety"
@@ -392,7 +403,11 @@ def main() -> None:
     cascade = Cascade()
     import torch
 
-    print(f"torch threads: {torch.get_num_threads()}; os cpus: {os.cpu_count()}", flush=True)
+    # The int8 encoder's kernels depend on the CPU's instruction set (torch's capability), and
+    # this machine's host changes between days: the quality figures are then compared knowing it.
+    print(f"torch threads: {torch.get_num_threads()}; os cpus: {os.cpu_count()}; cpu: {cpu_model()}, "
+          f"torch capability {torch.backends.cpu.get_cpu_capability()}, quantized engine "
+          f"{torch.backends.quantized.engine}", flush=True)
     results = {cascade.name: evaluate(cascade, dev, ood, single_sample)}
     sets = short_turn_sets(train, dev, ood)
     shorts = {cascade.name: short_turns(cascade, sets)}

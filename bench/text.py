@@ -75,7 +75,8 @@ def _start_stack(env: dict[str, str]) -> tuple[list[subprocess.Popen], str, str]
     from inference.registry import model_get
     from portal.embedded_redis import free_port
 
-    variant = model_get("sluice-code-tiny").variant("full")
+    spec = model_get("sluice-code-tiny")
+    variant = spec.variant("full")
     engine_port, web_port = free_port(), free_port()
     engine_url, web_url = f"http://127.0.0.1:{engine_port}", f"http://127.0.0.1:{web_port}"
     env["SLUICE_VLLM_URLS"] = f"{variant.served_name}={engine_url}"
@@ -87,7 +88,7 @@ def _start_stack(env: dict[str, str]) -> tuple[list[subprocess.Popen], str, str]
         return subprocess.Popen(argv, cwd=REPO, env=process_env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
-    engine = spawn("engine", _pinned("0", vllm_server_argv(variant=variant, port=engine_port)),
+    engine = spawn("engine", _pinned("0", vllm_server_argv(spec=spec, variant=variant, port=engine_port)),
                    {**vllm_server_env(env), "VLLM_CPU_OMP_THREADS_BIND": "0"})
     web = spawn("web", _pinned("1", [sys.executable, "-m", "uvicorn", "portal.asgi:application",
                                       "--host", "127.0.0.1", "--port", str(web_port),

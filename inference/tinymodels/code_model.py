@@ -27,7 +27,7 @@ from transformers import (
 
 from inference.tinymodels.code_tokenizer import SourceFile
 
-# The platform registry advertises context_length=1024 for sluice-code-tiny.
+# max_position_embeddings: the registry reads sluice-code-tiny's context_length from it.
 CONTEXT_LENGTH = 1024
 
 

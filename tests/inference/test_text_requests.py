@@ -11,7 +11,7 @@ import pytest
 
 from inference.errors import InvalidPromptContext
 from inference.registry import model_get
-from inference.requests import text_request_parse
+from inference.requests import ContextLengthExceeded, text_request_parse
 from inference.tokenization import encode, tokenizer_for
 from portal.errors import InvalidParameter
 from tests.factories import tier
@@ -173,3 +173,19 @@ def test_a_chat_template_that_does_not_parse_is_the_servers_error_not_the_reques
     checkpoint_with_template("{% for message in messages %}")
     with pytest.raises(jinja2.TemplateSyntaxError):
         parse(chat=True, messages=[{"role": "user", "content": "def f():"}])
+
+
+def test_admission_allows_the_checkpoints_context_length(code_checkpoints, settings):
+    """It allowed 1024 tokens whatever the checkpoint: a longer model's requests were refused,
+    a shorter model's let through to an engine that cannot hold them."""
+    code_checkpoints(4096)
+    prompt_tokens = parse(prompt="def f():").prompt_tokens
+    assert parse(prompt="def f():", max_tokens=4096 - prompt_tokens).max_tokens == 4096 - prompt_tokens
+    with pytest.raises(ContextLengthExceeded, match="maximum context length is 4096 tokens"):
+        parse(prompt="def f():", max_tokens=4097 - prompt_tokens)
+    settings.SLUICE_CODE_MAX_MODEL_LEN = 2000
+    with pytest.raises(ContextLengthExceeded, match="maximum context length is 2000 tokens"):
+        parse(prompt="def f():", max_tokens=2001 - prompt_tokens)
+    code_checkpoints(512)
+    with pytest.raises(ContextLengthExceeded, match="maximum context length is 512 tokens"):
+        parse(prompt="def f():", max_tokens=600)

@@ -80,12 +80,12 @@ def engines_spawn(max_num_seqs: int = ENGINE_MAX_NUM_SEQS) -> Engines:
     from inference.registry import text_variants
 
     urls, processes = {}, []
-    for _spec, variant in text_variants():
+    for spec, variant in text_variants():
         port = free_port()
         urls[variant.served_name] = f"http://127.0.0.1:{port}"
         log = open(settings.VAR_DIR / f"vllm-{variant.served_name}.log", "w")  # noqa: SIM115
         # Requests logged (prompts too, so never in production): tests read the engine's aborts.
-        argv = vllm_server_argv(variant=variant, port=port) + [
+        argv = vllm_server_argv(spec=spec, variant=variant, port=port) + [
             "--max-num-seqs", str(max_num_seqs), "--enable-log-requests"]
         processes.append(subprocess.Popen(argv, env=vllm_server_env(), stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True))

@@ -151,7 +151,7 @@ def test_text_engines_are_sidecars_started_as_vllm_server_argv_says_on_gpus():
         port = int(urls[variant.served_name].rsplit(":", 1)[1])
         on_node = replace(variant, checkpoint=Path("/models") / variant.served_name)
         with mock.patch.object(vllm, "has_gpu", return_value=True):
-            expected = vllm.vllm_server_argv(variant=on_node, port=port)
+            expected = vllm.vllm_server_argv(spec=spec, variant=on_node, port=port)
         # The image's python instead of this machine's interpreter; every flag as in the code.
         assert sidecar["command"] == ["python", *expected[1:]]
         assert "--enforce-eager" not in sidecar["command"]

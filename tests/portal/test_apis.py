@@ -27,6 +27,16 @@ def test_model_detail_hides_models_outside_the_tier(api, db):
     assert hidden.json()["error"]["param"] == "model"
 
 
+def test_models_report_the_context_length_admission_allows(cast, api, code_checkpoints, settings):
+    code_checkpoints(4096)
+    api.bearer(cast.owner_key)
+    listed = {m["id"]: m for m in api.get("/v1/models").json()["data"]}
+    assert listed["sluice-code-tiny"]["context_length"] == 4096
+    assert listed["sluice-video-tiny"]["context_length"] is None
+    settings.SLUICE_CODE_MAX_MODEL_LEN = 3000
+    assert api.get("/v1/models/sluice-code-tiny").json()["context_length"] == 3000
+
+
 def test_unknown_api_path_is_json_404(cast, api):
     response = api.bearer(cast.owner_key).get("/v1/nope")
     assert response.status_code == 404

@@ -165,3 +165,19 @@ def test_prompt_longer_than_the_context_is_400_context_length_exceeded(cast, api
     too_many = api.post("/v1/quotes", {"model": "sluice-code-tiny", "prompt": "x", "max_tokens": 5000},
                         format="json")
     assert too_many.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_the_context_length_a_quote_allows_is_the_checkpoints(cast, api, code_checkpoints, settings):
+    code_checkpoints(2048)
+    api.bearer(cast.owner_key)
+    quote = {"model": "sluice-code-tiny", "prompt": "x = 1\n", "max_tokens": 1500}
+    allowed = api.post("/v1/quotes", quote, format="json")
+    assert allowed.status_code == 200, allowed.json()
+    refused = api.post("/v1/quotes", {**quote, "max_tokens": 2048}, format="json")
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == "context_length_exceeded"
+    assert "maximum context length is 2048 tokens" in refused.json()["error"]["message"]
+    settings.SLUICE_CODE_MAX_MODEL_LEN = 1200
+    capped = api.post("/v1/quotes", quote, format="json")
+    assert capped.status_code == 400
+    assert capped.json()["error"]["code"] == "context_length_exceeded"

@@ -415,6 +415,10 @@ SLUICE_VLLM_READ_TIMEOUT_S = env_float("SLUICE_VLLM_READ_TIMEOUT_S", 300.0, mini
 SLUICE_CODE_MODEL_INT8_PATH = env_str(
     "SLUICE_CODE_MODEL_INT8_PATH", str(BASE_DIR / "inference" / "artifacts" / "sluice-code-tiny-int8")
 )
+# The code model's context length (prompt + completion tokens) is its checkpoints' own, as vLLM
+# derives it from config.json (the smaller of the two variants'); a value > 0 lowers it, e.g.
+# when an engine's KV cache cannot hold the full context. Admission and --max-model-len use it.
+SLUICE_CODE_MAX_MODEL_LEN = env_int("SLUICE_CODE_MAX_MODEL_LEN", 0, minimum=0)
 # Celery execution pool per queue: text workers stream from a shared engine, many at a time.
 SLUICE_WORKER_POOLS = env_dict_str("SLUICE_WORKER_POOLS", {"text-batch": "threads"})
 

@@ -272,3 +272,21 @@ def test_the_workers_that_remove_media_can_write_the_media_volume(task, settings
     mount = _media_mount(worker, pod)
     assert mount is not None, f"{task} runs on the {queue} workers, which do not mount the media volume"
     assert not mount.get("readOnly", False)
+
+
+@pytest.mark.parametrize("name", ["sluice-web", "sluice-worker-default"])
+def test_the_pods_that_admit_or_bill_text_read_the_text_checkpoints(name):
+    """Admission tokenises a prompt with the model's tokenizer and the registry reads each text
+    checkpoint's config.json (its context length): without the models volume, every text
+    request on a web pod, and every model lookup, failed."""
+    (deployment,) = [doc for doc in _of_kind("Deployment") if doc["metadata"]["name"] == name]
+    pod = deployment["spec"]["template"]["spec"]
+    claims = {volume["name"]: volume.get("persistentVolumeClaim", {}).get("claimName")
+              for volume in pod.get("volumes", [])}
+    config = next(doc for doc in _of_kind("ConfigMap") if doc["metadata"]["name"] == "sluice-config")
+    for container in pod["containers"]:
+        mounts = [mount["mountPath"] for mount in container.get("volumeMounts", [])
+                  if claims.get(mount["name"]) == "sluice-models" and mount.get("readOnly")]
+        for setting in ("SLUICE_CODE_MODEL_PATH", "SLUICE_CODE_MODEL_INT8_PATH"):
+            checkpoint = Path(config["data"][setting])
+            assert any(checkpoint.is_relative_to(path) for path in mounts), (name, setting)

@@ -274,19 +274,38 @@ def test_the_workers_that_remove_media_can_write_the_media_volume(task, settings
     assert not mount.get("readOnly", False)
 
 
-@pytest.mark.parametrize("name", ["sluice-web", "sluice-worker-default"])
-def test_the_pods_that_admit_or_bill_text_read_the_text_checkpoints(name):
-    """Admission tokenises a prompt with the model's tokenizer and the registry reads each text
-    checkpoint's config.json (its context length): without the models volume, every text
-    request on a web pod, and every model lookup, failed."""
-    (deployment,) = [doc for doc in _of_kind("Deployment") if doc["metadata"]["name"] == name]
-    pod = deployment["spec"]["template"]["spec"]
+def _sluice_processes() -> list[tuple[str, dict, dict]]:
+    """(id, container, pod) of every Deployment container that runs Sluice's Django code: its web
+    server and its Celery workers (not the vLLM sidecars, nor beat, which runs no task)."""
+    found = []
+    for deployment in _of_kind("Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        for container in pod["containers"]:
+            command = container.get("command", [])
+            if (command[:1] == ["celery"] and "worker" in command) or "uvicorn" in command:
+                found.append((f"{deployment['metadata']['name']}/{container['name']}", container, pod))
+    return found
+
+
+@pytest.mark.parametrize(("container", "pod"), [(c, p) for _id, c, p in _sluice_processes()],
+                         ids=[process_id for process_id, _c, _p in _sluice_processes()])
+def test_every_sluice_process_reads_the_text_checkpoints(container, pod):
+    """Admission tokenises a prompt with the model's tokenizer, and every registry lookup reads
+    each text checkpoint's config.json (its context length): the web pods, the reaper's billing
+    (default workers), a text job's run (the text-batch pool's worker, besides its engines) and
+    every worker's start (the classifier preload asks the registry for the text pools). Without
+    the models volume each of those failed (ImproperlyConfigured)."""
     claims = {volume["name"]: volume.get("persistentVolumeClaim", {}).get("claimName")
               for volume in pod.get("volumes", [])}
     config = next(doc for doc in _of_kind("ConfigMap") if doc["metadata"]["name"] == "sluice-config")
-    for container in pod["containers"]:
-        mounts = [mount["mountPath"] for mount in container.get("volumeMounts", [])
-                  if claims.get(mount["name"]) == "sluice-models" and mount.get("readOnly")]
-        for setting in ("SLUICE_CODE_MODEL_PATH", "SLUICE_CODE_MODEL_INT8_PATH"):
-            checkpoint = Path(config["data"][setting])
-            assert any(checkpoint.is_relative_to(path) for path in mounts), (name, setting)
+    mounts = [mount["mountPath"] for mount in container.get("volumeMounts", [])
+              if claims.get(mount["name"]) == "sluice-models" and mount.get("readOnly")]
+    for setting in ("SLUICE_CODE_MODEL_PATH", "SLUICE_CODE_MODEL_INT8_PATH"):
+        checkpoint = Path(config["data"][setting])
+        assert any(checkpoint.is_relative_to(path) for path in mounts), setting
+
+
+def test_the_sluice_processes_are_found():
+    assert {process_id.split("/")[0] for process_id, _c, _p in _sluice_processes()} == {
+        "sluice-web", "sluice-worker-default", "sluice-worker-webhooks",
+        "sluice-pool-text-batch", "sluice-pool-video-hbm"}

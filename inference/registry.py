@@ -83,9 +83,8 @@ class ModelSpec:
     engine: str  # "vllm" | "transformers" | "diffusers"
     pool: str  # the Celery queue of the GPU pool that serves it
     cu_factor: float
-    # Text models: prompt + completion tokens, the length admission allows and the one every
-    # variant's vLLM server is started with (text_context_length).
-    context_length: int | None = None
+    # Text models: SLUICE_CODE_MAX_MODEL_LEN, a cap on the checkpoints' context length (0: none).
+    context_length_cap: int = 0
     created: int = 1_793_491_200  # 2026-11-01, the release of the tiny models
     owned_by: str = "sluice"
     variants: dict[str, ModelVariant] = field(default_factory=dict)
@@ -93,6 +92,18 @@ class ModelSpec:
 
     def variant(self, name: str) -> ModelVariant:
         return self.variants.get(name) or self.variants["full"]
+
+    @property
+    def context_length(self) -> int | None:
+        """Text models: prompt + completion tokens, the length admission allows and the one
+        every variant's vLLM server is started with (text_context_length). Read from the
+        checkpoints when asked, not when the registry is built: looking up a video model, or
+        a text job's row, needs no checkpoint on the pod."""
+        if self.kind != "text":
+            return None
+        return text_context_length(
+            checkpoints=[variant.checkpoint for variant in self.variants.values()],
+            cap=self.context_length_cap)
 
 
 # Wan 2.1 latents (normalised, as the denoising loop holds them) -> approximate RGB: the
@@ -136,7 +147,11 @@ def _json_file(path: Path) -> dict:
 def checkpoint_max_model_len(checkpoint: str) -> int:
     """The context length vLLM gives a generative model's local checkpoint when started without
     --max-model-len (vllm.config.model._get_and_verify_max_len; its sliding-window and pooling
-    cases do not apply): read from config.json once per process, never from a model hub."""
+    cases do not apply): read from config.json once per process, never from a model hub, so a
+    checkpoint replaced in place needs the web and worker processes restarted, as its engine
+    does. vLLM reads the config through transformers, which fills in a class's defaults: a
+    config.json that leaves its length out gets 2048 here where vLLM may say more (Qwen2: 32768),
+    an error on the safe side, as every engine is started with this length."""
     config = _json_file(Path(checkpoint) / "config.json")
     text_config = config.get("text_config") or config  # a multimodal model's language part
     lengths = [text_config[key] for key in _MAX_LENGTH_KEYS if text_config.get(key) is not None]
@@ -198,8 +213,7 @@ def _registry() -> dict[str, ModelSpec]:
             engine="vllm",
             pool="text-batch",
             cu_factor=1.0,
-            context_length=text_context_length(checkpoints=[code_path, code_int8_path],
-                                               cap=settings.SLUICE_CODE_MAX_MODEL_LEN),
+            context_length_cap=settings.SLUICE_CODE_MAX_MODEL_LEN,
             variants={
                 "full": ModelVariant(name="full", checkpoint=code_path, served_name="sluice-code-tiny"),
                 # compressed-tensors W8A8 int8 on CPU; fp8 (`--quantization fp8`) on GPUs.

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from django.core.exceptions import ImproperlyConfigured
 
 from inference.engines.vllm import vllm_server_argv
 from inference.registry import checkpoint_max_model_len, model_get, text_variants
@@ -78,3 +79,14 @@ def test_the_length_is_derived_from_config_json_as_vllm_derives_it(settings, tmp
     config = {key: value for key, value in {**source, **changes}.items() if value is not None}
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert checkpoint_max_model_len(str(tmp_path)) == expected
+
+
+def test_a_missing_text_checkpoint_fails_only_what_needs_its_length(settings, tmp_path):
+    """Every registry lookup read both text checkpoints' config.json: a pod without them (or a
+    missing int8 build) failed video requests, /v1/models and the reaper's lookups too."""
+    settings.SLUICE_CODE_MODEL_INT8_PATH = str(tmp_path / "not-built")
+    assert model_get("sluice-video-tiny").context_length is None
+    spec = model_get(MODEL)
+    assert spec.variant("full").served_name == MODEL
+    with pytest.raises(ImproperlyConfigured, match="not-built"):
+        assert spec.context_length

@@ -8,6 +8,18 @@ class IdempotencyConflict(SluiceError):
     retryable = False
 
 
+class ModelNotAllowed(SluiceError):
+    code = "model_not_allowed"
+    http_status = 403
+    default_message = "Your tier does not include this model."
+
+
+class ContextLengthExceeded(SluiceError):
+    code = "context_length_exceeded"
+    http_status = 400
+    default_message = "The prompt and max_tokens exceed the model's context length."
+
+
 class InvalidPromptContext(SluiceError):
     """Messages the model's chat template refuses (a real checkpoint's template may require
     user/assistant turns to alternate, say), or a chat request to a model without a template."""

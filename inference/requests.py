@@ -10,22 +10,11 @@ from dataclasses import dataclass
 
 from rest_framework import serializers
 
+from inference.errors import ContextLengthExceeded, ModelNotAllowed
 from inference.registry import ModelSpec, model_get, models_for_tier
 from inference.tokenization import decode_checked, encode, encode_chat
-from portal.errors import InvalidParameter, SluiceError, to_sluice_error
+from portal.errors import InvalidParameter, to_sluice_error
 from portal.models import Tier
-
-
-class ModelNotAllowed(SluiceError):
-    code = "model_not_allowed"
-    http_status = 403
-    default_message = "Your tier does not include this model."
-
-
-class ContextLengthExceeded(SluiceError):
-    code = "context_length_exceeded"
-    http_status = 400
-    default_message = "The prompt and max_tokens exceed the model's context length."
 
 
 def model_for_tier(*, model_id: str, tier: Tier) -> ModelSpec:

@@ -9,9 +9,9 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from inference.errors import InvalidPromptContext
+from inference.errors import ContextLengthExceeded, InvalidPromptContext
 from inference.registry import model_get
-from inference.requests import ContextLengthExceeded, text_request_parse
+from inference.requests import text_request_parse
 from inference.tokenization import encode, tokenizer_for
 from portal.errors import InvalidParameter
 from tests.factories import tier

@@ -52,12 +52,15 @@ def released_together(hold: Callable[[], object], *requests: Callable[[], object
     threads = [threading.Thread(target=run, args=pair) for pair in enumerate(requests)]
     for thread in threads:
         thread.start()
-    deadline = time.monotonic() + 60  # the first request of a session imports the views
-    while backends_waiting_on_locks() < len(requests):
-        assert time.monotonic() < deadline, "the requests never all waited on the lock"
-        time.sleep(0.02)
-    release.set()
-    holding.join()
-    for thread in threads:
-        thread.join(60)
+    try:
+        deadline = time.monotonic() + 60  # the first request of a session imports the views
+        while backends_waiting_on_locks() < len(requests):
+            assert time.monotonic() < deadline, "the requests never all waited on the lock"
+            time.sleep(0.02)
+    finally:  # a failed wait lets go too, so the test fails instead of hanging on the locks
+        release.set()
+        holding.join()
+        for thread in threads:
+            thread.join(60)
+    assert not any(thread.is_alive() for thread in threads), "a request did not finish in 60 s"
     return results

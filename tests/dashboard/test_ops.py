@@ -91,7 +91,7 @@ def test_a_broker_that_takes_the_connection_and_says_nothing_is_reported_as_down
             answer, took_s = _real_ping_timed(monkeypatch, f"redis://127.0.0.1:{port}/0")
         finally:
             closing.cancel()
-    assert answer is None and took_s < 2
+    assert answer is None and took_s < 3  # 1 s read timeout; the old wait was 5 s
 
 
 def test_the_console_renders_while_redis_is_down(cast, staff, settings, tmp_path):

@@ -172,7 +172,7 @@ def url_target_resolve(raw_url: str | httpx.URL, *, timeout_s: float) -> Target:
         # Every answer must be public: a name that also resolves inward is refused outright.
         for address in addresses:
             if reason := address_refusal(address):
-                raise UnsafeUrl(reason if str(address) == host else f"{host} resolves to {reason}")
+                raise UnsafeUrl(reason if str(address) == host else f"{reason} ({host} resolves to it)")
     return Target(url=url, address=str(addresses[0]))
 
 

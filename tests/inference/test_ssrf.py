@@ -57,6 +57,16 @@ def test_urls_pointing_inward_are_refused(strict, url):
         url_target_resolve(url, timeout_s=5)
 
 
+def test_a_refused_name_says_which_address_and_why(strict):
+    # It read "localhost resolves to 127.0.0.1 is a loopback address".
+    with pytest.raises(UnsafeUrl) as refused:
+        url_target_resolve("http://localhost/hook", timeout_s=5)
+    assert str(refused.value) in (
+        "127.0.0.1 is a loopback address (localhost resolves to it)",
+        "::1 is a loopback address (localhost resolves to it)",
+    )
+
+
 @pytest.mark.parametrize(("url", "reason"), [
     ("ftp://example.com/hook", "only http and https"),
     ("file:///etc/passwd", "only http and https"),

@@ -206,8 +206,11 @@ def _cancel_in_background(job_id: str) -> None:
 class _Shape:
     """OpenAI's response and chunk shapes for one job."""
 
-    def __init__(self, *, chat: bool, job: Job, served_name: str):
+    def __init__(self, *, chat: bool, job: Job, served_name: str, include_usage: bool = False):
         self.chat = chat
+        # With stream_options.include_usage, OpenAI's chunks all carry `usage`, null but on
+        # the last one: clients that read it from every chunk find the key.
+        self.include_usage = include_usage
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{job.pk.removeprefix('job_')}"
         self.created = int(job.queued_at.timestamp())
         self.model = served_name
@@ -228,8 +231,11 @@ class _Shape:
             choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish_reason}
         if finish_reason is not None and partial is not None:
             choice["partial_completion"] = partial
-        return {**self._envelope("chat.completion.chunk" if self.chat else "text_completion"),
-                "choices": [choice]}
+        chunk = {**self._envelope("chat.completion.chunk" if self.chat else "text_completion"),
+                 "choices": [choice]}
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
 
     def usage_chunk(self, usage: dict) -> dict:
         return {**self._envelope("chat.completion.chunk" if self.chat else "text_completion"),
@@ -313,7 +319,8 @@ async def _generate(request, *, chat: bool):
     except asyncio.CancelledError:
         submitting.add_done_callback(_cancel_the_job_it_made)
         raise
-    shape = _Shape(chat=chat, job=job, served_name=variant.served_name)
+    shape = _Shape(chat=chat, job=job, served_name=variant.served_name,
+                   include_usage=text.stream and text.include_usage)
     headers = {"x-cu-estimate": str(estimate.cu), "x-sluice-job-id": job.pk,
                "x-safety-latency-ms": f"{verdict.timings_ms.get('total', 0):.1f}"}
     if text.stream:

@@ -118,12 +118,15 @@ async def test_a_job_whose_last_event_never_reached_redis_ends_its_stream_from_i
     chunks = await _relayed(job, include_usage=True)
     assert json.loads(chunks[0])["choices"][0]["text"] == "x = 1"
     assert json.loads(chunks[1])["choices"][0]["finish_reason"] == "length"
+    # As OpenAI's: with include_usage every chunk has `usage`, null until the last.
+    assert [json.loads(chunk)["usage"] for chunk in chunks[:2]] == [None, None]
     assert json.loads(chunks[2])["usage"]["total_tokens"] == 7
     assert chunks[3:] == ["[DONE]"]
+    assert all("usage" not in json.loads(chunk) for chunk in (await _relayed(job))[:-1])
 
 
 async def _relayed(job: Job, *, include_usage: bool = False) -> list[str]:
-    shape = _Shape(chat=False, job=job, served_name="sluice-code-tiny")
+    shape = _Shape(chat=False, job=job, served_name="sluice-code-tiny", include_usage=include_usage)
     chunks = []
     async for piece in _stream(job, shape, SimpleNamespace(include_usage=include_usage)):
         chunks += [line.removeprefix("data: ") for line in piece.splitlines() if line.startswith("data: ")]

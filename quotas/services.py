@@ -12,7 +12,7 @@ from inference.requests import text_request_parse, video_request_parse
 from portal.errors import InvalidParameter
 from portal.models import Tenant
 from portal.redis import redis_client
-from quotas.cost import CostEstimate, text_cost, video_cost
+from quotas.cost import CostEstimate, mcu_to_cu, text_cost, video_cost
 from quotas.ledger import budget_used_from_ledger
 from quotas.limits import CounterKeys, period_of, quota_limits_for
 from quotas.models import BudgetAlert
@@ -48,6 +48,14 @@ class BudgetStatus:
     limit_mcu: int | None
     used_mcu: int  # settled charges plus open reservations
     alert_pct: int | None = None  # the highest soft-limit threshold passed this period
+
+    @property
+    def used_cu(self) -> float:
+        return mcu_to_cu(self.used_mcu)
+
+    @property
+    def limit_cu(self) -> float | None:
+        return None if self.limit_mcu is None else mcu_to_cu(self.limit_mcu)
 
     @property
     def used_pct(self) -> float | None:

@@ -5,7 +5,7 @@ from django.contrib.auth import get_user_model
 from django.test import Client
 
 from portal.models import ApiKey, Membership, Role
-from tests.factories import api_key_for
+from tests.factories import api_key_for, tier
 
 pytestmark = pytest.mark.django_db
 
@@ -289,6 +289,21 @@ def test_overview_shows_budget_use_and_the_80_percent_banner(client, cast):
                      cost_mcu=8500, mode="sync")
     html = client.get("/t/acme/").content.decode()
     assert "85.0% used" in html and "alert at 80%" in html
+    assert "8.5 of 10 CU" in html  # the figures, not only their ratio
+
+
+def test_overview_shows_an_unlimited_budgets_use_in_cu(client, cast):
+    from portal.models import ApiKey
+    from quotas.ledger import reservation_open
+
+    cast.tenant.tier = tier("enterprise")
+    cast.tenant.save(update_fields=["tier"])
+    api_key = ApiKey.objects.select_related("tenant__tier").get(prefix=cast.owner_key[3:15])
+    reservation_open(api_key=api_key, model_id="sluice-code-tiny", pool="text-batch",
+                     cost_mcu=12345, mode="sync")
+    login(client, cast.viewer)
+    html = client.get("/t/acme/").content.decode()
+    assert "unlimited" in html and "12.345 CU used" in html
 
 
 def test_removing_a_member_says_which_of_their_keys_were_revoked(client, cast):

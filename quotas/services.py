@@ -47,7 +47,9 @@ class BudgetStatus:
     period: str
     limit_mcu: int | None
     used_mcu: int  # settled charges plus open reservations
-    alert_pct: int | None = None  # the highest soft-limit threshold passed this period
+    # The highest soft-limit threshold passed this period that the use still reaches (a budget
+    # raised or made unlimited since leaves it None: the alert was recorded, the banner goes).
+    alert_pct: int | None = None
 
     @property
     def used_cu(self) -> float:
@@ -75,6 +77,9 @@ def budget_status(*, tenant: Tenant, now=None) -> BudgetStatus:
     except redis.RedisError:
         hot = None
     used = int(hot) if hot is not None else budget_used_from_ledger(tenant_id=tenant.pk, period=period)[0]
-    alert = BudgetAlert.objects.filter(tenant=tenant, period=period).order_by("-threshold_pct").first()
-    return BudgetStatus(period=period, limit_mcu=limits.budget_mcu, used_mcu=used,
-                        alert_pct=alert.threshold_pct if alert else None)
+    alert_pct = None
+    if limits.budget_mcu is not None:
+        alert_pct = next((pct for pct in BudgetAlert.objects.filter(tenant=tenant, period=period)
+                          .order_by("-threshold_pct").values_list("threshold_pct", flat=True)
+                          if 100 * used >= pct * limits.budget_mcu), None)
+    return BudgetStatus(period=period, limit_mcu=limits.budget_mcu, used_mcu=used, alert_pct=alert_pct)

@@ -292,6 +292,31 @@ def test_overview_shows_budget_use_and_the_80_percent_banner(client, cast):
     assert "8.5 of 10 CU" in html  # the figures, not only their ratio
 
 
+def test_the_budget_banner_goes_once_a_raised_budget_leaves_the_use_under_its_threshold(client, cast):
+    # The alert is recorded once per period; the banner said "used 0.0% (alert at 80%)" for
+    # the rest of the month after the budget was raised (or made unlimited).
+    from portal.models import ApiKey
+    from quotas.ledger import reservation_open
+
+    cast.tenant.monthly_budget_cu_override = 10
+    cast.tenant.save(update_fields=["monthly_budget_cu_override"])
+    api_key = ApiKey.objects.select_related("tenant__tier").get(prefix=cast.owner_key[3:15])
+    reservation_open(api_key=api_key, model_id="sluice-code-tiny", pool="text-batch",
+                     cost_mcu=8500, mode="sync")
+    login(client, cast.viewer)
+    assert "alert at 80%" in client.get("/t/acme/").content.decode()
+    cast.tenant.monthly_budget_cu_override = 1000
+    cast.tenant.save(update_fields=["monthly_budget_cu_override"])
+    assert "alert at" not in client.get("/t/acme/").content.decode()
+    cast.tenant.unlimited_budget = True
+    cast.tenant.save(update_fields=["unlimited_budget"])
+    assert "alert at" not in client.get("/t/acme/").content.decode()
+    cast.tenant.unlimited_budget = False
+    cast.tenant.monthly_budget_cu_override = 10
+    cast.tenant.save(update_fields=["unlimited_budget", "monthly_budget_cu_override"])
+    assert "alert at 80%" in client.get("/t/acme/").content.decode()
+
+
 def test_overview_shows_an_unlimited_budgets_use_in_cu(client, cast):
     from portal.models import ApiKey
     from quotas.ledger import reservation_open

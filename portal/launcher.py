@@ -379,6 +379,8 @@ def _drain_line(queues: list[str], drain_s: float) -> str:
     try:
         running_by_pool = jobs_running_by_pool()
         running = sum(running_by_pool.get(queue, 0) for queue in queues)
+        if running == 0:
+            return "Stopping: no job is running."
         jobs = f"{running} job{'' if running == 1 else 's'} still running"
     except DatabaseError:  # a stop must not fail for a count
         jobs = "jobs still running (the database did not answer)"

@@ -93,3 +93,9 @@ def test_the_first_stop_lets_the_workers_jobs_end_and_keeps_the_engines_up(tmp_p
             stopping.join()
         else:
             supervisor.stop()
+
+
+@pytest.mark.django_db
+def test_the_stop_line_says_when_no_job_is_running():
+    """It read 'Stopping: 0 jobs still running; the workers finish them first…'."""
+    assert launcher._drain_line(["text-batch", "video-hbm"], 30) == "Stopping: no job is running."

@@ -189,25 +189,36 @@ def sent_tasks(monkeypatch):
     return sent
 
 
+_TINY_CHAT_TEMPLATE = object()
+
+
 @pytest.fixture
 def code_checkpoints(settings, tmp_path):
     """`code_checkpoints(4096)` points both variants of the code model at copies of the tiny
     model's config and tokenizer (no weights: no engine loads them) whose config.json gives
-    that context length; `code_checkpoints(4096, 2048)` gives the quantized variant its own."""
+    that context length; `code_checkpoints(4096, 2048)` gives the quantized variant its own.
+    `chat_template=` replaces the tiny model's chat template (None: the copies have none)."""
     import json
     import shutil
     from pathlib import Path
 
-    def make(full: int, quantized: int | None = None) -> None:
+    def make(full: int | None = None, quantized: int | None = None, *,
+             chat_template: str | None | object = _TINY_CHAT_TEMPLATE) -> None:
         for setting, length in (("SLUICE_CODE_MODEL_PATH", full),
                                 ("SLUICE_CODE_MODEL_INT8_PATH", quantized or full)):
             source = Path(getattr(settings, setting))
             folder = tmp_path / f"checkpoint-{len(list(tmp_path.iterdir()))}"
             folder.mkdir()
-            for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            for name in ("tokenizer.json", "tokenizer_config.json"):
                 shutil.copy(source / name, folder / name)
+            if chat_template is _TINY_CHAT_TEMPLATE:
+                shutil.copy(source / "chat_template.jinja", folder / "chat_template.jinja")
+            elif chat_template is not None:
+                (folder / "chat_template.jinja").write_text(chat_template)
             config = json.loads((source / "config.json").read_text())
-            (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": length}))
+            if length is not None:
+                config["max_position_embeddings"] = length
+            (folder / "config.json").write_text(json.dumps(config))
             setattr(settings, setting, str(folder))
 
     return make

